@@ -1,0 +1,45 @@
+# Set-up is idempotent: each target creates .venv when missing and installs what it needs.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.qtrain-installed
+DATADIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-slow lint bench venv data clean
+
+$(PY):
+	python3 -m venv .venv
+
+# torch first, pinned: the CPU build on local disk. An unpinned torch would pull a CUDA build.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+data:
+	@if [ ! -f $(DATADIR)/train-images-idx3-ubyte.gz ] && [ ! -f $(DATADIR)/train-images-idx3-ubyte ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist); \
+	fi
+
+demo: venv data
+	.venv/bin/qtrain compare --recipes fp32,sbm8 --model resnet9 --data fashion-mnist \
+		--width 8 --epochs 2 --train-subset 10000 --test-subset 2000 --seeds 0 --out runs/demo
+
+test: venv data
+	$(PY) -m pytest -q
+
+test-slow: venv data
+	$(PY) -m pytest -q -m slow
+
+lint: venv
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
+
+bench: venv
+	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_train_step.py
+
+clean:
+	rm -rf .venv build src/*.egg-info

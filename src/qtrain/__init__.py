@@ -1,0 +1,55 @@
+"""qtrain: quantized training for PyTorch — low-precision weights, activations and gradients."""
+
+from qtrain import formats
+from qtrain.api import QuantizedTrainingConfig, dequantize_, quantize_
+from qtrain.nn import QConv2d, QLinear, RangeBatchNorm2d
+from qtrain.ops import GemmConfig
+from qtrain.quantizer import (
+    AbsMax,
+    Clip,
+    LearnedStep,
+    MinMax,
+    NonFiniteError,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    PowerOfTwo,
+    QParams,
+    QuantSpec,
+    QuantSpecError,
+    Rounding,
+    compute_qparams,
+    quantize,
+    quantize_int,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GemmConfig",
+    "QConv2d",
+    "QLinear",
+    "QuantizedTrainingConfig",
+    "RangeBatchNorm2d",
+    "dequantize_",
+    "quantize_",
+    "AbsMax",
+    "Clip",
+    "LearnedStep",
+    "MinMax",
+    "NonFiniteError",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "PerToken",
+    "PowerOfTwo",
+    "QParams",
+    "QuantSpec",
+    "QuantSpecError",
+    "Rounding",
+    "compute_qparams",
+    "formats",
+    "quantize",
+    "quantize_int",
+]

@@ -1,0 +1,163 @@
+"""``quantize_(model, config, filter_fn)``: the one entry point that swaps modules in place.
+
+A registry maps each config type to its handler (torchao style). Names of configs (``"sbm8"``)
+are registered by the recipes that define them, so this layer never imports a recipe.
+
+>>> import torch
+>>> from torch import nn
+>>> from qtrain import QuantSpec, formats, quantize_, dequantize_
+>>> from qtrain.api import QuantizedTrainingConfig
+>>> from qtrain.ops import GemmConfig
+>>> spec = QuantSpec(formats.INT8)
+>>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+>>> quantize_(model, QuantizedTrainingConfig(GemmConfig(spec, spec, spec, spec)))[0].__class__.__name__
+'QLinear'
+>>> type(dequantize_(model)[0]).__name__
+'Linear'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from qtrain.nn import QConv2d, QLinear, RangeBatchNorm2d
+from qtrain.ops import GemmConfig
+from qtrain.quantizer import QuantSpec, QuantSpecError
+
+FilterFn = Callable[[nn.Module, str], bool]
+_GEMM_TYPES = (nn.Linear, nn.Conv2d)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTrainingConfig:
+    """Quantize every conv/linear's three products, and optionally swap BN for Range BN.
+
+    Args:
+        gemm: the GemmConfig of each conv/linear layer.
+        first_last: the GemmConfig of the first and the last conv/linear layer (in module order);
+            None gives them ``gemm`` like the rest. ``GemmConfig()`` keeps them full precision.
+        range_batchnorm: replace ``nn.BatchNorm2d`` by ``RangeBatchNorm2d``.
+        batchnorm_input_spec / batchnorm_grad_spec: Range BN's optional input/gradient specs.
+        range_momentum: running input ranges: run ← m·run + (1 − m)·batch.
+        range_bn_chunks: Range BN's number of chunks per channel.
+    """
+
+    gemm: GemmConfig
+    first_last: GemmConfig | None = None
+    range_batchnorm: bool = False
+    batchnorm_input_spec: QuantSpec | None = None
+    batchnorm_grad_spec: QuantSpec | None = None
+    range_momentum: float = 0.1
+    range_bn_chunks: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gemm, GemmConfig):
+            raise QuantSpecError(f"QuantizedTrainingConfig.gemm must be a GemmConfig, got {self.gemm!r}")
+        if self.first_last is not None and not isinstance(self.first_last, GemmConfig):
+            raise QuantSpecError("QuantizedTrainingConfig.first_last must be a GemmConfig or None")
+        if not 0.0 <= self.range_momentum <= 1.0:
+            raise QuantSpecError(
+                f"QuantizedTrainingConfig.range_momentum must be in [0, 1], got {self.range_momentum}"
+            )
+
+
+_HANDLERS: dict[type, Callable[[nn.Module, Any, FilterFn | None], nn.Module]] = {}
+_NAMED_CONFIGS: dict[str, Callable[[], Any]] = {}
+
+
+def register_handler(config_type: type) -> Callable:
+    """Decorator: ``handler(model, config, filter_fn) -> model`` for configs of this type."""
+
+    def decorate(handler: Callable) -> Callable:
+        _HANDLERS[config_type] = handler
+        return handler
+
+    return decorate
+
+
+def register_config_name(name: str, factory: Callable[[], Any]) -> None:
+    """Let ``quantize_(model, name)`` build the config from ``factory()`` (done by recipes)."""
+    _NAMED_CONFIGS[name] = factory
+
+
+def quantize_(model: nn.Module, config: Any, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Swap ``model``'s layers in place as ``config`` says and return the model.
+
+    Args:
+        model: any module.
+        config: a config object with a registered handler, or a registered name (``"sbm8"``).
+        filter_fn: ``filter_fn(module, fqn) -> bool`` picks which layers are swapped.
+    """
+    if isinstance(config, str):
+        if config not in _NAMED_CONFIGS:
+            import qtrain.recipes  # noqa: F401  (recipes register their config names)
+        if config not in _NAMED_CONFIGS:
+            raise QuantSpecError(
+                f"quantize_: unknown config name {config!r}; choose from: {', '.join(sorted(_NAMED_CONFIGS))}"
+            )
+        config = _NAMED_CONFIGS[config]()
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        names = ", ".join(t.__name__ for t in _HANDLERS)
+        raise QuantSpecError(f"quantize_: no handler for {type(config).__name__}; registered: {names}")
+    return handler(model, config, filter_fn)
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@register_handler(QuantizedTrainingConfig)
+def _quantize_training(
+    model: nn.Module, config: QuantizedTrainingConfig, filter_fn: FilterFn | None
+) -> nn.Module:
+    gemm_names = [name for name, m in model.named_modules() if isinstance(m, _GEMM_TYPES)]
+    edges = {gemm_names[0], gemm_names[-1]} if gemm_names else set()
+    for name, module in list(model.named_modules()):
+        if not name or (filter_fn is not None and not filter_fn(module, name)):
+            continue
+        if isinstance(module, QLinear | QConv2d):
+            continue
+        if isinstance(module, _GEMM_TYPES):
+            gemm = config.first_last if (name in edges and config.first_last is not None) else config.gemm
+            cls = QLinear if isinstance(module, nn.Linear) else QConv2d
+            _replace(model, name, cls.from_float(module, gemm, config.range_momentum))
+        elif config.range_batchnorm and type(module) is nn.BatchNorm2d:
+            _replace(model, name, RangeBatchNorm2d.from_batchnorm(
+                module, num_chunks=config.range_bn_chunks,
+                input_spec=config.batchnorm_input_spec, grad_spec=config.batchnorm_grad_spec))
+    return model
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Restore plain ``nn.Linear``/``nn.Conv2d``/``nn.BatchNorm2d`` with the same weights."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QLinear):
+            plain = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                              device="meta")
+        elif isinstance(module, QConv2d):
+            plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                              module.stride, module.padding, module.dilation, module.groups,
+                              module.bias is not None, device="meta")
+        elif isinstance(module, RangeBatchNorm2d):
+            plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum,
+                                   module.affine, device="meta")
+            plain.running_mean, plain.running_var = module.running_mean, module.running_var
+            plain.num_batches_tracked = module.num_batches_tracked
+        else:
+            continue
+        plain.weight, plain.bias = module.weight, module.bias
+        plain.train(module.training)
+        _replace(model, name, plain)
+    return model
+
+
+def quantized_modules(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
+    """(name, module) of every quantized GEMM layer, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear | QConv2d)]

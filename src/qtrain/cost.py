@@ -1,0 +1,188 @@
+"""Cost meter: multiply-accumulates per GEMM role, BitOPs, weight bits and a 45 nm energy estimate.
+
+BitOPs of a product = MACs × bits of operand a × bits of operand b (32 for full precision;
+16 for a plain layer under bf16/fp16 autocast). Each training step of a layer has three products
+of equal MAC count: forward, grad-input (skipped when the layer input needs no gradient, e.g.
+the first layer) and grad-weight (skipped when the weight is frozen).
+
+Energy per MAC (Horowitz, ISSCC 2014, 45 nm, as the SBM poster uses it): one multiply plus one
+add of the wider operand's class — int8: 0.2 + 0.03 pJ, fp16: 1.1 + 0.4 pJ, fp32: 3.7 + 0.9 pJ
+(operands of ≤ 8 bits use the int8 row, ≤ 16 bits the fp16 row, wider the fp32 row).
+
+>>> import torch
+>>> from torch import nn
+>>> layer = nn.Linear(4, 3, bias=False)
+>>> meter = CostMeter(layer)
+>>> _ = layer(torch.randn(2, 4))
+>>> meter.pop().macs["forward"]     # 2 rows × 4 inputs × 3 outputs
+24
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from qtrain.formats import BlockFloat
+from qtrain.quantizer import QuantSpec, qparams_shape
+
+ROLES = ("forward", "grad_input", "grad_weight")
+
+# pJ per multiply and per add, by operand class (Horowitz 2014, 45 nm).
+ENERGY_PJ = {"int8": (0.2, 0.03), "fp16": (1.1, 0.4), "fp32": (3.7, 0.9)}
+
+
+def mac_energy_pj(bits_a: float, bits_b: float) -> float:
+    """Energy of one multiply-accumulate whose wider operand has max(bits_a, bits_b) bits."""
+    widest = max(bits_a, bits_b)
+    mul, add = ENERGY_PJ["int8" if widest <= 8 else "fp16" if widest <= 16 else "fp32"]
+    return mul + add
+
+
+@dataclasses.dataclass
+class StepCost:
+    """Accumulated cost: MACs and BitOPs per role, the fp32-equivalent BitOPs, energy (pJ)."""
+
+    macs: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(ROLES, 0))
+    bitops: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
+    energy_pj: float = 0.0
+
+    @property
+    def total_macs(self) -> int:
+        return sum(self.macs.values())
+
+    @property
+    def total_bitops(self) -> float:
+        return sum(self.bitops.values())
+
+    @property
+    def bitops_fp32(self) -> float:
+        return self.total_macs * 32.0 * 32.0
+
+    def add(self, role: str, macs: int, bits_a: float, bits_b: float) -> None:
+        self.macs[role] += macs
+        self.bitops[role] += macs * bits_a * bits_b
+        self.energy_pj += macs * mac_energy_pj(bits_a, bits_b)
+
+    def __iadd__(self, other: StepCost) -> StepCost:
+        for role in ROLES:
+            self.macs[role] += other.macs[role]
+            self.bitops[role] += other.bitops[role]
+        self.energy_pj += other.energy_pj
+        return self
+
+    def to_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {f"macs_{r}": self.macs[r] for r in ROLES}
+        out.update({f"bitops_{r}": self.bitops[r] for r in ROLES})
+        out.update(bitops_total=self.total_bitops, bitops_fp32_equiv=self.bitops_fp32,
+                   energy_pj=self.energy_pj)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float]) -> StepCost:
+        cost = cls()
+        for role in ROLES:
+            cost.macs[role] = int(data[f"macs_{role}"])
+            cost.bitops[role] = float(data[f"bitops_{role}"])
+        cost.energy_pj = float(data["energy_pj"])
+        return cost
+
+
+def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
+    """MACs of one forward product of a linear or conv layer producing ``output``."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    return output.numel() * module.in_features
+
+
+def _autocast_bits(device_type: str) -> float:
+    if torch.is_autocast_enabled(device_type):
+        return float(torch.finfo(torch.get_autocast_dtype(device_type)).bits)
+    return 32.0
+
+
+def role_bits(module: nn.Module, device_type: str) -> dict[str, tuple[float, float]]:
+    """Operand bits per role: the module's own (quantized layers) or the float precision."""
+    if hasattr(module, "role_bits"):
+        return module.role_bits()
+    bits = _autocast_bits(device_type)
+    return dict.fromkeys(ROLES, (bits, bits))
+
+
+class CostMeter:
+    """Counts the cost of every conv/linear call of a model through forward hooks.
+
+    Call ``pop()`` after each training step to take the cost since the previous pop; wrap
+    evaluation in ``with meter.paused():`` so it is not counted.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._cost = StepCost()
+        self._paused = False
+        self._handles = [
+            module.register_forward_hook(self._hook)
+            for module in model.modules()
+            if isinstance(module, nn.Linear | nn.Conv2d)
+        ]
+
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if self._paused:
+            return
+        macs = layer_macs(module, output)
+        bits = role_bits(module, output.device.type)
+        self._cost.add("forward", macs, *bits["forward"])
+        if not torch.is_grad_enabled():
+            return
+        if inputs[0].requires_grad:
+            self._cost.add("grad_input", macs, *bits["grad_input"])
+        if module.weight.requires_grad:
+            self._cost.add("grad_weight", macs, *bits["grad_weight"])
+
+    def pop(self) -> StepCost:
+        cost, self._cost = self._cost, StepCost()
+        return cost
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def model_bits(model: nn.Module) -> int:
+    """Bits to store the model's parameters: quantized weights at their weight format's bits
+    plus one 32-bit scale per scale group; every other parameter at 32 bits."""
+    total = 0
+    counted: set[int] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        spec = getattr(config, "weight_spec", None)
+        weight = getattr(module, "weight", None)
+        if spec is not None and isinstance(weight, torch.Tensor) and id(weight) not in counted:
+            counted.add(id(weight))
+            total += math.ceil(weight.numel() * spec.bits) + 32 * _scale_count(weight, spec)
+    for param in model.parameters():
+        if id(param) not in counted:
+            counted.add(id(param))
+            total += param.numel() * 32
+    return total
+
+
+def _scale_count(weight: torch.Tensor, spec: QuantSpec) -> int:
+    # A block float's shared exponents are already in its bits per value; a plain cast has none.
+    if isinstance(spec.format, BlockFloat) or spec.scale is None:
+        return 0
+    return math.prod(qparams_shape(weight, spec.granularity))

@@ -1,0 +1,94 @@
+"""Kernel backends for the quantizer's primitives.
+
+A backend implements the functions of ``qtrain.kernels.reference`` (same names, same
+signatures, same results — bit-exact for nearest rounding and for stochastic rounding with the
+same seed). ``Backend.AUTO`` picks the fastest one available for the tensor's device.
+
+>>> from qtrain.kernels import Backend, use_backend
+>>> with use_backend(Backend.REFERENCE):
+...     pass
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import types
+from collections.abc import Callable, Iterator
+
+import torch
+
+from qtrain.kernels import reference
+
+
+class Backend(enum.Enum):
+    AUTO = "auto"
+    REFERENCE = "reference"
+    CPU_FUSED = "cpu_fused"
+
+
+# Backend -> loader returning the implementing module, or None when unavailable here.
+_LOADERS: dict[Backend, Callable[[], types.ModuleType | None]] = {
+    Backend.REFERENCE: lambda: reference,
+}
+# Device type -> backends AUTO tries, fastest first.
+_AUTO_ORDER: dict[str, list[Backend]] = {"cpu": [Backend.REFERENCE]}
+
+_current = Backend.AUTO
+
+
+def register_backend(
+    backend: Backend, loader: Callable[[], types.ModuleType | None], devices: list[str]
+) -> None:
+    """Make ``backend`` available and preferred by AUTO on ``devices`` (first registered wins)."""
+    _LOADERS[backend] = loader
+    for device in devices:
+        order = _AUTO_ORDER.setdefault(device, [Backend.REFERENCE])
+        order.insert(0, backend)
+
+
+def parse_backend(value: Backend | str) -> Backend:
+    if isinstance(value, Backend):
+        return value
+    try:
+        return Backend(value)
+    except ValueError:
+        allowed = ", ".join(b.value for b in Backend)
+        raise ValueError(f"backend must be one of {allowed}; got {value!r}") from None
+
+
+def set_backend(backend: Backend | str) -> None:
+    """Choose the backend globally."""
+    global _current
+    _current = parse_backend(backend)
+
+
+def get_backend() -> Backend:
+    return _current
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend | str) -> Iterator[None]:
+    """Choose the backend inside a ``with`` block."""
+    global _current
+    previous, _current = _current, parse_backend(backend)
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def implementation(device: torch.device, backend: Backend | str | None = None) -> types.ModuleType:
+    """The module implementing the primitives for ``device`` under ``backend`` (or the current)."""
+    chosen = parse_backend(backend) if backend is not None else _current
+    if chosen is Backend.AUTO:
+        for candidate in _AUTO_ORDER.get(device.type, [Backend.REFERENCE]):
+            module = _LOADERS[candidate]()
+            if module is not None:
+                return module
+        return reference
+    loader = _LOADERS.get(chosen)
+    module = loader() if loader is not None else None
+    if module is None:
+        raise RuntimeError(f"backend {chosen.value!r} is not available on this machine")
+    return module

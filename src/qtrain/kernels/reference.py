@@ -1,0 +1,173 @@
+"""Plain-PyTorch reference kernels. Every other backend is tested against these.
+
+All integer kernels work on a canonical view: a contiguous float32 tensor of shape (O, C, I)
+with one scale and zero point per C (per-tensor: C = 1; per-channel: the channel axis;
+per-token/per-group: one "channel" per row/group with the values along I). The quantizer
+(``qtrain.quantizer``) builds that view, so kernels never see granularities.
+
+Stochastic rounding draws its uniforms from a counter-based hash of (seed, linear index in
+the canonical view): the same seed gives the same result on any backend, any thread count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _mul32(h: torch.Tensor | int, c: int) -> torch.Tensor | int:
+    """(h * c) mod 2^32 for h < 2^32 held in int64, without int64 overflow."""
+    low = h * (c & 0xFFFF)
+    high = ((h * (c >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(h: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer finaliser (lowbias32 constants): a bijection with good avalanche."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul32(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def seed_keys(seed: int) -> tuple[int, int]:
+    """Two 32-bit keys derived from a 64-bit seed (shared by every backend)."""
+    seed &= (1 << 64) - 1
+    key0 = _mix32((seed & _MASK32) ^ _GOLDEN)
+    key1 = _mix32(((seed >> 32) & _MASK32) ^ key0)
+    return int(key0), int(key1)
+
+
+def uniform_bits(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """24-bit uniform integers in [0, 2^24) for elements 0..numel-1 (int64 tensor).
+
+    u_i = mix32(mix32(lo32(i) ^ key0) ^ ((hi32(i) + key1) mod 2^32)) >> 8
+    """
+    key0, key1 = seed_keys(seed)
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    h = _mix32((index & _MASK32) ^ key0)
+    h = _mix32(h ^ (((index >> 32) + key1) & _MASK32))
+    return h >> 8
+
+
+def uniform(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Float32 uniforms in [0, 1) on a 2^-24 grid, from ``uniform_bits``."""
+    return uniform_bits(seed, numel, device).to(torch.float32) * (2.0**-24)
+
+
+def round_values(v: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """Round to integers: nearest-even when ``seed`` is None, else stochastic.
+
+    Stochastic: floor(v) + [u < v - floor(v)], exactly unbiased up to the 2^-24 grid of u.
+    """
+    if seed is None:
+        return torch.round(v)
+    floor = torch.floor(v)
+    u = uniform(seed, v.numel(), v.device).view(v.shape)
+    return floor + (u < (v - floor)).to(v.dtype)
+
+
+def minmax(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-C minimum and maximum of an (O, C, I) view (NaN propagates)."""
+    flat = x3.transpose(0, 1).reshape(x3.shape[1], -1)
+    return flat.amin(dim=1), flat.amax(dim=1)
+
+
+def absmax(x3: torch.Tensor) -> torch.Tensor:
+    """Per-C max |x| of an (O, C, I) view (NaN propagates)."""
+    return x3.abs().transpose(0, 1).reshape(x3.shape[1], -1).amax(dim=1)
+
+
+def fake_quant_int(
+    x3: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    seed: int | None,
+    want_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x̂ = (clamp(round(x·(1/s)) + z, qmin, qmax) − z)·s, as torch.fake_quantize_* computes it.
+
+    Returns x̂ and, when asked, the STE mask (True where round(x/s) + z was inside the range).
+    """
+    q, mask = _quant_levels(x3, scale, zero_point, qmin, qmax, seed, want_mask)
+    s = scale.view(1, -1, 1)
+    z = zero_point.view(1, -1, 1)
+    return (q - z) * s, mask
+
+
+def quant_int(
+    x3: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    seed: int | None,
+) -> torch.Tensor:
+    """Integer levels clamp(round(x/s) + z, qmin, qmax) as float32 (caller casts)."""
+    return _quant_levels(x3, scale, zero_point, qmin, qmax, seed, False)[0]
+
+
+def _quant_levels(x3, scale, zero_point, qmin, qmax, seed, want_mask):
+    inv_scale = (1.0 / scale).view(1, -1, 1)
+    z = zero_point.view(1, -1, 1)
+    shifted = round_values(x3 * inv_scale, seed) + z
+    mask = ((shifted >= qmin) & (shifted <= qmax)) if want_mask else None
+    return shifted.clamp(qmin, qmax), mask
+
+
+def _pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """Exact 2^n in float32 for integer n in [-126, 127], built from the bit pattern."""
+    return ((exponent + 127).to(torch.int32) << 23).view(torch.float32)
+
+
+def _ldexp(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """x·2^n in two exact steps, so n may exceed the float32 exponent range (|n| <= 252)."""
+    first = torch.div(exponent, 2, rounding_mode="floor")
+    return x * _pow2(first) * _pow2(exponent - first)
+
+
+def fake_quant_minifloat(
+    x: torch.Tensor,
+    exponent_bits: int,
+    mantissa_bits: int,
+    has_inf: bool,
+    saturate: bool,
+    seed: int | None,
+) -> torch.Tensor:
+    """Round float32 ``x`` onto a minifloat grid (subnormals, overflow and NaN as torch casts)."""
+    bias = 2 ** (exponent_bits - 1) - 1
+    min_exponent = 1 - bias
+    top = 2**exponent_bits - 1
+    max_exponent = (top - 1 if has_inf else top) - bias
+    max_mantissa = 2.0 - 2.0 ** -(mantissa_bits if has_inf else mantissa_bits - 1)
+    max_value = max_mantissa * 2.0**max_exponent
+
+    _, frexp_exponent = torch.frexp(x)
+    # |x| = m·2^e with m in [1, 2): e = frexp exponent − 1; subnormals share min_exponent.
+    exponent = (frexp_exponent.to(torch.int64) - 1).clamp(min=min_exponent)
+    quantum_exponent = exponent - mantissa_bits
+    levels = round_values(_ldexp(x, -quantum_exponent), seed)
+    y = _ldexp(levels, quantum_exponent)
+
+    overflow = y.abs() > max_value
+    if saturate:
+        y = torch.where(overflow, torch.copysign(torch.tensor(max_value), x), y)
+    elif has_inf:
+        y = torch.where(overflow, torch.copysign(torch.tensor(float("inf")), x), y)
+    else:
+        y = torch.where(overflow, torch.tensor(float("nan")), y)
+    # torch.frexp leaves inf/NaN unspecified: set their result by the format's semantics.
+    infinite = torch.isinf(x)
+    if saturate:
+        special = torch.copysign(torch.tensor(max_value), x)
+    elif has_inf:
+        special = x
+    else:
+        special = torch.full_like(x, float("nan"))
+    y = torch.where(infinite, special, y)
+    return torch.where(torch.isnan(x), x, y)

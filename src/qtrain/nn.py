@@ -1,0 +1,249 @@
+"""Quantized modules. They hold runtime state (current specs, running ranges), never policy.
+
+``QLinear``/``QConv2d`` subclass ``nn.Linear``/``nn.Conv2d`` and keep their state_dict keys, so
+pretrained weights load into them; running input ranges are extra, optional buffers.
+Bit-widths change at run time through ``set_config`` without rebuilding the module.
+
+>>> import torch
+>>> from qtrain import QuantSpec, formats
+>>> from qtrain.ops import GemmConfig
+>>> layer = QLinear(4, 3, config=GemmConfig(weight_spec=QuantSpec(formats.Int(4))))
+>>> layer(torch.randn(2, 4)).shape
+torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtrain.ops import GemmConfig, quantize_grad, quantized_conv2d, quantized_linear
+from qtrain.quantizer import (
+    MinMax,
+    QParams,
+    QuantSpec,
+    QuantSpecError,
+    observe_range,
+    qparams_from_range,
+    quantize,
+)
+
+_RANGE_KEYS = ("input_low", "input_high")
+
+
+class _QuantizedGemmModule:
+    """Mixin: the GEMM config, running input ranges (MinMax input specs) and their update."""
+
+    config: GemmConfig
+    range_momentum: float
+
+    def _init_quant(self, config: GemmConfig, range_momentum: float) -> None:
+        if not 0.0 <= range_momentum <= 1.0:
+            raise QuantSpecError(f"range_momentum must be in [0, 1], got {range_momentum}")
+        self.range_momentum = range_momentum
+        self.register_buffer("input_low", torch.zeros(0), persistent=True)
+        self.register_buffer("input_high", torch.zeros(0), persistent=True)
+        self.set_config(config)
+
+    def set_config(self, config: GemmConfig) -> None:
+        """Switch specs (e.g. bit-widths) in place; running ranges are kept when still used."""
+        if not isinstance(config, GemmConfig):
+            raise QuantSpecError(f"config must be a GemmConfig, got {type(config).__name__}")
+        self.config = config
+
+    @property
+    def tracks_input_range(self) -> bool:
+        spec = self.config.input_spec
+        return spec is not None and isinstance(spec.scale, MinMax)
+
+    def _input_qparams(self, x: torch.Tensor) -> QParams | None:
+        """Batch ranges in training (updating the running ones), running ranges in eval."""
+        if not self.tracks_input_range or x.numel() == 0:
+            return None
+        spec: QuantSpec = self.config.input_spec
+        if self.training:
+            low, high = observe_range(x, spec)
+            with torch.no_grad():
+                if self.input_low.numel() != low.numel():
+                    self.input_low = low.clone()
+                    self.input_high = high.clone()
+                else:
+                    # SBM's update: run <- m·run + (1 − m)·new with m = 0.1.
+                    m = self.range_momentum
+                    self.input_low.mul_(m).add_(low, alpha=1 - m)
+                    self.input_high.mul_(m).add_(high, alpha=1 - m)
+        elif self.input_low.numel():
+            low, high = self.input_low, self.input_high
+        else:
+            return None  # never trained: measure this batch
+        return qparams_from_range(low, high, spec.int_format)
+
+    def role_bits(self) -> dict[str, tuple[float, float]]:
+        return self.config.role_bits()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A plain nn.Linear/Conv2d state_dict has no range buffers: keep ours (start empty).
+        for key in _RANGE_KEYS:
+            name = prefix + key
+            if name in state_dict:
+                setattr(self, key, state_dict[name].clone())
+            else:
+                state_dict[name] = getattr(self, key)
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+
+
+class QLinear(_QuantizedGemmModule, nn.Linear):
+    """``nn.Linear`` whose forward, grad-input and grad-weight products follow a GemmConfig."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        config: GemmConfig | None = None,
+        range_momentum: float = 0.1,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quant(config or GemmConfig(), range_momentum)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, config: GemmConfig, range_momentum: float = 0.1) -> QLinear:
+        """A QLinear sharing ``module``'s parameters."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = module.in_features, module.out_features
+        new.weight, new.bias = module.weight, module.bias
+        new._init_quant(config, range_momentum)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.weight, self.bias, self.config, self._input_qparams(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, config={_describe(self.config)}"
+
+
+class QConv2d(_QuantizedGemmModule, nn.Conv2d):
+    """``nn.Conv2d`` (zero padding) whose three products follow a GemmConfig."""
+
+    def __init__(self, *args: Any, config: GemmConfig | None = None, range_momentum: float = 0.1,
+                 **kwargs: Any) -> None:
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        _check_conv(self)
+        self._init_quant(config or GemmConfig(), range_momentum)
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, config: GemmConfig, range_momentum: float = 0.1) -> QConv2d:
+        """A QConv2d sharing ``module``'s parameters."""
+        _check_conv(module)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "transposed", "output_padding", "groups", "padding_mode",
+                     "_reversed_padding_repeated_twice"):
+            setattr(new, name, getattr(module, name))
+        new.weight, new.bias = module.weight, module.bias
+        new._init_quant(config, range_momentum)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_conv2d(x, self.weight, self.bias, self.config, self.stride, self.padding,
+                                self.dilation, self.groups, self._input_qparams(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, config={_describe(self.config)}"
+
+
+def _check_conv(module: nn.Conv2d) -> None:
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise QuantSpecError(
+            "QConv2d supports numeric zero padding only; got padding="
+            f"{module.padding!r}, padding_mode={module.padding_mode!r}"
+        )
+
+
+def _describe(config: GemmConfig) -> str:
+    return "/".join(
+        str(spec) if spec is not None else "fp32"
+        for spec in (config.input_spec, config.weight_spec, config.grad_input_spec,
+                     config.grad_weight_spec)
+    )
+
+
+def range_bn_constant(chunk_size: int) -> float:
+    """C(n) of Banner et al.'s code: 0.5·0.35·(1 + sqrt(π·ln 4)) / sqrt(2·ln n)."""
+    return 0.5 * 0.35 * (1 + math.sqrt(math.pi * math.log(4))) / math.sqrt(2 * math.log(chunk_size))
+
+
+class RangeBatchNorm2d(nn.BatchNorm2d):
+    """Range BatchNorm (Banner et al. 2018): normalise by C(n)·range instead of the std.
+
+    Per channel the B·H·W centred values are split into ``num_chunks`` chunks; range = mean of
+    chunk maxima − mean of chunk minima; y = (x − μ)/(C(n)·range + eps)·γ + β, n = chunk size.
+    ``constant`` replaces C(n) when given. The running "variance" stores (C·range)², so the
+    state_dict keys and their meaning are those of ``nn.BatchNorm2d`` and BN weights load.
+    Optional ``input_spec`` fake-quantizes the input, ``grad_spec`` the gradient of the output.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 *, num_chunks: int = 16, constant: float | None = None,
+                 input_spec: QuantSpec | None = None, grad_spec: QuantSpec | None = None,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
+        if num_chunks < 1:
+            raise QuantSpecError(f"RangeBatchNorm2d.num_chunks must be >= 1, got {num_chunks}")
+        if constant is not None and not constant > 0:
+            raise QuantSpecError(f"RangeBatchNorm2d.constant must be > 0, got {constant}")
+        self.num_chunks = num_chunks
+        self.constant = constant
+        self.input_spec = input_spec
+        self.grad_spec = grad_spec
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, **kwargs: Any) -> RangeBatchNorm2d:
+        """A RangeBatchNorm2d sharing ``bn``'s parameters and buffers."""
+        new = cls(bn.num_features, bn.eps, bn.momentum if bn.momentum is not None else 0.1,
+                  bn.affine, device=bn.running_mean.device, **kwargs)
+        new.weight, new.bias = bn.weight, bn.bias
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"RangeBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if self.input_spec is not None:
+            x = quantize(x, self.input_spec)
+        if self.training:
+            channels = x.shape[1]
+            flat = x.transpose(0, 1).reshape(channels, -1)  # (C, B·H·W)
+            mean = flat.mean(1)
+            centred = flat - mean[:, None]
+            chunks = min(self.num_chunks, max(1, flat.shape[1] // 2))
+            chunk_size = flat.shape[1] // chunks
+            if chunk_size < 2:
+                raise ValueError("RangeBatchNorm2d needs at least 2 values per channel in training")
+            pieces = centred[:, : chunks * chunk_size].reshape(channels, chunks, chunk_size)
+            value_range = pieces.amax(2).mean(1) - pieces.amin(2).mean(1)
+            constant = self.constant if self.constant is not None else range_bn_constant(chunk_size)
+            spread = value_range * constant  # the std estimate
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(spread.detach() ** 2, self.momentum)
+        else:
+            mean, spread = self.running_mean, self.running_var.sqrt()
+        scale = 1.0 / (spread + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+            shift = self.bias - mean * scale
+        else:
+            shift = -mean * scale
+        y = x * scale[None, :, None, None] + shift[None, :, None, None]
+        return quantize_grad(y, self.grad_spec)

@@ -1,0 +1,293 @@
+"""Quantized ops: linear and conv2d autograd functions with a spec per GEMM role.
+
+A layer's training step runs three products (shapes for linear, x: (N, in), W: (out, in)):
+  forward      y   = x̂ · Ŵᵀ            operands: input spec × weight spec
+  grad-input   g_x = ĝ_in · Ŵ          operands: grad-input spec (layer gradient g_l) × weight
+  grad-weight  g_W = ĝ_wᵀ · x̂          operands: grad-weight spec (a copy of g_l) × input
+Gradient bifurcation (SBM) is grad_input_spec ≠ grad_weight_spec. A None spec is full precision.
+
+>>> import torch
+>>> from qtrain import QuantSpec, formats
+>>> from qtrain.ops import GemmConfig, quantized_linear
+>>> cfg = GemmConfig(input_spec=QuantSpec(formats.INT8), weight_spec=QuantSpec(formats.INT8))
+>>> quantized_linear(torch.randn(2, 4), torch.randn(3, 4), None, cfg).shape
+torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qtrain import kernels
+from qtrain.quantizer import (
+    QParams,
+    QuantSpec,
+    QuantSpecError,
+    Rounding,
+    _draw_seed,
+    _qparams_of_view,
+    canonical_view,
+    fake_quantize_with_mask,
+)
+
+ROLES = ("forward", "grad_input", "grad_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Specs for the three products of one layer, and how the saved input is stored.
+
+    Args:
+        input_spec: quantization of the layer input (forward and grad-weight operand).
+        weight_spec: quantization of the weight (forward and grad-input operand).
+        grad_input_spec: quantization of g_l for the grad-input product.
+        grad_weight_spec: quantization of the copy of g_l for the grad-weight product.
+        save_quantized_input: keep the quantized input for backward as integer levels + scale
+            (1 byte per value for ≤ 8-bit integer input specs) instead of float32.
+    """
+
+    input_spec: QuantSpec | None = None
+    weight_spec: QuantSpec | None = None
+    grad_input_spec: QuantSpec | None = None
+    grad_weight_spec: QuantSpec | None = None
+    save_quantized_input: bool = False
+
+    def __post_init__(self) -> None:
+        for field in ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, QuantSpec):
+                raise QuantSpecError(f"GemmConfig.{field} must be a QuantSpec or None, got {value!r}")
+        if self.save_quantized_input:
+            spec = self.input_spec
+            if spec is None or spec.int_format is None or spec.int_format.bits > 8:
+                raise QuantSpecError(
+                    "GemmConfig.save_quantized_input needs an integer input_spec of <= 8 bits"
+                )
+
+    def role_bits(self) -> dict[str, tuple[float, float]]:
+        """Bits of the two operands of each product (32 = full precision)."""
+        bits = {
+            name: (32.0 if spec is None else spec.bits)
+            for name, spec in (
+                ("input", self.input_spec),
+                ("weight", self.weight_spec),
+                ("grad_input", self.grad_input_spec),
+                ("grad_weight", self.grad_weight_spec),
+            )
+        }
+        return {
+            "forward": (bits["input"], bits["weight"]),
+            "grad_input": (bits["grad_input"], bits["weight"]),
+            "grad_weight": (bits["grad_weight"], bits["input"]),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"save_quantized_input": self.save_quantized_input}
+        for field in ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec"):
+            spec = getattr(self, field)
+            out[field] = None if spec is None else spec.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GemmConfig:
+        specs = {
+            field: None if data.get(field) is None else QuantSpec.from_dict(data[field])
+            for field in ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec")
+        }
+        return cls(**specs, save_quantized_input=bool(data.get("save_quantized_input", False)))
+
+
+def _quantize_operand(
+    x: torch.Tensor, spec: QuantSpec | None, qparams: QParams | None, want_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if spec is None or x.numel() == 0:
+        return x, None
+    return fake_quantize_with_mask(x, spec, qparams=qparams, want_mask=want_mask)
+
+
+class _SavedInput:
+    """The forward's quantized input kept for backward: float, or int8 levels + canonical qparams."""
+
+    def __init__(self, x: torch.Tensor, spec: QuantSpec | None, qparams: QParams | None,
+                 quantized_storage: bool, want_mask: bool) -> None:
+        self.mask: torch.Tensor | None = None
+        if not quantized_storage or x.numel() == 0:
+            self.value, self.mask = _quantize_operand(x, spec, qparams, want_mask)
+            self.levels = None
+            return
+        x3, self.restore = canonical_view(x, spec.granularity)
+        if qparams is None:
+            qparams = _qparams_of_view(x, x3, spec)
+        int_format = spec.int_format
+        seed = _draw_seed(None) if spec.rounding is Rounding.STOCHASTIC else None
+        impl = kernels.implementation(x3.device)
+        levels = impl.quant_int(x3, qparams.scale, qparams.zero_point, int_format.qmin,
+                                int_format.qmax, seed)
+        if want_mask and spec.clip_gradient:
+            # Recompute the unclamped position only to know which values were clipped.
+            unclamped = impl.quant_int(x3, qparams.scale, qparams.zero_point, -2**30, 2**30, seed)
+            self.mask = self.restore(unclamped == levels)
+        self.levels = levels.to(int_format.storage_dtype)
+        self.qparams = qparams
+        self.dtype = x.dtype
+        self.value = self.dequantize()
+
+    def dequantize(self) -> torch.Tensor:
+        s = self.qparams.scale.view(1, -1, 1)
+        z = self.qparams.zero_point.view(1, -1, 1)
+        return self.restore((self.levels.to(torch.float32) - z) * s).to(self.dtype)
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        if self.levels is None:
+            return [self.value]
+        return [self.levels, self.qparams.scale, self.qparams.zero_point]
+
+
+class _QuantizedGemm(torch.autograd.Function):
+    """Shared forward/backward of quantized linear and conv2d; ``kind`` picks the products."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, config, input_qparams, conv_args):  # type: ignore[override]
+        want_x_mask = ctx.needs_input_grad[0]
+        saved = _SavedInput(x, config.input_spec, input_qparams, config.save_quantized_input,
+                            want_x_mask)
+        w_q, w_mask = _quantize_operand(weight, config.weight_spec, None, ctx.needs_input_grad[1])
+        if conv_args is None:
+            y = F.linear(saved.value, w_q, bias)
+        else:
+            y = F.conv2d(saved.value, w_q, bias, *conv_args)
+        ctx.config = config
+        ctx.conv_args = conv_args
+        ctx.has_bias = bias is not None
+        ctx.input_shape = x.shape
+        if saved.levels is not None:
+            ctx.saved_input = saved
+            saved.value = None  # the float copy is dropped: backward dequantizes the levels
+            ctx.save_for_backward(saved.levels, w_q, saved.mask, w_mask)
+        else:
+            ctx.saved_input = None
+            ctx.save_for_backward(saved.value, w_q, saved.mask, w_mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        stored, w_q, x_mask, w_mask = ctx.saved_tensors
+        x_q = ctx.saved_input.dequantize() if ctx.saved_input is not None else stored
+        config: GemmConfig = ctx.config
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = grad_w = grad_b = None
+        same_copy = config.grad_input_spec == config.grad_weight_spec
+        g_in = g_w = None
+        if need_x:
+            g_in, _ = _quantize_operand(grad_out, config.grad_input_spec, None, False)
+        if need_w:
+            if same_copy and g_in is not None and config.grad_input_spec is not None and (
+                config.grad_input_spec.rounding is Rounding.NEAREST
+            ):
+                g_w = g_in  # identical deterministic quantization: reuse it
+            else:
+                g_w, _ = _quantize_operand(grad_out, config.grad_weight_spec, None, False)
+        if ctx.conv_args is None:
+            grad_x, grad_w = _linear_grads(g_in, g_w, x_q, w_q)
+        else:
+            grad_x, grad_w = _conv_grads(g_in, g_w, x_q, w_q, ctx.conv_args)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            # The bias gradient is a plain sum of the full-precision g_l, as torch computes it.
+            if ctx.conv_args is None:
+                grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            else:
+                grad_b = _conv_backward(grad_out, x_q, w_q, ctx.conv_args, [False, False, True])[2]
+        if grad_x is not None and x_mask is not None:
+            grad_x = grad_x * x_mask.to(grad_x.dtype)
+        if grad_w is not None and w_mask is not None:
+            grad_w = grad_w * w_mask.to(grad_w.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _linear_grads(g_in, g_w, x_q, w_q):
+    grad_x = grad_w = None
+    if g_in is not None:
+        grad_x = g_in.matmul(w_q)
+    if g_w is not None:
+        g2 = g_w.reshape(-1, g_w.shape[-1])
+        grad_w = g2.t().mm(x_q.reshape(-1, x_q.shape[-1]))
+    return grad_x, grad_w
+
+
+def _conv_backward(grad, x_q, w_q, conv_args, output_mask):
+    stride, padding, dilation, groups = conv_args
+    return torch.ops.aten.convolution_backward(
+        grad, x_q, w_q, [w_q.shape[0]], stride, padding, dilation, False, [0, 0], groups,
+        output_mask,
+    )
+
+
+def _conv_grads(g_in, g_w, x_q, w_q, conv_args):
+    grad_x = grad_w = None
+    if g_in is not None and g_in is g_w:
+        grad_x, grad_w, _ = _conv_backward(g_in, x_q, w_q, conv_args, [True, True, False])
+        return grad_x, grad_w
+    if g_in is not None:
+        grad_x = _conv_backward(g_in, x_q, w_q, conv_args, [True, False, False])[0]
+    if g_w is not None:
+        grad_w = _conv_backward(g_w, x_q, w_q, conv_args, [False, True, False])[1]
+    return grad_x, grad_w
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: GemmConfig,
+    input_qparams: QParams | None = None,
+) -> torch.Tensor:
+    """``F.linear`` with the products quantized as ``config`` says.
+
+    ``input_qparams`` overrides the input spec's scale rule (e.g. running ranges in eval).
+    With every spec None the result and gradients equal ``F.linear``'s.
+    """
+    return _QuantizedGemm.apply(x, weight, bias, config, input_qparams, None)
+
+
+def quantized_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: GemmConfig,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    input_qparams: QParams | None = None,
+) -> torch.Tensor:
+    """``F.conv2d`` (zero padding, any stride/dilation/groups) with quantized products."""
+    if isinstance(padding, str):
+        raise QuantSpecError("quantized_conv2d: padding must be numeric, got a string mode")
+    conv_args = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), groups)
+    return _QuantizedGemm.apply(x, weight, bias, config, input_qparams, conv_args)
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class _GradQuant(torch.autograd.Function):
+    """Identity forward; quantizes the gradient flowing back (e.g. Range BN's output grad)."""
+
+    @staticmethod
+    def forward(ctx, x, spec):  # type: ignore[override]
+        ctx.spec = spec
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return fake_quantize_with_mask(grad, ctx.spec)[0], None
+
+
+def quantize_grad(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """Return x unchanged; its gradient is quantized with ``spec`` on the way back."""
+    return x if spec is None else _GradQuant.apply(x, spec)

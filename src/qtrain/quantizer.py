@@ -1,0 +1,611 @@
+"""The quantizer: how a tensor is mapped onto a format.
+
+A ``QuantSpec`` is a format + a granularity (which values share a scale) + a scale rule (how
+the scale is found) + a rounding mode. ``quantize`` fake-quantizes (returns x̂ in x's dtype,
+straight-through gradient); ``quantize_int`` returns the integer levels with their scale and
+zero point.
+
+>>> import torch
+>>> from qtrain import quantize, QuantSpec, PerChannel, Rounding, formats
+>>> x = torch.randn(4, 16)
+>>> spec = QuantSpec(formats.Int(8), granularity=PerChannel(0), rounding=Rounding.STOCHASTIC)
+>>> y = quantize(x, spec, generator=torch.Generator().manual_seed(0))
+>>> bool((y - x).abs().max() <= x.abs().amax(1).max() / 127)
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from qtrain import formats as fmt
+from qtrain import kernels
+from qtrain.formats import BlockFloat, Format, Int, MiniFloat
+
+
+class QuantSpecError(ValueError):
+    """A quantization spec, or its use on a tensor, is invalid."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or inf reached an integer quantizer whose policy is ``nonfinite="error"``."""
+
+
+class Rounding(enum.Enum):
+    NEAREST = "nearest"  # round half to even
+    STOCHASTIC = "stochastic"  # unbiased: P(up) = distance to the lower grid point
+
+
+# ---- granularities: which values share one scale ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PerChannel:
+    """One scale per index along ``axis`` (e.g. 0 = output channels of a weight)."""
+
+    axis: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PerGroup:
+    """One scale per ``group_size`` consecutive values along ``axis``."""
+
+    group_size: int
+    axis: int = -1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+            raise QuantSpecError(f"PerGroup.group_size must be a positive int, got {self.group_size!r}")
+        if self.group_size < 1:
+            raise QuantSpecError(f"PerGroup.group_size must be >= 1, got {self.group_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PerToken:
+    """One scale per row: all dimensions but the last index a token."""
+
+
+Granularity = PerTensor | PerChannel | PerGroup | PerToken
+
+
+# ---- scale rules: how the scale is found ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AbsMax:
+    """Symmetric: scale = max|x| / qmax (minifloats: max|x| / format max)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMax:
+    """Affine (GEMMLOWP): scale = (max − min)/(qmax − qmin), integer zero point.
+
+    The range is widened to include 0 so that zero is exact. ``batch_mean`` (SBM activations):
+    min/max are the batch means of per-sample minima/maxima (dim 0 indexes samples).
+    """
+
+    batch_mean: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """Symmetric with a fixed clip value c: scale = c / qmax; values beyond ±c saturate."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, int | float) or not math.isfinite(self.value) or self.value <= 0:
+            raise QuantSpecError(f"Clip.value must be a finite number > 0, got {self.value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedStep:
+    """LSQ (Esser et al. 2020): the step is a learned tensor passed as ``quantize(..., step=s)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerOfTwo:
+    """Symmetric with a power-of-two scale: 2^ceil(log2(max|x| / qmax))."""
+
+
+ScaleRule = AbsMax | MinMax | Clip | LearnedStep | PowerOfTwo
+
+_CLIPPING_RULES = (MinMax, Clip, LearnedStep)  # rules whose range may cut off values
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Scale and zero point per channel of the canonical (O, C, I) view: both of shape (C,)."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize to and how.
+
+    Args:
+        format: ``formats.Int``, ``formats.MiniFloat`` or ``formats.BlockFloat``.
+        granularity: ``PerTensor()``, ``PerChannel(axis)``, ``PerGroup(size, axis)``, ``PerToken()``.
+        scale: the scale rule; default AbsMax for signed ints, MinMax for unsigned ints,
+            none for minifloats (a plain cast), PowerOfTwo per block for block floats.
+        rounding: ``Rounding.NEAREST`` (half to even) or ``Rounding.STOCHASTIC``.
+        clip_gradient: STE gradient is zero where the value was clipped (as
+            ``torch.fake_quantize_*``); False passes the gradient everywhere.
+        nonfinite: integer formats only: ``"error"`` raises on NaN/inf input, ``"propagate"``
+            finds the scale over finite values and passes NaN/inf through in ``quantize``.
+    """
+
+    format: Format
+    granularity: Granularity = PerTensor()
+    scale: ScaleRule | None = None
+    rounding: Rounding = Rounding.NEAREST
+    clip_gradient: bool = True
+    nonfinite: str = "error"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.format, Int | MiniFloat | BlockFloat):
+            raise QuantSpecError(
+                f"QuantSpec.format must be formats.Int, MiniFloat or BlockFloat, got {self.format!r}"
+            )
+        if not isinstance(self.granularity, PerTensor | PerChannel | PerGroup | PerToken):
+            raise QuantSpecError(
+                "QuantSpec.granularity must be PerTensor(), PerChannel(axis), PerGroup(size) or "
+                f"PerToken(), got {self.granularity!r}"
+            )
+        if self.scale is not None and not isinstance(
+            self.scale, AbsMax | MinMax | Clip | LearnedStep | PowerOfTwo
+        ):
+            raise QuantSpecError(
+                "QuantSpec.scale must be AbsMax(), MinMax(), Clip(c), LearnedStep(), PowerOfTwo() "
+                f"or None, got {self.scale!r}"
+            )
+        if not isinstance(self.rounding, Rounding):
+            raise QuantSpecError(
+                f"QuantSpec.rounding must be Rounding.NEAREST or Rounding.STOCHASTIC, got {self.rounding!r}"
+            )
+        if self.nonfinite not in ("error", "propagate"):
+            raise QuantSpecError(
+                f"QuantSpec.nonfinite must be 'error' or 'propagate', got {self.nonfinite!r}"
+            )
+        if isinstance(self.format, BlockFloat):
+            if not isinstance(self.granularity, PerTensor) or self.scale not in (None, PowerOfTwo()):
+                raise QuantSpecError(
+                    "QuantSpec with a BlockFloat format takes its block and power-of-two scale "
+                    "from the format: leave granularity and scale at their defaults"
+                )
+            object.__setattr__(
+                self, "granularity", PerGroup(self.format.block_size, self.format.axis)
+            )
+            object.__setattr__(self, "scale", PowerOfTwo())
+        elif isinstance(self.format, Int) and self.scale is None:
+            object.__setattr__(self, "scale", AbsMax() if self.format.signed else MinMax())
+        elif isinstance(self.format, MiniFloat) and not isinstance(self.scale, AbsMax | None):
+            raise QuantSpecError(
+                f"QuantSpec.scale for a minifloat must be None (plain cast) or AbsMax(), got {self.scale!r}"
+            )
+        if isinstance(self.scale, MinMax) and self.scale.batch_mean:
+            if not isinstance(self.granularity, PerTensor):
+                raise QuantSpecError("MinMax(batch_mean=True) needs granularity PerTensor()")
+
+    @property
+    def int_format(self) -> Int | None:
+        """The integer format the levels live in (BlockFloat's mantissa), or None."""
+        if isinstance(self.format, Int):
+            return self.format
+        if isinstance(self.format, BlockFloat):
+            return Int(self.format.mantissa_bits)
+        return None
+
+    @property
+    def bits(self) -> float:
+        return fmt.format_bits(self.format)
+
+    def with_bits(self, bits: int) -> QuantSpec:
+        """The same spec at another bit-width (integer formats; used by precision schedules)."""
+        if not isinstance(self.format, Int):
+            raise QuantSpecError(f"with_bits needs an integer format, got {self.format}")
+        if bits == self.format.bits:
+            return self
+        return dataclasses.replace(self, format=dataclasses.replace(self.format, bits=bits))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _tagged(self.format),
+            "granularity": _tagged(self.granularity),
+            "scale": None if self.scale is None else _tagged(self.scale),
+            "rounding": self.rounding.value,
+            "clip_gradient": self.clip_gradient,
+            "nonfinite": self.nonfinite,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        fmt_obj = _untag(data["format"])
+        is_block = isinstance(fmt_obj, BlockFloat)
+        return cls(
+            format=fmt_obj,
+            granularity=PerTensor() if is_block else _untag(data["granularity"]),
+            scale=None if is_block or data.get("scale") is None else _untag(data["scale"]),
+            rounding=Rounding(data.get("rounding", "nearest")),
+            clip_gradient=bool(data.get("clip_gradient", True)),
+            nonfinite=data.get("nonfinite", "error"),
+        )
+
+    def __str__(self) -> str:
+        parts = [str(self.format), type(self.granularity).__name__]
+        if self.rounding is Rounding.STOCHASTIC:
+            parts.append("SR")
+        return "/".join(parts)
+
+
+_TAGGED_TYPES: dict[str, type] = {
+    t.__name__: t
+    for t in (Int, MiniFloat, BlockFloat, PerTensor, PerChannel, PerGroup, PerToken)
+    + (AbsMax, MinMax, Clip, LearnedStep, PowerOfTwo)
+}
+
+
+def _tagged(obj: Any) -> dict[str, Any]:
+    return {"type": type(obj).__name__, **dataclasses.asdict(obj)}
+
+
+def _untag(data: dict[str, Any]) -> Any:
+    kind = data.get("type")
+    if kind not in _TAGGED_TYPES:
+        raise QuantSpecError(f"unknown spec part type {kind!r}; allowed: {sorted(_TAGGED_TYPES)}")
+    return _TAGGED_TYPES[kind](**{k: v for k, v in data.items() if k != "type"})
+
+
+# ---- canonical (O, C, I) view -----------------------------------------------------------------
+
+
+def _axis(axis: int, ndim: int, what: str) -> int:
+    if not -ndim <= axis < ndim:
+        raise QuantSpecError(f"{what}.axis={axis} is out of range for a {ndim}-d tensor")
+    return axis % ndim
+
+
+def canonical_view(
+    x: torch.Tensor, granularity: Granularity
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A contiguous float32 (O, C, I) view of x (C = values sharing a scale's index) and the
+    function that maps a same-shaped result back to x's shape."""
+    shape = x.shape
+    if isinstance(granularity, PerTensor):
+        x3 = x.reshape(1, 1, -1)
+    elif isinstance(granularity, PerChannel):
+        if x.dim() == 0:
+            raise QuantSpecError("PerChannel needs a tensor with at least one dimension")
+        axis = _axis(granularity.axis, x.dim(), "PerChannel")
+        x3 = x.reshape(math.prod(shape[:axis]), shape[axis], -1)
+    elif isinstance(granularity, PerToken):
+        if x.dim() == 0:
+            raise QuantSpecError("PerToken needs a tensor with at least one dimension")
+        x3 = x.reshape(1, -1, shape[-1])
+    else:
+        if x.dim() == 0:
+            raise QuantSpecError("PerGroup needs a tensor with at least one dimension")
+        axis = _axis(granularity.axis, x.dim(), "PerGroup")
+        size = shape[axis]
+        if size % granularity.group_size:
+            raise QuantSpecError(
+                f"PerGroup.group_size={granularity.group_size} must divide the size {size} of "
+                f"axis {granularity.axis}"
+            )
+        if axis != x.dim() - 1:
+            moved = x.movedim(axis, -1)
+            moved_shape = moved.shape
+            x3 = moved.reshape(1, -1, granularity.group_size)
+            return _as_f32(x3), lambda y: y.reshape(moved_shape).movedim(-1, axis)
+        x3 = x.reshape(1, -1, granularity.group_size)
+    return _as_f32(x3), lambda y: y.reshape(shape)
+
+
+def _as_f32(x3: torch.Tensor) -> torch.Tensor:
+    return x3.to(torch.float32).contiguous()
+
+
+def qparams_shape(x: torch.Tensor, granularity: Granularity) -> tuple[int, ...]:
+    """Shape that makes a (C,) scale broadcast against x (against x viewed by groups for
+    PerGroup: the group axis is split as (size/G, G))."""
+    if isinstance(granularity, PerTensor):
+        return ()
+    if isinstance(granularity, PerChannel):
+        axis = _axis(granularity.axis, x.dim(), "PerChannel")
+        return (x.shape[axis],) + (1,) * (x.dim() - axis - 1)
+    if isinstance(granularity, PerToken):
+        return tuple(x.shape[:-1]) + (1,)
+    axis = _axis(granularity.axis, x.dim(), "PerGroup")
+    shape = list(x.shape)
+    shape[axis] //= granularity.group_size
+    return tuple(shape)
+
+
+# ---- scales -------------------------------------------------------------------------------
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (), generator=generator, device=device))
+
+
+def _finite_only(x3: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(x3, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _check_finite(values: torch.Tensor, spec: QuantSpec) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(
+            f"quantize: the input to {spec} has NaN or inf values (QuantSpec.nonfinite='error'; "
+            "use nonfinite='propagate' to pass them through)"
+        )
+
+
+def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
+    # An all-zero channel gets scale 1 (quantizes to exact zeros); a positive scale is kept at
+    # least the smallest normal float so that 1/scale stays finite.
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.where(scale > 0, scale.clamp_min(tiny), torch.ones_like(scale))
+
+
+def qparams_from_range(
+    low: torch.Tensor, high: torch.Tensor, int_format: Int
+) -> QParams:
+    """Affine (GEMMLOWP) scale and integer zero point for the range [low, high] ∪ {0}."""
+    low = low.clamp(max=0.0)
+    high = high.clamp(min=0.0)
+    scale = _safe_scale((high - low) / (int_format.qmax - int_format.qmin))
+    zero_point = (int_format.qmin - torch.round(low / scale)).clamp(int_format.qmin, int_format.qmax)
+    return QParams(scale, zero_point)
+
+
+def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> QParams:
+    """Scale and zero point that ``spec``'s rule gives for ``x`` (canonical (C,) shapes)."""
+    x3, _ = canonical_view(x, spec.granularity)
+    return _qparams_of_view(x, x3, spec)
+
+
+def _observe_view(
+    x: torch.Tensor, x3: torch.Tensor, rule: MinMax
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if rule.batch_mean:
+        # SBM activations: mean over samples of per-sample minima/maxima.
+        per_sample = x3.reshape(x.shape[0] if x.dim() else 1, -1)
+        return per_sample.amin(1).mean().view(1), per_sample.amax(1).mean().view(1)
+    return kernels.implementation(x3.device).minmax(x3)
+
+
+def observe_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (low, high) range a MinMax spec reads from x, per channel of the canonical view
+    (shape (C,)), before widening to include zero. Used to keep running ranges."""
+    if not isinstance(spec.scale, MinMax):
+        raise QuantSpecError(f"observe_range needs a MinMax() scale rule, got {spec.scale!r}")
+    x3, _ = canonical_view(x.detach(), spec.granularity)
+    source = _finite_only(x3) if spec.nonfinite == "propagate" else x3
+    return _observe_view(x, source, spec.scale)
+
+
+def _qparams_of_view(x: torch.Tensor, x3: torch.Tensor, spec: QuantSpec) -> QParams:
+    rule = spec.scale
+    impl = kernels.implementation(x3.device)
+    channels = x3.shape[1]
+    zeros = torch.zeros(channels, device=x3.device)
+    propagate = spec.nonfinite == "propagate"
+    source = _finite_only(x3) if propagate else x3
+    if isinstance(rule, MinMax):
+        low, high = _observe_view(x, source, rule)
+        if not propagate:
+            _check_finite(torch.stack([low, high]), spec)
+        return qparams_from_range(low, high, spec.int_format)
+    if isinstance(rule, Clip):
+        if not propagate:
+            _check_finite(x3, spec)
+        bound = spec.int_format.qmax if spec.int_format else spec.format.max_value
+        return QParams(torch.full((channels,), rule.value / bound, device=x3.device), zeros)
+    if isinstance(rule, LearnedStep):
+        raise QuantSpecError("QuantSpec with LearnedStep() needs quantize(..., step=tensor)")
+    amax = impl.absmax(source)
+    if not propagate:
+        _check_finite(amax, spec)
+    if isinstance(spec.format, MiniFloat):
+        return QParams(_safe_scale(amax / spec.format.max_value), zeros)
+    ratio = amax / spec.int_format.qmax
+    if isinstance(rule, PowerOfTwo):
+        ratio = torch.where(ratio > 0, torch.exp2(torch.ceil(torch.log2(ratio))), ratio)
+    return QParams(_safe_scale(ratio), zeros)
+
+
+# ---- fake quantization ----------------------------------------------------------------------
+
+
+def _fake_quant_view(
+    x3: torch.Tensor, spec: QuantSpec, qparams: QParams | None, seed: int | None, want_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    impl = kernels.implementation(x3.device)
+    if isinstance(spec.format, MiniFloat):
+        f = spec.format
+        if qparams is None:
+            y = impl.fake_quant_minifloat(
+                x3, f.exponent_bits, f.mantissa_bits, f.has_inf, f.saturate, seed
+            )
+            return y, None
+        s = qparams.scale.view(1, -1, 1)
+        y = impl.fake_quant_minifloat(
+            x3 / s, f.exponent_bits, f.mantissa_bits, f.has_inf, f.saturate, seed
+        )
+        return y * s, None
+    int_format = spec.int_format
+    return impl.fake_quant_int(
+        x3, qparams.scale, qparams.zero_point, int_format.qmin, int_format.qmax, seed, want_mask
+    )
+
+
+def _prepare(
+    x: torch.Tensor, spec: QuantSpec, what: str
+) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise QuantSpecError(f"{what}: x must be a floating-point tensor, got dtype {x.dtype}")
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{what}: spec must be a QuantSpec, got {type(spec).__name__}")
+
+
+def fake_quantize_with_mask(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    qparams: QParams | None = None,
+    generator: torch.Generator | None = None,
+    want_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``quantize`` without autograd: x̂ and, when asked and the values may be clipped, the
+    STE mask in x's shape (True where the value was inside the range), else None."""
+    x3, restore = canonical_view(x, spec.granularity)
+    # Given qparams (running ranges, a chosen clip) may cut values off like a clipping rule.
+    may_clip = qparams is not None or isinstance(spec.scale, _CLIPPING_RULES)
+    if qparams is None and spec.scale is not None:
+        qparams = _qparams_of_view(x, x3, spec)
+    elif qparams is not None and spec.nonfinite == "error":
+        _check_finite(x3, spec)
+    seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
+    want_mask = want_mask and spec.clip_gradient and spec.int_format is not None and may_clip
+    y3, mask = _fake_quant_view(x3, spec, qparams, seed, want_mask)
+    if spec.nonfinite == "propagate":
+        y3 = torch.where(torch.isfinite(x3), y3, x3)
+    return restore(y3).to(x.dtype), None if mask is None else restore(mask)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Straight-through fake quantization; the gradient is masked where values were clipped."""
+
+    @staticmethod
+    def forward(ctx, x, spec, qparams, generator):  # type: ignore[override]
+        y, mask = fake_quantize_with_mask(
+            x, spec, qparams=qparams, generator=generator, want_mask=ctx.needs_input_grad[0]
+        )
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        if mask is not None:
+            grad = grad * mask.to(grad.dtype)
+        return grad, None, None, None
+
+
+class _LearnedStepQuant(torch.autograd.Function):
+    """LSQ: x̂ = round(clip(x/s, −Q_N, Q_P))·s with the step gradient of Esser et al. (2020)."""
+
+    @staticmethod
+    def forward(ctx, x, step, spec, generator):  # type: ignore[override]
+        x3, restore = canonical_view(x, spec.granularity)
+        step_c = step.detach().to(torch.float32).reshape(-1).expand(x3.shape[1]).contiguous()
+        int_format = spec.int_format
+        seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
+        zero = torch.zeros_like(step_c)
+        y3, mask = kernels.implementation(x3.device).fake_quant_int(
+            x3, step_c, zero, int_format.qmin, int_format.qmax, seed, True
+        )
+        v = x3 / step_c.view(1, -1, 1)
+        # ∂x̂/∂s: round(v) − v inside the range, the clamped bound outside it.
+        step_grad = torch.where(mask, y3 / step_c.view(1, -1, 1) - v, v.clamp(int_format.qmin, int_format.qmax))
+        ctx.save_for_backward(mask, step_grad)
+        ctx.restore = restore
+        ctx.step_shape = step.shape
+        ctx.granularity = spec.granularity
+        ctx.grad_scale = 1.0 / math.sqrt(x3.numel() / x3.shape[1] * int_format.qmax)
+        return restore(y3).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        mask, step_grad = ctx.saved_tensors
+        grad3, _ = canonical_view(grad, ctx.granularity)
+        grad_x = grad * ctx.restore(mask).to(grad.dtype)
+        grad_step = (grad3 * step_grad).sum(dim=(0, 2)) * ctx.grad_scale
+        if ctx.step_shape.numel() == 1:
+            grad_step = grad_step.sum()
+        return grad_x, grad_step.reshape(ctx.step_shape), None, None
+
+
+def quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    generator: torch.Generator | None = None,
+    qparams: QParams | None = None,
+    step: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x``: the nearest (or stochastically rounded) value of ``spec``'s grid,
+    in x's dtype, with a straight-through gradient.
+
+    Args:
+        x: a floating-point tensor (any shape, contiguous or not, possibly empty).
+        spec: the ``QuantSpec``.
+        generator: source of the stochastic-rounding seed (default: torch's global generator,
+            so ``torch.manual_seed`` makes runs reproducible).
+        qparams: explicit scale/zero point (canonical (C,) shapes), e.g. running ranges.
+        step: the learned step tensor for ``LearnedStep()`` (scalar or one per channel).
+
+    >>> quantize(torch.tensor([0.1, -0.5, 1.0]), QuantSpec(formats.Int(4))).tolist()
+    [0.1428571492433548, -0.4285714626312256, 1.0]
+    """
+    _prepare(x, spec, "quantize")
+    if x.numel() == 0:
+        return x.clone()
+    if isinstance(spec.scale, LearnedStep):
+        if step is None:
+            raise QuantSpecError("QuantSpec with LearnedStep() needs quantize(..., step=tensor)")
+        return _LearnedStepQuant.apply(x, step, spec, generator)
+    return _FakeQuant.apply(x, spec, qparams, generator)
+
+
+def quantize_int(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    generator: torch.Generator | None = None,
+    qparams: QParams | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer quantization: (levels in the format's storage dtype, scale, zero_point).
+
+    ``scale`` and ``zero_point`` have ``qparams_shape(x, spec.granularity)``, so that
+    ``(q - zero_point) * scale`` broadcasts back (against x split into groups for PerGroup).
+    """
+    _prepare(x, spec, "quantize_int")
+    int_format = spec.int_format
+    if int_format is None:
+        raise QuantSpecError(f"quantize_int needs an integer or block format, got {spec.format}")
+    if spec.nonfinite == "propagate":
+        _check_finite(x, dataclasses.replace(spec, nonfinite="error"))
+    shape = qparams_shape(x, spec.granularity)
+    if x.numel() == 0:
+        empty = torch.ones(shape, device=x.device)
+        return torch.empty(x.shape, dtype=int_format.storage_dtype, device=x.device), empty, empty * 0
+    x3, restore = canonical_view(x, spec.granularity)
+    if qparams is None:
+        if isinstance(spec.scale, LearnedStep):
+            raise QuantSpecError("quantize_int with LearnedStep() needs qparams=QParams(step, 0)")
+        qparams = _qparams_of_view(x, x3, spec)
+    else:
+        _check_finite(x3, spec)
+    seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
+    levels = kernels.implementation(x3.device).quant_int(
+        x3, qparams.scale, qparams.zero_point, int_format.qmin, int_format.qmax, seed
+    )
+    q = restore(levels).to(int_format.storage_dtype)
+    return q, qparams.scale.reshape(shape), qparams.zero_point.reshape(shape).to(torch.int32)

@@ -1,0 +1,219 @@
+"""The recipe interface: a recipe is the policy of one method over time and space.
+
+A recipe is built from a frozen, validated, JSON-serialisable config. The trainer reaches a
+recipe only through these hooks (and the registry in ``qtrain.recipes``), never by name, so a
+new method is one new file under ``recipes/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class RecipeConfigError(ValueError):
+    """A recipe parameter has a bad name, type or value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    """Base of every recipe config: frozen, validated in ``__post_init__``, JSON round-trip."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``RecipeConfigError`` naming the parameter, the value and what is allowed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecipeConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise RecipeConfigError(
+                f"unknown parameter(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}"
+            )
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in data.items()})
+
+    def with_overrides(self, overrides: dict[str, str]) -> RecipeConfig:
+        """Apply ``--set key=value`` strings, parsing each value by the field's type."""
+        data = self.to_dict()
+        names = {f.name for f in dataclasses.fields(self)}
+        for key, raw in overrides.items():
+            if key not in names:
+                raise RecipeConfigError(
+                    f"unknown parameter {key!r} for {type(self).__name__}; "
+                    f"allowed: {sorted(names)}"
+                )
+            data[key] = _parse_text(key, raw)
+        return type(self).from_dict(data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _parse_text(key: str, raw: str) -> Any:
+    """Parse a ``--set`` value: JSON if it parses (numbers, true/false, lists), else a string.
+
+    A bare comma list (``3,4,6``) is read as a list.
+    """
+    text = raw.strip()
+    if "," in text and not text.startswith("["):
+        text = f"[{text}]"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if text.startswith("["):
+            raise RecipeConfigError(f"parameter {key!r}: cannot parse {raw!r} as a list") from None
+        return raw
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Coerce a JSON value to a dataclass field type (int, float, bool, str, tuple[...])."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            value = [value]
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(key, v, item) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeConfigError(f"parameter {key!r}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise RecipeConfigError(f"parameter {key!r}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RecipeConfigError(f"parameter {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeConfigError(f"parameter {key!r}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+class Recipe:
+    """Base recipe: full precision, no hooks. Subclasses override what their method needs.
+
+    Lifecycle used by the trainer, in order:
+      ``prepare(model)`` once → per step ``on_step_start`` → forward under ``autocast()`` →
+      loss + ``extra_loss`` → backward (through ``grad_scaler``) → ``before_optimizer_step`` →
+      optimizer step → ``on_step_end`` (may return True when the model's shape changed; the
+      trainer then rebuilds the optimizer keeping the surviving state via
+      ``remap_optimizer_state``).
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[RecipeConfig]] = RecipeConfig
+
+    def __init__(self, config: RecipeConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise RecipeConfigError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                f"got {type(self.config).__name__}"
+            )
+
+    # ---- model set-up -------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Swap/annotate the model's layers (usually via ``qtrain.quantize_``); return it."""
+        return model
+
+    # ---- per-step hooks -------------------------------------------------------------------
+    def on_step_start(self, step: int, total_steps: int, model: nn.Module) -> None:
+        """Change per-layer specs/bits for this step (CPT, FracTrain)."""
+
+    def autocast(self, device_type: str) -> torch.autocast | None:
+        """An autocast context for the forward pass, or None."""
+        return None
+
+    def grad_scaler(self, device_type: str) -> torch.amp.GradScaler | None:
+        """A GradScaler for fp16 training, or None."""
+        return None
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra loss term added to the task loss (size loss, gate cost), or None."""
+        return None
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups (e.g. one per layer for per-layer lr scaling), or None."""
+        return None
+
+    def before_optimizer_step(self, step: int, model: nn.Module, optimizer: Any) -> None:
+        """Adjust gradients or per-group learning rates (e.g. UI8's lr scaling)."""
+
+    def on_step_end(
+        self, step: int, loss: float, model: nn.Module, optimizer: Any
+    ) -> bool:
+        """Observe the loss (PFQ stages); return True if the model's parameters changed shape."""
+        return False
+
+    def remap_optimizer_state(self) -> Callable[[nn.Parameter], nn.Parameter | None] | None:
+        """After a shape change: maps each new parameter to the old one whose state it keeps."""
+        return None
+
+    # ---- reporting and resume ---------------------------------------------------------------
+    def bits_summary(self, model: nn.Module) -> dict[str, float]:
+        """Current bit-widths for logging, e.g. {"fw_bits": 8, "bw_bits": 8}."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule state needed for exact resume (CPT position, PFQ stage, ...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``."""
+
+
+RECIPES: dict[str, type[Recipe]] = {}
+
+
+def register_recipe(cls: type[Recipe]) -> type[Recipe]:
+    """Class decorator: add a recipe to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in RECIPES:
+        raise ValueError(f"recipe {cls.name!r} registered twice")
+    RECIPES[cls.name] = cls
+    return cls
+
+
+def build_recipe(name: str, overrides: dict[str, str] | None = None) -> Recipe:
+    """Build a registered recipe by name with optional ``--set`` overrides."""
+    if name not in RECIPES:
+        raise RecipeConfigError(f"unknown recipe {name!r}; choose from: {', '.join(sorted(RECIPES))}")
+    cls = RECIPES[name]
+    config = cls.config_class()
+    if overrides:
+        config = config.with_overrides(overrides)
+    return cls(config)
+
+
+def iter_recipes() -> Iterator[type[Recipe]]:
+    yield from (RECIPES[name] for name in sorted(RECIPES))

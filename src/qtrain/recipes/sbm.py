@@ -1,0 +1,104 @@
+"""SBM: Banner, Hubara, Hoffer, Soudry, "Scalable Methods for 8-bit Training of Neural
+Networks", NeurIPS 2018 (METHODS.md §1).
+
+Every conv and linear layer — first and last included — computes its three products on
+quantized operands: weights (per-tensor min/max, nearest) and activations (batch mean of
+per-sample min/max, running ranges in eval) at ``bits``; the layer gradient g_l at
+``grad_bits`` with stochastic rounding for the grad-input product g_l·W; and, with
+``bifurcation``, a separate ``grad_weight_bits`` copy of g_l for the grad-weight product g_lᵀ·x.
+Range BatchNorm replaces BatchNorm. The update stays in fp32 (the optimizer's master weights).
+
+All quantizers are GEMMLOWP-style affine unsigned (zero point nudged to an integer, range
+widened to include 0 so zero is exact) with the straight-through estimator; the activation
+quantizer passes the gradient everywhere as the authors' code does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from qtrain.api import QuantizedTrainingConfig, quantize_, register_config_name
+from qtrain.formats import Int
+from qtrain.ops import GemmConfig
+from qtrain.quantizer import MinMax, QuantSpec, Rounding
+from qtrain.recipes.base import Recipe, RecipeConfig, RecipeConfigError, register_recipe
+
+_ROUNDINGS = ("stochastic", "nearest")
+
+
+@dataclasses.dataclass(frozen=True)
+class SBMConfig(RecipeConfig):
+    """SBM parameters; the ablation switches of the paper are the four booleans/roundings."""
+
+    bits: int = 8  # weights and activations
+    grad_bits: int = 8  # g_l for the grad-input product
+    grad_weight_bits: int = 16  # the bifurcated copy of g_l for the grad-weight product
+    grad_rounding: str = "stochastic"  # "stochastic" | "nearest" (the paper: SR is essential)
+    bifurcation: bool = True  # False: the grad-weight product uses the grad_bits copy too
+    range_batchnorm: bool = True  # False: plain BatchNorm (the paper: Range BN ≈ BN)
+    quantize_saved_activations: bool = True  # keep the quantized input as int levels for backward
+    range_momentum: float = 0.1  # running ranges: run <- m·run + (1 - m)·batch
+    range_bn_chunks: int = 16
+
+    def validate(self) -> None:
+        for name in ("bits", "grad_bits", "grad_weight_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
+                raise RecipeConfigError(f"sbm: {name} must be an integer in 2..16, got {value!r}")
+        if self.grad_rounding not in _ROUNDINGS:
+            raise RecipeConfigError(
+                f"sbm: grad_rounding must be one of {', '.join(_ROUNDINGS)}, got {self.grad_rounding!r}"
+            )
+        if not 0.0 <= self.range_momentum <= 1.0:
+            raise RecipeConfigError(f"sbm: range_momentum must be in [0, 1], got {self.range_momentum}")
+        if self.range_bn_chunks < 1:
+            raise RecipeConfigError(f"sbm: range_bn_chunks must be >= 1, got {self.range_bn_chunks}")
+
+    def quantization_config(self) -> QuantizedTrainingConfig:
+        rounding = Rounding(self.grad_rounding)
+        weight = QuantSpec(Int(self.bits, signed=False), scale=MinMax())
+        activation = QuantSpec(
+            Int(self.bits, signed=False), scale=MinMax(batch_mean=True), clip_gradient=False
+        )
+        grad_input = QuantSpec(Int(self.grad_bits, signed=False), scale=MinMax(), rounding=rounding)
+        grad_weight = (
+            QuantSpec(Int(self.grad_weight_bits, signed=False), scale=MinMax(), rounding=rounding)
+            if self.bifurcation
+            else grad_input
+        )
+        save_levels = self.quantize_saved_activations and self.bits <= 8
+        gemm = GemmConfig(activation, weight, grad_input, grad_weight, save_levels)
+        return QuantizedTrainingConfig(
+            gemm,
+            range_batchnorm=self.range_batchnorm,
+            range_momentum=self.range_momentum,
+            range_bn_chunks=self.range_bn_chunks,
+        )
+
+
+@register_recipe
+class SBM(Recipe):
+    name = "sbm"
+    paper = "Banner et al., Scalable Methods for 8-bit Training of Neural Networks (NeurIPS 2018)"
+    description = "static low-bit training: W/A/G quantized, bifurcated 16-bit grad-weight copy, SR, Range BN"
+    config_class = SBMConfig
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return quantize_(model, self.config.quantization_config())
+
+    def bits_summary(self, model: nn.Module) -> dict[str, float]:
+        config = self.config
+        grad_weight_bits = config.grad_weight_bits if config.bifurcation else config.grad_bits
+        return {"fw_bits": config.bits, "grad_bits": config.grad_bits,
+                "grad_weight_bits": grad_weight_bits}
+
+
+@register_recipe
+class SBM8(SBM):
+    name = "sbm8"
+    description = "SBM at 8 bits (8/8/8 with a 16-bit grad-weight copy), the paper's setting"
+
+
+register_config_name("sbm8", lambda: SBMConfig().quantization_config())
