@@ -138,6 +138,8 @@ def _quantize_training(
 def dequantize_(model: nn.Module) -> nn.Module:
     """Restore plain ``nn.Linear``/``nn.Conv2d``/``nn.BatchNorm2d`` with the same weights."""
     for name, module in list(model.named_modules()):
+        if not name:
+            continue  # the root cannot be replaced in place (quantize_ never swaps it either)
         if isinstance(module, QLinear):
             plain = nn.Linear(module.in_features, module.out_features, module.bias is not None,
                               device="meta")

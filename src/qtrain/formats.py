@@ -149,7 +149,10 @@ class BlockFloat:
     axis: int = -1
 
     def __post_init__(self) -> None:
-        Int(self.mantissa_bits)  # validates 2..16 through Int's rules
+        bits = self.mantissa_bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+            # The mantissa is a narrow-range signed integer, so it needs at least 2 bits.
+            raise FormatError(f"BlockFloat.mantissa_bits must be an int in 2..16, got {bits!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise FormatError(f"BlockFloat.block_size must be a positive int, got {self.block_size!r}")
         if self.block_size < 1:

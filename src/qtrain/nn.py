@@ -89,7 +89,10 @@ class _QuantizedGemmModule:
         for key in _RANGE_KEYS:
             name = prefix + key
             if name in state_dict:
-                setattr(self, key, state_dict[name].clone())
+                # Take the saved shape (ranges start empty); the loader copies the values in,
+                # keeping our device and dtype as it does for every other buffer.
+                own = getattr(self, key)
+                setattr(self, key, own.new_empty(state_dict[name].shape))
             else:
                 state_dict[name] = getattr(self, key)
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
@@ -120,7 +123,7 @@ class QLinear(_QuantizedGemmModule, nn.Linear):
         new.in_features, new.out_features = module.in_features, module.out_features
         new.weight, new.bias = module.weight, module.bias
         new._init_quant(config, range_momentum)
-        return new
+        return new.train(module.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_linear(x, self.weight, self.bias, self.config, self._input_qparams(x))
@@ -150,7 +153,7 @@ class QConv2d(_QuantizedGemmModule, nn.Conv2d):
             setattr(new, name, getattr(module, name))
         new.weight, new.bias = module.weight, module.bias
         new._init_quant(config, range_momentum)
-        return new
+        return new.train(module.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_conv2d(x, self.weight, self.bias, self.config, self.stride, self.padding,
@@ -213,7 +216,7 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
         new.weight, new.bias = bn.weight, bn.bias
         new.running_mean, new.running_var = bn.running_mean, bn.running_var
         new.num_batches_tracked = bn.num_batches_tracked
-        return new
+        return new.train(bn.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:

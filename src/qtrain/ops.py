@@ -28,10 +28,12 @@ from qtrain.quantizer import (
     QuantSpec,
     QuantSpecError,
     Rounding,
+    _check_finite,
     _draw_seed,
     _qparams_of_view,
     canonical_view,
     fake_quantize_with_mask,
+    needs_clip_mask,
 )
 
 ROLES = ("forward", "grad_input", "grad_weight")
@@ -66,6 +68,11 @@ class GemmConfig:
             if spec is None or spec.int_format is None or spec.int_format.bits > 8:
                 raise QuantSpecError(
                     "GemmConfig.save_quantized_input needs an integer input_spec of <= 8 bits"
+                )
+            if spec.nonfinite == "propagate":
+                raise QuantSpecError(
+                    "GemmConfig.save_quantized_input cannot keep NaN/inf in integer levels: "
+                    "use an input_spec with nonfinite='error'"
                 )
 
     def role_bits(self) -> dict[str, tuple[float, float]]:
@@ -110,41 +117,72 @@ def _quantize_operand(
 
 
 class _SavedInput:
-    """The forward's quantized input kept for backward: float, or int8 levels + canonical qparams."""
+    """The forward's quantized input kept for backward: float, or integer levels + canonical
+    qparams with the STE mask packed 8 values per byte (about 1/4 of float32 in all).
+
+    Only ``tensors()`` go through ``ctx.save_for_backward`` (so saved-tensor hooks see and may
+    offload them); backward rebuilds the input and mask from what those hooks give back.
+    """
 
     def __init__(self, x: torch.Tensor, spec: QuantSpec | None, qparams: QParams | None,
                  quantized_storage: bool, want_mask: bool) -> None:
-        self.mask: torch.Tensor | None = None
-        if not quantized_storage or x.numel() == 0:
+        self.quantized = quantized_storage and x.numel() > 0
+        if not self.quantized:
             self.value, self.mask = _quantize_operand(x, spec, qparams, want_mask)
-            self.levels = None
             return
         x3, self.restore = canonical_view(x, spec.granularity)
+        want_mask = want_mask and needs_clip_mask(spec, qparams is not None)
         if qparams is None:
             qparams = _qparams_of_view(x, x3, spec)
+        elif spec.nonfinite == "error":
+            _check_finite(x3, spec)
         int_format = spec.int_format
         seed = _draw_seed(None) if spec.rounding is Rounding.STOCHASTIC else None
         impl = kernels.implementation(x3.device)
         levels = impl.quant_int(x3, qparams.scale, qparams.zero_point, int_format.qmin,
                                 int_format.qmax, seed)
-        if want_mask and spec.clip_gradient:
+        self.mask = None
+        if want_mask:
             # Recompute the unclamped position only to know which values were clipped.
             unclamped = impl.quant_int(x3, qparams.scale, qparams.zero_point, -2**30, 2**30, seed)
-            self.mask = self.restore(unclamped == levels)
-        self.levels = levels.to(int_format.storage_dtype)
+            self.mask = _pack_bits(unclamped == levels)
+        self.shape = x.shape
         self.qparams = qparams
         self.dtype = x.dtype
-        self.value = self.dequantize()
+        self.levels = levels.to(int_format.storage_dtype)
+        self.value = self.dequantize(self.levels)
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, levels: torch.Tensor) -> torch.Tensor:
         s = self.qparams.scale.view(1, -1, 1)
         z = self.qparams.zero_point.view(1, -1, 1)
-        return self.restore((self.levels.to(torch.float32) - z) * s).to(self.dtype)
+        return self.restore((levels.to(torch.float32) - z) * s).to(self.dtype)
 
-    def tensors(self) -> list[torch.Tensor | None]:
-        if self.levels is None:
-            return [self.value]
-        return [self.levels, self.qparams.scale, self.qparams.zero_point]
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What backward needs: (input or levels, mask or packed mask)."""
+        return (self.levels, self.mask) if self.quantized else (self.value, self.mask)
+
+    def unpack(
+        self, stored: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The inverse of ``tensors()``: (the quantized input, the mask in the input's shape)."""
+        if not self.quantized:
+            return stored, mask
+        if mask is not None:
+            mask = self.restore(_unpack_bits(mask, self.shape.numel()))
+        return self.dequantize(stored), mask
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8, 8 values per byte (little-endian bit order)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (flat * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].bool()
 
 
 class _QuantizedGemm(torch.autograd.Function):
@@ -163,20 +201,17 @@ class _QuantizedGemm(torch.autograd.Function):
         ctx.config = config
         ctx.conv_args = conv_args
         ctx.has_bias = bias is not None
-        ctx.input_shape = x.shape
-        if saved.levels is not None:
-            ctx.saved_input = saved
-            saved.value = None  # the float copy is dropped: backward dequantizes the levels
-            ctx.save_for_backward(saved.levels, w_q, saved.mask, w_mask)
-        else:
-            ctx.saved_input = None
-            ctx.save_for_backward(saved.value, w_q, saved.mask, w_mask)
+        stored, x_mask = saved.tensors()
+        ctx.save_for_backward(stored, w_q, x_mask, w_mask)
+        # Keep only the metadata: the float copy and the levels are dropped from the object.
+        saved.value = saved.levels = saved.mask = None
+        ctx.saved_input = saved
         return y
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         stored, w_q, x_mask, w_mask = ctx.saved_tensors
-        x_q = ctx.saved_input.dequantize() if ctx.saved_input is not None else stored
+        x_q, x_mask = ctx.saved_input.unpack(stored, x_mask)
         config: GemmConfig = ctx.config
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = grad_b = None
@@ -185,10 +220,8 @@ class _QuantizedGemm(torch.autograd.Function):
         if need_x:
             g_in, _ = _quantize_operand(grad_out, config.grad_input_spec, None, False)
         if need_w:
-            if same_copy and g_in is not None and config.grad_input_spec is not None and (
-                config.grad_input_spec.rounding is Rounding.NEAREST
-            ):
-                g_w = g_in  # identical deterministic quantization: reuse it
+            if same_copy and g_in is not None:
+                g_w = g_in  # no bifurcation: both products use the one quantized copy of g_l
             else:
                 g_w, _ = _quantize_operand(grad_out, config.grad_weight_spec, None, False)
         if ctx.conv_args is None:
@@ -209,17 +242,31 @@ class _QuantizedGemm(torch.autograd.Function):
 
 
 def _linear_grads(g_in, g_w, x_q, w_q):
+    # The products in the order torch's mm backward picks (a column-major operand gets the
+    # transposed product), so that with every spec None the gradients are F.linear's bit for bit.
+    # They run in the gradient's dtype: the forward output's, i.e. the autocast dtype if any.
+    dtype = (g_in if g_in is not None else g_w).dtype
+    x2 = x_q.reshape(-1, x_q.shape[-1]).to(dtype)  # (N, in), as F.linear folds leading dims
+    w_q = w_q.to(dtype)
     grad_x = grad_w = None
     if g_in is not None:
-        grad_x = g_in.matmul(w_q)
+        g2 = g_in.reshape(-1, g_in.shape[-1])
+        grad_x2 = w_q.t().mm(g2.t()).t() if _column_major(x2) else g2.mm(w_q)
+        grad_x = grad_x2.reshape(x_q.shape)
     if g_w is not None:
         g2 = g_w.reshape(-1, g_w.shape[-1])
-        grad_w = g2.t().mm(x_q.reshape(-1, x_q.shape[-1]))
+        grad_w = g2.t().mm(x2) if _column_major(w_q.t()) else x2.t().mm(g2).t()
     return grad_x, grad_w
+
+
+def _column_major(matrix: torch.Tensor) -> bool:
+    return matrix.stride(0) == 1 and matrix.stride(1) == matrix.shape[0]
 
 
 def _conv_backward(grad, x_q, w_q, conv_args, output_mask):
     stride, padding, dilation, groups = conv_args
+    # In the gradient's dtype, as _linear_grads (autocast does not cast convolution_backward).
+    x_q, w_q = x_q.to(grad.dtype), w_q.to(grad.dtype)
     return torch.ops.aten.convolution_backward(
         grad, x_q, w_q, [w_q.shape[0]], stride, padding, dilation, False, [0, 0], groups,
         output_mask,

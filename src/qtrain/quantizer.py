@@ -181,14 +181,16 @@ class QuantSpec:
                 f"QuantSpec.nonfinite must be 'error' or 'propagate', got {self.nonfinite!r}"
             )
         if isinstance(self.format, BlockFloat):
-            if not isinstance(self.granularity, PerTensor) or self.scale not in (None, PowerOfTwo()):
+            # PerGroup(block) and PowerOfTwo() are what this sets; accepting them back keeps
+            # dataclasses.replace() working on a block-float spec.
+            block = PerGroup(self.format.block_size, self.format.axis)
+            own_scale = self.scale in (None, PowerOfTwo())
+            if self.granularity not in (PerTensor(), block) or not own_scale:
                 raise QuantSpecError(
                     "QuantSpec with a BlockFloat format takes its block and power-of-two scale "
                     "from the format: leave granularity and scale at their defaults"
                 )
-            object.__setattr__(
-                self, "granularity", PerGroup(self.format.block_size, self.format.axis)
-            )
+            object.__setattr__(self, "granularity", block)
             object.__setattr__(self, "scale", PowerOfTwo())
         elif isinstance(self.format, Int) and self.scale is None:
             object.__setattr__(self, "scale", AbsMax() if self.format.signed else MinMax())
@@ -319,8 +321,9 @@ def _as_f32(x3: torch.Tensor) -> torch.Tensor:
 
 
 def qparams_shape(x: torch.Tensor, granularity: Granularity) -> tuple[int, ...]:
-    """Shape that makes a (C,) scale broadcast against x (against x viewed by groups for
-    PerGroup: the group axis is split as (size/G, G))."""
+    """Shape of the scale/zero point ``quantize_int`` returns. It broadcasts against x, except
+    for PerGroup(G, axis): x's shape with the group axis shrunk to size/G, which broadcasts as
+    ``scale.unsqueeze(axis + 1)`` against ``x.unflatten(axis, (size // G, G))``."""
     if isinstance(granularity, PerTensor):
         return ()
     if isinstance(granularity, PerChannel):
@@ -332,6 +335,19 @@ def qparams_shape(x: torch.Tensor, granularity: Granularity) -> tuple[int, ...]:
     shape = list(x.shape)
     shape[axis] //= granularity.group_size
     return tuple(shape)
+
+
+def _qparams_layout(
+    values: torch.Tensor, x: torch.Tensor, granularity: Granularity
+) -> torch.Tensor:
+    """A canonical (C,) scale or zero point laid out in ``qparams_shape``. The canonical view
+    orders PerGroup channels with the group axis moved last, so move it back."""
+    shape = qparams_shape(x, granularity)
+    if not isinstance(granularity, PerGroup):
+        return values.reshape(shape)
+    axis = _axis(granularity.axis, x.dim(), "PerGroup")
+    moved = shape[:axis] + shape[axis + 1 :] + shape[axis : axis + 1]
+    return values.reshape(moved).movedim(-1, axis)
 
 
 # ---- scales -------------------------------------------------------------------------------
@@ -464,6 +480,13 @@ def _prepare(
         raise TypeError(f"{what}: spec must be a QuantSpec, got {type(spec).__name__}")
 
 
+def needs_clip_mask(spec: QuantSpec, qparams_given: bool) -> bool:
+    """Whether quantizing with ``spec`` may clip values whose STE gradient must then be zero."""
+    # Given qparams (running ranges, a chosen clip) may cut values off like a clipping rule.
+    may_clip = qparams_given or isinstance(spec.scale, _CLIPPING_RULES)
+    return spec.clip_gradient and spec.int_format is not None and may_clip
+
+
 def fake_quantize_with_mask(
     x: torch.Tensor,
     spec: QuantSpec,
@@ -475,14 +498,12 @@ def fake_quantize_with_mask(
     """``quantize`` without autograd: x̂ and, when asked and the values may be clipped, the
     STE mask in x's shape (True where the value was inside the range), else None."""
     x3, restore = canonical_view(x, spec.granularity)
-    # Given qparams (running ranges, a chosen clip) may cut values off like a clipping rule.
-    may_clip = qparams is not None or isinstance(spec.scale, _CLIPPING_RULES)
+    want_mask = want_mask and needs_clip_mask(spec, qparams is not None)
     if qparams is None and spec.scale is not None:
         qparams = _qparams_of_view(x, x3, spec)
     elif qparams is not None and spec.nonfinite == "error":
         _check_finite(x3, spec)
     seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
-    want_mask = want_mask and spec.clip_gradient and spec.int_format is not None and may_clip
     y3, mask = _fake_quant_view(x3, spec, qparams, seed, want_mask)
     if spec.nonfinite == "propagate":
         y3 = torch.where(torch.isfinite(x3), y3, x3)
@@ -518,12 +539,17 @@ class _LearnedStepQuant(torch.autograd.Function):
         int_format = spec.int_format
         seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
         zero = torch.zeros_like(step_c)
-        y3, mask = kernels.implementation(x3.device).fake_quant_int(
-            x3, step_c, zero, int_format.qmin, int_format.qmax, seed, True
+        y3, _ = kernels.implementation(x3.device).fake_quant_int(
+            x3, step_c, zero, int_format.qmin, int_format.qmax, seed, False
         )
         v = x3 / step_c.view(1, -1, 1)
-        # ∂x̂/∂s: round(v) − v inside the range, the clamped bound outside it.
-        step_grad = torch.where(mask, y3 / step_c.view(1, -1, 1) - v, v.clamp(int_format.qmin, int_format.qmax))
+        # Esser et al. eq. 3: inside −Q_N < v < Q_P, ∂x̂/∂s = round(v) − v and ∂x̂/∂x = 1;
+        # at or beyond a bound clip() saturates: ∂x̂/∂s = −Q_N or Q_P and ∂x̂/∂x = 0.
+        inside = (v > int_format.qmin) & (v < int_format.qmax)
+        step_grad = torch.where(
+            inside, y3 / step_c.view(1, -1, 1) - v, v.clamp(int_format.qmin, int_format.qmax)
+        )
+        mask = inside if spec.clip_gradient else torch.ones_like(inside)
         ctx.save_for_backward(mask, step_grad)
         ctx.restore = restore
         ctx.step_shape = step.shape
@@ -561,6 +587,7 @@ def quantize(
         qparams: explicit scale/zero point (canonical (C,) shapes), e.g. running ranges.
         step: the learned step tensor for ``LearnedStep()`` (scalar or one per channel).
 
+    >>> from qtrain import formats
     >>> quantize(torch.tensor([0.1, -0.5, 1.0]), QuantSpec(formats.Int(4))).tolist()
     [0.1428571492433548, -0.4285714626312256, 1.0]
     """
@@ -583,8 +610,9 @@ def quantize_int(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer quantization: (levels in the format's storage dtype, scale, zero_point).
 
-    ``scale`` and ``zero_point`` have ``qparams_shape(x, spec.granularity)``, so that
-    ``(q - zero_point) * scale`` broadcasts back (against x split into groups for PerGroup).
+    ``scale`` and ``zero_point`` (int32) have ``qparams_shape(x, spec.granularity)``, so that
+    ``(q - zero_point) * scale`` equals ``quantize(x, spec)`` (for PerGroup(G, axis) split the
+    group axis first: see ``qparams_shape``).
     """
     _prepare(x, spec, "quantize_int")
     int_format = spec.int_format
@@ -594,8 +622,9 @@ def quantize_int(
         _check_finite(x, dataclasses.replace(spec, nonfinite="error"))
     shape = qparams_shape(x, spec.granularity)
     if x.numel() == 0:
-        empty = torch.ones(shape, device=x.device)
-        return torch.empty(x.shape, dtype=int_format.storage_dtype, device=x.device), empty, empty * 0
+        levels = torch.empty(x.shape, dtype=int_format.storage_dtype, device=x.device)
+        zero_point = torch.zeros(shape, dtype=torch.int32, device=x.device)
+        return levels, torch.ones(shape, device=x.device), zero_point
     x3, restore = canonical_view(x, spec.granularity)
     if qparams is None:
         if isinstance(spec.scale, LearnedStep):
@@ -608,4 +637,6 @@ def quantize_int(
         x3, qparams.scale, qparams.zero_point, int_format.qmin, int_format.qmax, seed
     )
     q = restore(levels).to(int_format.storage_dtype)
-    return q, qparams.scale.reshape(shape), qparams.zero_point.reshape(shape).to(torch.int32)
+    scale = _qparams_layout(qparams.scale, x, spec.granularity)
+    zero_point = _qparams_layout(qparams.zero_point, x, spec.granularity).to(torch.int32)
+    return q, scale, zero_point

@@ -1,0 +1,349 @@
+"""Quantized modules: state_dict compatibility, running input ranges, run-time bit-width
+changes, and Range BatchNorm against BatchNorm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtrain import (
+    MinMax,
+    PerChannel,
+    QConv2d,
+    QLinear,
+    QuantSpec,
+    QuantSpecError,
+    RangeBatchNorm2d,
+    formats,
+    quantize,
+)
+from qtrain.nn import range_bn_constant
+from qtrain.ops import GemmConfig
+from qtrain.quantizer import qparams_from_range
+
+UINT8 = QuantSpec(formats.UINT8)  # min/max affine: the running-range spec
+
+
+def _randn(*shape: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale + shift
+
+
+# ---- state_dict compatibility ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_qlinear_loads_a_linear_state_dict_strictly(bias):
+    plain = nn.Linear(6, 4, bias=bias)
+    layer = QLinear(6, 4, bias=bias, config=GemmConfig(input_spec=UINT8))
+    layer.load_state_dict(plain.state_dict(), strict=True)
+    assert torch.equal(layer.weight, plain.weight)
+    state = layer.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(state[key], value)  # the same keys hold the same tensors
+    fresh = QLinear(6, 4, bias=bias)
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    x = _randn(3, 6, seed=0)
+    assert torch.equal(fresh(x), plain(x))  # all specs None: the plain layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_qconv2d_loads_a_conv2d_state_dict_strictly(bias):
+    plain = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias)
+    layer = QConv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias)
+    layer.load_state_dict(plain.state_dict(), strict=True)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value)
+    x = _randn(2, 4, 7, 7, seed=1)
+    assert torch.equal(layer(x), plain(x))  # all specs None: the plain conv
+
+
+def test_qconv2d_refuses_non_zero_padding_modes():
+    with pytest.raises(QuantSpecError, match="padding"):
+        QConv2d(3, 3, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(QuantSpecError, match="padding"):
+        QConv2d.from_float(nn.Conv2d(3, 3, 3, padding="same"), GemmConfig())
+
+
+def test_from_float_shares_parameters_and_mode():
+    conv = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)).eval()
+    layer = QConv2d.from_float(conv, GemmConfig())
+    assert layer.weight is conv.weight and layer.bias is conv.bias
+    assert (layer.stride, layer.padding, layer.dilation) == ((2, 1), (1, 0), (1, 2))
+    assert not layer.training
+    x = _randn(2, 3, 9, 9, seed=2)
+    assert torch.equal(layer(x), conv(x))
+    linear = nn.Linear(5, 2, bias=False)
+    qlinear = QLinear.from_float(linear, GemmConfig())
+    assert qlinear.weight is linear.weight and qlinear.bias is None and qlinear.training
+
+
+# ---- running input ranges --------------------------------------------------------------------
+
+
+def test_running_ranges_update_with_momentum_in_training():
+    layer = QLinear(8, 3, config=GemmConfig(input_spec=UINT8)).train()
+    x1, x2 = _randn(16, 8, seed=3), _randn(16, 8, seed=4, scale=3.0, shift=1.0)
+    layer(x1)
+    assert torch.equal(layer.input_low, x1.min().view(1))  # the first batch initialises them
+    assert torch.equal(layer.input_high, x1.max().view(1))
+    y2 = layer(x2)
+    assert torch.allclose(layer.input_low, 0.1 * x1.min() + 0.9 * x2.min())  # SBM: m = 0.1
+    assert torch.allclose(layer.input_high, 0.1 * x1.max() + 0.9 * x2.max())
+    # Training quantizes each batch with its own range.
+    assert torch.equal(y2, F.linear(quantize(x2, UINT8), layer.weight, layer.bias))
+
+
+def test_batch_mean_ranges_are_means_of_per_sample_extremes():
+    spec = QuantSpec(formats.UINT8, scale=MinMax(batch_mean=True))
+    layer = QLinear(8, 3, config=GemmConfig(input_spec=spec))
+    x = _randn(5, 8, seed=5)
+    layer(x)
+    assert torch.allclose(layer.input_low, x.amin(1).mean().view(1))
+    assert torch.allclose(layer.input_high, x.amax(1).mean().view(1))
+
+
+def test_running_ranges_are_used_and_frozen_in_eval():
+    layer = QLinear(8, 3, config=GemmConfig(input_spec=UINT8))
+    for seed in range(3):
+        layer(_randn(16, 8, seed=seed))
+    low, high = layer.input_low.clone(), layer.input_high.clone()
+    layer.eval()
+    x = _randn(16, 8, seed=6, scale=4.0)  # wider than the running range: clips in eval
+    y = layer(x)
+    assert torch.equal(layer.input_low, low) and torch.equal(layer.input_high, high)
+    expected = F.linear(
+        quantize(x, UINT8, qparams=qparams_from_range(low, high, formats.UINT8)),
+        layer.weight,
+        layer.bias,
+    )
+    assert torch.equal(y, expected)
+    assert not torch.equal(y, F.linear(quantize(x, UINT8), layer.weight, layer.bias))
+
+
+def test_eval_before_training_measures_the_batch():
+    layer = QLinear(8, 3, config=GemmConfig(input_spec=UINT8)).eval()
+    x = _randn(4, 8, seed=7)
+    assert torch.equal(layer(x), F.linear(quantize(x, UINT8), layer.weight, layer.bias))
+    assert layer.input_low.numel() == 0
+
+
+def test_running_ranges_survive_a_state_dict_round_trip():
+    config = GemmConfig(input_spec=UINT8, weight_spec=QuantSpec(formats.INT8))
+    layer = QLinear(8, 3, config=config)
+    for seed in range(2):
+        layer(_randn(16, 8, seed=seed))
+    state = layer.state_dict()
+    assert {"weight", "bias", "input_low", "input_high"} <= set(state)
+    other = QLinear(8, 3, config=config)
+    other.load_state_dict(state, strict=True)
+    assert torch.equal(other.input_low, layer.input_low)
+    assert torch.equal(other.input_high, layer.input_high)
+    x = _randn(5, 8, seed=8, scale=2.0)
+    assert torch.equal(other.eval()(x), layer.eval()(x))
+
+
+def test_loading_running_ranges_keeps_the_modules_dtype():
+    layer = QLinear(8, 3, config=GemmConfig(input_spec=UINT8))
+    layer(_randn(16, 8, seed=9))
+    other = QLinear(8, 3, config=GemmConfig(input_spec=UINT8)).double()
+    other.load_state_dict(layer.state_dict(), strict=True)
+    # Like every other parameter and buffer: values from the file, dtype/device of the module.
+    assert other.input_low.dtype == other.weight.dtype == torch.float64
+    assert torch.equal(other.input_low, layer.input_low.double())
+    assert torch.equal(other.input_high, layer.input_high.double())
+
+
+def test_per_channel_running_ranges_for_a_conv():
+    spec = QuantSpec(formats.UINT8, granularity=PerChannel(1))
+    layer = QConv2d(3, 4, 3, config=GemmConfig(input_spec=spec))
+    x = _randn(2, 3, 6, 6, seed=9) * torch.tensor([1.0, 5.0, 25.0]).view(1, 3, 1, 1)
+    layer(x)
+    assert torch.equal(layer.input_high, x.amax((0, 2, 3)))
+    assert torch.equal(layer.input_low, x.amin((0, 2, 3)))
+
+
+def test_range_momentum_is_validated():
+    with pytest.raises(QuantSpecError, match="range_momentum"):
+        QLinear(2, 2, range_momentum=1.5)
+
+
+# ---- run-time bit-width changes --------------------------------------------------------------
+
+
+def test_set_config_changes_bits_without_rebuilding():
+    layer = QLinear(16, 8, config=GemmConfig(weight_spec=QuantSpec(formats.INT8)))
+    weight, bias = layer.weight, layer.bias
+    parameters = list(layer.parameters())
+    x = _randn(4, 16, seed=10)
+    y8 = layer(x)
+    four = QuantSpec(formats.Int(4))
+    layer.set_config(GemmConfig(weight_spec=four))
+    y4 = layer(x)
+    assert layer.weight is weight and layer.bias is bias
+    assert list(layer.parameters()) == parameters
+    assert torch.equal(y4, F.linear(x, quantize(weight, four), bias))
+    exact = F.linear(x, weight, bias)
+    assert (y4 - exact).abs().max() > 4 * (y8 - exact).abs().max()
+    assert layer.role_bits()["forward"] == (32.0, 4.0)
+    with pytest.raises(QuantSpecError, match="GemmConfig"):
+        layer.set_config(four)  # type: ignore[arg-type]
+
+
+# ---- Range BatchNorm -------------------------------------------------------------------------
+
+
+def _gaussian_range_stats(n: int) -> tuple[float, float]:
+    """E[range] and an upper bound on std(range) of n standard normal samples.
+
+    max has density n·φ·Φ^(n−1); E[range] = 2·E[max] by symmetry, and by the triangle
+    inequality std(max − min) ≤ std(max) + std(min) = 2·std(max). Trapezoid rule on a grid.
+    """
+    x = torch.linspace(-12, 12, 240_001, dtype=torch.float64)
+    log_density = math.log(n) - x**2 / 2 - 0.5 * math.log(2 * math.pi)
+    density = torch.exp(log_density + (n - 1) * torch.log(torch.special.ndtr(x)))
+    mean = float(torch.trapezoid(x * density, x))
+    second = float(torch.trapezoid(x**2 * density, x))
+    return 2 * mean, 2 * math.sqrt(second - mean**2)
+
+
+def _hand_range(x: torch.Tensor, chunks: int = 16) -> torch.Tensor:
+    """The authors' range per channel: mean of chunk maxima − mean of chunk minima."""
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+    flat = flat - flat.mean(1, keepdim=True)
+    size = flat.shape[1] // chunks
+    pieces = flat[:, : chunks * size].reshape(x.shape[1], chunks, size)
+    return pieces.amax(2).mean(1) - pieces.amin(2).mean(1)
+
+
+GAUSSIAN_SHAPE = (32, 8, 16, 16)  # 8192 values per channel → 16 chunks of n = 512
+
+
+def _gaussian_batch(seed: int) -> torch.Tensor:
+    means = torch.linspace(-3, 3, 8).view(1, 8, 1, 1)
+    stds = torch.logspace(-1, 1, 8).view(1, 8, 1, 1)
+    return _randn(*GAUSSIAN_SHAPE, seed=seed) * stds + means
+
+
+def _tolerance(n: int, values_per_channel: int, k: float = 4.0) -> float:
+    # The range estimate is a mean of 16 independent chunk ranges: relative std ≤
+    # (std bound / E[range]) / 4; BN's own std estimate adds ≈ 1/sqrt(2·N). k standard deviations.
+    expected_range, range_std = _gaussian_range_stats(n)
+    return k * (range_std / expected_range / math.sqrt(16) + 1 / math.sqrt(2 * values_per_channel))
+
+
+def test_range_bn_agrees_with_bn_on_gaussian_data():
+    x = _gaussian_batch(11)
+    n = 8192 // 16
+    expected_range, _ = _gaussian_range_stats(n)
+    # C(n)·E[range of n normals] is what the code's constant makes of σ: close to, not exactly, 1.
+    bias = range_bn_constant(n) * expected_range
+    assert 0.85 < bias < 1.0
+    tol = _tolerance(n, 8192)
+    assert tol < 0.2
+    y_bn = nn.BatchNorm2d(8).train()(x)
+    y_rbn = RangeBatchNorm2d(8).train()(x)
+    # Per channel y_rbn = y_bn·σ̂/(C·range): within tol of y_bn / bias.
+    assert torch.allclose(y_rbn, y_bn / bias, rtol=tol, atol=1e-4)
+    # Averaged over the 8 channels the factor's noise shrinks by sqrt(8) (no systematic error).
+    factor = y_rbn.detach().transpose(0, 1).reshape(8, -1).std(1) / y_bn.detach().transpose(
+        0, 1
+    ).reshape(8, -1).std(1)
+    assert abs(float(factor.mean()) * bias - 1) < tol / math.sqrt(8)
+
+
+def test_range_bn_constant_is_configurable():
+    x = _gaussian_batch(12)
+    n = 8192 // 16
+    expected_range, _ = _gaussian_range_stats(n)
+    # With C = 1/E[range] the range estimate is unbiased for σ: agreement within noise alone.
+    rbn = RangeBatchNorm2d(8, constant=1 / expected_range).train()
+    y_bn = nn.BatchNorm2d(8).train()(x)
+    assert torch.allclose(rbn(x), y_bn, rtol=_tolerance(n, 8192), atol=1e-4)
+    # And the formula by hand: y = (x − μ)/(C·range + eps).
+    c = 0.2
+    y = RangeBatchNorm2d(8, constant=c, affine=False).train()(x)
+    mean = x.mean((0, 2, 3), keepdim=True)
+    spread = (_hand_range(x) * c).view(1, 8, 1, 1)
+    assert torch.allclose(y, (x - mean) / (spread + 1e-5), rtol=1e-4, atol=1e-5)
+    with pytest.raises(QuantSpecError, match="constant"):
+        RangeBatchNorm2d(8, constant=0.0)
+
+
+def test_range_bn_default_constant_is_the_authors_code():
+    n = 512
+    assert range_bn_constant(n) == pytest.approx(
+        0.5 * 0.35 * (1 + math.sqrt(math.pi * math.log(4))) / math.sqrt(2 * math.log(n))
+    )
+    x = _gaussian_batch(13)
+    y = RangeBatchNorm2d(8, affine=False).train()(x)
+    spread = (_hand_range(x) * range_bn_constant(n)).view(1, 8, 1, 1)
+    assert torch.allclose(
+        y, (x - x.mean((0, 2, 3), keepdim=True)) / (spread + 1e-5), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_range_bn_running_stats_and_eval():
+    rbn = RangeBatchNorm2d(8, momentum=0.1)
+    with torch.no_grad():
+        rbn.weight.copy_(torch.linspace(0.5, 2, 8))
+        rbn.bias.copy_(torch.linspace(-1, 1, 8))
+    x = _gaussian_batch(14)
+    rbn.train()(x)
+    spread = _hand_range(x) * range_bn_constant(512)
+    assert torch.allclose(rbn.running_mean, 0.1 * x.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(rbn.running_var, 0.9 + 0.1 * spread**2, rtol=1e-5)
+    assert int(rbn.num_batches_tracked) == 1
+    rbn.eval()
+    x_eval = _gaussian_batch(15)[:1]  # one sample: eval must not depend on the batch
+    y = rbn(x_eval)
+    shape = (1, 8, 1, 1)
+    expected = (x_eval - rbn.running_mean.view(shape)) / (rbn.running_var.sqrt().view(shape) + 1e-5)
+    expected = expected * rbn.weight.view(shape) + rbn.bias.view(shape)
+    assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
+    assert int(rbn.num_batches_tracked) == 1
+
+
+def test_range_bn_loads_a_batchnorm_state_dict():
+    bn = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    for seed in range(3):
+        bn(_gaussian_batch(seed))
+    rbn = RangeBatchNorm2d(8)
+    rbn.load_state_dict(bn.state_dict(), strict=True)
+    assert set(rbn.state_dict()) == set(bn.state_dict())
+    x = _gaussian_batch(16)
+    # Eval: 1/(σ + eps) against BN's 1/sqrt(σ² + eps): relative gap ≤ eps/σ² (σ² ≥ 0.01 here).
+    assert torch.allclose(rbn.eval()(x), bn.eval()(x), rtol=1e-3, atol=1e-4)
+
+
+def test_range_bn_input_and_gradient_specs_quantize():
+    x = _gaussian_batch(17)
+    input_spec, grad_spec = QuantSpec(formats.INT8), QuantSpec(formats.Int(4))
+    plain = RangeBatchNorm2d(8)
+    assert torch.equal(
+        RangeBatchNorm2d(8, input_spec=input_spec)(x), plain(quantize(x, input_spec))
+    )
+
+    grad = _randn(*x.shape, seed=18)
+    xq, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    RangeBatchNorm2d(8, grad_spec=grad_spec)(xq).backward(grad)
+    RangeBatchNorm2d(8)(xp).backward(quantize(grad, grad_spec))
+    assert torch.equal(xq.grad, xp.grad)
+    xf = x.clone().requires_grad_(True)
+    RangeBatchNorm2d(8)(xf).backward(grad)
+    assert not torch.allclose(xq.grad, xf.grad, rtol=1e-2)
+
+
+def test_range_bn_validation():
+    with pytest.raises(QuantSpecError, match="num_chunks"):
+        RangeBatchNorm2d(4, num_chunks=0)
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        RangeBatchNorm2d(4)(torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match="2 values"):
+        RangeBatchNorm2d(4).train()(torch.randn(1, 4, 1, 1))
