@@ -168,3 +168,17 @@ def test_model_bits_count_shared_weights_once():
     layer = QLinear(4, 4, bias=False, config=GemmConfig(weight_spec=INT8))
     model = nn.Sequential(layer, layer)
     assert model_bits(model) == 16 * 8 + 32
+
+
+def test_quantized_layer_unquantized_roles_count_autocast_width():
+    # A QLinear with only a weight spec: under bf16 autocast its float operands are 16-bit.
+    layer = QLinear(4, 3, bias=False, config=GemmConfig(weight_spec=QuantSpec(formats.INT8)))
+    meter = CostMeter(layer)
+    x = torch.randn(2, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    cost = meter.pop()
+    macs = 2 * 4 * 3
+    assert cost.bitops["forward"] == macs * 16 * 8
+    assert cost.bitops["grad_input"] == macs * 16 * 8
+    assert cost.bitops["grad_weight"] == macs * 16 * 16

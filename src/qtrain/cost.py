@@ -108,10 +108,11 @@ def _autocast_bits(device_type: str) -> float:
 
 
 def role_bits(module: nn.Module, device_type: str) -> dict[str, tuple[float, float]]:
-    """Operand bits per role: the module's own (quantized layers) or the float precision."""
-    if hasattr(module, "role_bits"):
-        return module.role_bits()
+    """Operand bits per role: a quantized layer's specs, and the float precision (32, or the
+    autocast dtype's width) for operands without a spec."""
     bits = _autocast_bits(device_type)
+    if hasattr(module, "role_bits"):
+        return module.role_bits(bits)
     return dict.fromkeys(ROLES, (bits, bits))
 
 

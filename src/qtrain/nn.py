@@ -81,8 +81,8 @@ class _QuantizedGemmModule:
             return None  # never trained: measure this batch
         return qparams_from_range(low, high, spec.int_format)
 
-    def role_bits(self) -> dict[str, tuple[float, float]]:
-        return self.config.role_bits()
+    def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
+        return self.config.role_bits(float_bits)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # A plain nn.Linear/Conv2d state_dict has no range buffers: keep ours (start empty).
@@ -172,11 +172,9 @@ def _check_conv(module: nn.Conv2d) -> None:
 
 
 def _describe(config: GemmConfig) -> str:
-    return "/".join(
-        str(spec) if spec is not None else "fp32"
-        for spec in (config.input_spec, config.weight_spec, config.grad_input_spec,
-                     config.grad_weight_spec)
-    )
+    roles = (("input", config.input_spec), ("weight", config.weight_spec),
+             ("grad_input", config.grad_input_spec), ("grad_weight", config.grad_weight_spec))
+    return "(" + ", ".join(f"{role}={spec or 'float'}" for role, spec in roles) + ")"
 
 
 def range_bn_constant(chunk_size: int) -> float:

@@ -75,10 +75,11 @@ class GemmConfig:
                     "use an input_spec with nonfinite='error'"
                 )
 
-    def role_bits(self) -> dict[str, tuple[float, float]]:
-        """Bits of the two operands of each product (32 = full precision)."""
+    def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
+        """Bits of the two operands of each product; an operand without a spec counts
+        ``float_bits`` (32, or 16 under bf16/fp16 autocast)."""
         bits = {
-            name: (32.0 if spec is None else spec.bits)
+            name: (float_bits if spec is None else spec.bits)
             for name, spec in (
                 ("input", self.input_spec),
                 ("weight", self.weight_spec),
