@@ -55,8 +55,7 @@ class RecipeConfig:
         for key, raw in overrides.items():
             if key not in names:
                 raise RecipeConfigError(
-                    f"unknown parameter {key!r} for {type(self).__name__}; "
-                    f"allowed: {sorted(names)}"
+                    f"unknown parameter {key!r} for {type(self).__name__}; allowed: {sorted(names)}"
                 )
             data[key] = _parse_text(key, raw)
         return type(self).from_dict(data)
@@ -168,9 +167,7 @@ class Recipe:
     def before_optimizer_step(self, step: int, model: nn.Module, optimizer: Any) -> None:
         """Adjust gradients or per-group learning rates (e.g. UI8's lr scaling)."""
 
-    def on_step_end(
-        self, step: int, loss: float, model: nn.Module, optimizer: Any
-    ) -> bool:
+    def on_step_end(self, step: int, loss: float, model: nn.Module, optimizer: Any) -> bool:
         """Observe the loss (PFQ stages); return True if the model's parameters changed shape."""
         return False
 
@@ -207,7 +204,9 @@ def register_recipe(cls: type[Recipe]) -> type[Recipe]:
 def build_recipe(name: str, overrides: dict[str, str] | None = None) -> Recipe:
     """Build a registered recipe by name with optional ``--set`` overrides."""
     if name not in RECIPES:
-        raise RecipeConfigError(f"unknown recipe {name!r}; choose from: {', '.join(sorted(RECIPES))}")
+        raise RecipeConfigError(
+            f"unknown recipe {name!r}; choose from: {', '.join(sorted(RECIPES))}"
+        )
     cls = RECIPES[name]
     config = cls.config_class()
     if overrides:

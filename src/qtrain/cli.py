@@ -1,0 +1,320 @@
+"""The ``qtrain`` command line: ``recipes``, ``train``, ``compare``, ``report``.
+
+Every usage error (unknown recipe/model/dataset, bad ``--set`` key or value, bad option value,
+a non-empty run directory) is one line on stderr and exit code 2, and nothing is written: all
+options are validated, and data and model set up, before a directory is created.
+
+Example:
+    >>> from qtrain.cli import main
+    >>> main(["recipes"])  # doctest: +SKIP
+    >>> main(["train", "--recipe", "fp32", "--model", "cnn", "--data", "synthetic",
+    ...       "--epochs", "1", "--out", "runs/cnn"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from qtrain.recipes import Recipe, RecipeConfigError, build_recipe, iter_recipes
+from qtrain.report import COMPARE_FILE, compare_rows, format_table, write_compare, write_report
+from qtrain.train import CONFIG_FILE, TrainConfig, TrainConfigError, train
+
+
+class UsageError(Exception):
+    """A command-line mistake: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints usage and exits; we want one line and nothing else.
+        raise UsageError(message)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.strip(), value
+
+
+def _json_value(text: str) -> Any:
+    """A ``--data-arg``/``--model-arg`` value: JSON when it parses (numbers, lists), else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+# (flag, TrainConfig field, argparse keywords); every default is "absent" so that options
+# given explicitly can be told from values taken from --config or a resumed run's config.
+_TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {"help": "model name"}),
+    ("--data", "data", {"help": "dataset name"}),
+    ("--epochs", "epochs", {"type": int}),
+    ("--seed", "seed", {"type": int}),
+    ("--device", "device", {"help": "cpu, cuda or cuda:N"}),
+    ("--width", "width", {"type": int, "help": "model base width"}),
+    ("--batch-size", "batch_size", {"type": int}),
+    ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
+    ("--optimizer", "optimizer", {}),
+    ("--momentum", "momentum", {"type": float}),
+    ("--weight-decay", "weight_decay", {"type": float}),
+    ("--schedule", "schedule", {}),
+    ("--warmup-fraction", "warmup_fraction", {"type": float}),
+    ("--label-smoothing", "label_smoothing", {"type": float}),
+    ("--train-subset", "train_subset", {"type": int}),
+    ("--test-subset", "test_subset", {"type": int}),
+    ("--checkpoint-every", "checkpoint_every", {"type": int, "help": "steps (0: at end only)"}),
+    ("--eval-every", "eval_every", {"type": int, "help": "epochs"}),
+    ("--log-every", "log_every", {"type": int, "help": "steps"}),
+    ("--data-dir", "data_dir", {}),
+    ("--download", "download", {"action": "store_true", "help": "fetch missing data"}),
+    ("--no-augment", "augment", {"action": "store_false"}),
+    ("--quiet", "quiet", {"action": "store_true", "help": "no progress bar"}),
+]
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    for flag, field, kwargs in _TRAIN_OPTIONS:
+        parser.add_argument(flag, dest=field, default=argparse.SUPPRESS, **kwargs)
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        nargs="+",
+        action="extend",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe parameter",
+    )
+    parser.add_argument(
+        "--model-arg",
+        dest="model_args",
+        nargs="+",
+        action="extend",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+    )
+    parser.add_argument(
+        "--data-arg",
+        dest="data_args",
+        nargs="+",
+        action="extend",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qtrain`` argument parser (errors raise ``UsageError`` instead of exiting)."""
+    parser = _Parser(prog="qtrain", description="Quantized training for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("recipes", help="list recipes with their paper")
+    p_train = sub.add_parser("train", help="train one model with one recipe")
+    p_train.add_argument("--recipe", default=argparse.SUPPRESS)
+    p_train.add_argument("--config", type=Path, help="a run's config.json to start from")
+    p_train.add_argument("--out", type=Path, help="run directory (default runs/<name>)")
+    _add_train_options(p_train)
+    p_compare = sub.add_parser("compare", help="train several recipes x seeds and tabulate")
+    p_compare.add_argument("--recipes", required=True, help="comma-separated recipe names")
+    p_compare.add_argument("--seeds", default="0", help="comma-separated integers")
+    p_compare.add_argument("--out", type=Path, required=True)
+    _add_train_options(p_compare)
+    p_report = sub.add_parser("report", help="write report.md (run) or compare.md (compare dir)")
+    p_report.add_argument("run_dir", type=Path)
+    return parser
+
+
+# ---- building configs ------------------------------------------------------------------------
+
+
+def _explicit_train_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {
+        field: getattr(args, field) for _, field, _ in _TRAIN_OPTIONS if hasattr(args, field)
+    }
+    if args.model_args:
+        options["model_kwargs"] = {k: _json_value(v) for k, v in args.model_args}
+    if args.data_args:
+        options["data_kwargs"] = {k: _json_value(v) for k, v in args.data_args}
+    return options
+
+
+def _train_config(base: dict[str, Any], explicit: dict[str, Any]) -> TrainConfig:
+    merged = {**base, **explicit}
+    missing = [f"--{name}" for name in ("model", "data", "epochs") if name not in merged]
+    if missing:
+        raise UsageError(f"missing required option(s): {', '.join(missing)}")
+    return TrainConfig.from_dict(merged)
+
+
+def _recipe(name: str, base_config: dict[str, Any] | None, sets: dict[str, str]) -> Recipe:
+    default = build_recipe(name)  # raises the registry's unknown-recipe error
+    config = type(default.config).from_dict(base_config) if base_config else default.config
+    return type(default)(config.with_overrides(sets) if sets else config)
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty directory unless resuming; with --overwrite remove an old run."""
+    if resume or not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UsageError(f"{out} is not empty; pass --resume to continue it or --overwrite")
+    ours = [out / CONFIG_FILE, out / COMPARE_FILE, *out.glob(f"*/{CONFIG_FILE}")]
+    if not any(path.exists() for path in ours):
+        raise UsageError(f"{out} does not look like a qtrain run; refusing to delete it")
+    shutil.rmtree(out)
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    for cls in iter_recipes():
+        print(f"{cls.name:<14} {cls.description}  [{cls.paper}]")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    explicit = _explicit_train_options(args)
+    sets = dict(args.sets)
+    base: dict[str, Any] = {}
+    if args.config is not None:
+        base = _read_json(args.config)
+    saved_path = args.out / CONFIG_FILE if args.out is not None else None
+    resuming_saved = args.resume and saved_path is not None and saved_path.exists()
+    if resuming_saved:
+        base = _read_json(saved_path)
+        changed = sorted(
+            k for k, v in explicit.items() if k != "quiet" and base["train"].get(k) != v
+        )
+        if "recipe" in args and args.recipe != base["recipe"]:
+            changed.append("recipe")
+        if changed or sets:
+            raise UsageError(
+                f"cannot change {', '.join(changed) or '--set'} when resuming {args.out}"
+            )
+    name = getattr(args, "recipe", base.get("recipe"))
+    if name is None:
+        raise UsageError("missing required option: --recipe")
+    config = _train_config(base.get("train", {}), explicit)
+    recipe = _recipe(name, base.get("recipe_config") if base.get("recipe") == name else None, sets)
+    out = args.out or Path("runs") / f"{name}-{config.model}-{config.data}-s{config.seed}"
+    _prepare_out(out, args.resume, args.overwrite)
+    summary = train(config, recipe, out, resume=args.resume)
+    _write_run_report(out)
+    print(
+        f"{name} {config.model}/{config.data}: test acc {100 * summary['test_acc']:.2f}%, "
+        f"BitOPs {summary['bitops_train']:.3g}, {summary['wall_seconds']:.0f} s -> {out}"
+    )
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    explicit = _explicit_train_options(args)
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--recipes needs at least one recipe name")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    sets = dict(args.sets)
+    fields = {n: {f.name for f in dataclasses.fields(_recipe(n, None, {}).config)} for n in names}
+    unmatched = sorted(k for k in sets if not any(k in f for f in fields.values()))
+    if unmatched:
+        allowed = sorted(set().union(*fields.values()))
+        raise RecipeConfigError(
+            f"--set {unmatched} matches no parameter of {names}; allowed: {allowed}"
+        )
+    # Each recipe takes the --set keys it has, so one command can tune a shared parameter.
+    overrides = {n: {k: v for k, v in sets.items() if k in fields[n]} for n in names}
+    for name in names:
+        _recipe(name, None, overrides[name])  # validate every value before writing anything
+    configs = {s: _train_config({}, {**explicit, "seed": s}) for s in seeds}
+    _prepare_out(args.out, args.resume, args.overwrite)
+    run_dirs = []
+    total = len(names) * len(seeds)
+    for name in names:
+        for seed in seeds:
+            run_dir = args.out / f"{name}-s{seed}"
+            run_dirs.append(run_dir)
+            if not configs[seed].quiet:
+                print(f"[{len(run_dirs)}/{total}] {name} seed {seed} -> {run_dir}", file=sys.stderr)
+            # A fresh recipe per run: recipes keep per-run state.
+            recipe = _recipe(name, None, overrides[name])
+            train(configs[seed], recipe, run_dir, resume=args.resume)
+            _write_run_report(run_dir)
+    print(format_table(compare_rows(run_dirs)))
+    try:
+        print(f"-> {write_compare(args.out, run_dirs)}", file=sys.stderr)
+    except ImportError:
+        print("no compare.md: matplotlib is not installed (qtrain[plot])", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    run = args.run_dir
+    if (run / CONFIG_FILE).exists():
+        print(write_report(run))
+        return 0
+    runs = sorted(d for d in run.glob("*/summary.json"))
+    if not runs:
+        raise UsageError(f"{run} holds neither a run (config.json) nor finished runs to compare")
+    print(write_compare(run, [r.parent for r in runs]))
+    return 0
+
+
+def _write_run_report(run_dir: Path) -> None:
+    try:
+        write_report(run_dir)
+    except ImportError:
+        print("no report.md: matplotlib is not installed (qtrain[plot])", file=sys.stderr)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read config {path}: {err}") from None
+    if not isinstance(data, dict) or "train" not in data:
+        raise UsageError(f"{path} is not a qtrain run config (no 'train' section)")
+    return data
+
+
+_COMMANDS = {
+    "recipes": _cmd_recipes,
+    "train": _cmd_train,
+    "compare": _cmd_compare,
+    "report": _cmd_report,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``qtrain`` command; returns the exit code (2 for usage errors)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return _COMMANDS[args.command](args)
+    except (UsageError, TrainConfigError, RecipeConfigError) as err:
+        message = " ".join(str(err).split())
+        print(f"qtrain: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Recipes: one file per method, registered by name in ``RECIPES``.
+
+Example:
+    >>> from qtrain.recipes import RECIPES, build_recipe
+    >>> "fp32" in RECIPES
+    True
+    >>> build_recipe("amp-fp16", {"init_scale": "1024"}).config.init_scale
+    1024.0
+"""
+
+from qtrain.recipes import amp, fp32, sbm  # noqa: F401  (importing a recipe module registers it)
+from qtrain.recipes.base import (
+    RECIPES,
+    Recipe,
+    RecipeConfig,
+    RecipeConfigError,
+    build_recipe,
+    iter_recipes,
+    register_recipe,
+)
+
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "RecipeConfig",
+    "RecipeConfigError",
+    "build_recipe",
+    "iter_recipes",
+    "register_recipe",
+]
