@@ -25,7 +25,7 @@ data:
 
 demo: venv data
 	.venv/bin/qtrain compare --recipes fp32,sbm8 --model resnet9 --data fashion-mnist \
-		--width 8 --epochs 2 --train-subset 10000 --test-subset 2000 --seeds 0 --out runs/demo
+		--width 8 --epochs 2 --train-subset 10000 --test-subset 2000 --seeds 0 --out runs/demo --overwrite
 
 test: venv data
 	$(PY) -m pytest -q

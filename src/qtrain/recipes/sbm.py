@@ -49,12 +49,17 @@ class SBMConfig(RecipeConfig):
                 raise RecipeConfigError(f"sbm: {name} must be an integer in 2..16, got {value!r}")
         if self.grad_rounding not in _ROUNDINGS:
             raise RecipeConfigError(
-                f"sbm: grad_rounding must be one of {', '.join(_ROUNDINGS)}, got {self.grad_rounding!r}"
+                f"sbm: grad_rounding must be one of {', '.join(_ROUNDINGS)}, "
+                f"got {self.grad_rounding!r}"
             )
         if not 0.0 <= self.range_momentum <= 1.0:
-            raise RecipeConfigError(f"sbm: range_momentum must be in [0, 1], got {self.range_momentum}")
+            raise RecipeConfigError(
+                f"sbm: range_momentum must be in [0, 1], got {self.range_momentum}"
+            )
         if self.range_bn_chunks < 1:
-            raise RecipeConfigError(f"sbm: range_bn_chunks must be >= 1, got {self.range_bn_chunks}")
+            raise RecipeConfigError(
+                f"sbm: range_bn_chunks must be >= 1, got {self.range_bn_chunks}"
+            )
 
     def quantization_config(self) -> QuantizedTrainingConfig:
         rounding = Rounding(self.grad_rounding)
@@ -82,7 +87,9 @@ class SBMConfig(RecipeConfig):
 class SBM(Recipe):
     name = "sbm"
     paper = "Banner et al., Scalable Methods for 8-bit Training of Neural Networks (NeurIPS 2018)"
-    description = "static low-bit training: W/A/G quantized, bifurcated 16-bit grad-weight copy, SR, Range BN"
+    description = (
+        "static low-bit training: W/A/G quantized, bifurcated 16-bit grad-weight copy, SR, Range BN"
+    )
     config_class = SBMConfig
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -91,8 +98,11 @@ class SBM(Recipe):
     def bits_summary(self, model: nn.Module) -> dict[str, float]:
         config = self.config
         grad_weight_bits = config.grad_weight_bits if config.bifurcation else config.grad_bits
-        return {"fw_bits": config.bits, "grad_bits": config.grad_bits,
-                "grad_weight_bits": grad_weight_bits}
+        return {
+            "fw_bits": config.bits,
+            "grad_bits": config.grad_bits,
+            "grad_weight_bits": grad_weight_bits,
+        }
 
 
 @register_recipe
