@@ -223,7 +223,8 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
             x = quantize(x, self.input_spec)
         if self.training:
             channels = x.shape[1]
-            flat = x.transpose(0, 1).reshape(channels, -1)  # (C, B·H·W)
+            # Statistics in float32 whatever the input dtype (autocast gives bf16/fp16 inputs).
+            flat = x.float().transpose(0, 1).reshape(channels, -1)  # (C, B·H·W)
             mean = flat.mean(1)
             centred = flat - mean[:, None]
             chunks = min(self.num_chunks, max(1, flat.shape[1] // 2))

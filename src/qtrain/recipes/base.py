@@ -21,6 +21,22 @@ class RecipeConfigError(ValueError):
     """A recipe parameter has a bad name, type or value."""
 
 
+# Values of a recipe config's optional ``amp`` field.
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "none": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def check_amp(recipe: str, value: str) -> None:
+    """Validate an ``amp`` field."""
+    if value not in AMP_DTYPES:
+        raise RecipeConfigError(
+            f"{recipe}: amp must be one of {', '.join(AMP_DTYPES)}, got {value!r}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class RecipeConfig:
     """Base of every recipe config: frozen, validated in ``__post_init__``, JSON round-trip."""
@@ -149,11 +165,18 @@ class Recipe:
         """Change per-layer specs/bits for this step (CPT, FracTrain)."""
 
     def autocast(self, device_type: str) -> torch.autocast | None:
-        """An autocast context for the forward pass, or None."""
-        return None
+        """An autocast context for the forward pass, or None.
+
+        A config with an ``amp`` field ("none", "bf16", "fp16") composes autocast with the
+        recipe's own quantization: the operands without a spec run in that dtype.
+        """
+        dtype = AMP_DTYPES[getattr(self.config, "amp", "none")]
+        return torch.autocast(device_type, dtype=dtype) if dtype is not None else None
 
     def grad_scaler(self, device_type: str) -> torch.amp.GradScaler | None:
-        """A GradScaler for fp16 training, or None."""
+        """A GradScaler when the config's ``amp`` is fp16 (narrow exponent range), else None."""
+        if getattr(self.config, "amp", "none") == "fp16":
+            return torch.amp.GradScaler(device_type)
         return None
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:

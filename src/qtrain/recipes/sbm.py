@@ -23,7 +23,13 @@ from qtrain.api import QuantizedTrainingConfig, quantize_, register_config_name
 from qtrain.formats import Int
 from qtrain.ops import GemmConfig
 from qtrain.quantizer import MinMax, QuantSpec, Rounding
-from qtrain.recipes.base import Recipe, RecipeConfig, RecipeConfigError, register_recipe
+from qtrain.recipes.base import (
+    Recipe,
+    RecipeConfig,
+    RecipeConfigError,
+    check_amp,
+    register_recipe,
+)
 
 _ROUNDINGS = ("stochastic", "nearest")
 
@@ -41,6 +47,7 @@ class SBMConfig(RecipeConfig):
     quantize_saved_activations: bool = True  # keep the quantized input as int levels for backward
     range_momentum: float = 0.1  # running ranges: run <- m·run + (1 - m)·batch
     range_bn_chunks: int = 16
+    amp: str = "none"  # compose with autocast: "bf16" | "fp16" for the unquantized ops
 
     def validate(self) -> None:
         for name in ("bits", "grad_bits", "grad_weight_bits"):
@@ -56,6 +63,7 @@ class SBMConfig(RecipeConfig):
             raise RecipeConfigError(
                 f"sbm: range_momentum must be in [0, 1], got {self.range_momentum}"
             )
+        check_amp("sbm", self.amp)
         if self.range_bn_chunks < 1:
             raise RecipeConfigError(
                 f"sbm: range_bn_chunks must be >= 1, got {self.range_bn_chunks}"
@@ -67,11 +75,17 @@ class SBMConfig(RecipeConfig):
         activation = QuantSpec(
             Int(self.bits, signed=False), scale=MinMax(batch_mean=True), clip_gradient=False
         )
-        grad_input = QuantSpec(Int(self.grad_bits, signed=False), scale=MinMax(), rounding=rounding)
-        grad_weight = (
-            QuantSpec(Int(self.grad_weight_bits, signed=False), scale=MinMax(), rounding=rounding)
-            if self.bifurcation
-            else grad_input
+        # Under fp16 loss scaling an overflowed (inf) gradient must reach the GradScaler, which
+        # skips that step; elsewhere a non-finite gradient is an error.
+        nonfinite = "propagate" if self.amp == "fp16" else "error"
+        grad_input, grad_weight = (
+            QuantSpec(
+                Int(bits, signed=False), scale=MinMax(), rounding=rounding, nonfinite=nonfinite
+            )
+            for bits in (
+                self.grad_bits,
+                self.grad_weight_bits if self.bifurcation else self.grad_bits,
+            )
         )
         save_levels = self.quantize_saved_activations and self.bits <= 8
         gemm = GemmConfig(activation, weight, grad_input, grad_weight, save_levels)
