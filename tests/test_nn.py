@@ -347,3 +347,63 @@ def test_range_bn_validation():
         RangeBatchNorm2d(4)(torch.randn(2, 4, 3))
     with pytest.raises(ValueError, match="2 values"):
         RangeBatchNorm2d(4).train()(torch.randn(1, 4, 1, 1))
+
+
+@pytest.mark.parametrize("batch", [32, 20])  # divisible by the 16 chunks, and not
+def test_range_bn_range_matches_the_authors_chunking(batch: int) -> None:
+    # Authors' code: centre each channel, lay its B·H·W values out sample by sample, split
+    # them into 16 equal chunks (dropping a remainder), range = mean chunk max − mean chunk min.
+    bn = RangeBatchNorm2d(3)
+    x = torch.randn(batch, 3, 5, 7) * torch.tensor([1.0, 3.0, 0.1]).view(1, 3, 1, 1)
+    mean, value_range, chunk_size = bn._batch_range(x)
+    flat = x.transpose(0, 1).reshape(3, -1)
+    centred = flat - flat.mean(1, keepdim=True)
+    size = flat.shape[1] // 16
+    pieces = centred[:, : 16 * size].reshape(3, 16, size)
+    expected = pieces.amax(2).mean(1) - pieces.amin(2).mean(1)
+    assert chunk_size == size
+    torch.testing.assert_close(mean, flat.mean(1))
+    torch.testing.assert_close(value_range, expected)
+
+
+def _range_bn_autograd_reference(bn: RangeBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    # The same function built from differentiable torch ops (autograd through amax/amin).
+    from qtrain.nn import _affine
+
+    mean, value_range, chunk_size = bn._batch_range(x)
+    return _affine(x, mean, value_range * range_bn_constant(chunk_size), bn.weight, bn.bias, bn.eps)
+
+
+def test_range_bn_fused_backward_matches_autograd() -> None:
+    torch.manual_seed(0)
+    bn = RangeBatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(32, 4, 5, 6, requires_grad=True)  # 32 samples: two per chunk, fused path
+    g = torch.randn(32, 4, 5, 6)
+    fused = torch.autograd.grad(bn(x), (x, bn.weight, bn.bias), g)
+    expected = torch.autograd.grad(_range_bn_autograd_reference(bn, x), (x, bn.weight, bn.bias), g)
+    for got, want in zip(fused, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_range_bn_fused_backward_with_tied_extremes_is_a_subgradient() -> None:
+    # Values on a coarse grid tie at every chunk's max/min. The fused backward gives the
+    # range gradient to one tied position, autograd splits it: per chunk and channel the
+    # totals agree, and away from the tied extremes the gradients are identical.
+    torch.manual_seed(1)
+    bn = RangeBatchNorm2d(3)
+    x = torch.randint(-2, 3, (16, 3, 4, 4)).float().requires_grad_()
+    g = torch.randn(16, 3, 4, 4)
+    (fused,) = torch.autograd.grad(bn(x), x, g)
+    (expected,) = torch.autograd.grad(_range_bn_autograd_reference(bn, x), x, g)
+    per_chunk = (16, 1, 3, 16)  # 16 chunks of one sample each: (chunk, sample, C, H·W)
+    torch.testing.assert_close(
+        fused.reshape(per_chunk).sum(dim=(1, 3)),
+        expected.reshape(per_chunk).sum(dim=(1, 3)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    extremes = (x == x.amax(dim=(2, 3), keepdim=True)) | (x == x.amin(dim=(2, 3), keepdim=True))
+    torch.testing.assert_close(fused[~extremes], expected[~extremes], rtol=1e-5, atol=1e-5)

@@ -216,36 +216,119 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
         new.num_batches_tracked = bn.num_batches_tracked
         return new.train(bn.training)
 
+    def _chunks(self, x: torch.Tensor) -> int:
+        per_channel = x[:, 0].numel()
+        if per_channel < 2:
+            raise ValueError("RangeBatchNorm2d needs at least 2 values per channel in training")
+        return min(self.num_chunks, per_channel // 2)
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-channel mean, chunked range and chunk size of a float32 (N, C, H, W) batch.
+
+        The authors' chunks split each channel's B·H·W values, laid out sample by sample, into
+        ``num_chunks`` equal runs; when the batch divides evenly a chunk is a group of whole
+        samples, so the range reads x in place. The range is shift invariant, so centring by μ
+        is not needed for it.
+        """
+        batch, channels = x.shape[:2]
+        chunks = self._chunks(x)
+        chunk_size = x[:, 0].numel() // chunks
+        mean = x.mean(dim=(0, 2, 3))
+        if batch % chunks == 0:
+            pieces = x.reshape(chunks, batch // chunks, channels, -1)  # (chunks, B/chunks, C, HW)
+            highs, lows = pieces.amax(dim=(1, 3)), pieces.amin(dim=(1, 3))  # (chunks, C)
+            return mean, highs.mean(0) - lows.mean(0), chunk_size
+        flat = x.transpose(0, 1).reshape(channels, -1)[:, : chunks * chunk_size]  # (C, B·H·W)
+        pieces = flat.reshape(channels, chunks, chunk_size)
+        return mean, pieces.amax(2).mean(1) - pieces.amin(2).mean(1), chunk_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"RangeBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
         if self.input_spec is not None:
             x = quantize(x, self.input_spec)
         if self.training:
-            channels = x.shape[1]
-            # Statistics in float32 whatever the input dtype (autocast gives bf16/fp16 inputs).
-            flat = x.float().transpose(0, 1).reshape(channels, -1)  # (C, B·H·W)
-            mean = flat.mean(1)
-            centred = flat - mean[:, None]
-            chunks = min(self.num_chunks, max(1, flat.shape[1] // 2))
-            chunk_size = flat.shape[1] // chunks
-            if chunk_size < 2:
-                raise ValueError("RangeBatchNorm2d needs at least 2 values per channel in training")
-            pieces = centred[:, : chunks * chunk_size].reshape(channels, chunks, chunk_size)
-            value_range = pieces.amax(2).mean(1) - pieces.amin(2).mean(1)
-            constant = self.constant if self.constant is not None else range_bn_constant(chunk_size)
-            spread = value_range * constant  # the std estimate
+            x = x.float()  # statistics in float32 whatever the input dtype (autocast: bf16/fp16)
+            chunks = self._chunks(x)
+            if x.shape[0] % chunks == 0:
+                y, mean, spread = _RangeNorm.apply(x, self.weight, self.bias, chunks,
+                                                   self.constant, self.eps)
+            else:
+                mean, value_range, chunk_size = self._batch_range(x)
+                constant = self.constant or range_bn_constant(chunk_size)
+                spread = value_range * constant  # the std estimate
+                y = _affine(x, mean, spread, self.weight, self.bias, self.eps)
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 self.running_mean.lerp_(mean.detach(), self.momentum)
                 self.running_var.lerp_(spread.detach() ** 2, self.momentum)
         else:
-            mean, spread = self.running_mean, self.running_var.sqrt()
-        scale = 1.0 / (spread + self.eps)
-        if self.affine:
-            scale = scale * self.weight
-            shift = self.bias - mean * scale
-        else:
-            shift = -mean * scale
-        y = x * scale[None, :, None, None] + shift[None, :, None, None]
+            spread = self.running_var.sqrt()
+            y = _affine(x, self.running_mean, spread, self.weight, self.bias, self.eps)
         return quantize_grad(y, self.grad_spec)
+
+
+def _affine(x, mean, spread, weight, bias, eps):
+    """(x − μ)/(spread + eps)·γ + β per channel, as one multiply-add over x."""
+    scale = 1.0 / (spread + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
+
+
+class _RangeNorm(torch.autograd.Function):
+    """Range BN's training forward and a fused backward, for batches that split into whole-
+    sample chunks (x: float32 (B, C, H, W), chunk k = samples [k·B/K, (k+1)·B/K)).
+
+    y = (x − μ)·s·γ + β with s = 1/(C(n)·r + eps), r = mean_k max_k − mean_k min_k. Backward:
+    the part with μ and s held fixed is torch's eval-mode batch-norm backward (one fused pass);
+    ∂L/∂μ spreads evenly over the channel; ∂L/∂r = −C·s²·∂L/∂s goes to each chunk's max (+1/K)
+    and min (−1/K) position, found with indices in the forward. Where a chunk's extreme is
+    tied, one of the tied positions takes it: a valid subgradient (autograd's amax would split
+    it evenly instead).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, chunks, constant, eps):  # type: ignore[override]
+        batch, channels = x.shape[:2]
+        # (K, C, B/K·H·W): each chunk-channel's values contiguous, for max/min with indices.
+        grouped = x.view(chunks, batch // chunks, channels, -1).transpose(1, 2).reshape(
+            chunks, channels, -1
+        )
+        highs, high_index = grouped.max(dim=2)
+        lows, low_index = grouped.min(dim=2)
+        c = constant or range_bn_constant(grouped.shape[2])
+        mean = x.mean(dim=(0, 2, 3))
+        spread = (highs.mean(0) - lows.mean(0)) * c
+        y = _affine(x, mean, spread, weight, bias, eps)
+        ctx.save_for_backward(x, weight, high_index, low_index, mean, spread)
+        ctx.chunks, ctx.constant, ctx.eps = chunks, c, eps
+        ctx.mark_non_differentiable(mean, spread)
+        return y, mean, spread
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_spread):  # type: ignore[override]
+        x, weight, high_index, low_index, mean, spread = ctx.saved_tensors
+        s = 1.0 / (spread + ctx.eps)
+        gamma = weight if weight is not None else torch.ones_like(s)
+        # Eval-mode BN backward with invstd = s: g·γ·s, Σ g·(x − μ)·s, Σ g.
+        grad_x, grad_gamma_s, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(), x, gamma, mean, (1.0 / s) ** 2, None, None, False, 0.0,
+            [True, True, True],
+        )
+        batch, channels = x.shape[:2]
+        grad_mean = -gamma * s * grad_beta  # ∂L/∂μ
+        grad_range = -ctx.constant * s * gamma * grad_gamma_s  # ∂L/∂r = −C·s²·Σ g·(x − μ)·γ
+        grad_x = grad_x + (grad_mean / x[:, 0].numel())[None, :, None, None]
+        # A chunk-local index i of chunk k is sample k·B/K + i // HW, position i mod HW.
+        flat = grad_x.view(batch, channels, -1)
+        spatial = flat.shape[2]
+        first_sample = (torch.arange(ctx.chunks, device=x.device) * (batch // ctx.chunks))[:, None]
+        channel = torch.arange(channels, device=x.device).expand(ctx.chunks, channels)
+        share = (grad_range / ctx.chunks).expand(ctx.chunks, channels)
+        for index, sign in ((high_index, 1.0), (low_index, -1.0)):
+            sample = first_sample + index // spatial
+            flat.index_put_((sample, channel, index % spatial), sign * share, accumulate=True)
+        grads_affine = (grad_gamma_s, grad_beta) if weight is not None else (None, None)
+        return grad_x, *grads_affine, None, None, None
