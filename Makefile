@@ -23,9 +23,13 @@ data:
 		(sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist); \
 	fi
 
+# Every recipe on Fashion-MNIST: ResNet-9 width 16, 2 epochs on a 10k training subset, the full
+# 10k test set. Sized for < 10 min on 2 CPU cores; amp-fp16 dominates (CPU torch has no fast fp16
+# convolution: ~10x an fp32 step).
 demo: venv data
-	.venv/bin/qtrain compare --recipes fp32,sbm8 --model resnet9 --data fashion-mnist \
-		--width 8 --epochs 2 --train-subset 10000 --test-subset 2000 --seeds 0 --out runs/demo --overwrite
+	.venv/bin/qtrain compare --recipes fp32,amp-bf16,amp-fp16,sbm8 --model resnet9 \
+		--data fashion-mnist --width 16 --epochs 2 --train-subset 10000 --seeds 0 \
+		--out runs/demo --overwrite
 
 test: venv data
 	$(PY) -m pytest -q
@@ -40,6 +44,7 @@ lint: venv
 bench: venv
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_memory.py
 
 clean:
 	rm -rf .venv build src/*.egg-info
