@@ -25,6 +25,7 @@ class Backend(enum.Enum):
     AUTO = "auto"
     REFERENCE = "reference"
     CPU_FUSED = "cpu_fused"
+    TRITON = "triton"
 
 
 # Backend -> loader returning the implementing module, or None when unavailable here.
@@ -92,3 +93,7 @@ def implementation(device: torch.device, backend: Backend | str | None = None) -
     if module is None:
         raise RuntimeError(f"backend {chosen.value!r} is not available on this machine")
     return module
+
+
+from qtrain.kernels import cpu_fused  # noqa: E402, F401  (registers itself; builds on first use)
+from qtrain.kernels import triton_quant  # noqa: E402, F401  (registers itself for "cuda")

@@ -1,0 +1,150 @@
+"""Training-step time of a ResNet-9-like net (width 16, batch 256, 1×28×28, 10 classes): fp32
+vs SBM 8-bit training (``qtrain.quantize_(model, "sbm8")``: 8-bit weights, activations and
+layer gradients, a 16-bit grad-weight copy, Range BatchNorm), under the reference and the
+cpu_fused kernels. Ratios are to the fp32 step measured in the same run.
+
+Two diagnostic rows split the overhead: fp32 layers with Range BatchNorm only, and sbm8 with
+plain BatchNorm. A step is zero_grad + forward + cross-entropy + backward + SGD step on one
+fixed synthetic batch; configs are timed in interleaved rounds and reported as medians.
+
+    python benchmarks/bench_train_step.py            # writes benchmarks/results/train_step.json
+    python benchmarks/bench_train_step.py --profile  # + the top ops of the cpu_fused sbm8 step
+    python benchmarks/bench_train_step.py --clock cpu --out benchmarks/results/train_step_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qtrain
+from bench_quantize import (
+    CLOCKS,
+    RESULTS,
+    machine_info,
+    median_times,
+    set_clock_and_threads,
+    write_json,
+)
+from qtrain.api import QuantizedTrainingConfig
+from qtrain.kernels import Backend, cpu_fused, use_backend
+from qtrain.models import build_model
+from qtrain.ops import GemmConfig
+from qtrain.recipes.sbm import SBMConfig
+
+BATCH, INPUT_SHAPE, CLASSES, WIDTH = 256, (1, 28, 28), 10, 16
+TARGET_RATIO = 1.15  # the issue's target for sbm8 with the fast kernels
+
+# name -> (quantize_ config or None for plain fp32, backend)
+CONFIGS: dict[str, tuple[object | None, Backend]] = {
+    "fp32": (None, Backend.REFERENCE),
+    "sbm8 reference": ("sbm8", Backend.REFERENCE),
+    "sbm8 cpu_fused": ("sbm8", Backend.CPU_FUSED),
+    "fp32 + Range BN only": (
+        QuantizedTrainingConfig(GemmConfig(), range_batchnorm=True),
+        Backend.CPU_FUSED,
+    ),
+    "sbm8 with plain BN, cpu_fused": (
+        SBMConfig(range_batchnorm=False).quantization_config(),
+        Backend.CPU_FUSED,
+    ),
+}
+
+
+def _step_function(model: nn.Module, backend: Backend) -> Callable[[], None]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(BATCH, *INPUT_SHAPE, generator=generator)
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        with use_backend(backend):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+
+    return step
+
+
+def build_steps() -> dict[str, Callable[[], None]]:
+    torch.manual_seed(0)
+    base = build_model("resnet9", input_shape=INPUT_SHAPE, num_classes=CLASSES, width=WIDTH)
+    steps = {}
+    for name, (config, backend) in CONFIGS.items():
+        model = copy.deepcopy(base).train()
+        if config is not None:
+            qtrain.quantize_(model, config)
+        steps[name] = _step_function(model, backend)
+    return steps
+
+
+def profile_step(step: Callable[[], None], rows: int) -> None:
+    """Print the ops that take the most self time over three steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median; >= 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_step.json")
+    parser.add_argument("--profile", action="store_true", help="profile the cpu_fused sbm8 step")
+    args = parser.parse_args()
+    clock = set_clock_and_threads(args.clock, args.threads)
+    if cpu_fused.load() is None:
+        raise SystemExit("the cpu_fused extension could not be built: nothing to compare")
+    steps = build_steps()
+    for step in steps.values():  # a second warm-up: running ranges, allocator, oneDNN caches
+        step()
+    times = median_times(steps, max(args.rounds, 5), clock)
+    fp32 = statistics.median(times["fp32"])
+    rows = [
+        {
+            "name": name,
+            "median_ms": round(statistics.median(seconds) * 1e3, 1),
+            "min_ms": round(min(seconds) * 1e3, 1),
+            "ratio_to_fp32": round(statistics.median(seconds) / fp32, 3),
+        }
+        for name, seconds in times.items()
+    ]
+    measured = next(row for row in rows if row["name"] == "sbm8 cpu_fused")["ratio_to_fp32"]
+    payload = {
+        "machine": machine_info(),
+        "model": {"name": "resnet9", "width": WIDTH, "input_shape": INPUT_SHAPE},
+        "batch": BATCH,
+        "rounds": max(args.rounds, 5),
+        "clock": args.clock,
+        "rows": rows,
+        "target": {
+            "target_ratio": TARGET_RATIO,
+            "measured_ratio": measured,
+            "met": measured <= TARGET_RATIO,
+        },
+    }
+    write_json(args.out, payload)
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'config':{width}}  median ms  × fp32")
+    for row in rows:
+        print(f"{row['name']:{width}}  {row['median_ms']:9.1f}  {row['ratio_to_fp32']:6.2f}")
+    verdict = "met" if measured <= TARGET_RATIO else "NOT met"
+    print(f"target: sbm8 cpu_fused ≤ {TARGET_RATIO}× fp32, measured {measured}× — {verdict}")
+    print(f"wrote {args.out}")
+    if args.profile:
+        profile_step(steps["sbm8 cpu_fused"], rows=25)
+
+
+if __name__ == "__main__":
+    main()

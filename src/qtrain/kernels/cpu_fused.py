@@ -1,0 +1,319 @@
+"""The ``cpu_fused`` backend: fused, vectorised, multi-threaded C++ kernels for the CPU.
+
+Same primitives, signatures and results as ``qtrain.kernels.reference`` — bit-identical, for
+nearest rounding and for stochastic rounding with the same seed — plus fused extras for the
+ops layer: ``quant_int_levels`` (levels straight into int8/int16 storage),
+``fake_quant_int_levels`` (x̂ for the GEMM and the levels to save for backward, in one pass) and
+``dequant_int``.
+
+``csrc/quant.cpp`` is compiled on first use, never at import, with ``-O3 -march=native
+-fopenmp`` into ``$QTRAIN_CACHE_DIR`` (default ``~/.cache/qtrain``)``/ext-<key>``; the key hashes
+the source, the flags, the torch build and the CPU's instruction-set flags, because
+``-march=native`` code must not run on another CPU. Later processes load the cached library
+without a compiler. The kernels are ``torch.library`` operators (``torch.ops.qtrain.*``) with
+fake implementations, so ``torch.compile`` traces them as real ops. Where the build fails (no
+compiler), ``load`` returns None and ``Backend.AUTO`` uses the reference, after one warning.
+
+Outputs of 8 MiB and more are allocated on transparent huge pages, and their memory is kept
+when they are freed (at most 256 MiB in all) for the next output of the same size: fresh pages
+cost a fault and a zeroing each, about as long as a quantize pass.
+
+>>> import torch
+>>> from qtrain.kernels import Backend, implementation
+>>> impl = implementation(torch.device("cpu"), Backend.CPU_FUSED)  # builds on first use
+>>> x3 = torch.tensor([[[0.3, -1.0, 0.5]]])
+>>> y3, _ = impl.fake_quant_int(x3, impl.absmax(x3) / 127, torch.zeros(1), -127, 127, None, False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import threading
+import types
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from qtrain.kernels import Backend, register_backend
+
+_NAME = "qtrain_cpu_fused"
+_SOURCE = Path(__file__).parent / "csrc" / "quant.cpp"
+# -ffp-contract=off: no fused multiply-adds, so every float operation rounds where the
+# reference's does (bit-exact results). -fno-trapping-math (as torch builds): floor() may then
+# vectorise; no value changes. OpenMP resolves to torch's own runtime at load time.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+_LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_available: bool | None = None  # None: not tried yet
+
+
+def cache_dir() -> Path:
+    """Where the compiled library lives: one directory per (source, flags, torch, CPU)."""
+    root = os.environ.get("QTRAIN_CACHE_DIR")
+    if root is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = str(Path(base) / "qtrain")
+    return Path(root) / f"ext-{_build_key()}"
+
+
+def _build_key() -> str:
+    digest = hashlib.sha256()
+    for part in (
+        _SOURCE.read_bytes(),
+        " ".join(_CFLAGS + _LDFLAGS).encode(),
+        f"{torch.__version__} {torch.version.git_version} {platform.machine()}".encode(),
+        _cpu_flags().encode(),
+    ):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    """The CPU's model and instruction-set flags (what ``-march=native`` compiles for)."""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = ("model name", "flags")
+        return "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
+    return platform.processor()
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """Make the ``ninja`` installed beside this Python findable even in a non-activated venv."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    previous = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), previous])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = previous
+
+
+def _build_and_load() -> None:
+    directory = cache_dir()
+    library = directory / f"{_NAME}.so"
+    # A lock file means another process is building: let cpp_extension wait for it.
+    if library.exists() and not (directory / "lock").exists():
+        torch.ops.load_library(str(library))
+    else:
+        from torch.utils import cpp_extension  # imports setuptools: only when building
+
+        directory.mkdir(parents=True, exist_ok=True)
+        with _ninja_on_path():
+            cpp_extension.load(
+                name=_NAME,
+                sources=[str(_SOURCE)],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=_LDFLAGS,
+                build_directory=str(directory),
+                is_python_module=False,
+            )
+    _register_fakes()
+
+
+def load() -> types.ModuleType | None:
+    """This module, once its library is built and loaded; None where it cannot be built.
+
+    The first failure warns once; later calls return None quietly.
+    """
+    global _available
+    if _available is not None:  # the fast path: AUTO asks on every call
+        return sys.modules[__name__] if _available else None
+    with _lock:
+        if _available is None:
+            try:
+                _build_and_load()
+                _available = True
+            except Exception as error:  # no compiler, no ninja, a failed build: fall back
+                _available = False
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                warnings.warn(
+                    f"qtrain: cpu_fused kernels unavailable ({reason}); using the reference",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return sys.modules[__name__] if _available else None
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so torch.compile / FakeTensor trace the ops without data."""
+
+    def like(x: torch.Tensor, wanted: bool, dtype: torch.dtype) -> torch.Tensor:
+        return x.new_empty(x.shape if wanted else (0,), dtype=dtype)
+
+    @torch.library.register_fake("qtrain::minmax")
+    def _minmax(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x3.new_empty(x3.shape[1]), x3.new_empty(x3.shape[1])
+
+    @torch.library.register_fake("qtrain::absmax")
+    def _absmax(x3: torch.Tensor) -> torch.Tensor:
+        return x3.new_empty(x3.shape[1])
+
+    @torch.library.register_fake("qtrain::quantize_int")
+    def _quantize_int(
+        x3, scale, zero_point, qmin, qmax, seed, want_fake, want_mask, levels_dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            like(x3, want_fake, torch.float32),
+            like(x3, want_mask, torch.bool),
+            like(x3, levels_dtype is not None, levels_dtype or torch.bool),
+        )
+
+    @torch.library.register_fake("qtrain::dequantize_int")
+    def _dequantize_int(levels3, scale, zero_point) -> torch.Tensor:
+        return levels3.new_empty(levels3.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("qtrain::fake_quant_minifloat")
+    def _fake_quant_minifloat(x, exponent_bits, mantissa_bits, has_inf, saturate, seed):
+        return torch.empty_like(x)
+
+
+# ---- the primitives (reference.py's names and signatures) ----------------------------------
+
+
+def _seed64(seed: int | None) -> int | None:
+    """The seed mod 2^64 as a signed 64-bit int (what an ``int?`` op argument holds)."""
+    if seed is None:
+        return None
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _per_channel(value: torch.Tensor) -> torch.Tensor:
+    return value.reshape(-1).to(torch.float32).contiguous()
+
+
+def minmax(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-C minimum and maximum of an (O, C, I) float32 view (NaN propagates)."""
+    low, high = torch.ops.qtrain.minmax(x3.contiguous())
+    return low, high
+
+
+def absmax(x3: torch.Tensor) -> torch.Tensor:
+    """Per-C max |x| of an (O, C, I) float32 view (NaN propagates)."""
+    return torch.ops.qtrain.absmax(x3.contiguous())
+
+
+def _quantize_int(
+    x3: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    seed: int | None,
+    want_fake: bool,
+    want_mask: bool,
+    levels_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.qtrain.quantize_int(
+        x3.contiguous(),
+        _per_channel(scale),
+        _per_channel(zero_point),
+        qmin,
+        qmax,
+        _seed64(seed),
+        want_fake,
+        want_mask,
+        levels_dtype,
+    )
+
+
+def fake_quant_int(
+    x3: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    seed: int | None,
+    want_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x̂ = (clamp(round(x·(1/s)) + z, qmin, qmax) − z)·s and, when asked, the STE mask."""
+    fake, mask, _ = _quantize_int(x3, scale, zero_point, qmin, qmax, seed, True, want_mask, None)
+    return fake, (mask if want_mask else None)
+
+
+def quant_int(
+    x3: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    seed: int | None,
+) -> torch.Tensor:
+    """Integer levels clamp(round(x/s) + z, qmin, qmax) as float32 (caller casts)."""
+    return quant_int_levels(x3, scale, zero_point, qmin, qmax, seed, torch.float32)
+
+
+def quant_int_levels(
+    x3: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    seed: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``quant_int`` written straight in ``dtype`` (float32, int8, uint8, int16 or int32).
+
+    Equals ``reference.quant_int(...).to(dtype)`` for finite input; NaN is stored as level 0.
+    """
+    return _quantize_int(x3, scale, zero_point, qmin, qmax, seed, False, False, dtype)[2]
+
+
+def fake_quant_int_levels(
+    x3: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    seed: int | None,
+    want_mask: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``fake_quant_int`` that also returns the levels in ``dtype``, from the same single pass.
+
+    For saved activations: the GEMM uses x̂ now, backward keeps 1-byte levels and rebuilds x̂
+    bit-exactly with ``dequant_int(levels, scale, zero_point)``.
+    """
+    fake, mask, levels = _quantize_int(
+        x3, scale, zero_point, qmin, qmax, seed, True, want_mask, dtype
+    )
+    return fake, (mask if want_mask else None), levels
+
+
+def dequant_int(
+    levels3: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+) -> torch.Tensor:
+    """(levels − z)·s in float32 from an (O, C, I) view of stored levels."""
+    return torch.ops.qtrain.dequantize_int(
+        levels3.contiguous(), _per_channel(scale), _per_channel(zero_point)
+    )
+
+
+def fake_quant_minifloat(
+    x: torch.Tensor,
+    exponent_bits: int,
+    mantissa_bits: int,
+    has_inf: bool,
+    saturate: bool,
+    seed: int | None,
+) -> torch.Tensor:
+    """Round float32 ``x`` onto a minifloat grid (subnormals, overflow and NaN as torch casts)."""
+    return torch.ops.qtrain.fake_quant_minifloat(
+        x.contiguous(), exponent_bits, mantissa_bits, has_inf, saturate, _seed64(seed)
+    )
+
+
+register_backend(Backend.CPU_FUSED, load, ["cpu"])

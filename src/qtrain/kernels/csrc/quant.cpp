@@ -1,0 +1,687 @@
+// Fused CPU kernels of qtrain's `cpu_fused` backend, registered as `qtrain::*` operators.
+//
+// Every kernel computes what qtrain/kernels/reference.py computes, with the same float
+// operations in the same order, so results are bit-identical to the reference for nearest and
+// for stochastic rounding with the same seed. That is why the build uses -ffp-contract=off: a
+// fused multiply-add would round once where the reference rounds twice.
+//
+// Layout: the quantizer's canonical view, a contiguous float32 (O, C, I) tensor with one scale
+// and zero point per C. The flat index range is cut into one contiguous chunk per thread (a
+// static schedule) and each chunk into runs that share a scale; the inner loops are plain
+// element-wise loops that GCC vectorises (AVX2 / AVX-512 under -march=native). Stochastic
+// rounding draws its uniform from a hash of (seed, linear index), so no split changes a result.
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Allocator.h>
+#include <c10/util/accumulate.h>
+#include <omp.h>
+#include <sys/mman.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <iterator>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// ---- counter-based RNG (reference.seed_keys / uniform_bits) ---------------------------------
+
+// lowbias32 finaliser: a bijection on 32 bits whose multiply/xor/shift steps vectorise.
+inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  h *= 0x846CA68Bu;
+  return h ^ (h >> 16);
+}
+
+struct Keys {
+  uint32_t key0 = 0;
+  uint32_t key1 = 0;
+};
+
+Keys seed_keys(int64_t seed) {
+  const auto bits = static_cast<uint64_t>(seed);  // the seed's value mod 2^64
+  Keys keys;
+  keys.key0 = mix32(static_cast<uint32_t>(bits) ^ 0x9E3779B9u);
+  keys.key1 = mix32(static_cast<uint32_t>(bits >> 32) ^ keys.key0);
+  return keys;
+}
+
+// Stochastic rounding of v at linear index i: floor(v) + [u < v - floor(v)] with
+// u = (mix32(mix32(low) ^ high) >> 8) * 2^-24, low = lo32(i) ^ key0, high = hi32(i) + key1.
+inline float round_stochastic(float v, uint32_t low, uint32_t high) {
+  const uint32_t h = mix32(mix32(low) ^ high);
+  const float u = static_cast<float>(static_cast<int32_t>(h >> 8)) * 0x1p-24f;
+  const float down = std::floor(v);
+  return down + (u < v - down ? 1.0f : 0.0f);
+}
+
+// ---- work splitting --------------------------------------------------------------------------
+
+// Below this many elements per thread, waking a second thread costs more than it saves.
+constexpr int64_t kMinPerThread = 1 << 15;
+// Chunk boundaries fall on whole 64-byte lines of 1-byte outputs (and so of 4-byte ones too):
+// threads never write the same cache line.
+constexpr int64_t kChunkAlign = 64;
+
+int plan_chunks(int64_t numel) {
+  const int64_t wanted = std::max<int64_t>(1, numel / kMinPerThread);
+  return static_cast<int>(std::min<int64_t>(wanted, at::get_num_threads()));
+}
+
+// Calls body(begin, end, chunk) for `chunks` contiguous pieces of [0, numel); one piece per
+// OpenMP thread when the runtime grants them, several per thread otherwise (nested regions).
+template <class Body>
+void parallel_chunks(int64_t numel, int chunks, const Body& body) {
+  const int64_t per_chunk = (numel + chunks - 1) / chunks;
+  const int64_t step = (per_chunk + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  auto run = [&](int chunk) {
+    const int64_t begin = std::min(numel, chunk * step);
+    const int64_t end = std::min(numel, begin + step);
+    if (begin < end) body(begin, end, chunk);
+  };
+  if (chunks == 1) {
+    run(0);
+    return;
+  }
+#pragma omp parallel num_threads(chunks)
+  {
+    for (int chunk = omp_get_thread_num(); chunk < chunks; chunk += omp_get_num_threads()) {
+      run(chunk);
+    }
+  }
+}
+
+// Calls run(begin, end, channel) for the pieces of [begin, end) that share a channel layout
+// and do not cross a multiple of 2^32 (the RNG's high index word is constant over a piece).
+// inner > 1: a piece lies in one row (o, c) of the (O, C, I) view and `channel` is its c.
+// inner == 1 (one value per scale): a piece lies in one o and holds channels channel,
+// channel + 1, ... in order, so that kernels read their parameters as contiguous vectors.
+template <class Run>
+void for_each_run(int64_t begin, int64_t end, int64_t channels, int64_t inner, const Run& run) {
+  const int64_t span = inner == 1 ? channels : inner;
+  while (begin < end) {
+    const int64_t row = begin / span;
+    const int64_t word_end = ((begin >> 32) + 1) << 32;
+    const int64_t stop = std::min({end, (row + 1) * span, word_end});
+    run(begin, stop, inner == 1 ? begin - row * span : row % channels);
+    begin = stop;
+  }
+}
+
+// ---- output memory -------------------------------------------------------------------------
+
+// Large outputs: glibc serves them from fresh mmap()s (always from 32 MiB, often from less),
+// whose first touch faults and zeroes every page, which on the benchmark machine costs as much
+// as the kernel itself. Outputs from 8 MiB come from this allocator instead: 2 MiB-aligned
+// blocks backed by transparent huge pages (one fault per 2 MiB), and freed blocks are kept, up
+// to kCachedBytes with the oldest dropped first, for the next output of the same size, as a
+// training loop asks for every step.
+constexpr size_t kHugePage = size_t{1} << 21;
+constexpr size_t kCachedFromBytes = size_t{8} << 20;
+constexpr size_t kCachedBytes = size_t{256} << 20;
+
+class OutputAllocator final : public c10::Allocator {
+ public:
+  // Never destroyed: outputs may be freed during static destruction.
+  static OutputAllocator& instance() {
+    static auto* allocator = new OutputAllocator();
+    return *allocator;
+  }
+
+  c10::DataPtr allocate(size_t bytes) override {
+    const c10::Device cpu(c10::DeviceType::CPU);
+    if (bytes == 0) return {nullptr, cpu};
+    const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = take(size);
+    return {data, new Block{data, size}, &release, cpu};
+  }
+
+  void copy_data(void* dest, const void* src, size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t size;
+  };
+
+  static void release(void* context) {
+    const auto* block = static_cast<Block*>(context);
+    instance().keep(*block);
+    delete block;
+  }
+
+  void* take(size_t size) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = cached_.rbegin(); it != cached_.rend(); ++it) {
+        if (it->size == size) {
+          void* data = it->data;
+          cached_bytes_ -= size;
+          cached_.erase(std::next(it).base());
+          return data;
+        }
+      }
+    }
+    void* data = nullptr;
+    TORCH_CHECK(posix_memalign(&data, kHugePage, size) == 0, "qtrain: out of memory (", size,
+                " bytes)");
+#ifdef MADV_HUGEPAGE
+    madvise(data, size, MADV_HUGEPAGE);  // a hint: failure changes nothing
+#endif
+    return data;
+  }
+
+  void keep(const Block& block) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    cached_.push_back(block);
+    cached_bytes_ += block.size;
+    while (cached_bytes_ > kCachedBytes) {
+      std::free(cached_.front().data);
+      cached_bytes_ -= cached_.front().size;
+      cached_.pop_front();
+    }
+  }
+
+  std::mutex mutex_;
+  std::deque<Block> cached_;  // oldest first
+  size_t cached_bytes_ = 0;
+};
+
+Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(dtype);
+  if (bytes < kCachedFromBytes) return at::empty(sizes, at::TensorOptions().dtype(dtype));
+  return at::detail::empty_generic(sizes, &OutputAllocator::instance(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   std::nullopt);
+}
+
+void check_view(const Tensor& x3, const char* what) {
+  TORCH_CHECK(x3.device().is_cpu(), what, ": expected a CPU tensor");
+  TORCH_CHECK(x3.scalar_type() == at::kFloat, what, ": expected float32, got ", x3.scalar_type());
+  TORCH_CHECK(x3.dim() == 3, what, ": expected an (O, C, I) view, got ", x3.dim(), " dims");
+  TORCH_CHECK(x3.is_contiguous(), what, ": expected a contiguous (O, C, I) view");
+}
+
+void check_params(const Tensor& x3, const Tensor& scale, const Tensor& zero_point,
+                  const char* what) {
+  for (const Tensor* param : {&scale, &zero_point}) {
+    TORCH_CHECK(param->device().is_cpu() && param->scalar_type() == at::kFloat &&
+                    param->is_contiguous() && param->numel() == x3.size(1),
+                what, ": scale and zero_point must be contiguous float32 CPU tensors of ",
+                x3.size(1), " values");
+  }
+}
+
+// ---- min / max per channel ------------------------------------------------------------------
+
+// Per-channel reduction of an (O, C, I) view: each chunk reduces into its own row of partials
+// (min/max are exact, so the combination order cannot change the value), then rows combine.
+// Everything runs on integer images of the floats, because GCC vectorises integer min/max but
+// not float min/max (whose NaN and signed-zero rules forbid reordering):
+// - |x|'s bit pattern: for non-negative floats integer order is float order, and every NaN
+//   sorts above inf, so its max is max|x| and also tells whether the channel holds a NaN;
+// - order_key(x): a signed integer in float order for all non-NaN x (-0 just below +0).
+inline uint32_t bits_of(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+
+inline float float_of(uint32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline uint32_t abs_bits_of(float v) { return bits_of(v) & 0x7FFFFFFFu; }
+
+// Negative floats order backwards as integers: flip their magnitude bits. An involution.
+inline int32_t order_key(uint32_t bits) {
+  const auto key = static_cast<int32_t>(bits);
+  return key ^ ((key >> 31) & 0x7FFFFFFF);
+}
+
+inline float from_order_key(int32_t key) {
+  return float_of(static_cast<uint32_t>(order_key(static_cast<uint32_t>(key))));
+}
+
+constexpr uint32_t kInfBits = 0x7F800000u;
+
+// Running extremes per channel, as arrays (not structs) so that column updates vectorise.
+struct Extremes {
+  explicit Extremes(size_t size)
+      : low(size, std::numeric_limits<int32_t>::max()),
+        high(size, std::numeric_limits<int32_t>::min()),
+        abs_bits(size, 0) {}
+  std::vector<int32_t> low;
+  std::vector<int32_t> high;
+  std::vector<uint32_t> abs_bits;
+};
+
+// Folds x[b, e) into one channel's extremes.
+template <bool WantRange>
+void reduce_run(const float* __restrict x, int64_t b, int64_t e, int32_t* __restrict low_out,
+                int32_t* __restrict high_out, uint32_t* __restrict abs_out) {
+  int32_t low = *low_out;
+  int32_t high = *high_out;
+  uint32_t abs_max = *abs_out;
+#pragma omp simd reduction(min : low) reduction(max : high, abs_max)
+  for (int64_t j = b; j < e; ++j) {
+    const uint32_t bits = bits_of(x[j]);
+    if constexpr (WantRange) {
+      low = std::min(low, order_key(bits));
+      high = std::max(high, order_key(bits));
+    }
+    abs_max = std::max(abs_max, bits & 0x7FFFFFFFu);
+  }
+  *low_out = low;
+  *high_out = high;
+  *abs_out = abs_max;
+}
+
+// Folds x[b + k] into channel k's extremes (inner == 1: one value per channel and row).
+template <bool WantRange>
+void reduce_columns(const float* __restrict x, int64_t b, int64_t e, int32_t* __restrict low,
+                    int32_t* __restrict high, uint32_t* __restrict abs_bits) {
+  // Values, not std::min on array elements: GCC does not vectorise loads through the
+  // references std::min returns.
+#pragma omp simd
+  for (int64_t k = 0; k < e - b; ++k) {
+    const uint32_t bits = bits_of(x[b + k]);
+    if constexpr (WantRange) {
+      const int32_t key = order_key(bits);
+      const int32_t low_k = low[k];
+      const int32_t high_k = high[k];
+      low[k] = key < low_k ? key : low_k;
+      high[k] = key > high_k ? key : high_k;
+    }
+    const uint32_t magnitude = bits & 0x7FFFFFFFu;
+    const uint32_t abs_k = abs_bits[k];
+    abs_bits[k] = magnitude > abs_k ? magnitude : abs_k;
+  }
+}
+
+template <bool WantRange>
+Extremes reduce_channels(const Tensor& x3, const char* what) {
+  check_view(x3, what);
+  const int64_t channels = x3.size(1);
+  const int64_t inner = x3.size(2);
+  TORCH_CHECK_INDEX(channels == 0 || x3.size(0) * inner > 0, what,
+                    ": expected non-empty channels, got a view of shape ", x3.sizes());
+  const int chunks = plan_chunks(x3.numel());
+  Extremes partial(static_cast<size_t>(chunks * channels));  // one row of channels per chunk
+  const float* x = x3.data_ptr<float>();
+  parallel_chunks(x3.numel(), chunks, [&](int64_t begin, int64_t end, int chunk) {
+    const int64_t mine = chunk * channels;
+    for_each_run(begin, end, channels, inner, [&](int64_t b, int64_t e, int64_t c) {
+      int32_t* low = partial.low.data() + mine + c;
+      int32_t* high = partial.high.data() + mine + c;
+      uint32_t* abs_bits = partial.abs_bits.data() + mine + c;
+      if (inner == 1) {
+        reduce_columns<WantRange>(x, b, e, low, high, abs_bits);
+      } else {
+        reduce_run<WantRange>(x, b, e, low, high, abs_bits);
+      }
+    });
+  });
+  Extremes result(static_cast<size_t>(channels));
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t i = chunk * channels + c;
+      result.low[c] = std::min(result.low[c], partial.low[i]);
+      result.high[c] = std::max(result.high[c], partial.high[i]);
+      result.abs_bits[c] = std::max(result.abs_bits[c], partial.abs_bits[i]);
+    }
+  }
+  return result;
+}
+
+std::tuple<Tensor, Tensor> minmax(const Tensor& x3) {
+  const Extremes result = reduce_channels<true>(x3, "qtrain::minmax");
+  const auto channels = static_cast<int64_t>(result.low.size());
+  Tensor low = at::empty({channels}, at::kFloat);
+  Tensor high = at::empty({channels}, at::kFloat);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t c = 0; c < channels; ++c) {
+    const bool has_nan = result.abs_bits[c] > kInfBits;
+    low.data_ptr<float>()[c] = has_nan ? nan : from_order_key(result.low[c]);
+    high.data_ptr<float>()[c] = has_nan ? nan : from_order_key(result.high[c]);
+  }
+  return {low, high};
+}
+
+Tensor absmax(const Tensor& x3) {
+  const Extremes result = reduce_channels<false>(x3, "qtrain::absmax");
+  const auto channels = static_cast<int64_t>(result.abs_bits.size());
+  Tensor out = at::empty({channels}, at::kFloat);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t c = 0; c < channels; ++c) {
+    out.data_ptr<float>()[c] = result.abs_bits[c] > kInfBits ? nan : float_of(result.abs_bits[c]);
+  }
+  return out;
+}
+
+// ---- integer quantization --------------------------------------------------------------------
+
+// Integer levels are stored in the format's storage dtype; NaN has no level and is stored as 0.
+template <class Level>
+inline Level to_level(float level) {
+  if constexpr (std::is_same_v<Level, float>) {
+    return level;
+  } else {
+    // Through int32: GCC vectorises float -> int32 -> int8 but not float -> int8.
+    return static_cast<Level>(static_cast<int32_t>(level == level ? level : 0.0f));
+  }
+}
+
+struct IntOutputs {
+  float* fake = nullptr;
+  bool* mask = nullptr;
+  void* levels = nullptr;
+};
+
+// Per-channel parameters of a run: one value for the whole run, or with PerElement (inner == 1)
+// one per element, read as a contiguous vector starting at the run's first channel.
+template <bool PerElement>
+inline float param(const float* __restrict values, int64_t k) {
+  return values[PerElement ? k : 0];
+}
+
+// One run [b, e) starting at channel c (see for_each_run):
+// level = clamp(round(x * (1/s)) + z, qmin, qmax); writes whichever of
+// fake = (level - z) * s, the STE mask [qmin <= round(x/s) + z <= qmax] and the level is wanted.
+// Pointers are restrict-qualified and the rest passed by value: 1-byte stores may alias
+// anything, and GCC vectorises only once it knows they cannot.
+template <bool Stochastic, bool WantFake, bool WantMask, bool PerElement, class Level>
+void quantize_int_run(const float* __restrict x, float* __restrict fake, bool* __restrict mask,
+                      Level* __restrict levels, int64_t b, int64_t e,
+                      const float* __restrict scale, const float* __restrict inverse,
+                      const float* __restrict zero_point, float qmin, float qmax, Keys keys) {
+  const uint32_t low0 = static_cast<uint32_t>(b);
+  const uint32_t high = static_cast<uint32_t>(static_cast<uint64_t>(b) >> 32) + keys.key1;
+#pragma omp simd
+  for (int64_t k = 0; k < e - b; ++k) {
+    const int64_t j = b + k;
+    const float z = param<PerElement>(zero_point, k);
+    const float v = x[j] * param<PerElement>(inverse, k);
+    float rounded;
+    if constexpr (Stochastic) {
+      rounded = round_stochastic(v, (low0 + static_cast<uint32_t>(k)) ^ keys.key0, high);
+    } else {
+      rounded = std::nearbyint(v);  // round half to even, as torch.round
+    }
+    const float shifted = rounded + z;
+    if constexpr (WantMask) mask[j] = (shifted >= qmin) & (shifted <= qmax);
+    // Comparisons, not std::min/max: NaN must propagate as in torch.clamp.
+    float level = shifted < qmin ? qmin : shifted;
+    level = level > qmax ? qmax : level;
+    if constexpr (!std::is_void_v<Level>) levels[j] = to_level<Level>(level);
+    if constexpr (WantFake) fake[j] = (level - z) * param<PerElement>(scale, k);
+  }
+}
+
+template <bool Stochastic, bool WantFake, bool WantMask, class Level>
+void quantize_int_kernel(const Tensor& x3, const float* scale, const float* inverse,
+                         const float* zero_point, float qmin, float qmax, Keys keys,
+                         const IntOutputs& out) {
+  const float* x = x3.data_ptr<float>();
+  auto* levels = static_cast<Level*>(out.levels);
+  const int64_t channels = x3.size(1);
+  const int64_t inner = x3.size(2);
+  parallel_chunks(x3.numel(), plan_chunks(x3.numel()), [&](int64_t begin, int64_t end, int) {
+    for_each_run(begin, end, channels, inner, [&](int64_t b, int64_t e, int64_t c) {
+      if (inner == 1) {
+        quantize_int_run<Stochastic, WantFake, WantMask, true, Level>(
+            x, out.fake, out.mask, levels, b, e, scale + c, inverse + c, zero_point + c, qmin,
+            qmax, keys);
+      } else {
+        quantize_int_run<Stochastic, WantFake, WantMask, false, Level>(
+            x, out.fake, out.mask, levels, b, e, scale + c, inverse + c, zero_point + c, qmin,
+            qmax, keys);
+      }
+    });
+  });
+}
+
+template <class F>
+void with_bool(bool value, const F& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Calls f with a null pointer of the C++ type that stores levels of `dtype` (void*: no levels).
+template <class F>
+void with_level_type(std::optional<at::ScalarType> dtype, const F& f) {
+  if (!dtype.has_value()) return f(static_cast<void*>(nullptr));
+  switch (*dtype) {
+    case at::kFloat:
+      return f(static_cast<float*>(nullptr));
+    case at::kChar:
+      return f(static_cast<int8_t*>(nullptr));
+    case at::kByte:
+      return f(static_cast<uint8_t*>(nullptr));
+    case at::kShort:
+      return f(static_cast<int16_t*>(nullptr));
+    case at::kInt:
+      return f(static_cast<int32_t*>(nullptr));
+    default:
+      TORCH_CHECK(false, "qtrain: levels dtype must be float32, int8, uint8, int16 or int32, got ",
+                  *dtype);
+  }
+}
+
+std::vector<float> inverses(const Tensor& scale) {
+  // 1/s in float32, as the reference's `1.0 / scale` computes it.
+  std::vector<float> out(static_cast<size_t>(scale.numel()));
+  for (int64_t c = 0; c < scale.numel(); ++c) out[c] = 1.0f / scale.data_ptr<float>()[c];
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> quantize_int(const Tensor& x3, const Tensor& scale,
+                                                const Tensor& zero_point, int64_t qmin,
+                                                int64_t qmax, std::optional<int64_t> seed,
+                                                bool want_fake, bool want_mask,
+                                                std::optional<at::ScalarType> levels_dtype) {
+  check_view(x3, "qtrain::quantize_int");
+  check_params(x3, scale, zero_point, "qtrain::quantize_int");
+  TORCH_CHECK(qmin <= qmax, "qtrain::quantize_int: qmin > qmax");
+  with_level_type(levels_dtype, [](auto*) {});  // rejects an unsupported dtype before allocating
+  const auto none = [] { return at::empty({0}, at::kBool); };
+  Tensor fake = want_fake ? empty_output(x3.sizes(), at::kFloat) : at::empty({0}, at::kFloat);
+  Tensor mask = want_mask ? empty_output(x3.sizes(), at::kBool) : none();
+  Tensor levels = levels_dtype ? empty_output(x3.sizes(), *levels_dtype) : none();
+  IntOutputs out;
+  out.fake = want_fake ? fake.data_ptr<float>() : nullptr;
+  out.mask = want_mask ? mask.data_ptr<bool>() : nullptr;
+  out.levels = levels_dtype ? levels.data_ptr() : nullptr;
+  const std::vector<float> inverse = inverses(scale);
+  const Keys keys = seed ? seed_keys(*seed) : Keys{};
+  with_level_type(levels_dtype, [&](auto* level_ptr) {
+    using Level = std::remove_pointer_t<decltype(level_ptr)>;
+    with_bool(seed.has_value(), [&](auto stochastic) {
+      with_bool(want_fake, [&](auto fake_wanted) {
+        with_bool(want_mask, [&](auto mask_wanted) {
+          quantize_int_kernel<decltype(stochastic)::value, decltype(fake_wanted)::value,
+                              decltype(mask_wanted)::value, Level>(
+              x3, scale.data_ptr<float>(), inverse.data(), zero_point.data_ptr<float>(),
+              static_cast<float>(qmin), static_cast<float>(qmax), keys, out);
+        });
+      });
+    });
+  });
+  return {fake, mask, levels};
+}
+
+template <bool PerElement, class Level>
+void dequantize_run(const Level* __restrict q, float* __restrict y, int64_t b, int64_t e,
+                    const float* __restrict scale, const float* __restrict zero_point) {
+#pragma omp simd
+  for (int64_t k = 0; k < e - b; ++k) {
+    const float level = static_cast<float>(q[b + k]);
+    y[b + k] = (level - param<PerElement>(zero_point, k)) * param<PerElement>(scale, k);
+  }
+}
+
+// x̂ = (level - z) * s from stored levels: bit-identical to quantize_int's fake output.
+Tensor dequantize_int(const Tensor& levels3, const Tensor& scale, const Tensor& zero_point) {
+  TORCH_CHECK(levels3.device().is_cpu() && levels3.dim() == 3 && levels3.is_contiguous(),
+              "qtrain::dequantize_int: expected a contiguous (O, C, I) CPU tensor");
+  check_params(levels3, scale, zero_point, "qtrain::dequantize_int");
+  Tensor out = empty_output(levels3.sizes(), at::kFloat);
+  float* y = out.data_ptr<float>();
+  const float* s = scale.data_ptr<float>();
+  const float* z = zero_point.data_ptr<float>();
+  const int64_t channels = levels3.size(1);
+  const int64_t inner = levels3.size(2);
+  with_level_type(levels3.scalar_type(), [&](auto* level_ptr) {
+    using Level = std::remove_pointer_t<decltype(level_ptr)>;
+    if constexpr (!std::is_void_v<Level>) {
+      const auto* q = static_cast<const Level*>(levels3.data_ptr());
+      const int64_t numel = levels3.numel();
+      parallel_chunks(numel, plan_chunks(numel), [&](int64_t begin, int64_t end, int) {
+        for_each_run(begin, end, channels, inner, [&](int64_t b, int64_t e, int64_t c) {
+          if (inner == 1) {
+            dequantize_run<true>(q, y, b, e, s + c, z + c);
+          } else {
+            dequantize_run<false>(q, y, b, e, s + c, z + c);
+          }
+        });
+      });
+    }
+  });
+  return out;
+}
+
+// ---- minifloat rounding ----------------------------------------------------------------------
+
+// Exact 2^n in float32 for integer n in [-126, 127], from the bit pattern.
+inline float pow2(int32_t n) { return float_of(static_cast<uint32_t>(n + 127) << 23); }
+
+struct MiniFloat {
+  int32_t min_exponent;
+  int32_t mantissa_bits;
+  float max_value;
+  float out_of_range;  // magnitude for overflow and ±inf: max_value, inf, or NaN (no sign)
+};
+
+// Rounds x[b, e) onto the grid into y[b, e). Parameters by value: GCC vectorises this loop only
+// when nothing it reads can alias the output.
+template <bool Stochastic>
+void minifloat_run(const float* __restrict x, float* __restrict y, int64_t b, int64_t e,
+                   MiniFloat format, Keys keys) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const bool signed_out_of_range = !std::isnan(format.out_of_range);
+  const uint32_t low0 = static_cast<uint32_t>(b);
+  const uint32_t high = static_cast<uint32_t>(static_cast<uint64_t>(b) >> 32) + keys.key1;
+#pragma omp simd
+  for (int64_t k = 0; k < e - b; ++k) {
+    const float xv = x[b + k];
+    const uint32_t abs_bits = abs_bits_of(xv);
+    // |x| = m·2^e with m in [1, 2); zeros and subnormals take the format's min exponent
+    // (float32's own exponent range never reaches below any minifloat's, e <= 8 bits).
+    const int32_t exponent =
+        std::max(static_cast<int32_t>(abs_bits >> 23) - 127, format.min_exponent);
+    const int32_t quantum = exponent - format.mantissa_bits;
+    // x·2^-quantum and level·2^quantum in two exact power-of-two steps, as the reference.
+    const int32_t up_first = (-quantum) >> 1;  // floor(-quantum / 2)
+    const float v = xv * pow2(up_first) * pow2(-quantum - up_first);
+    float rounded;
+    if constexpr (Stochastic) {
+      rounded = round_stochastic(v, (low0 + static_cast<uint32_t>(k)) ^ keys.key0, high);
+    } else {
+      rounded = std::nearbyint(v);
+    }
+    const int32_t down_first = quantum >> 1;
+    float yv = rounded * pow2(down_first) * pow2(quantum - down_first);
+    if (std::fabs(yv) > format.max_value || abs_bits == kInfBits) {
+      yv = signed_out_of_range ? std::copysign(format.out_of_range, xv) : nan;
+    }
+    y[b + k] = abs_bits > kInfBits ? xv : yv;  // NaN passes through unchanged
+  }
+}
+
+template <bool Stochastic>
+void minifloat_kernel(const Tensor& x_in, Tensor& out, const MiniFloat& format, Keys keys) {
+  const float* x = x_in.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t numel = x_in.numel();
+  parallel_chunks(numel, plan_chunks(numel), [&](int64_t begin, int64_t end, int) {
+    for_each_run(begin, end, 1, numel, [&](int64_t b, int64_t e, int64_t) {
+      minifloat_run<Stochastic>(x, y, b, e, format, keys);
+    });
+  });
+}
+
+Tensor fake_quant_minifloat(const Tensor& x, int64_t exponent_bits, int64_t mantissa_bits,
+                            bool has_inf, bool saturate, std::optional<int64_t> seed) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "qtrain::fake_quant_minifloat: expected a contiguous float32 CPU tensor");
+  TORCH_CHECK(exponent_bits >= 2 && exponent_bits <= 8 && mantissa_bits >= 0 &&
+                  mantissa_bits <= 23,
+              "qtrain::fake_quant_minifloat: exponent_bits must be in 2..8 and mantissa_bits "
+              "in 0..23");
+  const int32_t bias = (1 << (exponent_bits - 1)) - 1;
+  const int32_t top = (1 << exponent_bits) - 1;
+  const int32_t max_exponent = (has_inf ? top - 1 : top) - bias;
+  // Formats without inf give the top binade's all-ones mantissa to NaN. Rounded to float32 as
+  // the reference's comparison does (e8 without inf: beyond float32, so inf).
+  const double max_mantissa = 2.0 - std::ldexp(1.0, -(has_inf ? mantissa_bits : mantissa_bits - 1));
+  MiniFloat format;
+  format.min_exponent = 1 - bias;
+  format.mantissa_bits = static_cast<int32_t>(mantissa_bits);
+  format.max_value = static_cast<float>(std::ldexp(max_mantissa, max_exponent));
+  format.out_of_range = saturate  ? format.max_value
+                        : has_inf ? std::numeric_limits<float>::infinity()
+                                  : std::numeric_limits<float>::quiet_NaN();
+  Tensor out = empty_output(x.sizes(), at::kFloat);
+  if (seed) {
+    minifloat_kernel<true>(x, out, format, seed_keys(*seed));
+  } else {
+    minifloat_kernel<false>(x, out, format, Keys{});
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qtrain, m) {
+  m.set_python_module("qtrain.kernels.cpu_fused");
+  m.def("minmax(Tensor x3) -> (Tensor, Tensor)");
+  m.def("absmax(Tensor x3) -> Tensor");
+  m.def(
+      "quantize_int(Tensor x3, Tensor scale, Tensor zero_point, int qmin, int qmax, int? seed, "
+      "bool want_fake, bool want_mask, ScalarType? levels_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def("dequantize_int(Tensor levels3, Tensor scale, Tensor zero_point) -> Tensor");
+  m.def(
+      "fake_quant_minifloat(Tensor x, int exponent_bits, int mantissa_bits, bool has_inf, "
+      "bool saturate, int? seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
+  m.impl("minmax", &minmax);
+  m.impl("absmax", &absmax);
+  m.impl("quantize_int", &quantize_int);
+  m.impl("dequantize_int", &dequantize_int);
+  m.impl("fake_quant_minifloat", &fake_quant_minifloat);
+}

@@ -1,0 +1,412 @@
+"""The cpu_fused backend against the reference kernels: bit-exact results (nearest and
+stochastic rounding with the same seed), thread-count invariance, stochastic-rounding
+properties, edge values and shapes, the torch.library registration and the build fallback.
+
+The first run on a machine compiles the extension (about 10–20 s on 2 cores); later runs load
+it from the cache.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qtrain import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, Rounding, formats
+from qtrain import quantize as quantize_tensor
+from qtrain.kernels import Backend, cpu_fused, implementation, reference, use_backend
+
+CPU = torch.device("cpu")
+NAN, INF = float("nan"), float("inf")
+TINY = torch.finfo(torch.float32).tiny
+FLT_MAX = torch.finfo(torch.float32).max
+# Seeds: small, beyond 32 bits, the top of 64 bits, negative (taken mod 2^64 by both).
+SEEDS = [None, 0, 12345, 2**40 + 7, 2**64 - 1, -3]
+INT_RANGES = [(-127, 127), (0, 255), (-7, 7), (-32767, 32767), (0, 1)]
+# (O, C, I): per-tensor, per-channel, per-token rows, one value per scale, odd sizes.
+SHAPES = [(1, 1, 1), (1, 1, 3), (1, 1, 1023), (4, 3, 17), (1, 33, 16), (5, 7, 1), (2, 1, 300)]
+MINIFLOATS = [formats.FP8_E4M3, formats.FP8_E5M2, formats.BF16, formats.FP16]
+# Beyond the presets: fp4 e2m1 (saturating), e3m2, an 8-bit exponent without inf.
+OTHER_MINIFLOATS = [
+    formats.MiniFloat(2, 1, has_inf=False, saturate=True),
+    formats.MiniFloat(3, 2),
+    formats.MiniFloat(8, 3, has_inf=False),
+]
+# Past one chunk per thread (2^15 elements), odd so the last chunk is ragged.
+THREADED_NUMEL = 3 * 2**15 + 17
+
+
+@pytest.fixture(scope="module")
+def fused():
+    module = cpu_fused.load()
+    if module is None:
+        pytest.skip("the cpu_fused extension cannot be built here (no C++ compiler?)")
+    return module
+
+
+def _same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal shapes, dtypes and bit patterns; any NaN matches any NaN at the same place."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    if not actual.is_floating_point():
+        assert torch.equal(actual, expected)
+        return
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan)
+    bits = torch.int32 if actual.dtype == torch.float32 else torch.int16
+    assert torch.equal(actual[~nan].view(bits), expected[~nan].view(bits))
+
+
+def _values(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Normal values whose magnitudes grow along the last axis from 1e-3 to 1e3."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * torch.logspace(-3, 3, shape[-1])
+    return x.contiguous()
+
+
+def _qparams(x3: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-channel scale from the range, and an integer zero point inside [qmin, qmax]."""
+    low, high = reference.minmax(x3)
+    scale = ((high - low) / (qmax - qmin)).clamp_min(TINY)
+    zero_point = (qmin - torch.round(low / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+# ---- integer kernels -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fake_quant_int_is_bit_exact(fused, shape, seed):
+    x3 = _values(shape, seed=len(shape))
+    for qmin, qmax in INT_RANGES:
+        scale, zero_point = _qparams(x3, qmin, qmax)
+        # Some channels cut short, so the clamp and the STE mask are exercised.
+        scale = scale * torch.linspace(0.5, 1.0, shape[1])
+        expected = reference.fake_quant_int(x3, scale, zero_point, qmin, qmax, seed, True)
+        actual = fused.fake_quant_int(x3, scale, zero_point, qmin, qmax, seed, True)
+        _same(actual[0], expected[0])
+        _same(actual[1], expected[1])
+        y3, mask = fused.fake_quant_int(x3, scale, zero_point, qmin, qmax, seed, False)
+        assert mask is None
+        _same(y3, expected[0])
+
+
+def test_nearest_ties_round_to_even(fused):
+    x3 = torch.tensor([[[-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5]]])
+    y3, _ = fused.fake_quant_int(x3, torch.ones(1), torch.zeros(1), -127, 127, None, False)
+    assert y3.flatten().tolist() == [-2.0, -2.0, -0.0, 0.0, 2.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
+def test_levels_in_storage_dtypes_equal_the_reference_levels(fused, seed, dtype):
+    x3 = _values((3, 4, 50))
+    qmin, qmax = (0, 255) if dtype == torch.uint8 else (-127, 127)
+    scale, zero_point = _qparams(x3, qmin, qmax)
+    expected = reference.quant_int(x3, scale, zero_point, qmin, qmax, seed)
+    _same(fused.quant_int(x3, scale, zero_point, qmin, qmax, seed), expected)
+    levels = fused.quant_int_levels(x3, scale, zero_point, qmin, qmax, seed, dtype)
+    _same(levels, expected.to(dtype))
+    fake, mask, saved = fused.fake_quant_int_levels(
+        x3, scale, zero_point, qmin, qmax, seed, True, dtype
+    )
+    reference_fake, reference_mask = reference.fake_quant_int(
+        x3, scale, zero_point, qmin, qmax, seed, True
+    )
+    _same(fake, reference_fake)
+    _same(mask, reference_mask)
+    _same(saved, levels)
+    # Saved activations: backward rebuilds exactly the x̂ the forward used.
+    _same(fused.dequant_int(saved, scale, zero_point), fake)
+
+
+def test_non_finite_values_follow_the_reference(fused):
+    x3 = torch.tensor([[[NAN, INF, -INF, 0.0, -0.0, 1e-45, -TINY, FLT_MAX, -FLT_MAX, 0.7]]])
+    for seed in (None, 5):
+        scale, zero_point = torch.tensor([0.01]), torch.tensor([3.0])
+        expected = reference.fake_quant_int(x3, scale, zero_point, -127, 127, seed, True)
+        actual = fused.fake_quant_int(x3, scale, zero_point, -127, 127, seed, True)
+        _same(actual[0], expected[0])
+        _same(actual[1], expected[1])
+        _same(
+            fused.quant_int(x3, scale, zero_point, -127, 127, seed),
+            reference.quant_int(x3, scale, zero_point, -127, 127, seed),
+        )
+    # NaN has no integer level: stored as 0.
+    levels = fused.quant_int_levels(x3, torch.ones(1), torch.zeros(1), -127, 127, None, torch.int8)
+    assert levels.flatten().tolist()[:3] == [0, 127, -127]
+
+
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 40)),
+    values=st.lists(st.floats(width=32), min_size=1, max_size=480),
+    seed=st.none() | st.integers(0, 2**64 - 1),
+    signed=st.booleans(),
+)
+def test_any_float32_values_are_bit_exact(fused, shape, values, seed, signed):
+    numel = shape[0] * shape[1] * shape[2]
+    cycled = values * (numel // len(values) + 1)
+    x3 = torch.tensor(cycled[:numel], dtype=torch.float32).view(shape)
+    qmin, qmax = (-127, 127) if signed else (0, 255)
+    scale = reference.absmax(x3).nan_to_num(1.0, 1.0).clamp(TINY, FLT_MAX) / 127
+    zero_point = torch.zeros(shape[1]) if signed else torch.full((shape[1],), 128.0)
+    expected = reference.fake_quant_int(x3, scale, zero_point, qmin, qmax, seed, True)
+    actual = fused.fake_quant_int(x3, scale, zero_point, qmin, qmax, seed, True)
+    _same(actual[0], expected[0])
+    _same(actual[1], expected[1])
+    for fmt in MINIFLOATS:
+        args = (fmt.exponent_bits, fmt.mantissa_bits, fmt.has_inf, fmt.saturate, seed)
+        _same(fused.fake_quant_minifloat(x3, *args), reference.fake_quant_minifloat(x3, *args))
+
+
+# ---- reductions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(3, 2, THREADED_NUMEL // 6)])
+def test_minmax_and_absmax_are_exact(fused, shape):
+    x3 = _values(shape) - 0.25
+    _same(fused.absmax(x3), reference.absmax(x3))
+    for actual, expected in zip(fused.minmax(x3), reference.minmax(x3), strict=True):
+        _same(actual, expected)
+
+
+def test_reductions_propagate_nan_and_see_inf(fused):
+    x3 = torch.tensor([[[1.0, NAN, -2.0], [INF, -3.0, 0.5]], [[0.0, 4.0, -1.0], [-INF, 2.0, 1.0]]])
+    _same(fused.absmax(x3), reference.absmax(x3))
+    for actual, expected in zip(fused.minmax(x3), reference.minmax(x3), strict=True):
+        _same(actual, expected)
+    assert fused.absmax(torch.full((1, 1, 5), -0.0)).item() == 0.0
+    subnormal = torch.tensor([[[1e-45, -2e-45, 0.0]]])  # subnormals keep their order
+    low, high = fused.minmax(subnormal)
+    assert (low.item(), high.item()) == (subnormal.min().item(), subnormal.max().item())
+
+
+# ---- minifloats -----------------------------------------------------------------------------
+
+
+def _minifloat_inputs() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    spread = torch.randn(4000, generator=generator) * torch.logspace(-45, 38, 4000).clamp(max=1e38)
+    special = torch.tensor(
+        [NAN, INF, -INF, 0.0, -0.0, 1e-45, -1e-45, TINY, 1e-40, FLT_MAX, -FLT_MAX]
+        + [448.0, 464.0, -480.0, 57344.0, 61440.0, 65504.0, 65520.0]  # tops and overflows
+        + [2.0**-9, 2.0**-10, 3 * 2.0**-11, 0.5, 1.5]  # fp8 subnormals, ties
+    )
+    return torch.cat([spread, special])
+
+
+@pytest.mark.parametrize("fmt", MINIFLOATS + OTHER_MINIFLOATS, ids=str)
+@pytest.mark.parametrize("seed", [None, 0, 2**63 + 1])
+def test_minifloat_is_bit_exact(fused, fmt, seed):
+    x = _minifloat_inputs()
+    args = (fmt.exponent_bits, fmt.mantissa_bits, fmt.has_inf, fmt.saturate, seed)
+    _same(fused.fake_quant_minifloat(x, *args), reference.fake_quant_minifloat(x, *args))
+
+
+@pytest.mark.parametrize("fmt", MINIFLOATS, ids=str)
+def test_minifloat_presets_equal_torch_casts(fused, fmt):
+    x = _minifloat_inputs()
+    args = (fmt.exponent_bits, fmt.mantissa_bits, fmt.has_inf, fmt.saturate, None)
+    _same(fused.fake_quant_minifloat(x, *args), x.to(fmt.torch_dtype).to(torch.float32))
+
+
+# ---- threads, rounding statistics ------------------------------------------------------------
+
+
+def _results(fused, x3: torch.Tensor, seed: int | None) -> list[torch.Tensor]:
+    scale, zero_point = _qparams(x3, 0, 255)
+    fake, mask, levels = fused.fake_quant_int_levels(
+        x3, scale * 0.9, zero_point, 0, 255, seed, True, torch.uint8
+    )
+    return [
+        fake,
+        mask,
+        levels,
+        fused.dequant_int(levels, scale, zero_point),
+        *fused.minmax(x3),
+        fused.absmax(x3),
+        fused.fake_quant_minifloat(x3, 4, 3, False, True, seed),
+    ]
+
+
+@pytest.mark.parametrize("seed", [None, 99])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_one_and_two_threads_give_identical_results(fused, seed, channels):
+    x3 = _values((1, channels, THREADED_NUMEL))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _results(fused, x3, seed)
+        torch.set_num_threads(2)
+        double = _results(fused, x3, seed)
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(single, double, strict=True):
+        _same(two, one)
+
+
+@given(value=st.floats(-100.0, 100.0), seed=st.integers(0, 2**64 - 1))
+def test_stochastic_rounding_is_unbiased_onto_the_two_neighbours(fused, value, seed):
+    count = 20_000
+    x3 = torch.full((1, 1, count), value)
+    levels = fused.quant_int(x3, torch.ones(1), torch.zeros(1), -1000, 1000, seed)
+    v = torch.tensor(value)  # the float32 value actually rounded
+    low, high = torch.floor(v), torch.ceil(v)
+    assert bool(((levels == low) | (levels == high)).all())
+    fraction = float(v - low)
+    # The hash's uniforms sit on a 2^-24 grid: P(up) = ceil(fraction·2^24)/2^24.
+    sigma = max((fraction * (1 - fraction) / count) ** 0.5, 1 / count)
+    assert abs(float(levels.mean() - low) - fraction) <= 5 * sigma + 2.0**-24
+
+
+def test_minifloat_stochastic_rounding_is_unbiased(fused):
+    x = torch.full((50_000,), 1.0 + 1.0 / 3.0)  # between e4m3 grid points 1.25 and 1.375
+    y = fused.fake_quant_minifloat(x, 4, 3, False, True, 11)
+    assert set(y.unique().tolist()) == {1.25, 1.375}
+    assert abs(float(y.double().mean()) - float(x[0])) < 5 * 0.125 * (0.25 / 50_000) ** 0.5
+
+
+# ---- shapes, layouts, the quantizer on top ---------------------------------------------------
+
+
+def test_empty_and_degenerate_views(fused):
+    empty = torch.empty(0, 3, 4)
+    fake, mask = fused.fake_quant_int(empty, torch.ones(3), torch.zeros(3), -127, 127, 1, True)
+    assert fake.shape == mask.shape == (0, 3, 4)
+    assert fused.fake_quant_minifloat(torch.empty(0), 4, 3, False, True, None).shape == (0,)
+    assert fused.minmax(torch.empty(2, 0, 5))[0].shape == (0,)
+    for kernel in (fused.absmax, fused.minmax, reference.absmax, reference.minmax):
+        with pytest.raises(IndexError):
+            kernel(torch.empty(0, 3, 4))
+
+
+def test_large_outputs_reuse_freed_blocks_and_stay_correct(fused):
+    x3 = _values((1, 1, 3 * 2**20))  # 12 MiB outputs: served by the block cache
+    scale, zero_point = reference.absmax(x3) / 127, torch.zeros(1)
+    expected = reference.fake_quant_int(x3, scale, zero_point, -127, 127, None, False)[0]
+    first = fused.fake_quant_int(x3, scale, zero_point, -127, 127, None, False)[0]
+    _same(first, expected)
+    second = fused.fake_quant_int(x3, scale * 2, zero_point, -127, 127, None, False)[0]
+    assert second.data_ptr() != first.data_ptr()
+    _same(first, expected)  # a live output is never handed out again
+    freed = (first.data_ptr(), second.data_ptr())
+    del first, second
+    third = fused.fake_quant_int(x3, scale, zero_point, -127, 127, None, False)[0]
+    assert third.data_ptr() in freed  # warm memory, not a fresh mapping
+    _same(third, expected)
+    third.resize_(third.numel() + 1)  # storages stay resizable
+
+
+def test_inputs_are_checked(fused):
+    with pytest.raises(RuntimeError, match="float32"):
+        fused.absmax(torch.zeros(1, 1, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="scale and zero_point"):
+        fused.fake_quant_int(torch.zeros(1, 2, 4), torch.ones(3), torch.zeros(3), 0, 1, None, False)
+    with pytest.raises(RuntimeError, match="levels dtype"):
+        fused.quant_int_levels(
+            torch.zeros(1, 1, 4), torch.ones(1), torch.zeros(1), 0, 1, None, torch.float64
+        )
+
+
+def test_non_contiguous_input_is_read_in_logical_order(fused):
+    x3 = _values((6, 5, 4)).transpose(0, 2)  # (4, 5, 6), non-contiguous
+    scale, zero_point = _qparams(x3.contiguous(), -127, 127)
+    expected = reference.fake_quant_int(x3, scale, zero_point, -127, 127, 3, False)[0]
+    _same(fused.fake_quant_int(x3, scale, zero_point, -127, 127, 3, False)[0], expected)
+    _same(
+        fused.fake_quant_minifloat(x3, 5, 2, True, False, 3),
+        reference.fake_quant_minifloat(x3, 5, 2, True, False, 3),
+    )
+
+
+GRANULARITIES = [PerTensor(), PerChannel(1), PerChannel(0), PerGroup(4, axis=1), PerToken()]
+FORMATS = [formats.INT8, formats.UINT8, formats.INT4, formats.FP8_E4M3]
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES, ids=lambda g: type(g).__name__)
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("rounding", list(Rounding))
+def test_quantize_through_canonical_view_matches_the_reference(fused, granularity, fmt, rounding):
+    x = _values((3, 5, 8, 6)).permute(0, 2, 3, 1)  # a channels-last-like strided view
+    spec = QuantSpec(fmt, granularity=granularity, rounding=rounding)
+    results = []
+    for backend in (Backend.REFERENCE, Backend.CPU_FUSED):
+        with use_backend(backend):
+            results.append(quantize_tensor(x, spec, generator=torch.Generator().manual_seed(4)))
+    _same(results[1], results[0])
+
+
+# ---- registration, compile, fallback, cache ----------------------------------------------------
+
+
+def test_ops_pass_torch_library_opcheck(fused):
+    x3 = _values((2, 3, 5))
+    scale, zero_point = torch.rand(3) + 0.1, torch.zeros(3)
+    levels = torch.randint(-127, 128, (2, 3, 5), dtype=torch.int8)
+    cases = [
+        (torch.ops.qtrain.minmax, (x3,)),
+        (torch.ops.qtrain.absmax, (x3,)),
+        (
+            torch.ops.qtrain.quantize_int,
+            (x3, scale, zero_point, -127, 127, 7, True, True, torch.int8),
+        ),
+        (
+            torch.ops.qtrain.quantize_int,
+            (x3, scale, zero_point, -127, 127, None, True, False, None),
+        ),
+        (torch.ops.qtrain.dequantize_int, (levels, scale, zero_point)),
+        (torch.ops.qtrain.fake_quant_minifloat, (x3, 4, 3, False, True, 7)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_traces_the_ops_as_graph_nodes(fused):
+    def step(x3: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        y3, _ = fused.fake_quant_int(x3, scale, torch.zeros(1), -127, 127, 5, False)
+        return y3 * 2
+
+    x3 = _values((1, 1, 64))
+    scale = fused.absmax(x3) / 127
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    _same(compiled(x3, scale), step(x3, scale))
+
+
+def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    def fail() -> None:
+        raise RuntimeError("c++: command not found")
+
+    monkeypatch.setattr(cpu_fused, "_build_and_load", fail)
+    monkeypatch.setattr(cpu_fused, "_available", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with use_backend(Backend.AUTO):
+            assert implementation(CPU) is reference
+            assert implementation(CPU) is reference
+    assert [str(w.message) for w in caught] == [
+        "qtrain: cpu_fused kernels unavailable (c++: command not found); using the reference"
+    ]
+    with pytest.raises(RuntimeError, match="not available"):
+        implementation(CPU, Backend.CPU_FUSED)
+
+
+def test_cache_directory_is_keyed_by_cpu_and_configurable(monkeypatch, tmp_path):
+    monkeypatch.setenv("QTRAIN_CACHE_DIR", str(tmp_path))
+    here = cpu_fused.cache_dir()
+    assert here.parent == tmp_path and here.name.startswith("ext-")
+    monkeypatch.setattr(cpu_fused, "_cpu_flags", lambda: "flags : sse2")
+    assert cpu_fused.cache_dir() != here
+
+
+def test_importing_qtrain_builds_nothing():
+    code = (
+        "import sys, qtrain, qtrain.kernels.cpu_fused as f; "
+        "print(f._available, 'torch.utils.cpp_extension' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "False"]
