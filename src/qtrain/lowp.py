@@ -1,0 +1,575 @@
+"""Low-precision GEMM training: linear layers whose three products are real int8 or fp8 GEMMs.
+
+``quantize_(model, Int8TrainingConfig())`` (or ``Float8TrainingConfig()``) swaps each
+``nn.Linear`` for a ``LowPrecisionLinear`` with the same state_dict keys. For x: (M, K) and
+W: (N, K) the layer runs, each product as ``left · rightᵀ`` with the reduction dimension last
+in both operands:
+
+  forward      y   = x · Wᵀ        left x  (M, K), right W  (N, K)
+  grad-input   g_x = g · W         left g  (M, N), right Wᵀ (K, N)
+  grad-weight  g_W = gᵀ · x        left gᵀ (N, M), right xᵀ (K, M)
+
+Each operand is quantized dynamically with an absmax scale per row (``PerToken()``: a row of
+the left operand and a column of the product's right factor — the epilogue multiplies the
+product by scale_left[:, None]·scale_right[None, :]) or per tensor (``PerTensor()``).
+
+* int8: levels clamp(round(v·(1/s)), ±qmax) in int8 storage, qmax = 2^(bits−1) − 1, with
+  stochastic rounding of the gradient operands as an option (the reference's counter hash,
+  seeded per step). Products: ``torch._int_mm`` (int32) followed by the scale epilogue, or on
+  CUDA qtrain's Triton matmul with the epilogue fused (``Int8Gemm``).
+* fp8: e4m3 for x and W, e5m2 for the gradient, ``torch._scaled_mm`` with the scales.
+
+``emulate=True`` is the twin that runs anywhere: the same quantization, and float matmuls in
+place of the low-precision GEMMs — for int8 an exact float matmul of the levels followed by the
+same epilogue, so it equals the int8 path bit for bit; for fp8 a float32 matmul of the
+dequantized operands, which is what ``torch._scaled_mm`` computes on the CPU.
+
+The forward reads bit-widths from a buffer (``LowPrecisionLinear.set_bits`` fills it in place),
+not from Python attributes, so a precision schedule (CPT, FracTrain) changes them under
+``torch.compile`` without recompiling.
+
+>>> import torch
+>>> from torch import nn
+>>> from qtrain.api import quantize_
+>>> from qtrain.lowp import Int8TrainingConfig
+>>> model = quantize_(nn.Sequential(nn.Linear(32, 16), nn.ReLU()), Int8TrainingConfig())
+>>> model(torch.randn(20, 32)).shape
+torch.Size([20, 16])
+>>> sorted(model.state_dict())
+['0.bias', '0.weight']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtrain.api import FilterFn, register_handler
+from qtrain.kernels import reference, triton_quant
+from qtrain.quantizer import PerTensor, PerToken, QuantSpecError
+
+_FP8_FORWARD = torch.float8_e4m3fn
+_FP8_GRAD = torch.float8_e5m2
+_FP8_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in (_FP8_FORWARD, _FP8_GRAD)}
+_TINY = torch.finfo(torch.float32).tiny
+# _int_mm and _scaled_mm (cuBLASLt) want K and N multiples of 16 and _int_mm more than 16 rows;
+# other shapes are zero-padded (zeros add nothing to the product) and the result cut back.
+_ALIGN = 16
+_INT_MM_MIN_ROWS = 17
+# A float32 matmul of int8 levels is exact while every partial sum stays below 2^24.
+_EXACT_FLOAT32_DEPTH = 2**24 // 127**2
+
+
+class Int8Gemm(enum.Enum):
+    """Which int8 GEMM runs the products on CUDA (the CPU always uses ``torch._int_mm``)."""
+
+    INT_MM = "int_mm"  # torch._int_mm (cuBLASLt), then the scales as an elementwise epilogue
+    TRITON = "triton"  # qtrain's Triton int8 matmul with the scales in its epilogue
+
+
+Scaling = PerTensor | PerToken
+
+
+def _check_products(config: Any) -> None:
+    name = type(config).__name__
+    if not isinstance(config.granularity, PerTensor | PerToken):
+        raise QuantSpecError(
+            f"{name}.granularity must be PerToken() (row-wise) or PerTensor(), "
+            f"got {config.granularity!r}"
+        )
+    for field in ("forward", "grad_input", "grad_weight", "emulate"):
+        if not isinstance(getattr(config, field), bool):
+            raise QuantSpecError(f"{name}.{field} must be a bool, got {getattr(config, field)!r}")
+
+
+def _check_bits(what: str, bits: Any) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise QuantSpecError(f"{what} must be an int in 2..8 (int8 storage), got {bits!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8TrainingConfig:
+    """Forward, grad-input and grad-weight products of every ``nn.Linear`` as int8 GEMMs.
+
+    Args:
+        bits: bit-width of x and W (levels within ±(2^(bits−1) − 1), stored as int8).
+        grad_bits: bit-width of the gradient operands.
+        stochastic_grad: round the gradient operands stochastically (unbiased).
+        granularity: ``PerToken()`` — a scale per row of each operand — or ``PerTensor()``.
+        forward / grad_input / grad_weight: which products run in int8 (the others run in the
+            layer's compute dtype).
+        gemm: ``Int8Gemm`` on CUDA; None picks TRITON where Triton runs, else INT_MM.
+        emulate: the emulated twin (float matmuls, identical results).
+    """
+
+    bits: int = 8
+    grad_bits: int = 8
+    stochastic_grad: bool = False
+    granularity: Scaling = PerToken()
+    forward: bool = True
+    grad_input: bool = True
+    grad_weight: bool = True
+    gemm: Int8Gemm | None = None
+    emulate: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bits("Int8TrainingConfig.bits", self.bits)
+        _check_bits("Int8TrainingConfig.grad_bits", self.grad_bits)
+        if not isinstance(self.stochastic_grad, bool):
+            raise QuantSpecError(
+                f"Int8TrainingConfig.stochastic_grad must be a bool, got {self.stochastic_grad!r}"
+            )
+        if self.gemm is not None and not isinstance(self.gemm, Int8Gemm):
+            raise QuantSpecError(
+                f"Int8TrainingConfig.gemm must be an Int8Gemm or None, got {self.gemm!r}"
+            )
+        _check_products(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Int8TrainingConfig:
+        return _from_dict(cls, data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Float8TrainingConfig:
+    """Forward, grad-input and grad-weight products of every ``nn.Linear`` as fp8 GEMMs:
+    e4m3 for x and W, e5m2 for the gradient (``torch._scaled_mm``; Hopper/Ada on CUDA).
+
+    Args:
+        granularity: ``PerTensor()`` (tensor-wise scales) or ``PerToken()`` (row-wise).
+        forward / grad_input / grad_weight: which products run in fp8.
+        emulate: the emulated twin (float32 matmuls of the dequantized operands).
+    """
+
+    granularity: Scaling = PerTensor()
+    forward: bool = True
+    grad_input: bool = True
+    grad_weight: bool = True
+    emulate: bool = False
+
+    def __post_init__(self) -> None:
+        _check_products(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Float8TrainingConfig:
+        return _from_dict(cls, data)
+
+
+LowPrecisionConfig = Int8TrainingConfig | Float8TrainingConfig
+_GRANULARITIES = {"PerTensor": PerTensor, "PerToken": PerToken}
+
+
+def _to_dict(config: LowPrecisionConfig) -> dict[str, Any]:
+    out = dataclasses.asdict(config)
+    out["granularity"] = type(config.granularity).__name__
+    if "gemm" in out:
+        out["gemm"] = None if config.gemm is None else config.gemm.value
+    return out
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    data = dict(data)
+    granularity = data.pop("granularity", None)
+    if granularity is not None:
+        if granularity not in _GRANULARITIES:
+            raise QuantSpecError(
+                f"granularity must be one of {sorted(_GRANULARITIES)}, got {granularity!r}"
+            )
+        data["granularity"] = _GRANULARITIES[granularity]()
+    if data.get("gemm") is not None:
+        data["gemm"] = Int8Gemm(data["gemm"])
+    return cls(**data)
+
+
+# ---- the plan: what each product does -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Operand:
+    """One operand's target: its dtype, and whether it is a gradient (bound index 1, SR)."""
+
+    dtype: torch.dtype
+    grad: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A config resolved into what the autograd function needs (hashable, compile-constant)."""
+
+    forward: tuple[_Operand, _Operand] | None
+    grad_input: tuple[_Operand, _Operand] | None
+    grad_weight: tuple[_Operand, _Operand] | None
+    rowwise: bool
+    stochastic_grad: bool
+    emulate: bool
+    int8_gemm: Int8Gemm | None
+
+    @classmethod
+    def of(cls, config: LowPrecisionConfig) -> _Plan:
+        if isinstance(config, Int8TrainingConfig):
+            x = w = _Operand(torch.int8, False)
+            g = _Operand(torch.int8, True)
+            stochastic, gemm = config.stochastic_grad, config.gemm
+        else:
+            x = w = _Operand(_FP8_FORWARD, False)
+            g = _Operand(_FP8_GRAD, True)
+            stochastic, gemm = False, None
+        return cls(
+            forward=(x, w) if config.forward else None,
+            grad_input=(g, w) if config.grad_input else None,
+            grad_weight=(g, x) if config.grad_weight else None,
+            rowwise=isinstance(config.granularity, PerToken),
+            stochastic_grad=stochastic,
+            emulate=config.emulate,
+            int8_gemm=gemm,
+        )
+
+
+def initial_bounds(
+    config: LowPrecisionConfig, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The (2,) float32 bounds [x and W, gradients]: qmax per bit-width for int8, the format's
+    max value for fp8. A tensor, so that changing bit-widths does not recompile."""
+    if isinstance(config, Int8TrainingConfig):
+        values = [2.0 ** (config.bits - 1) - 1, 2.0 ** (config.grad_bits - 1) - 1]
+    else:
+        values = [_FP8_MAX[_FP8_FORWARD], _FP8_MAX[_FP8_GRAD]]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+# ---- quantization of one operand --------------------------------------------------------------
+
+
+@torch.compiler.assume_constant_result
+def _triton_runs() -> bool:
+    """Whether the Triton kernels run here (decided once; a constant to torch.compile)."""
+    return triton_quant.load() is not None
+
+
+def _uses_triton(a: torch.Tensor, plan: _Plan) -> bool:
+    return a.is_cuda and not plan.emulate and _triton_runs()
+
+
+def _hash_keys(seed: torch.Tensor) -> torch.Tensor:
+    """reference.seed_keys of a seed held in an int64 tensor (seeds are drawn inside the graph,
+    so a compiled step does not specialise on them)."""
+    mask = 0xFFFFFFFF
+    key0 = reference._mix32((seed & mask) ^ reference._GOLDEN)
+    key1 = reference._mix32(((seed >> 32) & mask) ^ key0)
+    return torch.stack([key0, key1])
+
+
+def _uniform(keys: torch.Tensor, numel: int) -> torch.Tensor:
+    """reference.uniform for the seed whose hash keys are ``keys``: float32 on a 2^-24 grid."""
+    mask = 0xFFFFFFFF
+    index = torch.arange(numel, dtype=torch.int64, device=keys.device)
+    h = reference._mix32((index & mask) ^ keys[0])
+    h = reference._mix32(h ^ (((index >> 32) + keys[1]) & mask))
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+def _scale_from_amax(amax: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """absmax / bound, at least the smallest normal float, 1 for all-zero rows; NaN and inf
+    stay, so a non-finite operand gives a non-finite product (a grad scaler sees it)."""
+    scale = amax / bound
+    scale = torch.where(scale < _TINY, _TINY, scale)
+    return torch.where(amax == 0, 1.0, scale)
+
+
+def _quantize_twin(
+    a: torch.Tensor,
+    dtype: torch.dtype,
+    bound: torch.Tensor,
+    keys: torch.Tensor | None,
+    rowwise: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch version of ``triton_quant.quantize_rows`` (same operations, same order)."""
+    a32 = a.to(torch.float32)
+    amax = a32.abs().amax(dim=1) if rowwise else a32.abs().amax().reshape(1)
+    scale = _scale_from_amax(amax, bound)
+    s = scale.view(-1, 1)
+    if dtype in _FP8_MAX:
+        limit = _FP8_MAX[dtype]
+        return (a32 / s).clamp(-limit, limit).to(dtype), scale
+    v = a32 * (1.0 / s)
+    if keys is None:
+        levels = torch.round(v)
+    else:
+        floor = torch.floor(v)
+        levels = floor + (_uniform(keys, v.numel()).view(v.shape) < v - floor).to(v.dtype)
+    levels = torch.clamp(levels, -bound, bound)
+    return torch.where(levels.isnan(), 0.0, levels).to(torch.int8), scale
+
+
+def _quantize(
+    a: torch.Tensor, operand: _Operand, bound: torch.Tensor, keys: torch.Tensor | None, plan: _Plan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): a ≈ q·scale[:, None], q row-major in the operand's dtype, scale (R,) or (1,)."""
+    if not _uses_triton(a, plan):
+        return _quantize_twin(a, operand.dtype, bound, keys, plan.rowwise)
+    scale = None
+    if not plan.rowwise:
+        flat = a if a.is_contiguous() else a.t()  # every operand is a matrix or its transpose
+        amax = triton_quant.absmax(flat.reshape(1, 1, -1))
+        scale = _scale_from_amax(amax, bound)
+    return triton_quant.quantize_rows(a, bound, operand.dtype, keys, scale)
+
+
+# ---- the low-precision products ---------------------------------------------------------------
+
+
+def _pad(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """q zero-padded to (rows, cols); fp8 through its bytes (F.pad has no fp8 kernels)."""
+    pad = (0, cols - q.shape[1], 0, rows - q.shape[0])
+    if not any(pad):
+        return q
+    if q.dtype in _FP8_MAX:
+        return F.pad(q.view(torch.uint8), pad).view(q.dtype)
+    return F.pad(q, pad)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _epilogue(
+    acc: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """float32(acc)·scale_a[:, None]·scale_b[None, :] (+ bias): triton_quant.int8_mm's order."""
+    out = acc.to(torch.float32) * scale_a.view(-1, 1) * scale_b.view(1, -1)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+def _int8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> torch.Tensor:
+    (m, k), n = qa.shape, qb.shape[0]
+    if plan.emulate:
+        # Exact: integer partial sums below 2^24 (float32) or 2^53 (float64) round nowhere.
+        dtype = torch.float32 if k <= _EXACT_FLOAT32_DEPTH else torch.float64
+        acc = qa.to(dtype) @ qb.to(dtype).t()
+    elif qa.is_cuda and plan.int8_gemm is not Int8Gemm.INT_MM and _triton_runs():
+        return triton_quant.int8_mm(qa, qb, scale_a, scale_b, bias, out_dtype)
+    else:
+        padded_k = _round_up(k)
+        qa = _pad(qa, max(m, _INT_MM_MIN_ROWS), padded_k)
+        qb = _pad(qb, _round_up(n), padded_k)
+        # qbᵀ is column-major: the layout cuBLASLt's int8 kernels take without a copy.
+        acc = torch._int_mm(qa, qb.t())[:m, :n]
+    return _epilogue(acc, scale_a, scale_b, bias, out_dtype)
+
+
+def _float8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> torch.Tensor:
+    (m, k), n = qa.shape, qb.shape[0]
+    if plan.emulate:
+        out = (qa.to(torch.float32) * scale_a.view(-1, 1)) @ (
+            qb.to(torch.float32) * scale_b.view(-1, 1)
+        ).t()
+        out = out.to(out_dtype)
+    else:
+        padded_k, padded_n = _round_up(k), _round_up(n)
+        qa = _pad(qa, m, padded_k)
+        qb = _pad(qb, padded_n, padded_k)
+        if plan.rowwise:
+            scale_a = scale_a.view(-1, 1)
+            scale_b = F.pad(scale_b, (0, padded_n - n), value=1.0).view(1, -1)
+        else:
+            scale_a, scale_b = scale_a.view(()), scale_b.view(())
+        out = torch._scaled_mm(qa, qb.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+        out = out[:, :n]
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out
+
+
+def _product(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    operands: tuple[_Operand, _Operand] | None,
+    plan: _Plan,
+    bounds: torch.Tensor,
+    seed: torch.Tensor | None,
+    compute_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """a · bᵀ (+ bias) for a (M, K), b (N, K): low precision as ``operands`` say, or else in
+    ``compute_dtype``; the result is in ``compute_dtype``. Empty operands (no rows to scale)
+    take the full-precision path."""
+    if operands is None or a.numel() == 0 or b.numel() == 0:
+        return F.linear(a.to(compute_dtype), b.to(compute_dtype), _cast(bias, compute_dtype))
+    left, right = operands
+    keys = _hash_keys(seed) if seed is not None and left.grad else None
+    qa, scale_a = _quantize(a, left, bounds[int(left.grad)], keys, plan)
+    qb, scale_b = _quantize(b, right, bounds[int(right.grad)], None, plan)
+    multiply = _int8_product if left.dtype == torch.int8 else _float8_product
+    return multiply(qa, qb, scale_a, scale_b, bias, compute_dtype, plan)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would compute in here: autocast's, or x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _LowPrecisionLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b with each of the three products as the plan says (shapes: module docs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, bounds):  # type: ignore[override]
+        compute_dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _product(x2, weight, plan.forward, plan, bounds, None, compute_dtype, bias)
+        seeds = None
+        if plan.stochastic_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            # One seed per gradient product, drawn here so torch.manual_seed repeats a run.
+            seeds = torch.randint(0, 2**62, (2,), device=x.device)
+        ctx.save_for_backward(x, weight, bounds, seeds)
+        ctx.plan = plan
+        ctx.compute_dtype = compute_dtype
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, bounds, seeds = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            seed = None if seeds is None else seeds[0]
+            grad_x = _product(
+                g2, weight.t(), plan.grad_input, plan, bounds, seed, ctx.compute_dtype
+            )
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            seed = None if seeds is None else seeds[1]
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_w = _product(
+                g2.t(), x2.t(), plan.grad_weight, plan, bounds, seed, ctx.compute_dtype
+            )
+            grad_w = grad_w.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0, dtype=torch.float32).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def low_precision_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: LowPrecisionConfig,
+    bounds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear`` whose forward, grad-input and grad-weight products run as ``config`` says.
+
+    ``bounds``: the (2,) tensor of ``initial_bounds`` (a module keeps it as a buffer, so that
+    bit-widths change in place); default: the config's.
+    """
+    if bounds is None:
+        bounds = initial_bounds(config, x.device)
+    return _LowPrecisionLinear.apply(x, weight, bias, _Plan.of(config), bounds.to(torch.float32))
+
+
+class LowPrecisionLinear(nn.Linear):
+    """``nn.Linear`` with int8 or fp8 GEMMs; the same parameters and state_dict keys.
+
+    ``bits``/``grad_bits`` (int8) are the current bit-widths; ``set_bits`` changes them.
+
+    >>> layer = LowPrecisionLinear(64, 32, config=Float8TrainingConfig(emulate=True))
+    >>> layer(torch.randn(4, 64)).shape
+    torch.Size([4, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        config: LowPrecisionConfig,
+    ) -> None:
+        if not isinstance(config, Int8TrainingConfig | Float8TrainingConfig):
+            raise QuantSpecError(
+                f"config must be an Int8TrainingConfig or Float8TrainingConfig, got {config!r}"
+            )
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.config = config
+        self.plan = _Plan.of(config)
+        int8 = isinstance(config, Int8TrainingConfig)
+        # Read by logging only; forward reads the bounds buffer, which torch.compile does not
+        # specialise on, so set_bits never recompiles.
+        self.bits = config.bits if int8 else 8
+        self.grad_bits = config.grad_bits if int8 else 8
+        # Not persistent: the state_dict stays nn.Linear's.
+        self.register_buffer("bounds", initial_bounds(config, device), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: LowPrecisionConfig) -> LowPrecisionLinear:
+        """A LowPrecisionLinear sharing ``linear``'s parameters."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device="meta",
+            config=config,
+        )
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.bounds = initial_bounds(config, linear.weight.device)
+        layer.train(linear.training)
+        return layer
+
+    def set_bits(self, bits: int, grad_bits: int | None = None) -> None:
+        """Change the int8 bit-widths in place (CPT, FracTrain): no recompilation."""
+        if not isinstance(self.config, Int8TrainingConfig):
+            raise QuantSpecError("set_bits needs an Int8TrainingConfig; fp8 formats are fixed")
+        grad_bits = self.grad_bits if grad_bits is None else grad_bits
+        _check_bits("bits", bits)
+        _check_bits("grad_bits", grad_bits)
+        self.bits, self.grad_bits = bits, grad_bits
+        with torch.no_grad():
+            self.bounds.copy_(torch.tensor([2.0 ** (bits - 1) - 1, 2.0 ** (grad_bits - 1) - 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LowPrecisionLinear.apply(x, self.weight, self.bias, self.plan, self.bounds.float())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, config={self.config}, bits={self.bits}/{self.grad_bits}"
+
+
+@register_handler(Int8TrainingConfig)
+@register_handler(Float8TrainingConfig)
+def _swap_linears(
+    model: nn.Module, config: LowPrecisionConfig, filter_fn: FilterFn | None
+) -> nn.Module:
+    """Replace every plain ``nn.Linear`` (not subclasses) that ``filter_fn`` accepts."""
+    for name, module in list(model.named_modules()):
+        if not name or type(module) is not nn.Linear:
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LowPrecisionLinear.from_linear(module, config))
+    return model
