@@ -95,5 +95,5 @@ def implementation(device: torch.device, backend: Backend | str | None = None) -
     return module
 
 
-from qtrain.kernels import cpu_fused  # noqa: E402, F401  (registers itself; builds on first use)
-from qtrain.kernels import triton_quant  # noqa: E402, F401  (registers itself for "cuda")
+# Importing a backend module registers it; nothing is built or imported until first use.
+from qtrain.kernels import cpu_fused, triton_quant  # noqa: E402, F401
