@@ -2,7 +2,9 @@
 
 Every usage error (unknown recipe/model/dataset, bad ``--set`` key or value, bad option value,
 a non-empty run directory) is one line on stderr and exit code 2, and nothing is written: all
-options are validated, and data and model set up, before a directory is created.
+options are validated, and data and model set up, before a directory is created. A run that
+cannot go on (a NaN/inf under ``--on-nonfinite stop``, a corrupted or unsafe checkpoint, out of
+memory) is one line on stderr and exit code 1, without a stack trace.
 
 Example:
     >>> from qtrain.cli import main
@@ -25,7 +27,14 @@ from typing import Any, NoReturn
 
 from qtrain.recipes import Recipe, RecipeConfigError, build_recipe, iter_recipes
 from qtrain.report import COMPARE_FILE, compare_rows, format_table, write_compare, write_report
-from qtrain.train import CONFIG_FILE, TrainConfig, TrainConfigError, train
+from qtrain.train import (
+    CONFIG_FILE,
+    RESUME_MUTABLE,
+    RunError,
+    TrainConfig,
+    TrainConfigError,
+    train,
+)
 
 
 class UsageError(Exception):
@@ -75,6 +84,8 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--checkpoint-every", "checkpoint_every", {"type": int, "help": "steps (0: at end only)"}),
     ("--eval-every", "eval_every", {"type": int, "help": "epochs"}),
     ("--log-every", "log_every", {"type": int, "help": "steps"}),
+    ("--on-nonfinite", "on_nonfinite", {"help": "at a NaN/inf: stop, skip or raise-precision"}),
+    ("--check-every", "check_every", {"type": int, "help": "steps between per-layer checks"}),
     ("--data-dir", "data_dir", {}),
     ("--download", "download", {"action": "store_true", "help": "fetch missing data"}),
     ("--no-augment", "augment", {"action": "store_false"}),
@@ -197,7 +208,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if resuming_saved:
         base = _read_json(saved_path)
         changed = sorted(
-            k for k, v in explicit.items() if k != "quiet" and base["train"].get(k) != v
+            k for k, v in explicit.items() if k not in RESUME_MUTABLE and base["train"].get(k) != v
         )
         if "recipe" in args and args.recipe != base["recipe"]:
             changed.append("recipe")
@@ -311,9 +322,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return _COMMANDS[args.command](args)
     except (UsageError, TrainConfigError, RecipeConfigError) as err:
-        message = " ".join(str(err).split())
-        print(f"qtrain: error: {message}", file=sys.stderr)
+        _print_error(err)
         return 2
+    except RunError as err:
+        _print_error(err)
+        return 1
+
+
+def _print_error(err: Exception) -> None:
+    message = " ".join(str(err).split())
+    print(f"qtrain: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,13 @@ A run writes one directory (DESIGN.md, "Runs and artifacts"):
 - ``metrics.jsonl`` — one JSON object per logged step (``"kind": "step"``) and per epoch
   (``"kind": "epoch"``);
 - ``checkpoint.pt`` — the latest checkpoint, written atomically every ``checkpoint_every``
-  steps and at the end; loaded only with ``torch.load(..., weights_only=True)``;
+  steps and at the end; loaded only with ``torch.load(..., weights_only=True)``, after its
+  SHA-256 is checked against ``checkpoint.manifest.json`` (``read_checkpoint``);
 - ``summary.json`` — the final figures.
+
+Every step is guarded against NaN/inf (``qtrain.guard``, docs/RELIABILITY.md): a fault is
+reported with its layer and tensor role, and ``on_nonfinite`` stops the run, skips the step or
+raises the layer's precision and retries. No checkpoint is written with a non-finite tensor.
 
 Example:
     >>> from qtrain.recipes import build_recipe
@@ -21,18 +26,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import importlib.metadata
+import inspect
 import json
 import math
 import os
+import pickle
 import platform
 import random
+import re
 import resource
 import sys
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -42,12 +53,15 @@ from torch import nn
 from qtrain import data as qdata
 from qtrain import models as qmodels
 from qtrain.cost import CostMeter, StepCost, model_bits
+from qtrain.guard import POLICIES, Fault, NumericalGuard
+from qtrain.quantizer import NonFiniteError
 from qtrain.recipes.base import Recipe
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+MANIFEST_FILE = "checkpoint.manifest.json"
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
@@ -55,9 +69,39 @@ SCHEDULES = ("onecycle", "cosine", "step", "constant")
 # Keys of metric records that measure time; they differ between otherwise identical runs.
 TIMING_KEYS = frozenset({"wall_seconds", "epoch_seconds", "samples_per_second"})
 
+# Options a resumed run may change: they decide nothing unless a fault happens (the guard's)
+# or only how progress is shown.
+RESUME_MUTABLE = frozenset({"quiet", "on_nonfinite", "check_every"})
+
+# Attempts of one step: the first, one re-run with every layer checked to locate a fault, and
+# precision raises (each layer at most 3: 4 -> 8 -> 16 bits -> float).
+MAX_STEP_ATTEMPTS = 8
+
+_CHECKPOINT_KEYS = ("format", "model", "optimizer", "grad_scaler", "recipe", "rng", "progress")
+
 
 class TrainConfigError(ValueError):
     """A training option has a bad value, or the run cannot be set up (data, model, run dir)."""
+
+
+class RunError(RuntimeError):
+    """A run could not go on for a reason its message explains (the CLI exits 1, no trace)."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint is missing, truncated, corrupted, or holds objects that are not data."""
+
+
+class NumericalFaultError(RunError):
+    """Training stopped at a NaN/inf (``on_nonfinite="stop"``, or no policy could repair it)."""
+
+    def __init__(self, message: str, fault: Fault) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+
+class OutOfMemoryError(RunError):
+    """The run needs more memory than the device has for the chosen batch size."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +115,10 @@ class TrainConfig:
     ``eval_every`` is epochs (the last epoch is always evaluated). ``width`` is the model's base
     width (None: the model's default); ``train_subset``/``test_subset`` cap the number of
     examples (None: all). ``model_kwargs``/``data_kwargs`` go to ``build_model``/``load_dataset``.
+    ``on_nonfinite`` is what a NaN/inf in a step does: ``stop``, ``skip`` the step, or
+    ``raise-precision`` of the faulty layer and retry; ``check_every`` is steps between
+    per-layer checks (0: none; the loss and the weight gradients are checked every step, and a
+    fault they see is located by re-running the step with every layer checked).
 
     Example:
         >>> c = TrainConfig(model="cnn", data="synthetic", epochs=2, lr=0.05)
@@ -103,6 +151,8 @@ class TrainConfig:
     eval_every: int = 1
     log_every: int = 50
     checkpoint_every: int = 0
+    on_nonfinite: str = "stop"
+    check_every: int = 0
     quiet: bool = False
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     data_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -120,6 +170,7 @@ class TrainConfig:
         _choice("data", self.data, sorted(qdata.DATASETS))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("on_nonfinite", self.on_nonfinite, POLICIES)
         for name in ("epochs", "batch_size", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -131,24 +182,32 @@ class TrainConfig:
             raise TrainConfigError(
                 f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}"
             )
+        if self.check_every < 0:
+            raise TrainConfigError(
+                f"check_every must be >= 0 (0: no per-layer checks), got {self.check_every}"
+            )
+        if not 0 <= self.seed < 2**63:
+            raise TrainConfigError(f"seed must be in 0..2**63-1, got {self.seed}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainConfigError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise TrainConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise TrainConfigError("nesterov needs momentum > 0")
-        if self.weight_decay < 0:
-            raise TrainConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise TrainConfigError(
+                f"weight_decay must be a finite number >= 0, got {self.weight_decay}"
+            )
         if not 0 <= self.warmup_fraction < 1:
             raise TrainConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.label_smoothing < 1:
             raise TrainConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         try:
-            torch.device(self.device)
+            device_type = torch.device(self.device).type
         except RuntimeError:
-            raise TrainConfigError(
-                f"device must be cpu, cuda or cuda:N, got {self.device!r}"
-            ) from None
+            device_type = None
+        if device_type not in ("cpu", "cuda"):
+            raise TrainConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,18 +295,20 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_fraction: float
 # ---- files --------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same directory, fsync, then rename over ``path``.
-
-    A crash leaves either the old file or the new one, never a torn one.
-    """
+def _write_temp(path: Path, write: Callable[[Any], Any]) -> Path:
+    """Write a temp file beside ``path`` with ``write(file)`` and fsync it; return its path."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` over ``path`` and fsync the directory so the rename is durable."""
     os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # directory fsync makes the rename durable (POSIX only)
+    with contextlib.suppress(OSError):  # directory fsync is POSIX only
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -255,8 +316,127 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.close(fd)
 
 
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write via a temp file in the same directory, fsync, then rename over ``path``.
+
+    A crash leaves either the old file or the new one, never a torn one.
+    """
+    _commit(_write_temp(path, write), path)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    """Hex SHA-256 and size in bytes of a file."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _manifest_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(MANIFEST_FILE)
+
+
+def _write_checkpoint(
+    path: Path, state: dict[str, Any], step: int, previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Write ``state`` to ``path`` durably, with its checksum in the manifest; return its entry.
+
+    ``previous`` is the manifest entry of the file now at ``path`` (None if there is none).
+    Order: the new file under a temp name, the manifest naming its checksum and the previous
+    one, then the rename. A crash at any point leaves a file that the manifest vouches for:
+    the previous one before the rename, the new one after.
+    """
+    tmp = _write_temp(path, lambda f: torch.save(state, f))
+    digest, size = _sha256(tmp)
+    entry = {"file": path.name, "sha256": digest, "bytes": size, "step": step}
+    _write_json(_manifest_path(path), {**entry, "previous": previous})
+    _commit(tmp, path)
+    return entry
+
+
+def _read_manifest(manifest: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(manifest.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("sha256"), str):
+            raise ValueError("no sha256 entry")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint manifest {manifest}: {err}") from None
+    return data
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint written by ``train``: checksum verified, nothing but data unpickled.
+
+    The file's SHA-256 must match its manifest (``checkpoint.manifest.json`` beside it), and it
+    is loaded with ``torch.load(weights_only=True)``, which builds only tensors and plain
+    containers and refuses any other object instead of running its code. A checkpoint from a
+    qtrain without manifests (none beside it) is loaded with a warning. Raises
+    ``CheckpointError`` naming the file when it is truncated, corrupted or unsafe.
+
+    Example:
+        >>> state = read_checkpoint("runs/example/checkpoint.pt")  # doctest: +SKIP
+        >>> state["progress"]["step"]  # doctest: +SKIP
+        63
+    """
+    path = Path(path)
+    _verify_checkpoint(path)
+    return _load_checkpoint_data(path)
+
+
+def _verify_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The manifest entry that ``path``'s checksum matches (None: no manifest, legacy)."""
+    manifest = _manifest_path(path)
+    if not manifest.exists():
+        warnings.warn(
+            f"checkpoint {path} has no {MANIFEST_FILE} beside it (written by an older qtrain?): "
+            "its integrity is not verified",
+            stacklevel=3,
+        )
+        return None
+    expected = _read_manifest(manifest)
+    digest, size = _sha256(path)
+    for entry in (expected, expected.get("previous")):
+        if entry and entry.get("sha256") == digest:
+            return {k: v for k, v in entry.items() if k != "previous"}
+    raise CheckpointError(
+        f"checkpoint {path} does not match its manifest {manifest.name} ({size} bytes, sha256 "
+        f"{digest[:16]}…; expected {expected.get('bytes')} bytes, sha256 "
+        f"{expected['sha256'][:16]}…): the file is truncated or corrupted; refusing it"
+    )
+
+
+def _load_checkpoint_data(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's restricted unpickler names what it refused in a long multi-line message.
+        text = str(err)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe is not None:
+            raise CheckpointError(
+                f"refusing to load {path}: unpickling it would call {unsafe.group(1)}, which "
+                "could run code; a checkpoint holds only tensors and plain data"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.DOTALL)
+        raise _unreadable(path, reason.group(1) if reason else _first_line(err)) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise _unreadable(path, _first_line(err)) from None
+    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a qtrain checkpoint: it lacks {missing}")
+    return state
+
+
+def _unreadable(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read checkpoint {path}: {reason} (truncated, corrupted, or not a checkpoint)"
+    )
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -445,6 +625,43 @@ def _load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state)
 
 
+@dataclasses.dataclass
+class _StepSnapshot:
+    """What a step changes before its optimizer update: buffers (running statistics, running
+    ranges) and the RNG streams. Restored when a step is abandoned at a fault, so a skipped
+    step leaves no trace and a retried one draws the same random numbers as the first try."""
+
+    buffers: list[tuple[nn.Module, str, torch.Tensor]]
+    rng: dict[str, Any]
+
+    @classmethod
+    def take(cls, model: nn.Module) -> _StepSnapshot:
+        buffers = [
+            (module, name, buffer.clone())
+            for module in model.modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None
+        ]
+        return cls(buffers, _rng_state())
+
+    def restore(self) -> None:
+        for module, name, saved in self.buffers:
+            current = module._buffers[name]
+            if current is not None and current.shape == saved.shape:
+                current.copy_(saved)
+            else:  # the step (re)allocated it, e.g. the first running range
+                module._buffers[name] = saved
+        _set_rng_state(self.rng)
+
+
+class _StepFault(Exception):
+    """A step met a NaN/inf before its optimizer update (internal to the trainer)."""
+
+    def __init__(self, fault: Fault) -> None:
+        super().__init__(str(fault))
+        self.fault = fault
+
+
 class _Trainer:
     """One run: data, model, optimizer, recipe and the bookkeeping around them."""
 
@@ -454,6 +671,20 @@ class _Trainer:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainConfigError("device cuda requested but torch.cuda.is_available() is False")
+        _check_keywords(
+            f"data {config.data}",
+            "data_kwargs",
+            qdata.DATASETS[config.data],
+            config.data_kwargs,
+            supplied=1,
+        )
+        _check_keywords(
+            f"model {config.model}",
+            "model_kwargs",
+            qmodels.MODELS[config.model],
+            config.model_kwargs,
+            supplied=3,
+        )
         seed_everything(config.seed)
         try:
             self.dataset = qdata.load_dataset(
@@ -478,29 +709,50 @@ class _Trainer:
         self.model = recipe.prepare(model.to(self.device)).to(self.device)
         self.optimizer = build_optimizer(config, recipe, self.model)
         self.scaler = recipe.grad_scaler(self.device.type)
+        # Under a loss scaler, scaled gradients overflow on purpose: the scaler skips the step.
+        self.guard = NumericalGuard(self.model, gradients=self.scaler is None)
         self.steps_per_epoch = self.dataset.steps_per_epoch(config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.progress = _Progress(params_initial=_params(self.model))
+        self.checkpoint_entry: dict[str, Any] | None = None  # manifest entry of the file on disk
 
     # ---- checkpoints ----
     def save_checkpoint(self, path: Path) -> None:
+        """Write the checkpoint, after the metrics it covers are on disk.
+
+        Raises ``NumericalFaultError`` instead of writing a non-finite model or optimizer state.
+        """
+        fault = self._state_fault()
+        if fault is not None:
+            raise NumericalFaultError(
+                f"{fault}: refusing to write a checkpoint with it; {self._kept_checkpoint(path)}",
+                fault,
+            )
         state = {
             "format": 1,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "recipe": self.recipe.state_dict(),
+            "guard": self.guard.state_dict(),
             "rng": _rng_state(),
             "progress": self.progress.to_dict(),
         }
-        _atomic_write(path, lambda f: torch.save(state, f))
+        # A resumed run keeps the metrics up to the checkpoint's step: they must be durable first.
+        self.metrics.flush()
+        os.fsync(self.metrics.fileno())
+        self.checkpoint_entry = _write_checkpoint(
+            path, state, self.progress.step, self.checkpoint_entry
+        )
 
     def load_checkpoint(self, path: Path) -> None:
+        self.checkpoint_entry = _verify_checkpoint(path)
         # On the CPU: RNG states must be CPU tensors; model and optimizer copy to their device.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_checkpoint_data(path)
         # The recipe first, so it can restore any structure its state describes; then shapes.
         self.recipe.load_state_dict(state["recipe"])
         _load_model_state(self.model, state["model"])
+        self.guard.load_state_dict(state.get("guard", {}))
         self.optimizer = build_optimizer(self.config, self.recipe, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None:
@@ -509,43 +761,156 @@ class _Trainer:
         # Restored last: the RNG state must be exactly as it was after the checkpoint's step.
         _set_rng_state(state["rng"])
 
+    def _state_fault(self) -> Fault | None:
+        """The first non-finite tensor of the model's or the optimizer's state."""
+        step = self.progress.step
+        for key, tensor in self.model.state_dict().items():
+            if _is_nonfinite(tensor):
+                layer, _, role = key.rpartition(".")
+                module = type(self.model.get_submodule(layer)).__name__
+                return Fault(step, layer, module, role, _nonfinite_kind(tensor), persistent=True)
+        names = {param: name for name, param in self.model.named_parameters()}
+        for param, state in self.optimizer.state.items():
+            for key, tensor in state.items():
+                if _is_nonfinite(tensor):
+                    role = f"optimizer {key} of {names.get(param, 'a parameter')}"
+                    kind = _nonfinite_kind(tensor)
+                    return Fault(step, "(optimizer)", "", role, kind, persistent=True)
+        return None
+
+    def _kept_checkpoint(self, path: Path) -> str:
+        if self.checkpoint_entry is None:
+            return "no checkpoint was written"
+        return f"{path} still holds step {self.checkpoint_entry['step']}"
+
     # ---- steps ----
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return self.recipe.autocast(self.device.type) or contextlib.nullcontext()
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    def _guarded_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int] | None:
+        """A training step under ``on_nonfinite``; returns None when the step was skipped.
+
+        A fault is found before the optimizer update; the step's buffers, RNG streams and cost
+        are then rolled back, so the model is exactly as before the step. A fault seen by the
+        every-step checks (loss, weight gradients, a quantizer's NaN/inf error) on a step
+        without per-layer checks is located by running the step again with them.
+        """
+        every = self.config.check_every
+        check_layers = every > 0 and self.progress.step % every == 0
+        unlocated: Fault | None = None
+        for _ in range(MAX_STEP_ATTEMPTS):
+            snapshot = _StepSnapshot.take(self.model)
+            try:
+                result = self._train_step(x, y, check_layers)
+            except _StepFault as signal:
+                fault = signal.fault
+            else:
+                if unlocated is not None:  # did not come back with every layer checked
+                    self._report_fault(unlocated, "retried")
+                return result
+            snapshot.restore()
+            self.meter.pop()  # an abandoned attempt is not training cost
+            if not check_layers:
+                check_layers, unlocated = True, fault
+                continue
+            unlocated = None
+            action, reason = self._apply_policy(fault)
+            self._report_fault(fault, action)
+            if action == "skip":
+                self.progress.step += 1
+                return None
+            if action == "stop":
+                self._stop(fault, reason)
+        self._stop(fault, f"still non-finite after {MAX_STEP_ATTEMPTS} attempts")
+
+    def _apply_policy(self, fault: Fault) -> tuple[str, str]:
+        """(action taken, why) for a located fault; raises the layer's precision if asked."""
+        policy = self.config.on_nonfinite
+        if policy == "stop":
+            return "stop", "on_nonfinite=stop"
+        if fault.persistent:
+            return "stop", f"on_nonfinite={policy} cannot repair a non-finite {fault.role}"
+        if policy == "skip":
+            return "skip", ""
+        if self.guard.raise_precision(fault.layer):
+            return "raise-precision", ""
+        return "stop", f"on_nonfinite={policy}: {fault.layer} has no quantized operand to raise"
+
+    def _report_fault(self, fault: Fault, action: str) -> None:
+        record = {"kind": "fault", "step": fault.step, **dataclasses.asdict(fault)}
+        _write_record(self.metrics, {**record, "action": action})
+        if not self.config.quiet:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"qtrain: {fault} -> {action}", file=sys.stderr)
+
+    def _stop(self, fault: Fault, reason: str) -> NoReturn:
+        """Checkpoint the state from before the faulty step, then raise NumericalFaultError."""
+        path = self.out / CHECKPOINT_FILE
+        try:
+            self._sync_wall()
+            self.save_checkpoint(path)
+            kept = f"{path} holds step {self.progress.step}"
+        except NumericalFaultError as refused:
+            kept = str(refused)
+        raise NumericalFaultError(f"{fault}; training stopped ({reason}); {kept}", fault)
+
+    def _train_step(
+        self, x: torch.Tensor, y: torch.Tensor, check_layers: bool
+    ) -> tuple[float, int]:
+        """One step; raises ``_StepFault`` before the optimizer update if a NaN/inf shows."""
         config, recipe, model, step = self.config, self.recipe, self.model, self.progress.step
         recipe.on_step_start(step, self.total_steps, model)
         factor = lr_factor(config.schedule, step, self.total_steps, config.warmup_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         model.train()
-        with self._autocast():
-            logits = model(x)
-        loss, correct = _task_loss(logits, y, config.label_smoothing)
-        extra = recipe.extra_loss(model)
-        objective = loss if extra is None else loss + extra
-        self.optimizer.zero_grad(set_to_none=True)
+        guard = self.guard
+        guard.start(step + 1, check_layers)
+        try:
+            with self._autocast():
+                logits = model(x)
+            loss, correct = _task_loss(logits, y, config.label_smoothing)
+            extra = recipe.extra_loss(model)
+            objective = loss if extra is None else loss + extra
+            # One sync for the three numbers the step needs on the host.
+            values = torch.stack([loss.detach(), objective.detach().float(), correct.float()])
+            loss_value, objective_value, correct_count = values.tolist()
+            if not math.isfinite(objective_value):
+                kind = "nan" if math.isnan(objective_value) else "inf"
+                raise _StepFault(guard.first_fault() or Fault(step + 1, "(loss)", "", "loss", kind))
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(objective).backward()
+            else:
+                objective.backward()
+                guard.record_parameter_gradients()
+            fault = guard.first_fault()
+            if fault is not None:
+                raise _StepFault(fault)
+        except NonFiniteError as err:
+            # A quantizer refused NaN/inf; with layers checked, the records say where.
+            unlocated = Fault(step + 1, "(unlocated)", "", "quantizer input", "nan or inf")
+            raise _StepFault(guard.first_fault() or unlocated) from err
+        finally:
+            guard.stop()
         if self.scaler is not None:
-            self.scaler.scale(objective).backward()
-            # Hooks see true gradients, not scaled ones.
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)  # hooks see true gradients, not scaled ones
             recipe.before_optimizer_step(step, model, self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            objective.backward()
             recipe.before_optimizer_step(step, model, self.optimizer)
             self.optimizer.step()
-        loss_value = loss.item()
         if recipe.on_step_end(step, loss_value, model, self.optimizer):
             self.progress.cost += self.meter.pop()
             self.meter.remove()
             self.meter = CostMeter(model)
+            self.guard.reattach()
             self.optimizer = _rebuild_optimizer(config, recipe, model, self.optimizer)
         self.progress.cost += self.meter.pop()
         self.progress.step += 1
-        return loss_value, int(correct.item())
+        return loss_value, int(correct_count)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -562,6 +927,23 @@ class _Trainer:
                 loss, correct = _task_loss(logits, y, 0.0)
                 total.add(loss.item(), int(correct.item()), y.numel())
         return total.means()
+
+    def _checked_evaluation(self) -> tuple[float, float]:
+        """``evaluate()``; a NaN/inf test loss stops the run.
+
+        Evaluation changes nothing, so no policy applies: a non-finite result comes from the
+        model's state (reported as such when a tensor of it is NaN/inf) or from an overflow.
+        """
+        try:
+            test_loss, test_acc = self.evaluate()
+            kind = "nan" if math.isnan(test_loss) else "inf"
+        except NonFiniteError:
+            test_loss, test_acc, kind = math.nan, 0.0, "nan or inf"
+        if math.isfinite(test_loss):
+            return test_loss, test_acc
+        fault = self._state_fault() or Fault(self.progress.step, "(evaluation)", "", "loss", kind)
+        self._report_fault(fault, "stop")
+        self._stop(fault, "evaluation")
 
     def _record(self, kind: str, **fields: Any) -> dict[str, Any]:
         p = self.progress
@@ -581,6 +963,7 @@ class _Trainer:
     # ---- the loop ----
     def run(self, out: Path, resume: bool) -> dict[str, Any]:
         config = self.config
+        self.out = out
         checkpoint = out / CHECKPOINT_FILE
         metrics_path = out / METRICS_FILE
         if resume and checkpoint.exists():
@@ -604,20 +987,22 @@ class _Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.meter = CostMeter(self.model)
         self.session_start = time.perf_counter()
+        self.metrics = open(metrics_path, "a")  # noqa: SIM115  (closed in finally, spans the loop)
         try:
-            self._loop(metrics_path, checkpoint)
+            self._loop(checkpoint)
         finally:
+            self.metrics.close()
             self.meter.remove()
+            self.guard.remove()
         summary = self.summary()
         _write_json(out / SUMMARY_FILE, summary)
         return summary
 
-    def _loop(self, metrics_path: Path, checkpoint: Path) -> None:
+    def _loop(self, checkpoint: Path) -> None:
         config, p = self.config, self.progress
         bar = _progress_bar(self.total_steps, p.step, config.quiet)
         # Throughput of this process only (not checkpointed: it is a timing, not a result).
         window_samples, window_clock = 0, time.perf_counter()
-        metrics = open(metrics_path, "a")  # noqa: SIM115  (closed in finally, spans the loop)
         try:
             while p.step < self.total_steps:
                 epoch, first = divmod(p.step, self.steps_per_epoch)
@@ -626,9 +1011,11 @@ class _Trainer:
                     config.batch_size, epoch=epoch, seed=config.seed, augment=config.augment
                 )
                 for x, y in _skip(batches, first):
-                    loss, correct = self._train_step(x, y)
-                    p.window.add(loss, correct, y.numel())
-                    p.epoch_meter.add(loss, correct, y.numel())
+                    outcome = self._guarded_step(x, y)
+                    if outcome is not None:
+                        loss, correct = outcome
+                        p.window.add(loss, correct, y.numel())
+                        p.epoch_meter.add(loss, correct, y.numel())
                     p.epoch_elapsed = time.perf_counter() - epoch_start
                     window_samples += len(y)
                     bar.update(1)
@@ -638,18 +1025,17 @@ class _Trainer:
                         now = time.perf_counter()
                         record["samples_per_second"] = window_samples / (now - window_clock)
                         window_samples, window_clock = 0, now
-                        _write_record(metrics, record)
+                        _write_record(self.metrics, record)
                         _bar_postfix(bar, record)
                         p.window = _Meter()
                     if p.step % self.steps_per_epoch == 0:
-                        self._end_epoch(metrics, epoch)
+                        self._end_epoch(epoch)
                     if (
                         config.checkpoint_every and p.step % config.checkpoint_every == 0
                     ) or p.step == self.total_steps:
                         self._sync_wall()
                         self.save_checkpoint(checkpoint)
         finally:
-            metrics.close()
             bar.close()
 
     def _sync_wall(self) -> None:
@@ -657,7 +1043,7 @@ class _Trainer:
         self.progress.wall_seconds += now - self.session_start
         self.session_start = now
 
-    def _end_epoch(self, metrics: Any, epoch: int) -> None:
+    def _end_epoch(self, epoch: int) -> None:
         config, p = self.config, self.progress
         p.epoch_seconds.append(p.epoch_elapsed)
         p.epoch_elapsed = 0.0
@@ -667,13 +1053,13 @@ class _Trainer:
         fields: dict[str, Any] = {"train_loss": train_loss, "train_acc": train_acc}
         last = epoch + 1 == config.epochs
         if (epoch + 1) % config.eval_every == 0 or last:
-            test_loss, test_acc = self.evaluate()
+            test_loss, test_acc = self._checked_evaluation()
             p.test_acc = test_acc
             p.best_test_acc = max(test_acc, p.best_test_acc or 0.0)
             fields |= {"test_loss": test_loss, "test_acc": test_acc}
         record = self._record("epoch", **fields)
         record["epoch_seconds"] = p.epoch_seconds[-1]
-        _write_record(metrics, record)
+        _write_record(self.metrics, record)
 
     def summary(self) -> dict[str, Any]:
         p = self.progress
@@ -762,15 +1148,91 @@ def train(
     if resume and (out / CONFIG_FILE).exists():
         saved = json.loads((out / CONFIG_FILE).read_text())
         _check_same_run(saved, config, recipe)
-    trainer = _Trainer(config, recipe)
-    return trainer.run(out, resume)
+    trainer: _Trainer | None = None
+    try:
+        trainer = _Trainer(config, recipe)
+        return trainer.run(out, resume)
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        if trainer is None:
+            where, hint = "while loading data and model", "--train-subset or a smaller --width"
+        else:
+            where, hint = f"at step {trainer.progress.step + 1}", "a smaller --batch-size"
+        raise OutOfMemoryError(
+            f"out of memory {where} with batch size {config.batch_size} on {config.device} "
+            f"({_first_line(err)}); try {hint}"
+        ) from err
+
+
+# Messages of allocation failures: CUDA's, and the CPU allocator's (RuntimeError).
+_OUT_OF_MEMORY = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "not enough memory",
+)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return not isinstance(err, RunError) and any(m in text for m in _OUT_OF_MEMORY)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_nonfinite(value: Any) -> bool:
+    """A floating-point tensor holding NaN or inf."""
+    return (
+        torch.is_tensor(value)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    )
+
+
+def _nonfinite_kind(tensor: torch.Tensor) -> str:
+    return "nan" if bool(torch.isnan(tensor).any()) else "inf"
+
+
+def _check_keywords(
+    what: str, option: str, builder: Callable[..., Any], given: dict[str, Any], supplied: int
+) -> None:
+    """Check ``model_kwargs``/``data_kwargs`` against the builder's keyword parameters.
+
+    ``supplied`` leading parameters are the trainer's own; a value whose parameter is annotated
+    with a plain type (int, float, bool, str) must have that type.
+    """
+    bound = builder.keywords if isinstance(builder, functools.partial) else {}
+    signature = list(inspect.signature(builder).parameters.values())[supplied:]
+    params = {
+        p.name: p
+        for p in signature
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in bound
+    }
+    unknown = sorted(set(given) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in signature):
+        raise TrainConfigError(
+            f"{option}: {what} takes no {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(params) or 'none'}"
+        )
+    for key, value in given.items():
+        annotation = params[key].annotation if key in params else None
+        if isinstance(annotation, str) and annotation.removesuffix(" | None") in _SIMPLE_TYPES:
+            _check_type(f"{option}.{key}", value, annotation)
 
 
 def _check_same_run(saved: dict[str, Any], config: TrainConfig, recipe: Recipe) -> None:
-    """A resumed run must keep its config (only ``quiet`` may change)."""
-    saved_train = {**saved["train"], "quiet": config.quiet}
-    if saved_train != config.to_dict():
-        changed = sorted(k for k, v in config.to_dict().items() if saved_train.get(k) != v)
+    """A resumed run must keep its config (only the ``RESUME_MUTABLE`` options may change)."""
+    # Through TrainConfig, so that options added since the run started take their defaults.
+    saved_train = TrainConfig.from_dict(saved["train"]).to_dict()
+    ours = config.to_dict()
+    changed = sorted(k for k, v in ours.items() if k not in RESUME_MUTABLE and saved_train[k] != v)
+    if changed:
         raise TrainConfigError(f"cannot resume with changed train options: {changed}")
     if saved["recipe"] != recipe.name or saved["recipe_config"] != recipe.config.to_dict():
         raise TrainConfigError(
