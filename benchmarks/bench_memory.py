@@ -41,8 +41,9 @@ def measure(recipe_name: str, overrides: dict[str, str], batch: int, width: int)
 
     torch.manual_seed(0)
     recipe = build_recipe(recipe_name, overrides)
-    model = recipe.prepare(build_model("resnet9", input_shape=(1, 28, 28), num_classes=10,
-                                       width=width))
+    model = recipe.prepare(
+        build_model("resnet9", input_shape=(1, 28, 28), num_classes=10, width=width)
+    )
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     storages: dict[int, int] = {}
 
@@ -79,9 +80,19 @@ def main() -> None:
     rows = []
     for name in CONFIGS:
         child = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--batch", str(args.batch),
-             "--width", str(args.width)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                "--batch",
+                str(args.batch),
+                "--width",
+                str(args.width),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         rows.append({"name": name, **json.loads(child.stdout.strip().splitlines()[-1])})
     fp32 = rows[0]
@@ -89,18 +100,27 @@ def main() -> None:
         row["saved_ratio_to_fp32"] = round(row["saved_bytes"] / fp32["saved_bytes"], 3)
         row["peak_rss_ratio_to_fp32"] = round(row["peak_rss_bytes"] / fp32["peak_rss_bytes"], 3)
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "python": platform.python_version()},
-        "model": {"name": "resnet9", "width": args.width, "input_shape": [1, 28, 28],
-                  "batch": args.batch},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": {
+            "name": "resnet9",
+            "width": args.width,
+            "input_shape": [1, 28, 28],
+            "batch": args.batch,
+        },
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
-        print(f"{row['name']:34s} saved {row['saved_bytes'] / 2**20:8.1f} MiB "
-              f"(x{row['saved_ratio_to_fp32']:.3f})  peak RSS +{row['peak_rss_bytes'] / 2**20:8.1f} "
-              f"MiB (x{row['peak_rss_ratio_to_fp32']:.3f})")
+        print(
+            f"{row['name']:34s} saved {row['saved_bytes'] / 2**20:8.1f} MiB "
+            f"(x{row['saved_ratio_to_fp32']:.3f})  peak RSS +{row['peak_rss_bytes'] / 2**20:8.1f} "
+            f"MiB (x{row['peak_rss_ratio_to_fp32']:.3f})"
+        )
 
 
 if __name__ == "__main__":

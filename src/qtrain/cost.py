@@ -79,8 +79,11 @@ class StepCost:
     def to_dict(self) -> dict[str, float]:
         out: dict[str, float] = {f"macs_{r}": self.macs[r] for r in ROLES}
         out.update({f"bitops_{r}": self.bitops[r] for r in ROLES})
-        out.update(bitops_total=self.total_bitops, bitops_fp32_equiv=self.bitops_fp32,
-                   energy_pj=self.energy_pj)
+        out.update(
+            bitops_total=self.total_bitops,
+            bitops_fp32_equiv=self.bitops_fp32,
+            energy_pj=self.energy_pj,
+        )
         return out
 
     @classmethod
@@ -132,7 +135,9 @@ class CostMeter:
             if isinstance(module, nn.Linear | nn.Conv2d)
         ]
 
-    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def _hook(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> None:
         if self._paused:
             return
         macs = layer_macs(module, output)
