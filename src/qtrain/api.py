@@ -10,7 +10,8 @@ are registered by the recipes that define them, so this layer never imports a re
 >>> from qtrain.ops import GemmConfig
 >>> spec = QuantSpec(formats.INT8)
 >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
->>> quantize_(model, QuantizedTrainingConfig(GemmConfig(spec, spec, spec, spec)))[0].__class__.__name__
+>>> config = QuantizedTrainingConfig(GemmConfig(spec, spec, spec, spec))
+>>> type(quantize_(model, config)[0]).__name__
 'QLinear'
 >>> type(dequantize_(model)[0]).__name__
 'Linear'
@@ -27,6 +28,7 @@ from torch import nn
 from qtrain.nn import QConv2d, QLinear, RangeBatchNorm2d
 from qtrain.ops import GemmConfig
 from qtrain.quantizer import QuantSpec, QuantSpecError
+from qtrain.validation import check_fields, check_int, check_number
 
 FilterFn = Callable[[nn.Module, str], bool]
 _GEMM_TYPES = (nn.Linear, nn.Conv2d)
@@ -55,14 +57,10 @@ class QuantizedTrainingConfig:
     range_bn_chunks: int = 16
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gemm, GemmConfig):
-            raise QuantSpecError(f"QuantizedTrainingConfig.gemm must be a GemmConfig, got {self.gemm!r}")
-        if self.first_last is not None and not isinstance(self.first_last, GemmConfig):
-            raise QuantSpecError("QuantizedTrainingConfig.first_last must be a GemmConfig or None")
-        if not 0.0 <= self.range_momentum <= 1.0:
-            raise QuantSpecError(
-                f"QuantizedTrainingConfig.range_momentum must be in [0, 1], got {self.range_momentum}"
-            )
+        check_fields(self, QuantSpecError)
+        what = "QuantizedTrainingConfig."
+        check_number(what + "range_momentum", self.range_momentum, QuantSpecError, low=0, high=1)
+        check_int(what + "range_bn_chunks", self.range_bn_chunks, QuantSpecError, low=1)
 
 
 _HANDLERS: dict[type, Callable[[nn.Module, Any, FilterFn | None], nn.Module]] = {}
@@ -96,14 +94,15 @@ def quantize_(model: nn.Module, config: Any, filter_fn: FilterFn | None = None) 
         if config not in _NAMED_CONFIGS:
             import qtrain.recipes  # noqa: F401  (recipes register their config names)
         if config not in _NAMED_CONFIGS:
-            raise QuantSpecError(
-                f"quantize_: unknown config name {config!r}; choose from: {', '.join(sorted(_NAMED_CONFIGS))}"
-            )
+            names = ", ".join(sorted(_NAMED_CONFIGS))
+            raise QuantSpecError(f"quantize_: unknown config name {config!r}; choose from: {names}")
         config = _NAMED_CONFIGS[config]()
     handler = _HANDLERS.get(type(config))
     if handler is None:
         names = ", ".join(t.__name__ for t in _HANDLERS)
-        raise QuantSpecError(f"quantize_: no handler for {type(config).__name__}; registered: {names}")
+        raise QuantSpecError(
+            f"quantize_: no handler for {type(config).__name__}; registered: {names}"
+        )
     return handler(model, config, filter_fn)
 
 
@@ -125,13 +124,24 @@ def _quantize_training(
         if isinstance(module, QLinear | QConv2d):
             continue
         if isinstance(module, _GEMM_TYPES):
-            gemm = config.first_last if (name in edges and config.first_last is not None) else config.gemm
+            gemm = (
+                config.first_last
+                if (name in edges and config.first_last is not None)
+                else config.gemm
+            )
             cls = QLinear if isinstance(module, nn.Linear) else QConv2d
             _replace(model, name, cls.from_float(module, gemm, config.range_momentum))
         elif config.range_batchnorm and type(module) is nn.BatchNorm2d:
-            _replace(model, name, RangeBatchNorm2d.from_batchnorm(
-                module, num_chunks=config.range_bn_chunks,
-                input_spec=config.batchnorm_input_spec, grad_spec=config.batchnorm_grad_spec))
+            _replace(
+                model,
+                name,
+                RangeBatchNorm2d.from_batchnorm(
+                    module,
+                    num_chunks=config.range_bn_chunks,
+                    input_spec=config.batchnorm_input_spec,
+                    grad_spec=config.batchnorm_grad_spec,
+                ),
+            )
     return model
 
 
@@ -141,15 +151,25 @@ def dequantize_(model: nn.Module) -> nn.Module:
         if not name:
             continue  # the root cannot be replaced in place (quantize_ never swaps it either)
         if isinstance(module, QLinear):
-            plain = nn.Linear(module.in_features, module.out_features, module.bias is not None,
-                              device="meta")
+            plain = nn.Linear(
+                module.in_features, module.out_features, module.bias is not None, device="meta"
+            )
         elif isinstance(module, QConv2d):
-            plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
-                              module.stride, module.padding, module.dilation, module.groups,
-                              module.bias is not None, device="meta")
+            plain = nn.Conv2d(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+                module.bias is not None,
+                device="meta",
+            )
         elif isinstance(module, RangeBatchNorm2d):
-            plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum,
-                                   module.affine, device="meta")
+            plain = nn.BatchNorm2d(
+                module.num_features, module.eps, module.momentum, module.affine, device="meta"
+            )
             plain.running_mean, plain.running_var = module.running_mean, module.running_var
             plain.num_batches_tracked = module.num_batches_tracked
         else:

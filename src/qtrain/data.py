@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qtrain.validation import matches, refuse
+
 try:
     from numpy._core import multiarray as _np_multiarray
     from numpy._core import numeric as _np_numeric
@@ -710,11 +712,14 @@ def _load_synthetic(
     visible to small convolutions and survive pooling; a small CNN learns them in one epoch.
     No default augmentation: a shifted or mirrored pattern is no longer its class's pattern.
     """
+    sizes = isinstance(shape, Sequence) and not isinstance(shape, str) and len(shape) > 0
+    if not (sizes and all(matches(n, int) and n >= 1 for n in shape)):
+        refuse("synthetic: shape", shape, "a non-empty list of ints >= 1", ValueError)
     shape = tuple(shape)
-    if num_classes < 2 or size < 1 or test_size < 1 or not shape or min(shape) < 1:
+    if num_classes < 2 or size < 1 or test_size < 1:
         raise ValueError(
-            f"synthetic needs num_classes >= 2, size/test_size >= 1 and a non-empty shape of "
-            f"positive sizes; got {num_classes}, {size}/{test_size}, {shape}"
+            f"synthetic needs num_classes >= 2 and size/test_size >= 1; got {num_classes}, "
+            f"{size}/{test_size}"
         )
     generator = torch.Generator().manual_seed(request.seed)
     if len(shape) >= 2:

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from qtrain.validation import check_int, check_type
+
 
 class FormatError(ValueError):
     """A format was constructed with values outside what it allows."""
@@ -38,10 +40,8 @@ class Int:
     signed: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise FormatError(f"Int.bits must be an int in 1..16, got {self.bits!r}")
-        if not 1 <= self.bits <= 16:
-            raise FormatError(f"Int.bits must be in 1..16, got {self.bits}")
+        check_int("Int.bits", self.bits, FormatError, low=1, high=16)
+        check_type("Int.signed", self.signed, bool, FormatError)
         if self.signed and self.bits == 1:
             # A narrow signed 1-bit range is {0}; 1-bit signed means binary ±1 (sign), which is
             # Int(2)'s ternary grid restricted; refuse rather than silently collapse to zero.
@@ -85,12 +85,11 @@ class MiniFloat:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for field, value, low, high in (
-            ("exponent_bits", self.exponent_bits, 2, 8),
-            ("mantissa_bits", self.mantissa_bits, 0, 23),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise FormatError(f"MiniFloat.{field} must be an int in {low}..{high}, got {value!r}")
+        check_int("MiniFloat.exponent_bits", self.exponent_bits, FormatError, low=2, high=8)
+        check_int("MiniFloat.mantissa_bits", self.mantissa_bits, FormatError, low=0, high=23)
+        check_type("MiniFloat.has_inf", self.has_inf, bool, FormatError)
+        check_type("MiniFloat.saturate", self.saturate, bool, FormatError)
+        check_type("MiniFloat.name", self.name, str, FormatError)
         if not self.has_inf and self.mantissa_bits == 0:
             raise FormatError("MiniFloat without inf needs mantissa_bits >= 1 to encode NaN")
 
@@ -149,14 +148,10 @@ class BlockFloat:
     axis: int = -1
 
     def __post_init__(self) -> None:
-        bits = self.mantissa_bits
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-            # The mantissa is a narrow-range signed integer, so it needs at least 2 bits.
-            raise FormatError(f"BlockFloat.mantissa_bits must be an int in 2..16, got {bits!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
-            raise FormatError(f"BlockFloat.block_size must be a positive int, got {self.block_size!r}")
-        if self.block_size < 1:
-            raise FormatError(f"BlockFloat.block_size must be >= 1, got {self.block_size}")
+        # The mantissa is a narrow-range signed integer, so it needs at least 2 bits.
+        check_int("BlockFloat.mantissa_bits", self.mantissa_bits, FormatError, low=2, high=16)
+        check_int("BlockFloat.block_size", self.block_size, FormatError, low=1)
+        check_int("BlockFloat.axis", self.axis, FormatError)
 
     @property
     def bits(self) -> float:

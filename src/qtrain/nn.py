@@ -30,6 +30,7 @@ from qtrain.quantizer import (
     qparams_from_range,
     quantize,
 )
+from qtrain.validation import check_int, check_number, check_type, matches, refuse
 
 _RANGE_KEYS = ("input_low", "input_high")
 
@@ -41,17 +42,16 @@ class _QuantizedGemmModule:
     range_momentum: float
 
     def _init_quant(self, config: GemmConfig, range_momentum: float) -> None:
-        if not 0.0 <= range_momentum <= 1.0:
-            raise QuantSpecError(f"range_momentum must be in [0, 1], got {range_momentum}")
-        self.range_momentum = range_momentum
+        what = f"{type(self).__name__}.range_momentum"
+        check_number(what, range_momentum, QuantSpecError, low=0.0, high=1.0)
+        self.range_momentum = float(range_momentum)
         self.register_buffer("input_low", torch.zeros(0), persistent=True)
         self.register_buffer("input_high", torch.zeros(0), persistent=True)
         self.set_config(config)
 
     def set_config(self, config: GemmConfig) -> None:
         """Switch specs (e.g. bit-widths) in place; running ranges are kept when still used."""
-        if not isinstance(config, GemmConfig):
-            raise QuantSpecError(f"config must be a GemmConfig, got {type(config).__name__}")
+        check_type(f"{type(self).__name__}.config", config, GemmConfig, QuantSpecError)
         self.config = config
 
     @property
@@ -116,7 +116,9 @@ class QLinear(_QuantizedGemmModule, nn.Linear):
         self._init_quant(config or GemmConfig(), range_momentum)
 
     @classmethod
-    def from_float(cls, module: nn.Linear, config: GemmConfig, range_momentum: float = 0.1) -> QLinear:
+    def from_float(
+        cls, module: nn.Linear, config: GemmConfig, range_momentum: float = 0.1
+    ) -> QLinear:
         """A QLinear sharing ``module``'s parameters."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -135,29 +137,55 @@ class QLinear(_QuantizedGemmModule, nn.Linear):
 class QConv2d(_QuantizedGemmModule, nn.Conv2d):
     """``nn.Conv2d`` (zero padding) whose three products follow a GemmConfig."""
 
-    def __init__(self, *args: Any, config: GemmConfig | None = None, range_momentum: float = 0.1,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        config: GemmConfig | None = None,
+        range_momentum: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
         nn.Conv2d.__init__(self, *args, **kwargs)
         _check_conv(self)
         self._init_quant(config or GemmConfig(), range_momentum)
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, config: GemmConfig, range_momentum: float = 0.1) -> QConv2d:
+    def from_float(
+        cls, module: nn.Conv2d, config: GemmConfig, range_momentum: float = 0.1
+    ) -> QConv2d:
         """A QConv2d sharing ``module``'s parameters."""
         _check_conv(module)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                     "transposed", "output_padding", "groups", "padding_mode",
-                     "_reversed_padding_repeated_twice"):
+        for name in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+            "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
             setattr(new, name, getattr(module, name))
         new.weight, new.bias = module.weight, module.bias
         new._init_quant(config, range_momentum)
         return new.train(module.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_conv2d(x, self.weight, self.bias, self.config, self.stride, self.padding,
-                                self.dilation, self.groups, self._input_qparams(x))
+        return quantized_conv2d(
+            x,
+            self.weight,
+            self.bias,
+            self.config,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self._input_qparams(x),
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, config={_describe(self.config)}"
@@ -172,8 +200,12 @@ def _check_conv(module: nn.Conv2d) -> None:
 
 
 def _describe(config: GemmConfig) -> str:
-    roles = (("input", config.input_spec), ("weight", config.weight_spec),
-             ("grad_input", config.grad_input_spec), ("grad_weight", config.grad_weight_spec))
+    roles = (
+        ("input", config.input_spec),
+        ("weight", config.weight_spec),
+        ("grad_input", config.grad_input_spec),
+        ("grad_weight", config.grad_weight_spec),
+    )
     return "(" + ", ".join(f"{role}={spec or 'float'}" for role, spec in roles) + ")"
 
 
@@ -192,15 +224,28 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
     Optional ``input_spec`` fake-quantizes the input, ``grad_spec`` the gradient of the output.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
-                 *, num_chunks: int = 16, constant: float | None = None,
-                 input_spec: QuantSpec | None = None, grad_spec: QuantSpec | None = None,
-                 device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        *,
+        num_chunks: int = 16,
+        constant: float | None = None,
+        input_spec: QuantSpec | None = None,
+        grad_spec: QuantSpec | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        check_int("RangeBatchNorm2d.num_chunks", num_chunks, QuantSpecError, low=1)
+        if constant is not None and not (matches(constant, float) and 0 < constant < math.inf):
+            refuse(
+                "RangeBatchNorm2d.constant", constant, "a finite number > 0 or None", QuantSpecError
+            )
+        for name, spec in (("input_spec", input_spec), ("grad_spec", grad_spec)):
+            check_type(f"RangeBatchNorm2d.{name}", spec, QuantSpec | None, QuantSpecError)
         super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
-        if num_chunks < 1:
-            raise QuantSpecError(f"RangeBatchNorm2d.num_chunks must be >= 1, got {num_chunks}")
-        if constant is not None and not constant > 0:
-            raise QuantSpecError(f"RangeBatchNorm2d.constant must be > 0, got {constant}")
         self.num_chunks = num_chunks
         self.constant = constant
         self.input_spec = input_spec
@@ -209,8 +254,14 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, **kwargs: Any) -> RangeBatchNorm2d:
         """A RangeBatchNorm2d sharing ``bn``'s parameters and buffers."""
-        new = cls(bn.num_features, bn.eps, bn.momentum if bn.momentum is not None else 0.1,
-                  bn.affine, device=bn.running_mean.device, **kwargs)
+        new = cls(
+            bn.num_features,
+            bn.eps,
+            bn.momentum if bn.momentum is not None else 0.1,
+            bn.affine,
+            device=bn.running_mean.device,
+            **kwargs,
+        )
         new.weight, new.bias = bn.weight, bn.bias
         new.running_mean, new.running_var = bn.running_mean, bn.running_var
         new.num_batches_tracked = bn.num_batches_tracked
@@ -244,15 +295,18 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(f"RangeBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"RangeBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}"
+            )
         if self.input_spec is not None:
             x = quantize(x, self.input_spec)
         if self.training:
             x = x.float()  # statistics in float32 whatever the input dtype (autocast: bf16/fp16)
             chunks = self._chunks(x)
             if x.shape[0] % chunks == 0:
-                y, mean, spread = _RangeNorm.apply(x, self.weight, self.bias, chunks,
-                                                   self.constant, self.eps)
+                y, mean, spread = _RangeNorm.apply(
+                    x, self.weight, self.bias, chunks, self.constant, self.eps
+                )
             else:
                 mean, value_range, chunk_size = self._batch_range(x)
                 constant = self.constant or range_bn_constant(chunk_size)
@@ -293,8 +347,10 @@ class _RangeNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, chunks, constant, eps):  # type: ignore[override]
         batch, channels = x.shape[:2]
         # (K, C, B/K·H·W): each chunk-channel's values contiguous, for max/min with indices.
-        grouped = x.view(chunks, batch // chunks, channels, -1).transpose(1, 2).reshape(
-            chunks, channels, -1
+        grouped = (
+            x.view(chunks, batch // chunks, channels, -1)
+            .transpose(1, 2)
+            .reshape(chunks, channels, -1)
         )
         highs, high_index = grouped.max(dim=2)
         lows, low_index = grouped.min(dim=2)
@@ -314,7 +370,15 @@ class _RangeNorm(torch.autograd.Function):
         gamma = weight if weight is not None else torch.ones_like(s)
         # Eval-mode BN backward with invstd = s: g·γ·s, Σ g·(x − μ)·s, Σ g.
         grad_x, grad_gamma_s, grad_beta = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(), x, gamma, mean, (1.0 / s) ** 2, None, None, False, 0.0,
+            grad.contiguous(),
+            x,
+            gamma,
+            mean,
+            (1.0 / s) ** 2,
+            None,
+            None,
+            False,
+            0.0,
             [True, True, True],
         )
         batch, channels = x.shape[:2]

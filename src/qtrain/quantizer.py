@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from qtrain import formats as fmt
 from qtrain import kernels
 from qtrain.formats import BlockFloat, Format, Int, MiniFloat
+from qtrain.validation import check_int, check_type, matches, refuse
 
 
 class QuantSpecError(ValueError):
@@ -56,6 +58,9 @@ class PerChannel:
 
     axis: int = 0
 
+    def __post_init__(self) -> None:
+        check_int("PerChannel.axis", self.axis, QuantSpecError)
+
 
 @dataclasses.dataclass(frozen=True)
 class PerGroup:
@@ -65,10 +70,8 @@ class PerGroup:
     axis: int = -1
 
     def __post_init__(self) -> None:
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-            raise QuantSpecError(f"PerGroup.group_size must be a positive int, got {self.group_size!r}")
-        if self.group_size < 1:
-            raise QuantSpecError(f"PerGroup.group_size must be >= 1, got {self.group_size}")
+        check_int("PerGroup.group_size", self.group_size, QuantSpecError, low=1)
+        check_int("PerGroup.axis", self.axis, QuantSpecError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,9 @@ class MinMax:
 
     batch_mean: bool = False
 
+    def __post_init__(self) -> None:
+        check_type("MinMax.batch_mean", self.batch_mean, bool, QuantSpecError)
+
 
 @dataclasses.dataclass(frozen=True)
 class Clip:
@@ -105,8 +111,9 @@ class Clip:
     value: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.value, int | float) or not math.isfinite(self.value) or self.value <= 0:
-            raise QuantSpecError(f"Clip.value must be a finite number > 0, got {self.value!r}")
+        value = self.value
+        if not (matches(value, float) and math.isfinite(value) and value > 0):
+            refuse("Clip.value", value, "a finite number > 0", QuantSpecError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,14 +145,17 @@ class QuantSpec:
 
     Args:
         format: ``formats.Int``, ``formats.MiniFloat`` or ``formats.BlockFloat``.
-        granularity: ``PerTensor()``, ``PerChannel(axis)``, ``PerGroup(size, axis)``, ``PerToken()``.
+        granularity: ``PerTensor()``, ``PerChannel(axis)``, ``PerGroup(size, axis)``,
+            ``PerToken()``.
         scale: the scale rule; default AbsMax for signed ints, MinMax for unsigned ints,
             none for minifloats (a plain cast), PowerOfTwo per block for block floats.
         rounding: ``Rounding.NEAREST`` (half to even) or ``Rounding.STOCHASTIC``.
         clip_gradient: STE gradient is zero where the value was clipped (as
             ``torch.fake_quantize_*``); False passes the gradient everywhere.
-        nonfinite: integer formats only: ``"error"`` raises on NaN/inf input, ``"propagate"``
-            finds the scale over finite values and passes NaN/inf through in ``quantize``.
+        nonfinite: scaled formats (integer, block float, a minifloat with a scale): ``"error"``
+            raises on NaN/inf input, ``"propagate"`` finds the scale over finite values and
+            passes NaN/inf through in ``quantize``. A plain minifloat cast carries NaN/inf as
+            the format does (torch's cast), whatever the policy.
     """
 
     format: Format
@@ -156,30 +166,17 @@ class QuantSpec:
     nonfinite: str = "error"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.format, Int | MiniFloat | BlockFloat):
-            raise QuantSpecError(
-                f"QuantSpec.format must be formats.Int, MiniFloat or BlockFloat, got {self.format!r}"
-            )
-        if not isinstance(self.granularity, PerTensor | PerChannel | PerGroup | PerToken):
-            raise QuantSpecError(
-                "QuantSpec.granularity must be PerTensor(), PerChannel(axis), PerGroup(size) or "
-                f"PerToken(), got {self.granularity!r}"
-            )
-        if self.scale is not None and not isinstance(
-            self.scale, AbsMax | MinMax | Clip | LearnedStep | PowerOfTwo
-        ):
-            raise QuantSpecError(
-                "QuantSpec.scale must be AbsMax(), MinMax(), Clip(c), LearnedStep(), PowerOfTwo() "
-                f"or None, got {self.scale!r}"
-            )
-        if not isinstance(self.rounding, Rounding):
-            raise QuantSpecError(
-                f"QuantSpec.rounding must be Rounding.NEAREST or Rounding.STOCHASTIC, got {self.rounding!r}"
-            )
-        if self.nonfinite not in ("error", "propagate"):
-            raise QuantSpecError(
-                f"QuantSpec.nonfinite must be 'error' or 'propagate', got {self.nonfinite!r}"
-            )
+        for field, kind, allowed in (
+            ("format", Format, "formats.Int, MiniFloat or BlockFloat"),
+            ("granularity", Granularity,
+             "PerTensor(), PerChannel(axis), PerGroup(size) or PerToken()"),
+            ("scale", ScaleRule | None,
+             "AbsMax(), MinMax(), Clip(c), LearnedStep(), PowerOfTwo() or None"),
+            ("rounding", Rounding, "Rounding.NEAREST or Rounding.STOCHASTIC"),
+            ("clip_gradient", bool, "a bool"),
+            ("nonfinite", typing.Literal["error", "propagate"], "'error' or 'propagate'"),
+        ):  # fmt: skip
+            check_type(f"QuantSpec.{field}", getattr(self, field), kind, QuantSpecError, allowed)
         if isinstance(self.format, BlockFloat):
             # PerGroup(block) and PowerOfTwo() are what this sets; accepting them back keeps
             # dataclasses.replace() working on a block-float spec.
@@ -188,19 +185,22 @@ class QuantSpec:
             if self.granularity not in (PerTensor(), block) or not own_scale:
                 raise QuantSpecError(
                     "QuantSpec with a BlockFloat format takes its block and power-of-two scale "
-                    "from the format: leave granularity and scale at their defaults"
+                    "from the format: leave granularity and scale at their defaults, got "
+                    f"granularity={self.granularity!r}, scale={self.scale!r}"
                 )
             object.__setattr__(self, "granularity", block)
             object.__setattr__(self, "scale", PowerOfTwo())
         elif isinstance(self.format, Int) and self.scale is None:
             object.__setattr__(self, "scale", AbsMax() if self.format.signed else MinMax())
         elif isinstance(self.format, MiniFloat) and not isinstance(self.scale, AbsMax | None):
+            allowed = "None (plain cast) or AbsMax() for a minifloat"
+            refuse("QuantSpec.scale", self.scale, allowed, QuantSpecError)
+        batch_mean = isinstance(self.scale, MinMax) and self.scale.batch_mean
+        if batch_mean and not isinstance(self.granularity, PerTensor):
             raise QuantSpecError(
-                f"QuantSpec.scale for a minifloat must be None (plain cast) or AbsMax(), got {self.scale!r}"
+                "MinMax(batch_mean=True) reads per-sample ranges of the whole tensor: it "
+                f"needs granularity PerTensor(), got {self.granularity!r}"
             )
-        if isinstance(self.scale, MinMax) and self.scale.batch_mean:
-            if not isinstance(self.granularity, PerTensor):
-                raise QuantSpecError("MinMax(batch_mean=True) needs granularity PerTensor()")
 
     @property
     def int_format(self) -> Int | None:
@@ -274,10 +274,27 @@ def _untag(data: dict[str, Any]) -> Any:
 # ---- canonical (O, C, I) view -----------------------------------------------------------------
 
 
-def _axis(axis: int, ndim: int, what: str) -> int:
-    if not -ndim <= axis < ndim:
-        raise QuantSpecError(f"{what}.axis={axis} is out of range for a {ndim}-d tensor")
-    return axis % ndim
+def _scale_axis(x: torch.Tensor, granularity: Granularity) -> int:
+    """The axis of x that ``granularity`` splits into scales (PerTensor: -1), once checked:
+    x has a dimension, the axis is in range, a group size divides it."""
+    if isinstance(granularity, PerTensor):
+        return -1
+    name = type(granularity).__name__
+    if x.dim() == 0:
+        raise QuantSpecError(f"{name} needs a tensor with at least one dimension")
+    if isinstance(granularity, PerToken):
+        return x.dim() - 1
+    if not -x.dim() <= granularity.axis < x.dim():
+        raise QuantSpecError(
+            f"{name}.axis={granularity.axis} is out of range for a {x.dim()}-d tensor"
+        )
+    axis = granularity.axis % x.dim()
+    if isinstance(granularity, PerGroup) and x.shape[axis] % granularity.group_size:
+        raise QuantSpecError(
+            f"PerGroup.group_size={granularity.group_size} must divide the size "
+            f"{x.shape[axis]} of axis {granularity.axis}"
+        )
+    return axis
 
 
 def canonical_view(
@@ -286,52 +303,45 @@ def canonical_view(
     """A contiguous float32 (O, C, I) view of x (C = values sharing a scale's index) and the
     function that maps a same-shaped result back to x's shape."""
     shape = x.shape
+    axis = _scale_axis(x, granularity)
     if isinstance(granularity, PerTensor):
         x3 = x.reshape(1, 1, -1)
     elif isinstance(granularity, PerChannel):
-        if x.dim() == 0:
-            raise QuantSpecError("PerChannel needs a tensor with at least one dimension")
-        axis = _axis(granularity.axis, x.dim(), "PerChannel")
         x3 = x.reshape(math.prod(shape[:axis]), shape[axis], -1)
     elif isinstance(granularity, PerToken):
-        if x.dim() == 0:
-            raise QuantSpecError("PerToken needs a tensor with at least one dimension")
         x3 = x.reshape(1, -1, shape[-1])
+    elif axis != x.dim() - 1:
+        moved = x.movedim(axis, -1)
+        moved_shape = moved.shape
+        x3 = moved.reshape(1, -1, granularity.group_size)
+        return _as_f32(x3), lambda y: y.reshape(moved_shape).movedim(-1, axis)
     else:
-        if x.dim() == 0:
-            raise QuantSpecError("PerGroup needs a tensor with at least one dimension")
-        axis = _axis(granularity.axis, x.dim(), "PerGroup")
-        size = shape[axis]
-        if size % granularity.group_size:
-            raise QuantSpecError(
-                f"PerGroup.group_size={granularity.group_size} must divide the size {size} of "
-                f"axis {granularity.axis}"
-            )
-        if axis != x.dim() - 1:
-            moved = x.movedim(axis, -1)
-            moved_shape = moved.shape
-            x3 = moved.reshape(1, -1, granularity.group_size)
-            return _as_f32(x3), lambda y: y.reshape(moved_shape).movedim(-1, axis)
         x3 = x.reshape(1, -1, granularity.group_size)
     return _as_f32(x3), lambda y: y.reshape(shape)
 
 
 def _as_f32(x3: torch.Tensor) -> torch.Tensor:
-    return x3.to(torch.float32).contiguous()
+    x32 = x3.to(torch.float32).contiguous()
+    if x3.dtype.itemsize > 4 and bool((torch.isinf(x32) & torch.isfinite(x3)).any()):
+        top = float(x3.abs().nan_to_num(0.0, 0.0, 0.0).max())
+        raise QuantSpecError(
+            f"quantize: x ({x3.dtype}) has finite values beyond float32's range (max |x| = "
+            f"{top:.6g}); the quantizer computes in float32"
+        )
+    return x32
 
 
 def qparams_shape(x: torch.Tensor, granularity: Granularity) -> tuple[int, ...]:
     """Shape of the scale/zero point ``quantize_int`` returns. It broadcasts against x, except
     for PerGroup(G, axis): x's shape with the group axis shrunk to size/G, which broadcasts as
     ``scale.unsqueeze(axis + 1)`` against ``x.unflatten(axis, (size // G, G))``."""
+    axis = _scale_axis(x, granularity)
     if isinstance(granularity, PerTensor):
         return ()
     if isinstance(granularity, PerChannel):
-        axis = _axis(granularity.axis, x.dim(), "PerChannel")
         return (x.shape[axis],) + (1,) * (x.dim() - axis - 1)
     if isinstance(granularity, PerToken):
         return tuple(x.shape[:-1]) + (1,)
-    axis = _axis(granularity.axis, x.dim(), "PerGroup")
     shape = list(x.shape)
     shape[axis] //= granularity.group_size
     return tuple(shape)
@@ -345,7 +355,7 @@ def _qparams_layout(
     shape = qparams_shape(x, granularity)
     if not isinstance(granularity, PerGroup):
         return values.reshape(shape)
-    axis = _axis(granularity.axis, x.dim(), "PerGroup")
+    axis = _scale_axis(x, granularity)
     moved = shape[:axis] + shape[axis + 1 :] + shape[axis : axis + 1]
     return values.reshape(moved).movedim(-1, axis)
 
@@ -370,21 +380,27 @@ def _check_finite(values: torch.Tensor, spec: QuantSpec) -> None:
         )
 
 
+_F32 = torch.finfo(torch.float32)
+
+
 def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
-    # An all-zero channel gets scale 1 (quantizes to exact zeros); a positive scale is kept at
-    # least the smallest normal float so that 1/scale stays finite.
-    tiny = torch.finfo(torch.float32).tiny
-    return torch.where(scale > 0, scale.clamp_min(tiny), torch.ones_like(scale))
+    # An all-zero channel gets scale 1 (quantizes to exact zeros). A positive scale is kept in
+    # float32's normal range: at least the smallest normal so that 1/scale stays finite, at
+    # most the largest (a power-of-two scale above amax/qmax may round up to 2^128 = inf).
+    return torch.where(scale > 0, scale.clamp(_F32.tiny, _F32.max), torch.ones_like(scale))
 
 
-def qparams_from_range(
-    low: torch.Tensor, high: torch.Tensor, int_format: Int
-) -> QParams:
+def qparams_from_range(low: torch.Tensor, high: torch.Tensor, int_format: Int) -> QParams:
     """Affine (GEMMLOWP) scale and integer zero point for the range [low, high] ∪ {0}."""
     low = low.clamp(max=0.0)
     high = high.clamp(min=0.0)
-    scale = _safe_scale((high - low) / (int_format.qmax - int_format.qmin))
-    zero_point = (int_format.qmin - torch.round(low / scale)).clamp(int_format.qmin, int_format.qmax)
+    steps = int_format.qmax - int_format.qmin
+    scale = (high - low) / steps
+    # A range wider than float32's largest value overflows high − low: divide first there.
+    scale = _safe_scale(torch.where(torch.isinf(scale), high / steps - low / steps, scale))
+    zero_point = (int_format.qmin - torch.round(low / scale)).clamp(
+        int_format.qmin, int_format.qmax
+    )
     return QParams(scale, zero_point)
 
 
@@ -400,8 +416,15 @@ def _observe_view(
     if rule.batch_mean:
         # SBM activations: mean over samples of per-sample minima/maxima.
         per_sample = x3.reshape(x.shape[0] if x.dim() else 1, -1)
-        return per_sample.amin(1).mean().view(1), per_sample.amax(1).mean().view(1)
+        return _mean(per_sample.amin(1)), _mean(per_sample.amax(1))
     return kernels.implementation(x3.device).minmax(x3)
+
+
+def _mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean as shape (1,); where float32's sum of values near its largest overflows (the
+    mean itself cannot), the sum of values / n."""
+    mean = values.mean()
+    return torch.where(torch.isinf(mean), (values / values.numel()).sum(), mean).view(1)
 
 
 def observe_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,8 +452,9 @@ def _qparams_of_view(x: torch.Tensor, x3: torch.Tensor, spec: QuantSpec) -> QPar
     if isinstance(rule, Clip):
         if not propagate:
             _check_finite(x3, spec)
-        bound = spec.int_format.qmax if spec.int_format else spec.format.max_value
-        return QParams(torch.full((channels,), rule.value / bound, device=x3.device), zeros)
+        # A clip value beyond float32's range is held at its smallest normal / largest value.
+        step = min(max(rule.value / spec.int_format.qmax, _F32.tiny), _F32.max)
+        return QParams(torch.full((channels,), step, device=x3.device), zeros)
     if isinstance(rule, LearnedStep):
         raise QuantSpecError("QuantSpec with LearnedStep() needs quantize(..., step=tensor)")
     amax = impl.absmax(source)
@@ -469,9 +493,7 @@ def _fake_quant_view(
     )
 
 
-def _prepare(
-    x: torch.Tensor, spec: QuantSpec, what: str
-) -> None:
+def _prepare(x: torch.Tensor, spec: QuantSpec, what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -501,13 +523,98 @@ def fake_quantize_with_mask(
     want_mask = want_mask and needs_clip_mask(spec, qparams is not None)
     if qparams is None and spec.scale is not None:
         qparams = _qparams_of_view(x, x3, spec)
-    elif qparams is not None and spec.nonfinite == "error":
-        _check_finite(x3, spec)
+    elif qparams is not None:
+        _check_qparams(qparams, x3.shape[1], spec, "quantize")
+        if spec.nonfinite == "error":
+            _check_finite(x3, spec)
     seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
     y3, mask = _fake_quant_view(x3, spec, qparams, seed, want_mask)
+    if qparams is not None:  # a plain minifloat cast keeps the format's own overflow and NaN
+        y3 = _finish(y3, x3, qparams, spec, x.dtype)
+    return restore(y3).to(x.dtype), None if mask is None else restore(mask)
+
+
+def _finish(
+    y3: torch.Tensor, x3: torch.Tensor, qparams: QParams, spec: QuantSpec, dtype: torch.dtype
+) -> torch.Tensor:
+    """A scaled result in x's dtype's finite range, NaN/inf passed through if propagated.
+
+    A grid may reach past the largest value of x's dtype: a float16 input near 65504 whose
+    power-of-two scale rounds up, or whose zero point is nudged; a range wider than float32's
+    largest value. Such results are held at that largest value, as a saturating cast would.
+    """
+    bound = min(torch.finfo(dtype).max, _F32.max)
+    scale, zero_point = _per_tensor_on_host(qparams.scale, qparams.zero_point)
+    int_format = spec.int_format
+    if int_format is None:
+        levels = spec.format.max_value
+    else:  # max(qmax − z, z − qmin): the most levels a value may lie from the zero point
+        qmin, qmax = int_format.qmin, int_format.qmax
+        levels = (qmax - qmin + abs(qmax + qmin - 2 * zero_point)) / 2
+    past = levels * scale > bound
+    if past if isinstance(past, bool) else bool(past.any()):
+        y3 = y3.clamp(-bound, bound)
     if spec.nonfinite == "propagate":
         y3 = torch.where(torch.isfinite(x3), y3, x3)
-    return restore(y3).to(x.dtype), None if mask is None else restore(mask)
+    return y3
+
+
+def _per_tensor_on_host(
+    scale: torch.Tensor, zero_point: torch.Tensor
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """Scale and zero point flattened; one of each (per tensor) read as Python floats, which
+    is cheaper than a chain of one-element tensor operations and a device sync."""
+    if scale.numel() == 1:
+        return scale.item(), zero_point.item()
+    return scale.detach().reshape(-1), zero_point.reshape(-1)
+
+
+def _first_bad_scale(scale: torch.Tensor, zero_point: torch.Tensor) -> int | None:
+    """Index of the first scale not finite and > 0 or zero point not finite, else None."""
+    scale, zero_point = _per_tensor_on_host(scale, zero_point)
+    if isinstance(scale, float):
+        return None if 0 < scale < math.inf and math.isfinite(zero_point) else 0
+    ok = (scale > 0) & torch.isfinite(scale) & torch.isfinite(zero_point)
+    return None if bool(ok.all()) else int((~ok).nonzero()[0])
+
+
+def _check_qparams(qparams: QParams, channels: int, spec: QuantSpec, what: str) -> None:
+    """Given qparams hold one finite scale > 0 and one finite zero point per channel."""
+    if not isinstance(qparams, QParams):
+        raise TypeError(f"{what}: qparams must be a QParams, got {type(qparams).__name__}")
+    for name in ("scale", "zero_point"):
+        values = getattr(qparams, name)
+        if not isinstance(values, torch.Tensor) or values.numel() != channels:
+            got = f"{values.numel()}" if isinstance(values, torch.Tensor) else repr(values)
+            raise QuantSpecError(
+                f"{what}: qparams.{name} must hold {channels} value(s), one per scale of "
+                f"{spec.granularity!r} on this tensor, got {got}"
+            )
+    index = _first_bad_scale(qparams.scale, qparams.zero_point)
+    if index is not None:
+        scale, zero_point = qparams.scale.reshape(-1), qparams.zero_point.reshape(-1)
+        raise QuantSpecError(
+            f"{what}: qparams need a finite scale > 0 and a finite zero point, got scale "
+            f"{float(scale[index])} and zero point {float(zero_point[index])} at index {index}"
+        )
+
+
+def _check_step(step: Any, channels: int, spec: QuantSpec) -> None:
+    """A learned step is a float tensor of 1 or ``channels`` values, each finite and > 0."""
+    if not isinstance(step, torch.Tensor) or not step.is_floating_point():
+        kind = f"dtype {step.dtype}" if isinstance(step, torch.Tensor) else type(step).__name__
+        raise TypeError(f"quantize: step must be a floating-point tensor, got {kind}")
+    if step.numel() not in (1, channels):
+        raise QuantSpecError(
+            f"quantize: step must hold 1 or {channels} value(s), one per scale of "
+            f"{spec.granularity!r} on this tensor, got {step.numel()}"
+        )
+    index = _first_bad_scale(step, torch.zeros_like(step))
+    if index is not None:
+        raise QuantSpecError(
+            f"quantize: the learned step must be finite and > 0, got "
+            f"{float(step.reshape(-1)[index])}" + (f" at index {index}" if step.numel() > 1 else "")
+        )
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -535,6 +642,8 @@ class _LearnedStepQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, spec, generator):  # type: ignore[override]
         x3, restore = canonical_view(x, spec.granularity)
+        if spec.nonfinite == "error":
+            _check_finite(x3, spec)
         step_c = step.detach().to(torch.float32).reshape(-1).expand(x3.shape[1]).contiguous()
         int_format = spec.int_format
         seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
@@ -549,6 +658,9 @@ class _LearnedStepQuant(torch.autograd.Function):
         step_grad = torch.where(
             inside, y3 / step_c.view(1, -1, 1) - v, v.clamp(int_format.qmin, int_format.qmax)
         )
+        if spec.nonfinite == "propagate":  # the step learns from the finite values alone
+            step_grad = torch.where(torch.isfinite(x3), step_grad, 0.0)
+        y3 = _finish(y3, x3, QParams(step_c, zero), spec, x.dtype)
         mask = inside if spec.clip_gradient else torch.ones_like(inside)
         ctx.save_for_backward(mask, step_grad)
         ctx.restore = restore
@@ -577,26 +689,35 @@ def quantize(
     step: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x``: the nearest (or stochastically rounded) value of ``spec``'s grid,
-    in x's dtype, with a straight-through gradient.
+    in x's dtype, with a straight-through gradient. A scaled grid point beyond the largest
+    finite value of x's dtype (of float32 for float64) is held at that value.
 
     Args:
         x: a floating-point tensor (any shape, contiguous or not, possibly empty).
         spec: the ``QuantSpec``.
         generator: source of the stochastic-rounding seed (default: torch's global generator,
             so ``torch.manual_seed`` makes runs reproducible).
-        qparams: explicit scale/zero point (canonical (C,) shapes), e.g. running ranges.
-        step: the learned step tensor for ``LearnedStep()`` (scalar or one per channel).
+        qparams: explicit scale/zero point (canonical (C,) shapes), e.g. running ranges; each
+            scale finite and > 0, each zero point finite.
+        step: the learned step tensor for ``LearnedStep()`` (scalar or one per channel), each
+            value finite and > 0.
 
     >>> from qtrain import formats
     >>> quantize(torch.tensor([0.1, -0.5, 1.0]), QuantSpec(formats.Int(4))).tolist()
     [0.1428571492433548, -0.4285714626312256, 1.0]
     """
     _prepare(x, spec, "quantize")
-    if x.numel() == 0:
-        return x.clone()
-    if isinstance(spec.scale, LearnedStep):
+    channels = math.prod(qparams_shape(x, spec.granularity))  # checks the granularity against x
+    learned = isinstance(spec.scale, LearnedStep)
+    if learned:
         if step is None:
             raise QuantSpecError("QuantSpec with LearnedStep() needs quantize(..., step=tensor)")
+        _check_step(step, channels, spec)
+    if x.numel() == 0:
+        if qparams is not None:
+            _check_qparams(qparams, channels, spec, "quantize")
+        return x.clone()
+    if learned:
         return _LearnedStepQuant.apply(x, step, spec, generator)
     return _FakeQuant.apply(x, spec, qparams, generator)
 
@@ -611,8 +732,9 @@ def quantize_int(
     """Integer quantization: (levels in the format's storage dtype, scale, zero_point).
 
     ``scale`` and ``zero_point`` (int32) have ``qparams_shape(x, spec.granularity)``, so that
-    ``(q - zero_point) * scale`` equals ``quantize(x, spec)`` (for PerGroup(G, axis) split the
-    group axis first: see ``qparams_shape``).
+    ``(q - zero_point) * scale`` (in float32, held in x's dtype's finite range) equals
+    ``quantize(x, spec)`` (for PerGroup(G, axis) split the group axis first: see
+    ``qparams_shape``).
     """
     _prepare(x, spec, "quantize_int")
     int_format = spec.int_format
@@ -631,6 +753,7 @@ def quantize_int(
             raise QuantSpecError("quantize_int with LearnedStep() needs qparams=QParams(step, 0)")
         qparams = _qparams_of_view(x, x3, spec)
     else:
+        _check_qparams(qparams, x3.shape[1], spec, "quantize_int")
         _check_finite(x3, spec)
     seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
     levels = kernels.implementation(x3.device).quant_int(

@@ -29,14 +29,23 @@ def test_config_round_trips_through_json() -> None:
     assert SBMConfig.from_dict(json.loads(config.to_json())) == config
 
 
+def test_fields_are_checked_against_their_annotations() -> None:
+    config = SBMConfig(range_momentum=0)  # an int for a float field is stored as a float
+    assert isinstance(config.range_momentum, float)
+    assert '"range_momentum": 0.0' in config.to_json()
+    with pytest.raises(RecipeConfigError, match=r"bifurcation must be a bool, got 1 \(int\)"):
+        SBMConfig(bifurcation=1)
+
+
 def test_set_overrides_parse_and_validate() -> None:
     recipe = build_recipe("sbm", {"bits": "6", "grad_bits": "8", "bifurcation": "false"})
     assert (recipe.config.bits, recipe.config.grad_bits, recipe.config.bifurcation) == (6, 8, False)
-    with pytest.raises(RecipeConfigError, match="bits must be an integer in 2..16"):
+    with pytest.raises(RecipeConfigError, match="bits must be an int in 2..16, got 17"):
         build_recipe("sbm", {"bits": "17"})
-    with pytest.raises(RecipeConfigError, match="grad_rounding must be one of stochastic, nearest"):
+    rounding = "grad_rounding must be one of stochastic, nearest, got 'up'"
+    with pytest.raises(RecipeConfigError, match=rounding):
         build_recipe("sbm8", {"grad_rounding": "up"})
-    with pytest.raises(RecipeConfigError, match="amp must be one of none, bf16, fp16"):
+    with pytest.raises(RecipeConfigError, match="amp must be one of none, bf16, fp16, got 'fp8'"):
         build_recipe("sbm8", {"amp": "fp8"})
     with pytest.raises(RecipeConfigError, match="unknown parameter 'bitz'"):
         build_recipe("sbm8", {"bitz": "8"})

@@ -1,17 +1,19 @@
 """Property-based fuzzing of specs × tensors: every input is handled correctly or refused.
 
 Specs are drawn from raw constructor arguments, valid or not; tensors from every float dtype,
-ranks 0..4 with empty dimensions, contiguous or not, values from ±1e-45 to the dtype's largest,
-with NaN/±inf planted. The contract checked on each case:
+ranks 0..4 with empty dimensions, contiguous or not, values from ±1e-45 to the dtype's largest
+(float32's for float64), with NaN/±inf planted. The contract checked on each case:
 
 - construction either succeeds or raises ``FormatError``/``QuantSpecError`` naming the field;
 - ``quantize``/``quantize_int``/``QLinear`` either return, or raise ``QuantSpecError``,
-  ``NonFiniteError`` or ``TypeError`` with a message — never another exception type;
+  ``NonFiniteError`` (only for NaN/inf input) or ``TypeError`` with a message — never another
+  exception type;
 - a result has the input's shape and dtype; finite input gives finite output (except where the
   format itself defines overflow to inf or NaN); NaN/inf input is refused under
   ``nonfinite="error"`` and passed through under ``"propagate"``;
-- ``quantize`` equals the dequantized ``quantize_int``, a torch-backed minifloat equals torch's
-  cast, and symmetric integer rounding errs by at most half a step;
+- ``quantize`` equals the dequantized ``quantize_int`` (held in x's dtype's finite range), a
+  torch-backed minifloat equals torch's cast, and symmetric integer rounding errs by at most
+  half a step;
 - no case runs longer than ``CASE_SECONDS`` (a hang fails the test).
 
 The number of cases comes from the Hypothesis profile (tests/conftest.py: 25 per test in CI;
@@ -49,6 +51,7 @@ from qtrain.quantizer import (
     PerTensor,
     PerToken,
     PowerOfTwo,
+    QParams,
     QuantSpec,
     QuantSpecError,
     Rounding,
@@ -65,12 +68,7 @@ FUZZ = settings(
 REFUSALS = (QuantSpecError, NonFiniteError, TypeError)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# Known gaps of the quantizer (docs/RELIABILITY.md, "Known gaps"; xfail regression tests at the
-# end of this file): affine (MinMax) ranges wider than float32's largest value, results that
-# round past a float16 input's largest value (affine zero-point nudging, power-of-two scales),
-# and clip values that underflow float32. The fuzzed values stay clear of them until fixed.
-MAX_MAGNITUDE = 2.0**123  # about 1e37
-MAX_HALF_MAGNITUDE = 3e4  # half of float16's largest: a power-of-two scale may double it
+F32_MAX = torch.finfo(torch.float32).max
 
 
 @contextlib.contextmanager
@@ -104,9 +102,12 @@ granularities = st.one_of(
     args(PerGroup, group_size=st.integers(1, 6), axis=any_axis),
     args(PerToken),
 )
-# Refused: <= 0, NaN, inf. Known gap: a positive value that underflows float32 (< 1e-30 here).
+# Refused: <= 0, NaN, inf. Beyond float32's range (1e-300, 1e300) the scale is held inside it.
 clip_values = st.one_of(
-    st.floats(-1, 0), st.floats(1e-3, 1e3), st.sampled_from([math.nan, math.inf])
+    st.floats(-1, 0),
+    st.floats(1e-3, 1e3),
+    st.floats(1e-300, 1e300),
+    st.sampled_from([math.nan, math.inf]),
 )
 common = {"rounding": st.sampled_from(list(Rounding)), "nonfinite": st.sampled_from(
     ["error", "propagate"])}  # fmt: skip
@@ -148,13 +149,19 @@ raw_spec_args = st.fixed_dictionaries({
 spec_args = st.one_of(valid_spec_args, valid_spec_args, valid_spec_args, raw_spec_args)
 
 
+def largest(dtype: torch.dtype) -> float:
+    """The largest finite value a result in ``dtype`` may take (the quantizer computes in
+    float32)."""
+    return min(torch.finfo(dtype).max, F32_MAX)
+
+
 @st.composite
 def tensors(draw: st.DrawFn) -> torch.Tensor:
     """A float tensor of any rank 0..4 (empty dimensions too), contiguous or not, values from
     tiny to the dtype's largest magnitude, possibly with NaN/±inf planted."""
     dtype = draw(st.sampled_from(DTYPES))
     shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
-    limit = MAX_HALF_MAGNITUDE if dtype is torch.float16 else MAX_MAGNITUDE
+    limit = largest(dtype)
     elements = st.floats(-limit, limit, allow_nan=False, allow_subnormal=True, width=32)
     x = torch.from_numpy(draw(hnp.arrays(np.float32, shape, elements=elements))).to(dtype)
     if draw(st.booleans()):  # every value at most the smallest normal number: subnormals, 0
@@ -189,15 +196,17 @@ def build_spec(raw: dict[str, Any]) -> QuantSpec | None:
 def dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, like: torch.Tensor
 ) -> torch.Tensor:
-    """(q − z)·s laid out as ``quantize_int`` documents (PerGroup: split the group axis)."""
+    """(q − z)·s laid out as ``quantize_int`` documents (PerGroup: split the group axis), held
+    in x's dtype's finite range as ``quantize`` holds it."""
     levels = q.to(torch.float32)
     if isinstance(spec.granularity, PerGroup) and like.dim():
         axis = spec.granularity.axis % like.dim()
         size = like.shape[axis]
         split = levels.unflatten(axis, (size // spec.granularity.group_size, -1))
-        y = (split - zero.unsqueeze(axis + 1)) * scale.unsqueeze(axis + 1)
-        return y.flatten(axis, axis + 1).to(like.dtype)
-    return ((levels - zero) * scale).to(like.dtype)
+        y = ((split - zero.unsqueeze(axis + 1)) * scale.unsqueeze(axis + 1)).flatten(axis, axis + 1)
+    else:
+        y = (levels - zero) * scale
+    return y.clamp(-largest(like.dtype), largest(like.dtype)).to(like.dtype)
 
 
 def format_may_overflow(spec: QuantSpec) -> bool:
@@ -210,8 +219,7 @@ def check_result(x: torch.Tensor, spec: QuantSpec, y: torch.Tensor) -> None:
     finite = torch.isfinite(x)
     if spec.int_format is not None:
         # Integer formats: NaN/inf was refused unless propagated, and then passes through.
-        # Known gap: the learned-step (LSQ) path does not refuse it (xfail test below).
-        refused = spec.nonfinite == "error" and not isinstance(spec.scale, LearnedStep)
+        refused = spec.nonfinite == "error"
         assert not refused or bool(finite.all()), "NaN/inf input was not refused"
         assert torch.equal(y[~finite].isnan(), x[~finite].isnan())
         assert bool(torch.isfinite(y[finite]).all()), "finite input gave a non-finite output"
@@ -223,13 +231,11 @@ def check_result(x: torch.Tensor, spec: QuantSpec, y: torch.Tensor) -> None:
 
 def check_against_references(x: torch.Tensor, spec: QuantSpec, y: torch.Tensor) -> None:
     fmt = spec.format
-    if x.numel() == 0:  # nothing to compare (quantize returns an empty copy unchecked)
+    if x.numel() == 0:  # nothing to compare
         return
     if isinstance(fmt, MiniFloat) and spec.scale is None and spec.rounding is Rounding.NEAREST:
-        # The presets are bit-exact with torch's casts. Known gap: nonfinite="propagate" (meant
-        # for integer formats) also passes ±inf through a saturating minifloat (torch: ±max).
-        propagated = spec.nonfinite == "propagate" and not bool(torch.isfinite(x).all())
-        if fmt.torch_dtype is not None and not propagated:
+        # The presets are bit-exact with torch's casts, NaN/inf included whatever the policy.
+        if fmt.torch_dtype is not None:
             expected = x.to(torch.float32).to(fmt.torch_dtype).to(torch.float32).to(x.dtype)
             torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
         return
@@ -252,25 +258,38 @@ def check_against_references(x: torch.Tensor, spec: QuantSpec, y: torch.Tensor) 
 # ---- the properties ---------------------------------------------------------------------------
 
 
+def refused(err: Exception, x: torch.Tensor) -> None:
+    """A refusal says why, and only NaN/inf input is refused as non-finite."""
+    assert str(err), "a refusal must say why"
+    if isinstance(err, NonFiniteError):
+        assert not bool(torch.isfinite(x).all()), f"finite input refused as non-finite: {err}"
+    event(f"refused: {type(err).__name__}")
+
+
+# A learned step (LSQ) is the caller's tensor: zero, negative, NaN and inf ones must be refused.
+steps = st.sampled_from([0.05, 0.05, 0.05, 1e-30, 3.0, 1e30, 0.0, -0.5, math.nan, math.inf])
+
+
 @FUZZ
-@given(raw=spec_args, x=tensors(), integer_input=st.sampled_from([False] * 7 + [True]))
+@given(raw=spec_args, x=tensors(), integer_input=st.sampled_from([False] * 7 + [True]),
+       step=steps)  # fmt: skip
 def test_quantize_handles_or_refuses_every_spec_and_tensor(
-    raw: dict[str, Any], x: torch.Tensor, integer_input: bool
+    raw: dict[str, Any], x: torch.Tensor, integer_input: bool, step: float
 ) -> None:
     spec = build_spec(raw)
     if spec is None:
         return
     if integer_input:
         x = x.nan_to_num().clamp(-100, 100).to(torch.int32)
+    learned = isinstance(spec.scale, LearnedStep)
     with no_hang(CASE_SECONDS):
-        # A learned step is the caller's tensor (LSQ); a valid one here, bad ones below.
-        step = torch.tensor(0.05) if isinstance(spec.scale, LearnedStep) else None
         try:
-            y = quantize(x, spec, generator=torch.Generator().manual_seed(1), step=step)
+            y = quantize(x, spec, generator=torch.Generator().manual_seed(1),
+                         step=torch.tensor(step) if learned else None)  # fmt: skip
         except REFUSALS as err:
-            assert str(err), "a refusal must say why"
-            event(f"refused: {type(err).__name__}")
+            refused(err, x)
             return
+        assert not learned or (math.isfinite(step) and step > 0), "a bad step was not refused"
         event("result checked" + ("" if bool(torch.isfinite(x).all()) else " (NaN/inf input)"))
         assert not integer_input, "an integer tensor must be refused"
         check_result(x, spec, y)
@@ -287,8 +306,7 @@ def test_quantize_int_handles_or_refuses(raw: dict[str, Any], x: torch.Tensor) -
         try:
             q, scale, zero = quantize_int(x, spec)
         except REFUSALS as err:
-            assert str(err), "a refusal must say why"
-            event(f"refused: {type(err).__name__}")
+            refused(err, x)
             return
     event("result checked")
     assert spec.int_format is not None, "quantize_int must refuse a minifloat"
@@ -320,12 +338,17 @@ int_specs = st.builds(
     batch=st.lists(st.integers(0, 3), min_size=0, max_size=2),
     features=st.integers(1, 6),
     plant=st.sampled_from([None, math.nan, math.inf]),
+    save_levels=st.booleans(),
 )
 def test_qlinear_forward_backward_handles_or_refuses(
-    specs: list[QuantSpec | None], batch: list[int], features: int, plant: float | None
+    specs: list[QuantSpec | None],
+    batch: list[int],
+    features: int,
+    plant: float | None,
+    save_levels: bool,
 ) -> None:
     try:
-        config = GemmConfig(*specs)
+        config = GemmConfig(*specs, save_quantized_input=save_levels)
         layer = QLinear(features, 3, config=config)
     except QuantSpecError:
         event("config refused by its constructor")
@@ -339,8 +362,7 @@ def test_qlinear_forward_backward_handles_or_refuses(
             y = layer(x)
             y.sum().backward()
         except REFUSALS as err:
-            assert str(err), "a refusal must say why"
-            event(f"refused: {type(err).__name__}")
+            refused(err, x.detach())
             return
     event("result checked")
     assert y.shape == (*batch, 3)
@@ -348,39 +370,118 @@ def test_qlinear_forward_backward_handles_or_refuses(
         assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(layer.weight.grad).all())
 
 
-# ---- known gaps (xfail until the quantizer handles them; see MAX_MAGNITUDE) ------------------
+# ---- edges the fuzzed values reach rarely or not at all (once known gaps) ---------------------
 
 
-@pytest.mark.xfail(strict=True, reason="MinMax range wider than float32's max gives NaN")
 def test_affine_range_beyond_float32_max_stays_finite() -> None:
     x = torch.tensor([3e38, -3e38, 1.0])
     assert bool(torch.isfinite(quantize(x, QuantSpec(Int(8, signed=False)))).all())
+    y = quantize(torch.tensor([F32_MAX, -F32_MAX]), QuantSpec(Int(1, signed=False)))
+    assert bool(torch.isfinite(y).all())
 
 
-@pytest.mark.xfail(strict=True, reason="a result rounded past float16's max becomes inf")
+def test_batch_mean_range_of_values_near_float32_max_is_not_refused() -> None:
+    x = torch.full((4, 3), 3e38)  # the per-sample maxima's float32 sum overflows
+    y = quantize(x, QuantSpec(Int(8, signed=False), scale=MinMax(batch_mean=True)))
+    torch.testing.assert_close(y, x)
+
+
 @pytest.mark.parametrize(
-    "spec", [QuantSpec(Int(8, signed=False)), QuantSpec(BlockFloat(2, block_size=1))]
-)
-def test_half_input_near_its_max_stays_finite(spec: QuantSpec) -> None:
-    x = torch.tensor([65504.0, -65504.0, 33000.0, 1.0], dtype=torch.float16)
-    assert bool(torch.isfinite(quantize(x, spec)).all())
+    "spec",
+    [QuantSpec(Int(8, signed=False)), QuantSpec(BlockFloat(2, block_size=1)),
+     QuantSpec(Int(2), scale=PowerOfTwo()), QuantSpec(Int(4), scale=LearnedStep())],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_input_near_its_dtype_max_stays_finite(spec: QuantSpec, dtype: torch.dtype) -> None:
+    top = largest(dtype)
+    x = torch.tensor([top, -top, top / 2, 1.0]).to(dtype)
+    step = torch.tensor(top / 4) if isinstance(spec.scale, LearnedStep) else None
+    y = quantize(x, spec, step=step)
+    assert y.dtype == dtype and bool(torch.isfinite(y).all())
+    # Held at the dtype's largest value where the grid reaches past it, as a saturating cast.
+    torch.testing.assert_close(y[:2].float(), x[:2].float(), rtol=0.01, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="a non-positive or NaN learned step is not refused")
-def test_learned_step_must_be_positive() -> None:
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.0, -0.1])
+def test_learned_step_must_be_finite_and_positive(bad: float) -> None:
     spec = QuantSpec(Int(4), scale=LearnedStep())
-    with pytest.raises(QuantSpecError, match="step"):
-        quantize(torch.randn(8), spec, step=torch.tensor(math.nan))
+    with pytest.raises(QuantSpecError, match=r"step must be finite and > 0, got"):
+        quantize(torch.randn(8), spec, step=torch.tensor(bad))
+    per_channel = QuantSpec(Int(4), granularity=PerChannel(0), scale=LearnedStep())
+    with pytest.raises(QuantSpecError, match="at index 1"):
+        quantize(torch.randn(3, 4), per_channel, step=torch.tensor([0.1, bad, 0.1]))
 
 
-@pytest.mark.xfail(strict=True, reason="a clip value below float32's range gives scale 0: NaN")
-def test_clip_value_that_underflows_float32_is_refused_or_finite() -> None:
-    spec = QuantSpec(Int(8), scale=Clip(1e-300))
-    assert bool(torch.isfinite(quantize(torch.zeros(3), spec)).all())
+def test_learned_step_of_the_wrong_size_or_type_is_refused() -> None:
+    spec = QuantSpec(Int(4), granularity=PerChannel(0), scale=LearnedStep())
+    with pytest.raises(QuantSpecError, match="step must hold 1 or 3 value"):
+        quantize(torch.randn(3, 4), spec, step=torch.ones(4))
+    with pytest.raises(TypeError, match="step must be a floating-point tensor, got float"):
+        quantize(torch.randn(3, 4), spec, step=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="the learned-step path ignores nonfinite='error'")
+def test_clip_value_beyond_float32_range_stays_finite() -> None:
+    x = torch.tensor([0.0, 1.0, -2.0, 3e38])
+    tiny = quantize(x, QuantSpec(Int(8), scale=Clip(1e-300)))
+    assert bool(torch.isfinite(tiny).all()) and float(tiny.abs().max()) < 1e-30  # ≈ the clip
+    huge = quantize(x, QuantSpec(Int(8), scale=Clip(1e300)))
+    assert bool(torch.isfinite(huge).all())
+
+
 def test_learned_step_refuses_nan_input() -> None:
     spec = QuantSpec(Int(4), scale=LearnedStep())
     with pytest.raises(NonFiniteError):
         quantize(torch.tensor([1.0, math.nan]), spec, step=torch.tensor(0.1))
+
+
+def test_learned_step_propagates_nan_and_learns_from_finite_values() -> None:
+    spec = QuantSpec(Int(4), scale=LearnedStep(), nonfinite="propagate")
+    x = torch.tensor([0.3, math.nan, math.inf, -0.2], requires_grad=True)
+    step = torch.tensor(0.1, requires_grad=True)
+    y = quantize(x, spec, step=step)
+    assert torch.isnan(y[1]) and y[2] == math.inf and bool(torch.isfinite(y[[0, 3]]).all())
+    y[[0, 3]].sum().backward()
+    assert bool(torch.isfinite(step.grad))
+
+
+@pytest.mark.parametrize(
+    ("qparams", "message"),
+    [(QParams(torch.ones(5), torch.zeros(5)), "qparams.scale must hold 3 value"),
+     (QParams(torch.ones(3), torch.zeros(2)), "qparams.zero_point must hold 3 value"),
+     (QParams(torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3)), "scale 0.0 and zero point"),
+     (QParams(torch.ones(3), torch.tensor([0.0, 0.0, math.nan])), "at index 2")],
+)  # fmt: skip
+def test_given_qparams_are_checked(qparams: QParams, message: str) -> None:
+    spec = QuantSpec(Int(8), granularity=PerChannel(0))
+    for call in (quantize, quantize_int):
+        with pytest.raises(QuantSpecError, match=message):
+            call(torch.randn(3, 4), spec, qparams=qparams)
+
+
+def test_empty_tensor_is_checked_against_the_granularity() -> None:
+    with pytest.raises(QuantSpecError, match="out of range"):
+        quantize(torch.empty(0, 4), QuantSpec(Int(8), granularity=PerChannel(2)))
+
+
+def test_float64_beyond_float32_range_is_refused_naming_it() -> None:
+    with pytest.raises(QuantSpecError, match="beyond float32's range"):
+        quantize(torch.tensor([1e300, 1.0], dtype=torch.float64), QuantSpec(Int(8)))
+
+
+def test_propagate_keeps_a_saturating_minifloat_cast_like_torch() -> None:
+    x = torch.tensor([math.inf, -math.inf, math.nan, 500.0])
+    y = quantize(x, QuantSpec(formats.FP8_E4M3, nonfinite="propagate"))
+    torch.testing.assert_close(y, x.to(torch.float8_e4m3fn).float(), equal_nan=True)
+
+
+@pytest.mark.xfail(strict=True, reason="ops' saved-levels path does not saturate (ops.py)")
+def test_saved_levels_input_near_float32_max_stays_finite() -> None:
+    # GemmConfig(save_quantized_input=True), SBM's default, fake-quantizes the input in ops'
+    # own fused pass, which does not hold a result past float32's largest value at it.
+    spec = QuantSpec(Int(8, signed=False))
+    layer = QLinear(4, 4, bias=False, config=GemmConfig(spec, save_quantized_input=True))
+    x = torch.tensor([[3.4e38, -3.4e38, 1e38, 1.0]])
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(4) * 1e-3)
+    assert bool(torch.isfinite(layer(x)).all())

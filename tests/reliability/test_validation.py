@@ -1,9 +1,5 @@
 """Every public constructor and CLI option checks its values, and a refusal is one message
-naming the parameter, the bad value and what is allowed.
-
-Cases marked ``KNOWN_GAP`` are values accepted today, or refused without such a message, by
-code outside the trainer; they are xfail (strict) until fixed (docs/RELIABILITY.md).
-"""
+naming the parameter, the bad value and what is allowed."""
 
 from __future__ import annotations
 
@@ -36,10 +32,10 @@ from qtrain.quantizer import (
     quantize_int,
 )
 from qtrain.recipes import RECIPES, RecipeConfigError, build_recipe
+from qtrain.recipes.amp import AmpFP16Config
 from qtrain.recipes.sbm import SBMConfig
 from qtrain.train import TrainConfig, TrainConfigError, train
 
-KNOWN_GAP = pytest.mark.xfail(strict=True, reason="known validation gap (docs/RELIABILITY.md)")
 INT8 = QuantSpec(formats.INT8)
 
 
@@ -52,8 +48,8 @@ def refusal(call: Callable[[], Any]) -> str:
     return message
 
 
-def case(call: Callable[[], Any], *fragments: str, gap: bool = False) -> Any:
-    return pytest.param(call, fragments, marks=[KNOWN_GAP] if gap else [])
+def case(call: Callable[[], Any], *fragments: str) -> Any:
+    return pytest.param(call, fragments)
 
 
 CONSTRUCTORS = {
@@ -61,30 +57,34 @@ CONSTRUCTORS = {
     "Int.bits range": case(lambda: Int(0), "Int.bits", "0", "1..16"),
     "Int.bits type": case(lambda: Int(8.0), "Int.bits", "8.0", "int in 1..16"),
     "Int signed 1 bit": case(lambda: Int(1, signed=True), "Int(bits=1, signed=True)", ">= 2"),
-    "Int.signed type": case(lambda: Int(8, signed="yes"), "signed", "'yes'", "bool", gap=True),
+    "Int.signed type": case(lambda: Int(8, signed="yes"), "signed", "'yes'", "bool"),
     "MiniFloat.exponent_bits": case(lambda: MiniFloat(9, 3), "exponent_bits", "9", "2..8"),
     "MiniFloat.mantissa_bits": case(lambda: MiniFloat(4, 24), "mantissa_bits", "24", "0..23"),
     "MiniFloat no inf, no mantissa": case(
         lambda: MiniFloat(4, 0, has_inf=False), "without inf", "mantissa_bits >= 1"
     ),
     "MiniFloat.has_inf type": case(
-        lambda: MiniFloat(4, 3, has_inf=1), "has_inf", "1", "bool", gap=True
+        lambda: MiniFloat(4, 3, has_inf=1), "has_inf", "1", "bool"
+    ),
+    "MiniFloat.saturate type": case(
+        lambda: MiniFloat(4, 3, saturate="yes"), "MiniFloat.saturate", "'yes'", "bool"
     ),
     "BlockFloat.mantissa_bits": case(lambda: BlockFloat(1), "mantissa_bits", "1", "2..16"),
     "BlockFloat.block_size": case(lambda: BlockFloat(4, block_size=0), "block_size", "0", ">= 1"),
-    "BlockFloat.axis type": case(lambda: BlockFloat(4, axis="a"), "axis", "'a'", "int", gap=True),
+    "BlockFloat.axis type": case(lambda: BlockFloat(4, axis="a"), "axis", "'a'", "int"),
     # quantizer parts and specs
     "PerGroup.group_size range": case(lambda: PerGroup(0), "PerGroup.group_size", "0", ">= 1"),
     "PerGroup.group_size type": case(lambda: PerGroup(2.5), "group_size", "2.5", "positive int"),
     "PerChannel.axis type": case(
         lambda: quantize(torch.randn(3, 4), QuantSpec(formats.INT8, granularity=PerChannel("0"))),
-        "PerChannel.axis", "'0'", "int", gap=True,
+        "PerChannel.axis", "'0'", "int",
     ),
+    "PerGroup.axis type": case(lambda: PerGroup(2, axis=1.0), "PerGroup.axis", "1.0", "int"),
     "Clip.value range": case(lambda: Clip(0), "Clip.value", "0", "finite number > 0"),
     "Clip.value nan": case(lambda: Clip(math.nan), "Clip.value", "nan", "finite number > 0"),
-    "Clip.value bool": case(lambda: Clip(True), "Clip.value", "True", "number", gap=True),
+    "Clip.value bool": case(lambda: Clip(True), "Clip.value", "True", "number"),
     "MinMax.batch_mean type": case(
-        lambda: MinMax(batch_mean="x"), "batch_mean", "'x'", "bool", gap=True
+        lambda: MinMax(batch_mean="x"), "batch_mean", "'x'", "bool"
     ),
     "QuantSpec.format": case(
         lambda: QuantSpec("int8"), "QuantSpec.format", "'int8'", "Int, MiniFloat or BlockFloat"
@@ -105,18 +105,18 @@ CONSTRUCTORS = {
         "'error' or 'propagate'",
     ),
     "QuantSpec.clip_gradient type": case(
-        lambda: QuantSpec(formats.INT8, clip_gradient="no"), "clip_gradient", "'no'", gap=True
+        lambda: QuantSpec(formats.INT8, clip_gradient="no"), "clip_gradient", "'no'"
     ),
     "minifloat with an integer scale rule": case(
         lambda: QuantSpec(formats.FP8_E4M3, scale=MinMax()), "scale", "MinMax", "AbsMax()"
     ),
     "block float with a granularity": case(
         lambda: QuantSpec(BlockFloat(4), granularity=PerChannel(0)), "granularity",
-        "PerChannel", "defaults", gap=True,
+        "PerChannel", "defaults",
     ),
     "batch-mean range per channel": case(
         lambda: QuantSpec(formats.INT8, granularity=PerChannel(0), scale=MinMax(batch_mean=True)),
-        "batch_mean", "PerChannel", "PerTensor()", gap=True,
+        "batch_mean", "PerChannel", "PerTensor()",
     ),
     # a spec against a tensor
     "axis beyond the rank": case(
@@ -149,7 +149,16 @@ CONSTRUCTORS = {
     "qparams of the wrong size": case(
         lambda: quantize(torch.randn(3, 4), QuantSpec(formats.INT8, granularity=PerChannel(0)),
                          qparams=QParams(torch.ones(5), torch.zeros(5))),
-        "qparams", "5", "3", gap=True,
+        "qparams", "5", "3",
+    ),
+    "learned step NaN": case(
+        lambda: quantize(torch.randn(3), QuantSpec(formats.INT8, scale=LearnedStep()),
+                         step=torch.tensor(math.nan)),
+        "step", "nan", "finite and > 0",
+    ),
+    "qparams with a zero scale": case(
+        lambda: quantize(torch.randn(3), INT8, qparams=QParams(torch.zeros(1), torch.zeros(1))),
+        "qparams", "finite scale > 0", "scale 0.0",
     ),
     # ops, modules, quantize_
     "GemmConfig spec type": case(
@@ -164,7 +173,11 @@ CONSTRUCTORS = {
         lambda: QLinear(4, 3, range_momentum=1.5), "range_momentum", "1.5", "[0, 1]"
     ),
     "QLinear.range_momentum type": case(
-        lambda: QLinear(4, 3, range_momentum="a"), "range_momentum", "'a'", gap=True
+        lambda: QLinear(4, 3, range_momentum="a"), "range_momentum", "'a'"
+    ),
+    "QConv2d.range_momentum type": case(
+        lambda: QConv2d(3, 4, 3, range_momentum=None), "QConv2d.range_momentum", "None",
+        "number in [0, 1]",
     ),
     "QLinear.config": case(lambda: QLinear(4, 3, config="x"), "config must be a GemmConfig", "str"),
     "QConv2d padding mode": case(
@@ -174,7 +187,11 @@ CONSTRUCTORS = {
         lambda: RangeBatchNorm2d(4, num_chunks=0), "num_chunks", "0", ">= 1"
     ),
     "RangeBatchNorm2d.num_chunks type": case(
-        lambda: RangeBatchNorm2d(4, num_chunks=2.5), "num_chunks", "2.5", "int", gap=True
+        lambda: RangeBatchNorm2d(4, num_chunks=2.5), "num_chunks", "2.5", "int"
+    ),
+    "RangeBatchNorm2d.input_spec": case(
+        lambda: RangeBatchNorm2d(4, input_spec="int8"), "input_spec", "'int8'",
+        "QuantSpec or None",
     ),
     "RangeBatchNorm2d.constant": case(
         lambda: RangeBatchNorm2d(4, constant=-1.0), "constant", "-1.0", "> 0"
@@ -188,7 +205,11 @@ CONSTRUCTORS = {
     ),
     "QuantizedTrainingConfig.range_bn_chunks": case(
         lambda: QuantizedTrainingConfig(GemmConfig(), range_bn_chunks=0), "range_bn_chunks",
-        "0", ">= 1", gap=True,
+        "0", ">= 1",
+    ),
+    "QuantizedTrainingConfig.range_batchnorm type": case(
+        lambda: QuantizedTrainingConfig(GemmConfig(), range_batchnorm="yes"), "range_batchnorm",
+        "'yes'", "bool",
     ),
     "quantize_ config name": case(
         lambda: quantize_(nn.Linear(2, 2), "int3"), "unknown config name 'int3'", "choose from"
@@ -196,10 +217,18 @@ CONSTRUCTORS = {
     "backend name": case(lambda: parse_backend("gpu"), "backend", "'gpu'", "auto, reference"),
     # recipes built directly (build_recipe and --set coerce types first: see below)
     "SBMConfig.bifurcation type": case(
-        lambda: SBMConfig(bifurcation="no"), "bifurcation", "'no'", gap=True
+        lambda: SBMConfig(bifurcation="no"), "bifurcation", "'no'"
     ),
     "SBMConfig.range_momentum type": case(
-        lambda: SBMConfig(range_momentum="x"), "range_momentum", "'x'", gap=True
+        lambda: SBMConfig(range_momentum="x"), "range_momentum", "'x'"
+    ),
+    "SBMConfig.bits type": case(lambda: SBMConfig(bits=8.0), "SBMConfig.bits", "8.0", "int"),
+    "SBMConfig.grad_rounding": case(
+        lambda: SBMConfig(grad_rounding="up"), "grad_rounding", "'up'", "stochastic, nearest"
+    ),
+    "SBMConfig.amp": case(lambda: SBMConfig(amp="fp8"), "amp", "'fp8'", "none, bf16, fp16"),
+    "AmpFP16Config.init_scale type": case(
+        lambda: AmpFP16Config(init_scale="big"), "init_scale", "'big'", "number"
     ),
     "recipe name": case(lambda: build_recipe("sbm4"), "unknown recipe 'sbm4'", "choose from"),
 }  # fmt: skip
@@ -352,16 +381,13 @@ CLI_OPTIONS = {
     "--model-arg": (["--model-arg", "depth=3"], "model_kwargs", "'depth'", "allowed: none"),
     "--data-arg name": (["--data-arg", "sizes=9"], "data_kwargs", "'sizes'", "allowed: shape"),
     "--data-arg type": (["--data-arg", "noise=loud"], "data_kwargs.noise", "'loud'", "float"),
-}
-CLI_GAPS = {  # data.py checks a sequence's items only when it uses them
     "--data-arg shape": (["--data-arg", "shape=[1,8.5,8]"], "shape", "8.5", "int"),
 }
 
 
 @pytest.mark.parametrize(
     ("argv", "fragments"),
-    [pytest.param(v[0], v[1:], id=k) for k, v in CLI_OPTIONS.items()]
-    + [pytest.param(v[0], v[1:], id=k, marks=KNOWN_GAP) for k, v in CLI_GAPS.items()],
+    [pytest.param(v[0], v[1:], id=k) for k, v in CLI_OPTIONS.items()],
 )
 def test_cli_option_with_a_bad_value_is_one_line_exit_2_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], fragments: list[str]

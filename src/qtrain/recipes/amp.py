@@ -18,12 +18,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from qtrain.recipes.base import Recipe, RecipeConfig, RecipeConfigError, register_recipe
+from qtrain.validation import check_int, refuse
 
 _PAPER = "Micikevicius et al., Mixed Precision Training, ICLR 2018"
 
@@ -63,10 +65,10 @@ class AmpFP16Config(RecipeConfig):
     growth_interval: int = 2000
 
     def validate(self) -> None:
-        if not self.init_scale > 0:
-            raise RecipeConfigError(f"init_scale must be > 0, got {self.init_scale}")
-        if self.growth_interval < 1:
-            raise RecipeConfigError(f"growth_interval must be >= 1, got {self.growth_interval}")
+        if not 0 < self.init_scale < math.inf:
+            allowed = "a finite number > 0"
+            refuse("AmpFP16Config.init_scale", self.init_scale, allowed, RecipeConfigError)
+        check_int("AmpFP16Config.growth_interval", self.growth_interval, RecipeConfigError, low=1)
 
 
 @register_recipe

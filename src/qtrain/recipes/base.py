@@ -11,37 +11,36 @@ import dataclasses
 import json
 import typing
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+
+from qtrain.validation import check_fields
 
 
 class RecipeConfigError(ValueError):
     """A recipe parameter has a bad name, type or value."""
 
 
-# Values of a recipe config's optional ``amp`` field.
-AMP_DTYPES: dict[str, torch.dtype | None] = {
-    "none": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
-
-
-def check_amp(recipe: str, value: str) -> None:
-    """Validate an ``amp`` field."""
-    if value not in AMP_DTYPES:
-        raise RecipeConfigError(
-            f"{recipe}: amp must be one of {', '.join(AMP_DTYPES)}, got {value!r}"
-        )
+# The type of a recipe config's optional ``amp`` field, and the autocast dtype of each value.
+Amp = Literal["none", "bf16", "fp16"]
+AMP_DTYPES: dict[str, torch.dtype | None] = dict(
+    zip(typing.get_args(Amp), (None, torch.bfloat16, torch.float16), strict=True)
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class RecipeConfig:
-    """Base of every recipe config: frozen, validated in ``__post_init__``, JSON round-trip."""
+    """Base of every recipe config: frozen, validated in ``__post_init__``, JSON round-trip.
+
+    Every field is checked against its annotation first (bool, int, float — an int is stored
+    as a float —, str, ``Literal[...]``, ``X | None``, ``tuple[X, ...]``), then ``validate``
+    checks ranges and combinations.
+    """
 
     def __post_init__(self) -> None:
+        check_fields(self, RecipeConfigError)
         self.validate()
 
     def validate(self) -> None:

@@ -16,6 +16,7 @@ quantizer passes the gradient everywhere as the authors' code does.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from torch import nn
 
@@ -23,15 +24,8 @@ from qtrain.api import QuantizedTrainingConfig, quantize_, register_config_name
 from qtrain.formats import Int
 from qtrain.ops import GemmConfig
 from qtrain.quantizer import MinMax, QuantSpec, Rounding
-from qtrain.recipes.base import (
-    Recipe,
-    RecipeConfig,
-    RecipeConfigError,
-    check_amp,
-    register_recipe,
-)
-
-_ROUNDINGS = ("stochastic", "nearest")
+from qtrain.recipes.base import Amp, Recipe, RecipeConfig, RecipeConfigError, register_recipe
+from qtrain.validation import check_int, check_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,33 +35,20 @@ class SBMConfig(RecipeConfig):
     bits: int = 8  # weights and activations
     grad_bits: int = 8  # g_l for the grad-input product
     grad_weight_bits: int = 16  # the bifurcated copy of g_l for the grad-weight product
-    grad_rounding: str = "stochastic"  # "stochastic" | "nearest" (the paper: SR is essential)
+    grad_rounding: Literal["stochastic", "nearest"] = "stochastic"  # the paper: SR is essential
     bifurcation: bool = True  # False: the grad-weight product uses the grad_bits copy too
     range_batchnorm: bool = True  # False: plain BatchNorm (the paper: Range BN ≈ BN)
     quantize_saved_activations: bool = True  # keep the quantized input as int levels for backward
     range_momentum: float = 0.1  # running ranges: run <- m·run + (1 - m)·batch
     range_bn_chunks: int = 16
-    amp: str = "none"  # compose with autocast: "bf16" | "fp16" for the unquantized ops
+    amp: Amp = "none"  # compose with autocast: "bf16" | "fp16" for the unquantized ops
 
     def validate(self) -> None:
+        error = RecipeConfigError
         for name in ("bits", "grad_bits", "grad_weight_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
-                raise RecipeConfigError(f"sbm: {name} must be an integer in 2..16, got {value!r}")
-        if self.grad_rounding not in _ROUNDINGS:
-            raise RecipeConfigError(
-                f"sbm: grad_rounding must be one of {', '.join(_ROUNDINGS)}, "
-                f"got {self.grad_rounding!r}"
-            )
-        if not 0.0 <= self.range_momentum <= 1.0:
-            raise RecipeConfigError(
-                f"sbm: range_momentum must be in [0, 1], got {self.range_momentum}"
-            )
-        check_amp("sbm", self.amp)
-        if self.range_bn_chunks < 1:
-            raise RecipeConfigError(
-                f"sbm: range_bn_chunks must be >= 1, got {self.range_bn_chunks}"
-            )
+            check_int(f"SBMConfig.{name}", getattr(self, name), error, low=2, high=16)
+        check_number("SBMConfig.range_momentum", self.range_momentum, error, low=0, high=1)
+        check_int("SBMConfig.range_bn_chunks", self.range_bn_chunks, error, low=1)
 
     def quantization_config(self) -> QuantizedTrainingConfig:
         rounding = Rounding(self.grad_rounding)
