@@ -153,6 +153,7 @@ def test_missing_dataset_message_lists_every_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path / "env"))
+    (tmp_path / "given").mkdir()
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset("fashion-mnist", data_dir=tmp_path / "given")
     assert isinstance(info.value, FileNotFoundError)
@@ -169,6 +170,18 @@ def test_missing_dataset_message_lists_every_directory(
     assert "apt-get install dataset-fashion-mnist" in message
     assert "--download" in message
     assert data.dataset_search_dirs("fashion-mnist", tmp_path / "given")[0] == tmp_path / "given"
+
+
+def test_mistyped_data_dir_is_refused_not_searched_past(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The data exist elsewhere on the search path; a data_dir that is not a directory must
+    # still be an error rather than a silent fall-through to that other copy.
+    make_idx_dir(tmp_path / "env" / "fashion-mnist", gz=True)
+    monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path / "env"))
+    assert load_dataset("fashion-mnist").train_x.shape[0] > 0
+    with pytest.raises(DatasetNotFoundError, match="data_dir '.*typo' is not a directory"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "typo")
 
 
 def test_unknown_dataset_names_the_choices() -> None:

@@ -410,6 +410,12 @@ class _LocalSource:
 def _locate(request: _Request, fetch: Callable[[Path], Path]) -> Path:
     """The first complete directory on the search path; else download, or explain."""
     source = _LOCAL_SOURCES[request.name]
+    if request.data_dir is not None and not request.download and not request.data_dir.is_dir():
+        # A mistyped --data-dir must not fall through silently to another copy of the data.
+        raise DatasetNotFoundError(
+            f"data_dir {str(request.data_dir)!r} is not a directory; give the directory that "
+            f"holds {source.files}, or leave data_dir out to search the default places"
+        )
     searched = dataset_search_dirs(request.name, request.data_dir)
     for directory in searched:
         if source.is_complete(directory):
