@@ -51,6 +51,16 @@ def test_set_overrides_parse_and_validate() -> None:
         build_recipe("sbm8", {"bitz": "8"})
 
 
+def test_overrides_given_as_values_not_text() -> None:
+    recipe = build_recipe("sbm", {"bits": 6, "bifurcation": False, "range_momentum": 0.2})
+    assert (recipe.config.bits, recipe.config.bifurcation) == (6, False)
+    assert recipe.config.range_momentum == 0.2
+    with pytest.raises(RecipeConfigError, match="'bifurcation': expected true/false, got 1"):
+        build_recipe("sbm", {"bifurcation": 1})
+    with pytest.raises(RecipeConfigError, match="bits must be an int in 2..16, got 17"):
+        build_recipe("sbm", {"bits": 17})
+
+
 def test_sbm8_quantizes_every_gemm_layer_with_the_paper_specs() -> None:
     model = build_recipe("sbm8").prepare(resnet())
     gemms = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]

@@ -63,8 +63,9 @@ class RecipeConfig:
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in data.items()})
 
-    def with_overrides(self, overrides: dict[str, str]) -> RecipeConfig:
-        """Apply ``--set key=value`` strings, parsing each value by the field's type."""
+    def with_overrides(self, overrides: dict[str, Any]) -> RecipeConfig:
+        """Apply overrides: ``--set key=value`` strings, parsed by the field's type, or values
+        already of that type (``{"bits": 6, "bifurcation": False}``)."""
         data = self.to_dict()
         names = {f.name for f in dataclasses.fields(self)}
         for key, raw in overrides.items():
@@ -72,7 +73,7 @@ class RecipeConfig:
                 raise RecipeConfigError(
                     f"unknown parameter {key!r} for {type(self).__name__}; allowed: {sorted(names)}"
                 )
-            data[key] = _parse_text(key, raw)
+            data[key] = _parse_text(key, raw) if isinstance(raw, str) else _jsonable(raw)
         return type(self).from_dict(data)
 
 
@@ -223,8 +224,8 @@ def register_recipe(cls: type[Recipe]) -> type[Recipe]:
     return cls
 
 
-def build_recipe(name: str, overrides: dict[str, str] | None = None) -> Recipe:
-    """Build a registered recipe by name with optional ``--set`` overrides."""
+def build_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Build a registered recipe by name with optional overrides (``--set`` text or values)."""
     if name not in RECIPES:
         raise RecipeConfigError(
             f"unknown recipe {name!r}; choose from: {', '.join(sorted(RECIPES))}"
