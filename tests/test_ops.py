@@ -22,7 +22,13 @@ from qtrain import (
     formats,
     quantize,
 )
-from qtrain.ops import GemmConfig, quantize_grad, quantized_conv2d, quantized_linear
+from qtrain.ops import (
+    GemmConfig,
+    _gradient_copies,
+    quantize_grad,
+    quantized_conv2d,
+    quantized_linear,
+)
 
 INT8 = QuantSpec(formats.INT8)
 UINT8 = QuantSpec(formats.UINT8)
@@ -300,6 +306,64 @@ def test_without_bifurcation_both_products_use_one_stochastic_copy():
     assert torch.allclose(gw, g_hat.t() @ x.detach(), rtol=1e-5, atol=1e-6)
 
 
+def _sbm_gradient_specs(nonfinite: str = "error") -> tuple[QuantSpec, QuantSpec]:
+    """SBM's layer-gradient copies: 8 bits for grad-input, 16 for grad-weight, one MinMax rule."""
+    return tuple(
+        QuantSpec(
+            formats.Int(bits, signed=False),
+            scale=MinMax(),
+            rounding=Rounding.STOCHASTIC,
+            nonfinite=nonfinite,
+        )
+        for bits in (8, 16)
+    )
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_bifurcated_copies_read_one_range_and_equal_separate_quantization(kind, backend):
+    # Backward reads g_l's range once for both copies; the result must be exactly that of
+    # quantizing g_l once per spec, with the seeds drawn in the same order.
+    spec8, spec16 = _sbm_gradient_specs()
+    config = GemmConfig(grad_input_spec=spec8, grad_weight_spec=spec16)
+    if kind == "linear":
+        x, w = _randn(64, 24, seed=45), _randn(10, 24, seed=46)
+        op = F.linear
+    else:
+        x, w = _randn(4, 3, 9, 9, seed=45), _randn(5, 3, 3, 3, seed=46)
+        op = F.conv2d
+    quantized = quantized_linear if kind == "linear" else quantized_conv2d
+    xl, wl = _leaves(x, w)
+    y = quantized(xl, wl, None, config)
+    grad = _randn(*y.shape, seed=47)
+    torch.manual_seed(5)
+    gx, gw = torch.autograd.grad(y, [xl, wl], grad)
+    torch.manual_seed(5)
+    g8, g16 = quantize(grad, spec8), quantize(grad, spec16)
+    xr, wr = _leaves(x, w)
+    assert torch.equal(gx, torch.autograd.grad(op(xr, wr), [xr], g8)[0])
+    xr, wr = _leaves(x, w)
+    assert torch.equal(gw, torch.autograd.grad(op(xr, wr), [wr], g16)[0])
+
+
+def test_bifurcated_copies_pass_nonfinite_gradients_through_under_propagate(backend):
+    spec8, spec16 = _sbm_gradient_specs(nonfinite="propagate")  # fp16 loss scaling's setting
+    config = GemmConfig(grad_input_spec=spec8, grad_weight_spec=spec16)
+    grad = _randn(16, 12, seed=48)
+    grad[0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    torch.manual_seed(6)
+    copies = _gradient_copies(grad, config, True, True)
+    torch.manual_seed(6)
+    expected = (quantize(grad, spec8), quantize(grad, spec16))
+    for copy, want in zip(copies, expected, strict=True):
+        assert torch.equal(copy.isnan(), want.isnan())
+        assert torch.equal(copy.nan_to_num(), want.nan_to_num())
+    x, w = _leaves(_randn(16, 8, seed=49), _randn(12, 8, seed=50))
+    spec8, spec16 = _sbm_gradient_specs(nonfinite="error")
+    y = quantized_linear(x, w, None, GemmConfig(grad_input_spec=spec8, grad_weight_spec=spec16))
+    with pytest.raises(NonFiniteError):  # the error policy sees the shared range's NaN
+        torch.autograd.grad(y, [x, w], grad)
+
+
 # ---- quantized storage of the saved input ----------------------------------------------------
 
 
@@ -351,6 +415,25 @@ def test_quantized_storage_shrinks_saved_memory_and_keeps_gradients(name, backen
     assert saved_int - weight_bytes <= 0.3 * input_fp32
 
 
+def test_quantized_storage_holds_float16_grid_points_as_float_storage_does(backend):
+    # float16 inputs up to 65504: the nudged zero point puts the top grid point at ~65559,
+    # which float16 rounds to inf; both storages hold it at 65504, forward and backward.
+    spec = QuantSpec(formats.UINT8, scale=MinMax())
+    x = torch.linspace(-1100.0, 65504.0, 96).to(torch.float16).reshape(12, 8)
+    w = torch.eye(8, dtype=torch.float16)  # y = x̂
+    grad = torch.full((12, 8), 2.0**-10, dtype=torch.float16)  # grad-weight sums stay finite
+    results = []
+    for stored_quantized in (False, True):
+        config = GemmConfig(input_spec=spec, save_quantized_input=stored_quantized)
+        xl, wl = _leaves(x, w)
+        y = quantized_linear(xl, wl, None, config)
+        results.append((y, *torch.autograd.grad(y, [xl, wl], grad)))
+    assert float(results[0][0].detach().max()) == 65504.0
+    assert bool(torch.isfinite(results[0][2]).all())
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_quantized_storage_works_through_saved_tensor_hooks():
     # Hooks that move saved tensors elsewhere (like torch.autograd.graph.save_on_cpu) must be
     # what backward reads: here the originals are wiped after packing a copy.
@@ -378,12 +461,13 @@ def test_quantized_storage_works_through_saved_tensor_hooks():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("stored_quantized", [False, True])
-def test_nonfinite_input_with_given_qparams_is_an_error(stored_quantized):
+def test_nonfinite_input_with_given_qparams_is_an_error(stored_quantized, value, backend):
     config = GemmConfig(input_spec=UINT8, save_quantized_input=stored_quantized)
     x = _randn(4, 8, seed=43)
     qp = compute_qparams(x, UINT8)  # running ranges, say
-    x[1, 2] = float("nan")
+    x[1, 2] = value
     with pytest.raises(NonFiniteError):
         quantized_linear(x, _randn(3, 8, seed=44), None, config, input_qparams=qp)
 

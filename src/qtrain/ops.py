@@ -24,16 +24,21 @@ import torch.nn.functional as F
 
 from qtrain import kernels
 from qtrain.quantizer import (
+    MinMax,
     QParams,
     QuantSpec,
     QuantSpecError,
     Rounding,
     _check_finite,
     _draw_seed,
+    _finish,
+    _finite_only,
+    _observe_view,
     _qparams_of_view,
     canonical_view,
     fake_quantize_with_mask,
     needs_clip_mask,
+    qparams_from_range,
 )
 
 ROLES = ("forward", "grad_input", "grad_weight")
@@ -62,7 +67,9 @@ class GemmConfig:
         for field in ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, QuantSpec):
-                raise QuantSpecError(f"GemmConfig.{field} must be a QuantSpec or None, got {value!r}")
+                raise QuantSpecError(
+                    f"GemmConfig.{field} must be a QuantSpec or None, got {value!r}"
+                )
         if self.save_quantized_input:
             spec = self.input_spec
             if spec is None or spec.int_format is None or spec.int_format.bits > 8:
@@ -125,38 +132,52 @@ class _SavedInput:
     offload them); backward rebuilds the input and mask from what those hooks give back.
     """
 
-    def __init__(self, x: torch.Tensor, spec: QuantSpec | None, qparams: QParams | None,
-                 quantized_storage: bool, want_mask: bool) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        spec: QuantSpec | None,
+        qparams: QParams | None,
+        quantized_storage: bool,
+        want_mask: bool,
+    ) -> None:
         self.quantized = quantized_storage and x.numel() > 0
         if not self.quantized:
             self.value, self.mask = _quantize_operand(x, spec, qparams, want_mask)
             return
         x3, self.restore = canonical_view(x, spec.granularity)
         want_mask = want_mask and needs_clip_mask(spec, qparams is not None)
+        impl = kernels.implementation(x3.device)
         if qparams is None:
             qparams = _qparams_of_view(x, x3, spec)
-        elif spec.nonfinite == "error":
-            _check_finite(x3, spec)
+        else:
+            # nonfinite='error' (GemmConfig ensures it). NaN and ±inf reach max|x|: one
+            # read-only reduction instead of an isfinite pass.
+            _check_finite(impl.absmax(x3), spec)
         int_format = spec.int_format
         seed = _draw_seed(None) if spec.rounding is Rounding.STOCHASTIC else None
-        impl = kernels.implementation(x3.device)
-        levels = impl.quant_int(x3, qparams.scale, qparams.zero_point, int_format.qmin,
-                                int_format.qmax, seed)
-        self.mask = None
-        if want_mask:
-            # Recompute the unclamped position only to know which values were clipped.
-            unclamped = impl.quant_int(x3, qparams.scale, qparams.zero_point, -2**30, 2**30, seed)
-            self.mask = _pack_bits(unclamped == levels)
+        # One pass: x̂ for the forward GEMM, and the levels (+ mask) that backward keeps.
+        y3, mask, self.levels = impl.fake_quant_int_levels(
+            x3,
+            qparams.scale,
+            qparams.zero_point,
+            int_format.qmin,
+            int_format.qmax,
+            seed,
+            want_mask,
+            int_format.storage_dtype,
+        )
+        self.mask = None if mask is None else _pack_bits(mask)
         self.shape = x.shape
+        self.spec = spec
         self.qparams = qparams
         self.dtype = x.dtype
-        self.levels = levels.to(int_format.storage_dtype)
-        self.value = self.dequantize(self.levels)
+        self.value = self.restore(_finish(y3, x3, qparams, spec, x.dtype)).to(x.dtype)
 
     def dequantize(self, levels: torch.Tensor) -> torch.Tensor:
-        s = self.qparams.scale.view(1, -1, 1)
-        z = self.qparams.zero_point.view(1, -1, 1)
-        return self.restore((levels.to(torch.float32) - z) * s).to(self.dtype)
+        impl = kernels.implementation(levels.device)
+        x3 = impl.dequant_int(levels, self.qparams.scale, self.qparams.zero_point)
+        # As the forward: grid points past the largest value of x's dtype are held at it.
+        return self.restore(_finish(x3, x3, self.qparams, self.spec, self.dtype)).to(self.dtype)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What backward needs: (input or levels, mask or packed mask)."""
@@ -192,8 +213,9 @@ class _QuantizedGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, config, input_qparams, conv_args):  # type: ignore[override]
         want_x_mask = ctx.needs_input_grad[0]
-        saved = _SavedInput(x, config.input_spec, input_qparams, config.save_quantized_input,
-                            want_x_mask)
+        saved = _SavedInput(
+            x, config.input_spec, input_qparams, config.save_quantized_input, want_x_mask
+        )
         w_q, w_mask = _quantize_operand(weight, config.weight_spec, None, ctx.needs_input_grad[1])
         if conv_args is None:
             y = F.linear(saved.value, w_q, bias)
@@ -216,15 +238,7 @@ class _QuantizedGemm(torch.autograd.Function):
         config: GemmConfig = ctx.config
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = grad_b = None
-        same_copy = config.grad_input_spec == config.grad_weight_spec
-        g_in = g_w = None
-        if need_x:
-            g_in, _ = _quantize_operand(grad_out, config.grad_input_spec, None, False)
-        if need_w:
-            if same_copy and g_in is not None:
-                g_w = g_in  # no bifurcation: both products use the one quantized copy of g_l
-            else:
-                g_w, _ = _quantize_operand(grad_out, config.grad_weight_spec, None, False)
+        g_in, g_w = _gradient_copies(grad_out, config, need_x, need_w)
         if ctx.conv_args is None:
             grad_x, grad_w = _linear_grads(g_in, g_w, x_q, w_q)
         else:
@@ -240,6 +254,61 @@ class _QuantizedGemm(torch.autograd.Function):
         if grad_w is not None and w_mask is not None:
             grad_w = grad_w * w_mask.to(grad_w.dtype)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def _gradient_copies(
+    grad: torch.Tensor, config: GemmConfig, need_x: bool, need_w: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """g_l quantized for the grad-input and the grad-weight products (None where not needed);
+    stochastic-rounding seeds are drawn in that order, as two ``quantize`` calls draw them."""
+    input_spec, weight_spec = config.grad_input_spec, config.grad_weight_spec
+    if need_x and need_w and input_spec == weight_spec:
+        g_in = _quantize_operand(grad, input_spec, None, False)[0]
+        return g_in, g_in  # no bifurcation: both products use the one quantized copy of g_l
+    if need_x and need_w and _same_range(input_spec, weight_spec) and grad.numel() > 0:
+        return _copies_of_one_range(grad, (input_spec, weight_spec))
+    g_in = _quantize_operand(grad, input_spec, None, False)[0] if need_x else None
+    g_w = _quantize_operand(grad, weight_spec, None, False)[0] if need_w else None
+    return g_in, g_w
+
+
+def _same_range(first: QuantSpec | None, second: QuantSpec | None) -> bool:
+    """Whether two specs take their qparams from the same observed range (MinMax rules of one
+    granularity and non-finite policy; the bit-widths may differ)."""
+    return (
+        first is not None
+        and second is not None
+        and isinstance(first.scale, MinMax)
+        and (first.granularity, first.scale, first.nonfinite)
+        == (second.granularity, second.scale, second.nonfinite)
+    )
+
+
+def _copies_of_one_range(x: torch.Tensor, specs: tuple[QuantSpec, ...]) -> tuple[torch.Tensor, ...]:
+    """``fake_quantize_with_mask(x, spec)[0]`` for each spec, with x's range read once: SBM's
+    8-bit grad-input and 16-bit grad-weight copies of g_l (bifurcation)."""
+    first = specs[0]
+    x3, restore = canonical_view(x, first.granularity)
+    propagate = first.nonfinite == "propagate"
+    low, high = _observe_view(x, _finite_only(x3) if propagate else x3, first.scale)
+    if not propagate:
+        _check_finite(torch.stack([low, high]), first)
+    impl = kernels.implementation(x3.device)
+    copies = []
+    for spec in specs:
+        qparams = qparams_from_range(low, high, spec.int_format)
+        seed = _draw_seed(None) if spec.rounding is Rounding.STOCHASTIC else None
+        y3, _ = impl.fake_quant_int(
+            x3,
+            qparams.scale,
+            qparams.zero_point,
+            spec.int_format.qmin,
+            spec.int_format.qmax,
+            seed,
+            False,
+        )
+        copies.append(restore(_finish(y3, x3, qparams, spec, x.dtype)).to(x.dtype))
+    return tuple(copies)
 
 
 def _linear_grads(g_in, g_w, x_q, w_q):
@@ -269,7 +338,16 @@ def _conv_backward(grad, x_q, w_q, conv_args, output_mask):
     # In the gradient's dtype, as _linear_grads (autocast does not cast convolution_backward).
     x_q, w_q = x_q.to(grad.dtype), w_q.to(grad.dtype)
     return torch.ops.aten.convolution_backward(
-        grad, x_q, w_q, [w_q.shape[0]], stride, padding, dilation, False, [0, 0], groups,
+        grad,
+        x_q,
+        w_q,
+        [w_q.shape[0]],
+        stride,
+        padding,
+        dilation,
+        False,
+        [0, 0],
+        groups,
         output_mask,
     )
 

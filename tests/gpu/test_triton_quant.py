@@ -113,6 +113,22 @@ def test_fake_quant_int_keeps_nan(impl):
         assert torch.equal(mask, want_mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.float32])
+def test_saved_levels_and_their_dequantization_match_reference(impl, dtype):
+    x3 = _values((3, 4, 17), seed=2)
+    x3[0, 0, :4] = torch.tensor([NAN, INF, -INF, -0.0], device=DEVICE)
+    scale = (reference.absmax(x3.nan_to_num(0.0, 0.0, 0.0)) / 100).clamp_min(1e-30)
+    zero = torch.full((4,), 60.0, device=DEVICE)  # levels 0..120 fit every storage dtype
+    for seed in (None, 2**40 + 7):
+        args = (x3, scale, zero, 0, 120, seed, True, dtype)
+        for got, want in zip(
+            impl.fake_quant_int_levels(*args), reference.fake_quant_int_levels(*args), strict=True
+        ):
+            _same(got, want)
+        levels = reference.fake_quant_int_levels(*args)[2]
+        _same(impl.dequant_int(levels, scale, zero), reference.dequant_int(levels, scale, zero))
+
+
 @pytest.mark.parametrize("seed", [None, 99, 2**40 + 7])
 @pytest.mark.parametrize("fmt", MINIFLOATS, ids=str)
 def test_fake_quant_minifloat_matches_reference(impl, fmt, seed):

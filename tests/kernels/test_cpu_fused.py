@@ -159,9 +159,103 @@ def test_any_float32_values_are_bit_exact(fused, shape, values, seed, signed):
     actual = fused.fake_quant_int(x3, scale, zero_point, qmin, qmax, seed, True)
     _same(actual[0], expected[0])
     _same(actual[1], expected[1])
+    dtype = torch.int8 if signed else torch.uint8
+    args = (x3, scale, zero_point, qmin, qmax, seed, True, dtype)
+    for got, want in zip(
+        fused.fake_quant_int_levels(*args), reference.fake_quant_int_levels(*args), strict=True
+    ):
+        _same(got, want)
+    levels = reference.fake_quant_int_levels(*args)[2]
+    _same(
+        fused.dequant_int(levels, scale, zero_point),
+        reference.dequant_int(levels, scale, zero_point),
+    )
     for fmt in MINIFLOATS:
         args = (fmt.exponent_bits, fmt.mantissa_bits, fmt.has_inf, fmt.saturate, seed)
         _same(fused.fake_quant_minifloat(x3, *args), reference.fake_quant_minifloat(x3, *args))
+
+
+# ---- saved activations: levels and their dequantization --------------------------------------
+
+# (storage dtype, qmin, qmax): the formats' own, a narrow range in a wide dtype, float levels.
+STORAGES = [
+    (torch.int8, -128, 127),
+    (torch.uint8, 0, 255),
+    (torch.int16, -32767, 32767),
+    (torch.int32, -7, 7),
+    (torch.float32, 0, 255),
+]
+
+
+def _with_edge_values(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Fresh normal values with, at random places, ±0, subnormals, tiny and huge magnitudes,
+    values on rounding ties, NaN and ±inf."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * torch.logspace(-3, 3, shape[-1])
+    special = torch.tensor(
+        [0.0, -0.0, 1e-45, -1e-40, TINY, 1e30, -FLT_MAX, 0.5, -2.5, NAN, INF, -INF]
+    )
+    flat = x.view(-1)
+    places = torch.randperm(flat.numel(), generator=generator)[: max(1, flat.numel() // 5)]
+    flat[places] = special[torch.randint(len(special), (len(places),), generator=generator)]
+    return x
+
+
+def _finite_qparams(x3: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_qparams`` of the finite values, cut short on some channels so that values clip."""
+    finite = torch.where(torch.isfinite(x3), x3, torch.zeros_like(x3)).clamp(-1e6, 1e6)
+    scale, zero_point = _qparams(finite, qmin, qmax)
+    return scale * torch.linspace(0.25, 1.0, x3.shape[1]), zero_point
+
+
+@pytest.mark.parametrize("storage", STORAGES, ids=lambda s: str(s[0]).removeprefix("torch."))
+@pytest.mark.parametrize("seed", [None, 0, 2**40 + 7, 2**64 - 1])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fake_quant_int_levels_equals_its_reference_twin(fused, shape, seed, storage):
+    dtype, qmin, qmax = storage
+    x3 = _with_edge_values(shape, seed=len(shape) + shape[-1])
+    scale, zero_point = _finite_qparams(x3, qmin, qmax)
+    for want_mask in (True, False):
+        args = (x3, scale, zero_point, qmin, qmax, seed, want_mask, dtype)
+        fake, mask, levels = fused.fake_quant_int_levels(*args)
+        expected_fake, expected_mask, expected_levels = reference.fake_quant_int_levels(*args)
+        _same(fake, expected_fake)
+        _same(levels, expected_levels)
+        if want_mask:
+            _same(mask, expected_mask)
+        else:
+            assert mask is None and expected_mask is None
+    # The twins are what the ops layer relies on: x̂ as fake_quant_int computes it, and the
+    # levels back through dequant_int give x̂ again wherever x was a number.
+    _same(fake, reference.fake_quant_int(x3, scale, zero_point, qmin, qmax, seed, False)[0])
+    is_number = ~torch.isnan(x3)  # NaN has no integer level: stored as 0
+    _same(reference.dequant_int(levels, scale, zero_point)[is_number], fake[is_number])
+
+
+@pytest.mark.parametrize("storage", STORAGES, ids=lambda s: str(s[0]).removeprefix("torch."))
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, THREADED_NUMEL // 6)])
+def test_dequant_int_equals_its_reference_twin(fused, shape, storage):
+    dtype, _, _ = storage
+    generator = torch.Generator().manual_seed(shape[-1])
+    if dtype.is_floating_point:
+        levels3 = torch.randint(-300, 300, shape, generator=generator).to(dtype)
+    else:
+        info = torch.iinfo(dtype)  # the dtype's whole range, its extremes included
+        levels3 = torch.randint(info.min, info.max, shape, generator=generator, dtype=torch.int64)
+        levels3.view(-1)[:2] = torch.tensor([info.min, info.max])[: levels3.numel()]
+        levels3 = levels3.to(dtype)
+    # Scales from subnormal to huge (products overflow to inf), zero points inside and out.
+    scale = torch.logspace(-40, 30, shape[1])[torch.randperm(shape[1], generator=generator)]
+    zero_point = torch.linspace(-200.0, 300.0, shape[1]).round()
+    _same(
+        fused.dequant_int(levels3, scale, zero_point),
+        reference.dequant_int(levels3, scale, zero_point),
+    )
+    strided = levels3.transpose(0, 2).contiguous().transpose(0, 2)  # same values, other strides
+    _same(
+        fused.dequant_int(strided, scale, zero_point),
+        reference.dequant_int(levels3, scale, zero_point),
+    )
 
 
 # ---- reductions ------------------------------------------------------------------------------
@@ -223,11 +317,16 @@ def _results(fused, x3: torch.Tensor, seed: int | None) -> list[torch.Tensor]:
     fake, mask, levels = fused.fake_quant_int_levels(
         x3, scale * 0.9, zero_point, 0, 255, seed, True, torch.uint8
     )
+    signed = fused.fake_quant_int_levels(
+        x3, scale, zero_point - 128, -128, 127, seed, True, torch.int8
+    )
     return [
         fake,
         mask,
         levels,
         fused.dequant_int(levels, scale, zero_point),
+        *signed,
+        fused.dequant_int(signed[2], scale, zero_point - 128),
         *fused.minmax(x3),
         fused.absmax(x3),
         fused.fake_quant_minifloat(x3, 4, 3, False, True, seed),
@@ -318,6 +417,11 @@ def test_non_contiguous_input_is_read_in_logical_order(fused):
     scale, zero_point = _qparams(x3.contiguous(), -127, 127)
     expected = reference.fake_quant_int(x3, scale, zero_point, -127, 127, 3, False)[0]
     _same(fused.fake_quant_int(x3, scale, zero_point, -127, 127, 3, False)[0], expected)
+    args = (x3, scale, zero_point, -127, 127, 3, True, torch.int8)
+    for got, want in zip(
+        fused.fake_quant_int_levels(*args), reference.fake_quant_int_levels(*args), strict=True
+    ):
+        _same(got, want)
     _same(
         fused.fake_quant_minifloat(x3, 5, 2, True, False, 3),
         reference.fake_quant_minifloat(x3, 5, 2, True, False, 3),

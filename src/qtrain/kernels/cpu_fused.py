@@ -1,10 +1,9 @@
 """The ``cpu_fused`` backend: fused, vectorised, multi-threaded C++ kernels for the CPU.
 
 Same primitives, signatures and results as ``qtrain.kernels.reference`` — bit-identical, for
-nearest rounding and for stochastic rounding with the same seed — plus fused extras for the
-ops layer: ``quant_int_levels`` (levels straight into int8/int16 storage),
+nearest rounding and for stochastic rounding with the same seed — including the ops layer's
 ``fake_quant_int_levels`` (x̂ for the GEMM and the levels to save for backward, in one pass) and
-``dequant_int``.
+``dequant_int``; plus ``quant_int_levels`` (levels straight into int8/int16 storage).
 
 ``csrc/quant.cpp`` is compiled on first use, never at import, with ``-O3 -march=native
 -fopenmp`` into ``$QTRAIN_CACHE_DIR`` (default ``~/.cache/qtrain``)``/ext-<key>``; the key hashes
@@ -282,7 +281,8 @@ def fake_quant_int_levels(
     want_mask: bool,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``fake_quant_int`` that also returns the levels in ``dtype``, from the same single pass.
+    """``fake_quant_int`` that also returns the levels in ``dtype``, from the same single pass
+    (NaN stored as level 0 in an integer dtype).
 
     For saved activations: the GEMM uses x̂ now, backward keeps 1-byte levels and rebuilds x̂
     bit-exactly with ``dequant_int(levels, scale, zero_point)``.

@@ -112,6 +112,45 @@ def quant_int(
     return _quant_levels(x3, scale, zero_point, qmin, qmax, seed, False)[0]
 
 
+def fake_quant_int_levels(
+    x3: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    seed: int | None,
+    want_mask: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``fake_quant_int`` that also returns the levels in ``dtype``, from the one rounding.
+
+    For saved activations: the GEMM uses x̂ now, backward keeps the (1-byte) levels and rebuilds
+    x̂ bit-exactly with ``dequant_int(levels, scale, zero_point)``. NaN has no integer level: it
+    is stored as 0 (a float ``dtype`` keeps it).
+    """
+    q, mask = _quant_levels(x3, scale, zero_point, qmin, qmax, seed, want_mask)
+    s = scale.view(1, -1, 1)
+    z = zero_point.view(1, -1, 1)
+    return (q - z) * s, mask, stored_levels(q, dtype)
+
+
+def stored_levels(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 levels in a storage ``dtype``; NaN has no integer level and is stored as 0."""
+    if dtype.is_floating_point:
+        return q.to(dtype)
+    return torch.where(torch.isnan(q), 0.0, q).to(dtype)
+
+
+def dequant_int(
+    levels3: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+) -> torch.Tensor:
+    """x̂ = (levels − z)·s in float32 from an (O, C, I) view of stored levels: for levels from
+    ``fake_quant_int_levels``, bit-identical to its x̂."""
+    s = scale.view(1, -1, 1)
+    z = zero_point.view(1, -1, 1)
+    return (levels3.to(torch.float32) - z) * s
+
+
 def _quant_levels(x3, scale, zero_point, qmin, qmax, seed, want_mask):
     inv_scale = (1.0 / scale).view(1, -1, 1)
     z = zero_point.view(1, -1, 1)

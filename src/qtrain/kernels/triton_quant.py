@@ -861,6 +861,26 @@ def quant_int(
     return _quant_int_op(x3.contiguous(), scale, zero_point, qmin, qmax, keys, False, False)[0]
 
 
+def fake_quant_int_levels(
+    x3: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    seed: int | None,
+    want_mask: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``fake_quant_int`` and the levels in ``dtype`` (two launches on the same seed)."""
+    fake, mask = fake_quant_int(x3, scale, zero_point, qmin, qmax, seed, want_mask)
+    levels = quant_int(x3, scale, zero_point, qmin, qmax, seed)
+    return fake, mask, reference.stored_levels(levels, dtype)
+
+
+# The reference's element-wise PyTorch ops (cast, subtract, multiply) run on the GPU as they are.
+dequant_int = reference.dequant_int
+
+
 def fake_quant_minifloat(
     x: torch.Tensor,
     exponent_bits: int,
