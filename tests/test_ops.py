@@ -15,6 +15,7 @@ from qtrain import (
     NonFiniteError,
     PerChannel,
     PerGroup,
+    QParams,
     QuantSpec,
     QuantSpecError,
     Rounding,
@@ -544,3 +545,14 @@ def test_ops_under_bf16_autocast_match_torch(kind, config):
     if config == GemmConfig():
         for a, b_ in zip(*results, strict=True):
             assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("save_quantized_input", [False, True])
+def test_given_qparams_of_the_wrong_size_are_refused_on_both_storage_paths(
+    save_quantized_input: bool,
+) -> None:
+    spec = QuantSpec(formats.Int(8, signed=False))
+    config = GemmConfig(spec, save_quantized_input=save_quantized_input)
+    bad = QParams(torch.ones(3), torch.zeros(3))
+    with pytest.raises(QuantSpecError, match=r"qparams.scale must hold 1 value\(s\).*got 3"):
+        quantized_linear(torch.randn(2, 4), torch.randn(3, 4), None, config, input_qparams=bad)

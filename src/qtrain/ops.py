@@ -30,6 +30,7 @@ from qtrain.quantizer import (
     QuantSpecError,
     Rounding,
     _check_finite,
+    _check_qparams,
     _draw_seed,
     _finish,
     _finite_only,
@@ -153,6 +154,7 @@ class _SavedInput:
             # nonfinite='error' (GemmConfig ensures it). NaN and ±inf reach max|x|: one
             # read-only reduction instead of an isfinite pass.
             _check_finite(impl.absmax(x3), spec)
+            _check_qparams(qparams, x3.shape[1], spec, "quantize")
         int_format = spec.int_format
         seed = _draw_seed(None) if spec.rounding is Rounding.STOCHASTIC else None
         # One pass: x̂ for the forward GEMM, and the levels (+ mask) that backward keeps.

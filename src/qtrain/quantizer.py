@@ -524,9 +524,11 @@ def fake_quantize_with_mask(
     if qparams is None and spec.scale is not None:
         qparams = _qparams_of_view(x, x3, spec)
     elif qparams is not None:
-        _check_qparams(qparams, x3.shape[1], spec, "quantize")
+        # NaN/inf input first: running ranges built from it are bad too, and the guard must
+        # see a NonFiniteError, not a complaint about the qparams.
         if spec.nonfinite == "error":
             _check_finite(x3, spec)
+        _check_qparams(qparams, x3.shape[1], spec, "quantize")
     seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
     y3, mask = _fake_quant_view(x3, spec, qparams, seed, want_mask)
     if qparams is not None:  # a plain minifloat cast keeps the format's own overflow and NaN

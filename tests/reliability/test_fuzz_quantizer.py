@@ -475,10 +475,9 @@ def test_propagate_keeps_a_saturating_minifloat_cast_like_torch() -> None:
     torch.testing.assert_close(y, x.to(torch.float8_e4m3fn).float(), equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason="ops' saved-levels path does not saturate (ops.py)")
 def test_saved_levels_input_near_float32_max_stays_finite() -> None:
     # GemmConfig(save_quantized_input=True), SBM's default, fake-quantizes the input in ops'
-    # own fused pass, which does not hold a result past float32's largest value at it.
+    # own fused pass; it must hold a result past float32's largest value at it, as quantize does.
     spec = QuantSpec(Int(8, signed=False))
     layer = QLinear(4, 4, bias=False, config=GemmConfig(spec, save_quantized_input=True))
     x = torch.tensor([[3.4e38, -3.4e38, 1e38, 1.0]])
