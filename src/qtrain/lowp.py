@@ -22,7 +22,8 @@ product by scale_left[:, None]·scale_right[None, :]) or per tensor (``PerTensor
 ``emulate=True`` is the twin that runs anywhere: the same quantization, and float matmuls in
 place of the low-precision GEMMs — for int8 an exact float matmul of the levels followed by the
 same epilogue, so it equals the int8 path bit for bit; for fp8 a float32 matmul of the
-dequantized operands, which is what ``torch._scaled_mm`` computes on the CPU.
+dequantized operands, which is what ``torch._scaled_mm`` computes on the CPU (up to oneDNN's
+per-CPU choice of accumulation order).
 
 The forward reads bit-widths from a buffer (``LowPrecisionLinear.set_bits`` fills it in place),
 not from Python attributes, so a precision schedule (CPT, FracTrain) changes them under

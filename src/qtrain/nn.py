@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtrain import kernels
 from qtrain.ops import GemmConfig, quantize_grad, quantized_conv2d, quantized_linear
 from qtrain.quantizer import (
     MinMax,
@@ -322,44 +323,45 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
         return quantize_grad(y, self.grad_spec)
 
 
-def _affine(x, mean, spread, weight, bias, eps):
-    """(x − μ)/(spread + eps)·γ + β per channel, as one multiply-add over x."""
+def _affine_params(mean, spread, weight, bias, eps):
+    """Per-channel (scale, shift) with (x − μ)/(spread + eps)·γ + β = x·scale + shift."""
     scale = 1.0 / (spread + eps)
     if weight is not None:
         scale = scale * weight
     shift = -mean * scale if bias is None else bias - mean * scale
+    return scale, shift
+
+
+def _affine(x, mean, spread, weight, bias, eps):
+    """(x − μ)/(spread + eps)·γ + β per channel, as one multiply-add over x (autograd)."""
+    scale, shift = _affine_params(mean, spread, weight, bias, eps)
     return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
 
 
 class _RangeNorm(torch.autograd.Function):
-    """Range BN's training forward and a fused backward, for batches that split into whole-
-    sample chunks (x: float32 (B, C, H, W), chunk k = samples [k·B/K, (k+1)·B/K)).
+    """Range BN's training forward and backward, for batches that split into whole-sample
+    chunks (x: float32 (B, C, H, W), chunk k = samples [k·B/K, (k+1)·B/K)), on the kernel
+    backend's ``range_bn_stats`` / ``range_bn_backward`` (one read of x for all statistics).
 
     y = (x − μ)·s·γ + β with s = 1/(C(n)·r + eps), r = mean_k max_k − mean_k min_k. Backward:
-    the part with μ and s held fixed is torch's eval-mode batch-norm backward (one fused pass);
-    ∂L/∂μ spreads evenly over the channel; ∂L/∂r = −C·s²·∂L/∂s goes to each chunk's max (+1/K)
-    and min (−1/K) position, found with indices in the forward. Where a chunk's extreme is
-    tied, one of the tied positions takes it: a valid subgradient (autograd's amax would split
-    it evenly instead).
+    ∂L/∂μ spreads evenly over the channel; ∂L/∂r = −C·γ·s²·Σg·(x − μ) goes to each chunk's max
+    (+1/K) and min (−1/K) position, found in the forward. Where a chunk's extreme is tied, its
+    first position takes it: a valid subgradient (autograd's amax would split it evenly).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, chunks, constant, eps):  # type: ignore[override]
         batch, channels = x.shape[:2]
-        # (K, C, B/K·H·W): each chunk-channel's values contiguous, for max/min with indices.
-        grouped = (
-            x.view(chunks, batch // chunks, channels, -1)
-            .transpose(1, 2)
-            .reshape(chunks, channels, -1)
-        )
-        highs, high_index = grouped.max(dim=2)
-        lows, low_index = grouped.min(dim=2)
-        c = constant or range_bn_constant(grouped.shape[2])
-        mean = x.mean(dim=(0, 2, 3))
+        x3 = x.reshape(batch, channels, -1)
+        impl = kernels.implementation(x.device)
+        sums, highs, high_index, lows, low_index = impl.range_bn_stats(x3, chunks)
+        c = constant or range_bn_constant(x3.shape[2] * (batch // chunks))
+        mean = (sums.sum(0) / x3[:, 0].numel()).float()
         spread = (highs.mean(0) - lows.mean(0)) * c
-        y = _affine(x, mean, spread, weight, bias, eps)
+        scale, shift = _affine_params(mean, spread, weight, bias, eps)
+        y = impl.channel_affine(x, scale, shift)
         ctx.save_for_backward(x, weight, high_index, low_index, mean, spread)
-        ctx.chunks, ctx.constant, ctx.eps = chunks, c, eps
+        ctx.constant, ctx.eps = c, eps
         ctx.mark_non_differentiable(mean, spread)
         return y, mean, spread
 
@@ -368,31 +370,16 @@ class _RangeNorm(torch.autograd.Function):
         x, weight, high_index, low_index, mean, spread = ctx.saved_tensors
         s = 1.0 / (spread + ctx.eps)
         gamma = weight if weight is not None else torch.ones_like(s)
-        # Eval-mode BN backward with invstd = s: g·γ·s, Σ g·(x − μ)·s, Σ g.
-        grad_x, grad_gamma_s, grad_beta = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(),
-            x,
-            gamma,
-            mean,
-            (1.0 / s) ** 2,
-            None,
-            None,
-            False,
-            0.0,
-            [True, True, True],
-        )
         batch, channels = x.shape[:2]
-        grad_mean = -gamma * s * grad_beta  # ∂L/∂μ
-        grad_range = -ctx.constant * s * gamma * grad_gamma_s  # ∂L/∂r = −C·s²·Σ g·(x − μ)·γ
-        grad_x = grad_x + (grad_mean / x[:, 0].numel())[None, :, None, None]
-        # A chunk-local index i of chunk k is sample k·B/K + i // HW, position i mod HW.
-        flat = grad_x.view(batch, channels, -1)
-        spatial = flat.shape[2]
-        first_sample = (torch.arange(ctx.chunks, device=x.device) * (batch // ctx.chunks))[:, None]
-        channel = torch.arange(channels, device=x.device).expand(ctx.chunks, channels)
-        share = (grad_range / ctx.chunks).expand(ctx.chunks, channels)
-        for index, sign in ((high_index, 1.0), (low_index, -1.0)):
-            sample = first_sample + index // spatial
-            flat.index_put_((sample, channel, index % spatial), sign * share, accumulate=True)
-        grads_affine = (grad_gamma_s, grad_beta) if weight is not None else (None, None)
-        return grad_x, *grads_affine, None, None, None
+        grad_x, grad_gamma, grad_beta = kernels.implementation(x.device).range_bn_backward(
+            grad.float().reshape(batch, channels, -1),
+            x.reshape(batch, channels, -1),
+            mean,
+            s,
+            gamma.detach().float(),
+            ctx.constant,
+            high_index,
+            low_index,
+        )
+        grads_affine = (grad_gamma, grad_beta) if weight is not None else (None, None)
+        return grad_x.view(x.shape), *grads_affine, None, None, None

@@ -415,8 +415,10 @@ def _observe_view(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if rule.batch_mean:
         # SBM activations: mean over samples of per-sample minima/maxima.
-        per_sample = x3.reshape(x.shape[0] if x.dim() else 1, -1)
-        return _mean(per_sample.amin(1)), _mean(per_sample.amax(1))
+        # One fused pass: the samples are the channels of a (1, B, rest) view.
+        per_sample = x3.reshape(1, x.shape[0] if x.dim() else 1, -1)
+        low, high = kernels.implementation(x3.device).minmax(per_sample)
+        return _mean(low), _mean(high)
     return kernels.implementation(x3.device).minmax(x3)
 
 

@@ -2,7 +2,11 @@
 twins, numerics against fp32, short training runs, quantize_ round trips, torch.compile.
 
 What "agree" means, per product and device:
-- CPU (``torch._int_mm``, ``torch._scaled_mm``): real == emulated bit for bit, int8 and fp8.
+- CPU int8 (``torch._int_mm``): real == emulated bit for bit (exact integer accumulation).
+- CPU fp8 (``torch._scaled_mm``, oneDNN): the same float32 sums as the twin, but oneDNN picks
+  its kernel (and so the accumulation order) per CPU: bit for bit on one AVX-512 machine, 1-ulp
+  differences with tensorwise scales on another (avx512_fp16). So: equal, or SNR ≥ 120 dB (one
+  float32 rounding is ~144 dB; a reordered K-term sum stays within a few roundings).
 - CUDA int8 (``_int_mm`` or the Triton matmul): bit for bit (exact integer accumulation, the
   same epilogue in the same order).
 - CUDA fp8: SNR(real vs emulated) ≥ 40 dB — cuBLASLt accumulates in its own order.
@@ -88,7 +92,10 @@ def test_real_products_equal_emulated_twin_on_cpu(config):
     real = _step(config, *_operands())
     emulated = _step(dataclasses.replace(config, emulate=True), *_operands())
     for got, want in zip(real, emulated, strict=True):
-        assert torch.equal(got, want)
+        if isinstance(config, Int8TrainingConfig):
+            assert torch.equal(got, want)
+        else:
+            assert torch.equal(got, want) or _snr(got, want) >= 120.0
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)

@@ -445,6 +445,182 @@ def test_quantize_through_canonical_view_matches_the_reference(fused, granularit
     _same(results[1], results[0])
 
 
+# ---- Range BatchNorm kernels -------------------------------------------------------------------
+
+# (B, C, HW, chunks): the model's shapes shrunk, short rows (scalar path) and long (vector path),
+# one chunk, one sample per chunk, odd sizes.
+RANGE_BN_SHAPES = [(32, 3, 49, 16), (16, 2, 9, 16), (12, 5, 17, 4), (8, 1, 1, 8), (6, 4, 33, 1)]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _range_bn_input(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+    """Per-channel offsets and magnitudes from 1e-3 to 1e3, so centring matters."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, channels, spatial = shape
+    magnitude = torch.logspace(-3, 3, channels).view(1, -1, 1)
+    offset = torch.randn(1, channels, 1, generator=generator) * magnitude
+    return torch.randn(shape, generator=generator) * magnitude + offset
+
+
+def _assert_stats_equal(got, want):
+    sums, high, high_index, low, low_index = got
+    # float64 sums of the same float32 values in another order: a few float64 roundings.
+    bound = 64 * torch.finfo(torch.float64).eps * want[0].abs().clamp_min(1e-300) + 1e-300
+    assert sums.dtype == torch.float64 and bool(((sums - want[0]).abs() <= bound).all())
+    for actual, expected in zip((high, high_index, low, low_index), want[1:], strict=True):
+        _same(actual, expected)
+
+
+@pytest.mark.parametrize("shape", RANGE_BN_SHAPES)
+def test_range_bn_stats_equal_the_reference(fused, shape):
+    *dims, chunks = shape
+    x3 = _range_bn_input(tuple(dims))
+    _assert_stats_equal(fused.range_bn_stats(x3, chunks), reference.range_bn_stats(x3, chunks))
+
+
+def test_range_bn_stats_ties_zeros_and_specials_follow_torch(fused):
+    generator = torch.Generator().manual_seed(3)
+    # Coarse grid: every chunk's max and min are tied; the first position wins, as torch.max.
+    tied = torch.randint(-2, 3, (16, 3, 20), generator=generator).float()
+    # Signed zeros tie with each other (a chunk of -0 and +0 only, in both orders).
+    zeros = torch.zeros(4, 2, 6)
+    zeros[0, 0, :3] = -0.0
+    zeros[2, 1, 3:] = -0.0
+    # NaN: both extremes NaN at the first NaN; inf and float32's largest values are extremes.
+    special = _range_bn_input((8, 3, 25))
+    special[1, 0, 7] = NAN
+    special[3, 0, 2] = NAN
+    special[5, 1, 4] = INF
+    special[6, 1, 0] = -INF
+    special[2, 2, 3] = FLT_MAX
+    special[4, 2, 3] = -FLT_MAX
+    for x3, chunks in ((tied, 4), (zeros, 2), (special, 2)):
+        got, want = fused.range_bn_stats(x3, chunks), reference.range_bn_stats(x3, chunks)
+        for actual, expected in zip(got[1:], want[1:], strict=True):
+            _same(actual, expected)
+        torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    got = fused.range_bn_stats(special, 2)
+    assert torch.isnan(got[1][0, 0]) and torch.isnan(got[3][0, 0])  # chunk 0 holds the NaNs
+    assert int(got[2][0, 0]) == int(got[4][0, 0]) == 1 * 25 + 7  # sample 1 comes first
+
+
+def test_range_bn_stats_and_backward_read_non_contiguous_input(fused):
+    x3 = _range_bn_input((20, 3, 16)).transpose(0, 2).contiguous().transpose(0, 2)
+    assert not x3.is_contiguous()
+    _assert_stats_equal(fused.range_bn_stats(x3, 4), reference.range_bn_stats(x3, 4))
+    scale, shift = torch.rand(3) + 0.5, torch.randn(3)
+    _same(fused.channel_affine(x3, scale, shift), reference.channel_affine(x3, scale, shift))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (6, 2, 17), (5, 4), (3, 2, 2, 2, 2)])
+def test_channel_affine_is_bit_exact(fused, shape):
+    x = _values(shape)
+    x.view(-1)[:4] = torch.tensor([NAN, INF, -INF, -0.0])
+    scale, shift = torch.randn(shape[1]), torch.randn(shape[1])
+    _same(fused.channel_affine(x, scale, shift), reference.channel_affine(x, scale, shift))
+    empty = torch.empty(0, shape[1], 3)
+    assert fused.channel_affine(empty, scale, shift).shape == empty.shape
+
+
+def _range_bn_backward_args(shape, chunks, seed=0):
+    x3 = _range_bn_input(shape, seed)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    sums, high, high_index, low, low_index = reference.range_bn_stats(x3, chunks)
+    mean = (sums.sum(0) / (shape[0] * shape[2])).float()
+    inv_spread = 1.0 / ((high.mean(0) - low.mean(0)) * 0.4 + 1e-5)
+    gamma = torch.rand(shape[1]) + 0.5
+    return grad, x3, mean, inv_spread, gamma, 0.4, high_index, low_index
+
+
+@pytest.mark.parametrize("shape", RANGE_BN_SHAPES)
+def test_range_bn_backward_matches_the_reference_within_float32_summation(fused, shape):
+    *dims, chunks = shape
+    args = _range_bn_backward_args(tuple(dims), chunks)
+    grad, x3, mean, inv_spread, gamma, constant = args[:6]
+    got, want = fused.range_bn_backward(*args), reference.range_bn_backward(*args)
+    # The kernel sums each row (HW values) in float32 over the vector lanes, the reference
+    # in float64: the difference is bounded by n·eps·Σ|terms| with n the row's length.
+    rows = dims[2] + 16
+    centred = (x3 - mean.view(1, -1, 1)).double()
+    abs_g = grad.double().abs().sum(dim=(0, 2))
+    abs_gx = (grad.double() * centred).abs().sum(dim=(0, 2))
+    sum_bound = rows * EPS32 * abs_g + 1e-30
+    sum_gx_bound = rows * EPS32 * abs_gx + 1e-30
+    grad_x, grad_gamma, grad_beta = got
+    assert bool(((grad_beta.double() - want[2].double()).abs() <= sum_bound * 1.01).all())
+    gamma_bound = sum_gx_bound * inv_spread.double() * 1.01
+    assert bool(((grad_gamma.double() - want[1].double()).abs() <= gamma_bound).all())
+    # grad_x: per channel, the mean term moves by γs·Δ(Σg)/n, the range term (at the extremes)
+    # by C·γ·s²·Δ(Σg(x − μ))/K, plus one float32 rounding of each output.
+    slope = (gamma * inv_spread).double()
+    count = dims[0] * dims[2]
+    shift_bound = slope * sum_bound / count + constant * slope * inv_spread * sum_gx_bound / chunks
+    rounding = 4 * EPS32 * (want[0].double().abs() + 1e-30)
+    bound = shift_bound.view(1, -1, 1) * 1.01 + rounding
+    assert bool(((grad_x.double() - want[0].double()).abs() <= bound).all())
+
+
+def test_range_bn_kernels_give_identical_results_on_one_and_two_threads(fused):
+    args = _range_bn_backward_args((64, 8, 784), 16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(
+                [
+                    *fused.range_bn_stats(args[1], 16),
+                    fused.channel_affine(args[1], args[3], args[2]),
+                    *fused.range_bn_backward(*args),
+                ]
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        _same(two, one)
+
+
+def test_range_bn_kernels_check_their_inputs(fused):
+    x3 = torch.zeros(8, 2, 4)
+    with pytest.raises(RuntimeError, match="chunks must divide the batch"):
+        fused.range_bn_stats(x3, 3)
+    with pytest.raises(RuntimeError, match="float32"):
+        fused.range_bn_stats(x3.double(), 2)
+    with pytest.raises(RuntimeError, match="scale and zero_point"):
+        fused.channel_affine(x3, torch.ones(3), torch.zeros(3))
+    index = torch.zeros(2, 2, dtype=torch.int64)
+    ones = torch.ones(2)
+    with pytest.raises(IndexError, match="index out of range"):
+        fused.range_bn_backward(x3, x3, ones, ones, ones, 1.0, index + 99, index)
+    with pytest.raises(RuntimeError, match="indices"):
+        fused.range_bn_backward(x3, x3, ones, ones, ones, 1.0, index.int(), index)
+
+
+def test_range_batchnorm_trains_the_same_on_both_backends():
+    # Module level: forward, backward and running statistics of RangeBatchNorm2d under the
+    # reference and cpu_fused backends agree (sums may differ in the last float32 bit).
+    from qtrain.nn import RangeBatchNorm2d
+
+    if cpu_fused.load() is None:
+        pytest.skip("the cpu_fused extension cannot be built here")
+    x = _range_bn_input((32, 4, 36)).view(32, 4, 6, 6)
+    g = torch.randn(32, 4, 6, 6, generator=torch.Generator().manual_seed(9))
+    results = []
+    for backend in (Backend.REFERENCE, Backend.CPU_FUSED):
+        bn = RangeBatchNorm2d(4)
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 4))
+        xb = x.clone().requires_grad_()
+        with use_backend(backend):
+            y = bn(xb)
+            y.backward(g)
+        results.append((y, xb.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(
+            got, want, rtol=1e-5, atol=1e-5 * float(want.detach().abs().max())
+        )
+
+
 # ---- registration, compile, fallback, cache ----------------------------------------------------
 
 
@@ -465,6 +641,12 @@ def test_ops_pass_torch_library_opcheck(fused):
         ),
         (torch.ops.qtrain.dequantize_int, (levels, scale, zero_point)),
         (torch.ops.qtrain.fake_quant_minifloat, (x3, 4, 3, False, True, 7)),
+        (torch.ops.qtrain.range_bn_stats, (x3, 2)),
+        (torch.ops.qtrain.channel_affine, (x3, scale, zero_point)),
+        (
+            torch.ops.qtrain.range_bn_backward,
+            (x3, x3, scale, scale, scale, 0.5, *torch.zeros(2, 2, 3, dtype=torch.int64)),
+        ),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -48,7 +48,14 @@ _SOURCE = Path(__file__).parent / "csrc" / "quant.cpp"
 # -ffp-contract=off: no fused multiply-adds, so every float operation rounds where the
 # reference's does (bit-exact results). -fno-trapping-math (as torch builds): floor() may then
 # vectorise; no value changes. OpenMP resolves to torch's own runtime at load time.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+_CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fopenmp",
+    "-ffp-contract=off",
+    "-fno-trapping-math",
+]
 _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
@@ -160,6 +167,27 @@ def _register_fakes() -> None:
     def _absmax(x3: torch.Tensor) -> torch.Tensor:
         return x3.new_empty(x3.shape[1])
 
+    @torch.library.register_fake("qtrain::range_bn_stats")
+    def _range_bn_stats(x3, chunks):
+        pairs = (chunks, x3.shape[1])
+        long, double = torch.int64, torch.float64
+        high, low = x3.new_empty(pairs), x3.new_empty(pairs)
+        return (
+            x3.new_empty(pairs, dtype=double),
+            high,
+            high.new_empty(pairs, dtype=long),
+            low,
+            (low.new_empty(pairs, dtype=long)),
+        )
+
+    @torch.library.register_fake("qtrain::channel_affine")
+    def _channel_affine(x, scale, shift):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("qtrain::range_bn_backward")
+    def _range_bn_backward(grad3, x3, mean, inv_spread, gamma, constant, high_index, low_index):
+        return torch.empty_like(x3), mean.new_empty(mean.shape), mean.new_empty(mean.shape)
+
     @torch.library.register_fake("qtrain::quantize_int")
     def _quantize_int(
         x3, scale, zero_point, qmin, qmax, seed, want_fake, want_mask, levels_dtype
@@ -203,6 +231,43 @@ def minmax(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def absmax(x3: torch.Tensor) -> torch.Tensor:
     """Per-C max |x| of an (O, C, I) float32 view (NaN propagates)."""
     return torch.ops.qtrain.absmax(x3.contiguous())
+
+
+def range_bn_stats(
+    x3: torch.Tensor, chunks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Range BatchNorm's per-(chunk, channel) sums, extremes and their first positions (see
+    ``reference.range_bn_stats``), in one read of x."""
+    return torch.ops.qtrain.range_bn_stats(x3.contiguous(), chunks)
+
+
+def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """y = x·scale[c] + shift[c] over a float32 (B, C, ...) tensor (a multiply, then an add)."""
+    return torch.ops.qtrain.channel_affine(x.contiguous(), _per_channel(scale), _per_channel(shift))
+
+
+def range_bn_backward(
+    grad3: torch.Tensor,
+    x3: torch.Tensor,
+    mean: torch.Tensor,
+    inv_spread: torch.Tensor,
+    gamma: torch.Tensor,
+    constant: float,
+    high_index: torch.Tensor,
+    low_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Range BatchNorm's backward (see ``reference.range_bn_backward``): one read of g and x
+    for the sums, one pass writing grad_x."""
+    return torch.ops.qtrain.range_bn_backward(
+        grad3.contiguous(),
+        x3.contiguous(),
+        _per_channel(mean),
+        _per_channel(inv_spread),
+        _per_channel(gamma),
+        constant,
+        high_index.contiguous(),
+        low_index.contiguous(),
+    )
 
 
 def _quantize_int(

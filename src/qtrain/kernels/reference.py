@@ -81,6 +81,74 @@ def absmax(x3: torch.Tensor) -> torch.Tensor:
     return x3.abs().transpose(0, 1).reshape(x3.shape[1], -1).amax(dim=1)
 
 
+def range_bn_stats(
+    x3: torch.Tensor, chunks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Range BatchNorm's training statistics of a float32 (B, C, HW) batch whose B samples
+    split into ``chunks`` whole-sample chunks (chunk k = samples [k·B/K, (k+1)·B/K)).
+
+    Returns (sums, high, high_index, low, low_index), each (K, C): the float64 sum of chunk k's
+    values of channel c, its maximum and minimum, and the first position of each in the chunk's
+    sample-major order (index i = sample-in-chunk · HW + position). +0 and −0 tie; a chunk that
+    holds a NaN has NaN as both extremes, at its first NaN.
+    """
+    batch, channels, spatial = x3.shape
+    grouped = (
+        x3.reshape(chunks, batch // chunks, channels, spatial)
+        .transpose(1, 2)
+        .reshape(chunks, channels, -1)
+    )  # (K, C, B/K·HW): each chunk-channel's values in sample-major order
+    high, high_index = grouped.max(dim=2)
+    low, low_index = grouped.min(dim=2)
+    return grouped.double().sum(dim=2), high, high_index, low, low_index
+
+
+def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """y = x·scale[c] + shift[c] over a float32 (B, C, ...) tensor (a multiply, then an add)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.view(shape) + shift.view(shape)
+
+
+def range_bn_backward(
+    grad3: torch.Tensor,
+    x3: torch.Tensor,
+    mean: torch.Tensor,
+    inv_spread: torch.Tensor,
+    gamma: torch.Tensor,
+    constant: float,
+    high_index: torch.Tensor,
+    low_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Range BatchNorm's backward for y = (x − μ)·s·γ + β, s = 1/(C(n)·r + eps), r = mean_k
+    max_k − mean_k min_k over whole-sample chunks (``range_bn_stats``' indices).
+
+    Returns (grad_x, grad_gamma, grad_beta): with n values per channel,
+    grad_x = g·(γs) − γs·Σg/n, plus ∂L/∂r = −C(n)·γ·s²·Σg·(x − μ) shared over the chunks,
+    +1/K at each chunk's max and −1/K at its min; grad_gamma = s·Σg·(x − μ), grad_beta = Σg.
+    Sums in float64.
+    """
+    batch, channels, spatial = x3.shape
+    chunks = high_index.shape[0]
+    g64 = grad3.double()
+    sum_g = g64.sum(dim=(0, 2))
+    sum_gx = (g64 * (x3 - mean.view(1, -1, 1)).double()).sum(dim=(0, 2))
+    slope64 = gamma.double() * inv_spread.double()
+    slope = slope64.float()
+    offset = (-slope64 * sum_g / (batch * spatial)).float()
+    share = (-constant * slope64 * inv_spread.double() * sum_gx / chunks).float()
+    grad_x = grad3 * slope.view(1, -1, 1) + offset.view(1, -1, 1)
+    first_sample = (torch.arange(chunks, device=x3.device) * (batch // chunks))[:, None]
+    channel = torch.arange(channels, device=x3.device).expand(chunks, channels)
+    for index, sign in ((high_index, 1.0), (low_index, -1.0)):
+        sample = first_sample + index // spatial
+        grad_x.index_put_(
+            (sample, channel, index % spatial),
+            sign * share.expand(chunks, channels),
+            accumulate=True,
+        )
+    return grad_x, (sum_gx * inv_spread.double()).float(), sum_g.float()
+
+
 def fake_quant_int(
     x3: torch.Tensor,
     scale: torch.Tensor,

@@ -877,8 +877,11 @@ def fake_quant_int_levels(
     return fake, mask, reference.stored_levels(levels, dtype)
 
 
-# The reference's element-wise PyTorch ops (cast, subtract, multiply) run on the GPU as they are.
+# The reference's PyTorch ops (element-wise, reductions, index_put) run on the GPU as they are.
 dequant_int = reference.dequant_int
+range_bn_stats = reference.range_bn_stats
+channel_affine = reference.channel_affine
+range_bn_backward = reference.range_bn_backward
 
 
 def fake_quant_minifloat(

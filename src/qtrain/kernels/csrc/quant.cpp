@@ -379,6 +379,264 @@ Tensor absmax(const Tensor& x3) {
   return out;
 }
 
+// ---- Range BatchNorm -------------------------------------------------------------------------
+
+// Range BN's training statistics of a contiguous float32 (B, C, HW) batch cut into `chunks`
+// whole-sample chunks (chunk k = samples [k·B/K, (k+1)·B/K)). One read of x, parallel over
+// (chunk, channel) pairs: per pair the sum (double), and the first position of the maximum and
+// of the minimum in the chunk's sample-major order (reference.range_bn_stats: torch.max/min
+// over the same order). +0 and -0 tie, as float comparison says. A chunk that holds a NaN has
+// NaN as both extremes, at its first NaN.
+struct RowExtremes {
+  int32_t high;
+  int32_t low;
+  uint32_t abs_bits;
+  double sum;
+};
+
+// Order key of v + 0 (-0 becomes +0, so the two zeros tie).
+inline int32_t tie_zero_key(float v) { return order_key(bits_of(v + 0.0f)); }
+
+RowExtremes row_extremes(const float* __restrict x, int64_t n) {
+  if (n < 16) {  // short rows (small feature maps): a vector loop's set-up costs more
+    RowExtremes r{std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max(), 0,
+                  0.0};
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t key = tie_zero_key(x[j]);
+      r.high = key > r.high ? key : r.high;
+      r.low = key < r.low ? key : r.low;
+      r.abs_bits = std::max(r.abs_bits, abs_bits_of(x[j]));
+      r.sum += static_cast<double>(x[j]);
+    }
+    return r;
+  }
+  int32_t high = std::numeric_limits<int32_t>::min();
+  int32_t low = std::numeric_limits<int32_t>::max();
+  uint32_t abs_max = 0;
+  double sum = 0.0;
+#pragma omp simd reduction(min : low) reduction(max : high, abs_max) reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t key = tie_zero_key(x[j]);
+    high = std::max(high, key);
+    low = std::min(low, key);
+    abs_max = std::max(abs_max, abs_bits_of(x[j]));
+    sum += static_cast<double>(x[j]);
+  }
+  return {high, low, abs_max, sum};
+}
+
+// First j in [0, n) with x[j] matching: NaN when `nan`, else the order key `key`.
+int64_t first_position(const float* x, int64_t n, int32_t key, bool nan) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (nan ? std::isnan(x[j]) : tie_zero_key(x[j]) == key) return j;
+  }
+  return 0;  // unreachable: the key came from this row
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(const Tensor& x3,
+                                                                  int64_t chunks) {
+  check_view(x3, "qtrain::range_bn_stats");
+  const int64_t batch = x3.size(0);
+  const int64_t channels = x3.size(1);
+  const int64_t spatial = x3.size(2);
+  TORCH_CHECK(chunks >= 1 && batch % chunks == 0 && spatial > 0,
+              "qtrain::range_bn_stats: chunks must divide the batch (", batch, "), got ", chunks,
+              ", and each sample must hold values");
+  const int64_t per_chunk = batch / chunks;
+  Tensor sums = at::empty({chunks, channels}, at::kDouble);
+  Tensor high = at::empty({chunks, channels}, at::kFloat);
+  Tensor low = at::empty({chunks, channels}, at::kFloat);
+  Tensor high_index = at::empty({chunks, channels}, at::kLong);
+  Tensor low_index = at::empty({chunks, channels}, at::kLong);
+  const float* x = x3.data_ptr<float>();
+  double* sum_out = sums.data_ptr<double>();
+  float* high_out = high.data_ptr<float>();
+  float* low_out = low.data_ptr<float>();
+  int64_t* high_index_out = high_index.data_ptr<int64_t>();
+  int64_t* low_index_out = low_index.data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / (per_chunk * spatial));
+  at::parallel_for(0, chunks * channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t k = pair / channels;
+      const int64_t c = pair % channels;
+      const auto row = [&](int64_t i) {
+        return x + ((k * per_chunk + i) * channels + c) * spatial;
+      };
+      int32_t best_high = std::numeric_limits<int32_t>::min();
+      int32_t best_low = std::numeric_limits<int32_t>::max();
+      int64_t high_row = 0, low_row = 0, nan_row = -1;
+      double sum = 0.0;
+      for (int64_t i = 0; i < per_chunk; ++i) {
+        const RowExtremes r = row_extremes(row(i), spatial);
+        sum += r.sum;
+        if (r.high > best_high) best_high = r.high, high_row = i;
+        if (r.low < best_low) best_low = r.low, low_row = i;
+        if (nan_row < 0 && r.abs_bits > kInfBits) nan_row = i;
+      }
+      sum_out[pair] = sum;
+      if (nan_row >= 0) {
+        const int64_t at = first_position(row(nan_row), spatial, 0, true);
+        high_out[pair] = low_out[pair] = row(nan_row)[at];
+        high_index_out[pair] = low_index_out[pair] = nan_row * spatial + at;
+      } else {
+        // The value at the position (a tied -0 or +0 as it is stored, as torch.max gives it).
+        const int64_t high_at = first_position(row(high_row), spatial, best_high, false);
+        const int64_t low_at = first_position(row(low_row), spatial, best_low, false);
+        high_out[pair] = row(high_row)[high_at];
+        low_out[pair] = row(low_row)[low_at];
+        high_index_out[pair] = high_row * spatial + high_at;
+        low_index_out[pair] = low_row * spatial + low_at;
+      }
+    }
+  });
+  return {sums, high, high_index, low, low_index};
+}
+
+// y = x·scale[c] + shift[c] over a contiguous float32 (B, C, ...) tensor (two roundings, as
+// reference.channel_affine), written to a cached output block of x's shape.
+Tensor channel_affine(const Tensor& x_in, const Tensor& scale, const Tensor& shift) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat &&
+                  x_in.is_contiguous() && x_in.dim() >= 2,
+              "qtrain::channel_affine: expected a contiguous float32 CPU tensor (B, C, ...)");
+  const int64_t channels = x_in.size(1);
+  const int64_t spatial = x_in.numel() == 0 ? 0 : x_in.numel() / (x_in.size(0) * channels);
+  const Tensor x3 = x_in.view({x_in.size(0), channels, spatial});
+  check_params(x3, scale, shift, "qtrain::channel_affine");
+  Tensor out = empty_output(x_in.sizes(), at::kFloat);
+  const float* x = x3.data_ptr<float>();
+  const float* a = scale.data_ptr<float>();
+  const float* d = shift.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t rows = x3.size(0) * channels;
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, spatial));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float a_r = a[r % channels];
+      const float d_r = d[r % channels];
+      const float* __restrict xr = x + r * spatial;
+      float* __restrict yr = y + r * spatial;
+#pragma omp simd
+      for (int64_t j = 0; j < spatial; ++j) yr[j] = xr[j] * a_r + d_r;
+    }
+  });
+  return out;
+}
+
+// Range BN's backward (reference.range_bn_backward): with s = 1/(C(n)·r + eps) and n values
+// per channel, Σg and Σg·(x − μ) per channel (one read of g and x), then
+// grad_x = g·(γs) + (−γs·Σg)/n in one pass, and ∂L/∂r = −C(n)·γ·s²·Σg·(x − μ) shared out over
+// the chunks' max (+1/K) and min (−1/K) positions.
+std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const Tensor& x3,
+                                                     const Tensor& mean, const Tensor& inv_spread,
+                                                     const Tensor& gamma, double constant,
+                                                     const Tensor& high_index,
+                                                     const Tensor& low_index) {
+  check_view(grad3, "qtrain::range_bn_backward");
+  check_view(x3, "qtrain::range_bn_backward");
+  TORCH_CHECK(grad3.sizes() == x3.sizes(), "qtrain::range_bn_backward: grad and x differ in shape");
+  const int64_t batch = x3.size(0);
+  const int64_t channels = x3.size(1);
+  const int64_t spatial = x3.size(2);
+  for (const Tensor* param : {&mean, &inv_spread, &gamma}) {
+    TORCH_CHECK(param->scalar_type() == at::kFloat && param->is_contiguous() &&
+                    param->numel() == channels,
+                "qtrain::range_bn_backward: per-channel parameters must be contiguous float32 of ",
+                channels, " values");
+  }
+  const int64_t chunks = high_index.size(0);
+  for (const Tensor* index : {&high_index, &low_index}) {
+    TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous() &&
+                    index->dim() == 2 && index->size(0) == chunks && index->size(1) == channels,
+                "qtrain::range_bn_backward: indices must be contiguous int64 (chunks, C)");
+  }
+  TORCH_CHECK(chunks >= 1 && batch % chunks == 0,
+              "qtrain::range_bn_backward: the chunks must divide the batch");
+  const float* g = grad3.data_ptr<float>();
+  const float* x = x3.data_ptr<float>();
+  const float* mu = mean.data_ptr<float>();
+  const float* s = inv_spread.data_ptr<float>();
+  const float* gam = gamma.data_ptr<float>();
+  // Memory order: blocks of kSamplesPerBlock samples, each summing its rows into its own
+  // per-channel partials (double), combined in block order: the result does not depend on the
+  // thread count.
+  constexpr int64_t kSamplesPerBlock = 8;
+  const int64_t blocks = (batch + kSamplesPerBlock - 1) / kSamplesPerBlock;
+  std::vector<double> partial_g(blocks * channels), partial_gx(blocks * channels);
+  const int64_t block_values = std::max<int64_t>(1, kSamplesPerBlock * channels * spatial);
+  const int64_t block_grain = std::max<int64_t>(1, kMinPerThread / block_values);
+  at::parallel_for(0, blocks, block_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t last = std::min(batch, (block + 1) * kSamplesPerBlock);
+      for (int64_t b = block * kSamplesPerBlock; b < last; ++b) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t offset = (b * channels + c) * spatial;
+          const float* __restrict gr = g + offset;
+          const float* __restrict xr = x + offset;
+          const float m = mu[c];
+          // float partial sums over one row (HW values, spread over the vector lanes), then
+          // double across rows: the error stays at a few float roundings of the row's terms.
+          float row_g = 0.0f, row_gx = 0.0f;
+#pragma omp simd reduction(+ : row_g, row_gx)
+          for (int64_t j = 0; j < spatial; ++j) {
+            row_g += gr[j];
+            row_gx += gr[j] * (xr[j] - m);
+          }
+          partial_g[block * channels + c] += row_g;
+          partial_gx[block * channels + c] += row_gx;
+        }
+      }
+    }
+  });
+  std::vector<double> sum_g(channels, 0.0), sum_gx(channels, 0.0);
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int64_t c = 0; c < channels; ++c) {
+      sum_g[c] += partial_g[block * channels + c];
+      sum_gx[c] += partial_gx[block * channels + c];
+    }
+  }
+  const double count = static_cast<double>(batch * spatial);
+  Tensor grad_gamma = at::empty({channels}, at::kFloat);
+  Tensor grad_beta = at::empty({channels}, at::kFloat);
+  std::vector<float> slope(channels), offset(channels), share(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const double gs = static_cast<double>(gam[c]) * s[c];
+    grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_g[c]);
+    grad_gamma.data_ptr<float>()[c] = static_cast<float>(sum_gx[c] * s[c]);
+    slope[c] = static_cast<float>(gs);
+    offset[c] = static_cast<float>(-gs * sum_g[c] / count);
+    share[c] = static_cast<float>(-constant * gs * s[c] * sum_gx[c] / chunks);
+  }
+  Tensor grad_x = empty_output(x3.sizes(), at::kFloat);
+  float* out = grad_x.data_ptr<float>();
+  const int64_t rows = batch * channels;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / spatial), [&](int64_t begin,
+                                                                                int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float a = slope[r % channels];
+      const float d = offset[r % channels];
+      const float* __restrict gr = g + r * spatial;
+      float* __restrict yr = out + r * spatial;
+#pragma omp simd
+      for (int64_t j = 0; j < spatial; ++j) yr[j] = gr[j] * a + d;
+    }
+  });
+  const int64_t per_chunk = batch / chunks;
+  const int64_t* highs = high_index.data_ptr<int64_t>();
+  const int64_t* lows = low_index.data_ptr<int64_t>();
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t c = 0; c < channels; ++c) {
+      for (const auto& [index, sign] : {std::pair{highs, 1.0f}, std::pair{lows, -1.0f}}) {
+        const int64_t i = index[k * channels + c];
+        TORCH_CHECK_INDEX(i >= 0 && i < per_chunk * spatial,
+                          "qtrain::range_bn_backward: index out of range");
+        const int64_t sample = k * per_chunk + i / spatial;
+        out[(sample * channels + c) * spatial + i % spatial] += sign * share[c];
+      }
+    }
+  }
+  return {grad_x, grad_gamma, grad_beta};
+}
+
 // ---- integer quantization --------------------------------------------------------------------
 
 // Integer levels are stored in the format's storage dtype; NaN has no level and is stored as 0.
@@ -670,6 +928,12 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
   m.def("minmax(Tensor x3) -> (Tensor, Tensor)");
   m.def("absmax(Tensor x3) -> Tensor");
   m.def(
+      "range_bn_stats(Tensor x3, int chunks) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("channel_affine(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "range_bn_backward(Tensor grad3, Tensor x3, Tensor mean, Tensor inv_spread, Tensor gamma, "
+      "float constant, Tensor high_index, Tensor low_index) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "quantize_int(Tensor x3, Tensor scale, Tensor zero_point, int qmin, int qmax, int? seed, "
       "bool want_fake, bool want_mask, ScalarType? levels_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_int(Tensor levels3, Tensor scale, Tensor zero_point) -> Tensor");
@@ -681,6 +945,9 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
 TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("minmax", &minmax);
   m.impl("absmax", &absmax);
+  m.impl("range_bn_stats", &range_bn_stats);
+  m.impl("range_bn_backward", &range_bn_backward);
+  m.impl("channel_affine", &channel_affine);
   m.impl("quantize_int", &quantize_int);
   m.impl("dequantize_int", &dequantize_int);
   m.impl("fake_quant_minifloat", &fake_quant_minifloat);
