@@ -374,16 +374,21 @@ def _range_bn_autograd_reference(bn: RangeBatchNorm2d, x: torch.Tensor) -> torch
     return _affine(x, mean, value_range * range_bn_constant(chunk_size), bn.weight, bn.bias, bn.eps)
 
 
-def test_range_bn_fused_backward_matches_autograd() -> None:
+# 32 samples: two per chunk; 20 and 5: chunks split samples and leave a remainder in no chunk.
+@pytest.mark.parametrize("batch", [32, 20, 5])
+def test_range_bn_fused_forward_and_backward_match_autograd(batch: int) -> None:
     torch.manual_seed(0)
     bn = RangeBatchNorm2d(4)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1.0, 1.0)
-    x = torch.randn(32, 4, 5, 6, requires_grad=True)  # 32 samples: two per chunk, fused path
-    g = torch.randn(32, 4, 5, 6)
-    fused = torch.autograd.grad(bn(x), (x, bn.weight, bn.bias), g)
-    expected = torch.autograd.grad(_range_bn_autograd_reference(bn, x), (x, bn.weight, bn.bias), g)
+    x = torch.randn(batch, 4, 5, 6, requires_grad=True)
+    g = torch.randn(batch, 4, 5, 6)
+    y = bn(x)
+    reference = _range_bn_autograd_reference(bn, x)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    fused = torch.autograd.grad(y, (x, bn.weight, bn.bias), g)
+    expected = torch.autograd.grad(reference, (x, bn.weight, bn.bias), g)
     for got, want in zip(fused, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -280,7 +280,8 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
         The authors' chunks split each channel's B·H·W values, laid out sample by sample, into
         ``num_chunks`` equal runs; when the batch divides evenly a chunk is a group of whole
         samples, so the range reads x in place. The range is shift invariant, so centring by μ
-        is not needed for it.
+        is not needed for it. Differentiable torch ops: the plain definition that training's
+        fused ``_RangeNorm`` is tested against.
         """
         batch, channels = x.shape[:2]
         chunks = self._chunks(x)
@@ -303,16 +304,9 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
             x = quantize(x, self.input_spec)
         if self.training:
             x = x.float()  # statistics in float32 whatever the input dtype (autocast: bf16/fp16)
-            chunks = self._chunks(x)
-            if x.shape[0] % chunks == 0:
-                y, mean, spread = _RangeNorm.apply(
-                    x, self.weight, self.bias, chunks, self.constant, self.eps
-                )
-            else:
-                mean, value_range, chunk_size = self._batch_range(x)
-                constant = self.constant or range_bn_constant(chunk_size)
-                spread = value_range * constant  # the std estimate
-                y = _affine(x, mean, spread, self.weight, self.bias, self.eps)
+            y, mean, spread = _RangeNorm.apply(
+                x, self.weight, self.bias, self._chunks(x), self.constant, self.eps
+            )
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 self.running_mean.lerp_(mean.detach(), self.momentum)
@@ -339,13 +333,15 @@ def _affine(x, mean, spread, weight, bias, eps):
 
 
 class _RangeNorm(torch.autograd.Function):
-    """Range BN's training forward and backward, for batches that split into whole-sample
-    chunks (x: float32 (B, C, H, W), chunk k = samples [k·B/K, (k+1)·B/K)), on the kernel
-    backend's ``range_bn_stats`` / ``range_bn_backward`` (one read of x for all statistics).
+    """Range BN's training forward and backward (x: float32 (B, C, H, W)) on the kernel
+    backend's ``range_bn_stats`` / ``channel_affine`` / ``range_bn_backward``: one read of x for
+    all statistics, one pass for y; backward one read of g and x, one pass for grad_x.
 
+    Chunks as the authors': each channel's B·H·W values, sample by sample, cut into K runs of
+    n = ⌊B·H·W/K⌋ (a run may split a sample; the remainder is in no run but in the mean).
     y = (x − μ)·s·γ + β with s = 1/(C(n)·r + eps), r = mean_k max_k − mean_k min_k. Backward:
-    ∂L/∂μ spreads evenly over the channel; ∂L/∂r = −C·γ·s²·Σg·(x − μ) goes to each chunk's max
-    (+1/K) and min (−1/K) position, found in the forward. Where a chunk's extreme is tied, its
+    ∂L/∂μ spreads evenly over the channel; ∂L/∂r = −C·γ·s²·Σg·(x − μ) goes to each run's max
+    (+1/K) and min (−1/K) position, found in the forward. Where a run's extreme is tied, its
     first position takes it: a valid subgradient (autograd's amax would split it evenly).
     """
 
@@ -354,9 +350,9 @@ class _RangeNorm(torch.autograd.Function):
         batch, channels = x.shape[:2]
         x3 = x.reshape(batch, channels, -1)
         impl = kernels.implementation(x.device)
-        sums, highs, high_index, lows, low_index = impl.range_bn_stats(x3, chunks)
-        c = constant or range_bn_constant(x3.shape[2] * (batch // chunks))
-        mean = (sums.sum(0) / x3[:, 0].numel()).float()
+        sums, rest, highs, high_index, lows, low_index = impl.range_bn_stats(x3, chunks)
+        c = constant or range_bn_constant(x3[:, 0].numel() // chunks)
+        mean = ((sums.sum(0) + rest) / x3[:, 0].numel()).float()
         spread = (highs.mean(0) - lows.mean(0)) * c
         scale, shift = _affine_params(mean, spread, weight, bias, eps)
         y = impl.channel_affine(x, scale, shift)

@@ -170,15 +170,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("qtrain::range_bn_stats")
     def _range_bn_stats(x3, chunks):
         pairs = (chunks, x3.shape[1])
-        long, double = torch.int64, torch.float64
-        high, low = x3.new_empty(pairs), x3.new_empty(pairs)
-        return (
-            x3.new_empty(pairs, dtype=double),
-            high,
-            high.new_empty(pairs, dtype=long),
-            low,
-            (low.new_empty(pairs, dtype=long)),
-        )
+        sums = x3.new_empty(pairs, dtype=torch.float64)
+        rest = x3.new_empty(x3.shape[1], dtype=torch.float64)
+        index = x3.new_empty(pairs, dtype=torch.int64)
+        return sums, rest, x3.new_empty(pairs), index, x3.new_empty(pairs), torch.empty_like(index)
 
     @torch.library.register_fake("qtrain::channel_affine")
     def _channel_affine(x, scale, shift):
@@ -235,9 +230,9 @@ def absmax(x3: torch.Tensor) -> torch.Tensor:
 
 def range_bn_stats(
     x3: torch.Tensor, chunks: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Range BatchNorm's per-(chunk, channel) sums, extremes and their first positions (see
-    ``reference.range_bn_stats``), in one read of x."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Range BatchNorm's per-(run, channel) sums, extremes and their first positions, and the
+    sums outside the runs (see ``reference.range_bn_stats``), in one read of x."""
     return torch.ops.qtrain.range_bn_stats(x3.contiguous(), chunks)
 
 

@@ -83,24 +83,25 @@ def absmax(x3: torch.Tensor) -> torch.Tensor:
 
 def range_bn_stats(
     x3: torch.Tensor, chunks: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Range BatchNorm's training statistics of a float32 (B, C, HW) batch whose B samples
-    split into ``chunks`` whole-sample chunks (chunk k = samples [k·B/K, (k+1)·B/K)).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Range BatchNorm's training statistics of a float32 (B, C, HW) batch, chunked as the
+    authors do: each channel's B·HW values, laid out sample by sample, are cut into ``chunks``
+    runs of n = ⌊B·HW / K⌋ values (the last B·HW − K·n are in no run).
 
-    Returns (sums, high, high_index, low, low_index), each (K, C): the float64 sum of chunk k's
-    values of channel c, its maximum and minimum, and the first position of each in the chunk's
-    sample-major order (index i = sample-in-chunk · HW + position). +0 and −0 tie; a chunk that
-    holds a NaN has NaN as both extremes, at its first NaN.
+    Returns (sums, rest, high, high_index, low, low_index): ``sums`` (K, C) float64, each run's
+    sum; ``rest`` (C,) float64, the sum of the values in no run; the others (K, C): each run's
+    maximum and minimum and the first position of each in the run (position i of run k is the
+    channel's sample-major position k·n + i). +0 and −0 tie; a run that holds a NaN has NaN as
+    both extremes, at its first NaN.
     """
     batch, channels, spatial = x3.shape
-    grouped = (
-        x3.reshape(chunks, batch // chunks, channels, spatial)
-        .transpose(1, 2)
-        .reshape(chunks, channels, -1)
-    )  # (K, C, B/K·HW): each chunk-channel's values in sample-major order
-    high, high_index = grouped.max(dim=2)
-    low, low_index = grouped.min(dim=2)
-    return grouped.double().sum(dim=2), high, high_index, low, low_index
+    run = batch * spatial // chunks
+    flat = x3.transpose(0, 1).reshape(channels, -1)  # (C, B·HW), sample-major per channel
+    runs = flat[:, : chunks * run].reshape(channels, chunks, run).transpose(0, 1)  # (K, C, n)
+    high, high_index = runs.max(dim=2)
+    low, low_index = runs.min(dim=2)
+    rest = flat[:, chunks * run :].double().sum(dim=1)
+    return runs.double().sum(dim=2), rest, high, high_index, low, low_index
 
 
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -120,7 +121,7 @@ def range_bn_backward(
     low_index: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Range BatchNorm's backward for y = (x − μ)·s·γ + β, s = 1/(C(n)·r + eps), r = mean_k
-    max_k − mean_k min_k over whole-sample chunks (``range_bn_stats``' indices).
+    max_k − mean_k min_k over the runs of ``range_bn_stats`` (whose indices it takes).
 
     Returns (grad_x, grad_gamma, grad_beta): with n values per channel,
     grad_x = g·(γs) − γs·Σg/n, plus ∂L/∂r = −C(n)·γ·s²·Σg·(x − μ) shared over the chunks,
@@ -129,6 +130,7 @@ def range_bn_backward(
     """
     batch, channels, spatial = x3.shape
     chunks = high_index.shape[0]
+    run = batch * spatial // chunks
     g64 = grad3.double()
     sum_g = g64.sum(dim=(0, 2))
     sum_gx = (g64 * (x3 - mean.view(1, -1, 1)).double()).sum(dim=(0, 2))
@@ -137,12 +139,12 @@ def range_bn_backward(
     offset = (-slope64 * sum_g / (batch * spatial)).float()
     share = (-constant * slope64 * inv_spread.double() * sum_gx / chunks).float()
     grad_x = grad3 * slope.view(1, -1, 1) + offset.view(1, -1, 1)
-    first_sample = (torch.arange(chunks, device=x3.device) * (batch // chunks))[:, None]
+    run_start = (torch.arange(chunks, device=x3.device) * run)[:, None]
     channel = torch.arange(channels, device=x3.device).expand(chunks, channels)
     for index, sign in ((high_index, 1.0), (low_index, -1.0)):
-        sample = first_sample + index // spatial
+        position = run_start + index  # the channel's sample-major position
         grad_x.index_put_(
-            (sample, channel, index % spatial),
+            (position // spatial, channel, position % spatial),
             sign * share.expand(chunks, channels),
             accumulate=True,
         )

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/accumulate.h>
 #include <omp.h>
@@ -22,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -381,11 +383,13 @@ Tensor absmax(const Tensor& x3) {
 
 // ---- Range BatchNorm -------------------------------------------------------------------------
 
-// Range BN's training statistics of a contiguous float32 (B, C, HW) batch cut into `chunks`
-// whole-sample chunks (chunk k = samples [k·B/K, (k+1)·B/K)). One read of x, parallel over
-// (chunk, channel) pairs: per pair the sum (double), and the first position of the maximum and
-// of the minimum in the chunk's sample-major order (reference.range_bn_stats: torch.max/min
-// over the same order). +0 and -0 tie, as float comparison says. A chunk that holds a NaN has
+// Range BN's training statistics of a contiguous float32 (B, C, HW) batch (the authors'
+// chunking): each channel's B·HW values, laid out sample by sample, are cut into `chunks` runs
+// of n = ⌊B·HW / K⌋ values (the last B·HW − K·n are in no chunk); a run may start or end inside
+// a sample. One read of x, parallel over (chunk, channel) pairs: per pair the run's sum
+// (double) and the first position in the run of its maximum and of its minimum
+// (reference.range_bn_stats: torch.max/min over the same order), plus per channel the sum of
+// the values in no chunk. +0 and -0 tie, as float comparison says. A run that holds a NaN has
 // NaN as both extremes, at its first NaN.
 struct RowExtremes {
   int32_t high;
@@ -433,63 +437,86 @@ int64_t first_position(const float* x, int64_t n, int32_t key, bool nan) {
   return 0;  // unreachable: the key came from this row
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(const Tensor& x3,
-                                                                  int64_t chunks) {
+// Where a run [b, e) of one channel's sample-major positions lies: the (sample, first column,
+// end column) pieces, in order.
+template <class Piece>
+void for_each_piece(int64_t b, int64_t e, int64_t spatial, const Piece& piece) {
+  while (b < e) {
+    const int64_t sample = b / spatial;
+    const int64_t column = b - sample * spatial;
+    const int64_t stop = std::min(e - sample * spatial, spatial);
+    piece(sample, column, stop);
+    b = sample * spatial + stop;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(const Tensor& x3,
+                                                                          int64_t chunks) {
   check_view(x3, "qtrain::range_bn_stats");
   const int64_t batch = x3.size(0);
   const int64_t channels = x3.size(1);
   const int64_t spatial = x3.size(2);
-  TORCH_CHECK(chunks >= 1 && batch % chunks == 0 && spatial > 0,
-              "qtrain::range_bn_stats: chunks must divide the batch (", batch, "), got ", chunks,
-              ", and each sample must hold values");
-  const int64_t per_chunk = batch / chunks;
+  const int64_t per_channel = batch * spatial;
+  TORCH_CHECK(chunks >= 1 && chunks <= per_channel,
+              "qtrain::range_bn_stats: chunks must be in 1..B·HW (", per_channel, "), got ",
+              chunks);
+  const int64_t run = per_channel / chunks;
   Tensor sums = at::empty({chunks, channels}, at::kDouble);
+  Tensor rest = at::zeros({channels}, at::kDouble);
   Tensor high = at::empty({chunks, channels}, at::kFloat);
   Tensor low = at::empty({chunks, channels}, at::kFloat);
   Tensor high_index = at::empty({chunks, channels}, at::kLong);
   Tensor low_index = at::empty({chunks, channels}, at::kLong);
   const float* x = x3.data_ptr<float>();
   double* sum_out = sums.data_ptr<double>();
+  double* rest_out = rest.data_ptr<double>();
   float* high_out = high.data_ptr<float>();
   float* low_out = low.data_ptr<float>();
   int64_t* high_index_out = high_index.data_ptr<int64_t>();
   int64_t* low_index_out = low_index.data_ptr<int64_t>();
-  const int64_t grain = std::max<int64_t>(1, kMinPerThread / (per_chunk * spatial));
+  const auto row = [&](int64_t sample, int64_t c) { return x + (sample * channels + c) * spatial; };
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / run);
   at::parallel_for(0, chunks * channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t k = pair / channels;
       const int64_t c = pair % channels;
-      const auto row = [&](int64_t i) {
-        return x + ((k * per_chunk + i) * channels + c) * spatial;
-      };
       int32_t best_high = std::numeric_limits<int32_t>::min();
       int32_t best_low = std::numeric_limits<int32_t>::max();
-      int64_t high_row = 0, low_row = 0, nan_row = -1;
+      // The pieces (sample, first column, end column) holding the extremes and the first NaN.
+      std::array<int64_t, 3> high_piece{}, low_piece{}, nan_piece{-1, 0, 0};
       double sum = 0.0;
-      for (int64_t i = 0; i < per_chunk; ++i) {
-        const RowExtremes r = row_extremes(row(i), spatial);
+      for_each_piece(k * run, (k + 1) * run, spatial, [&](int64_t sample, int64_t b, int64_t e) {
+        const RowExtremes r = row_extremes(row(sample, c) + b, e - b);
         sum += r.sum;
-        if (r.high > best_high) best_high = r.high, high_row = i;
-        if (r.low < best_low) best_low = r.low, low_row = i;
-        if (nan_row < 0 && r.abs_bits > kInfBits) nan_row = i;
-      }
+        if (r.high > best_high) best_high = r.high, high_piece = {sample, b, e};
+        if (r.low < best_low) best_low = r.low, low_piece = {sample, b, e};
+        if (nan_piece[0] < 0 && r.abs_bits > kInfBits) nan_piece = {sample, b, e};
+      });
       sum_out[pair] = sum;
-      if (nan_row >= 0) {
-        const int64_t at = first_position(row(nan_row), spatial, 0, true);
-        high_out[pair] = low_out[pair] = row(nan_row)[at];
-        high_index_out[pair] = low_index_out[pair] = nan_row * spatial + at;
+      // The position in the run, and the value there (a tied -0 or +0 as it is stored, as
+      // torch.max gives it).
+      const auto locate = [&](const std::array<int64_t, 3>& piece, int32_t key, bool nan,
+                              float* value, int64_t* index) {
+        const float* data = row(piece[0], c) + piece[1];
+        const int64_t at = first_position(data, piece[2] - piece[1], key, nan);
+        *value = data[at];
+        *index = piece[0] * spatial + piece[1] + at - k * run;
+      };
+      if (nan_piece[0] >= 0) {
+        locate(nan_piece, 0, true, high_out + pair, high_index_out + pair);
+        locate(nan_piece, 0, true, low_out + pair, low_index_out + pair);
       } else {
-        // The value at the position (a tied -0 or +0 as it is stored, as torch.max gives it).
-        const int64_t high_at = first_position(row(high_row), spatial, best_high, false);
-        const int64_t low_at = first_position(row(low_row), spatial, best_low, false);
-        high_out[pair] = row(high_row)[high_at];
-        low_out[pair] = row(low_row)[low_at];
-        high_index_out[pair] = high_row * spatial + high_at;
-        low_index_out[pair] = low_row * spatial + low_at;
+        locate(high_piece, best_high, false, high_out + pair, high_index_out + pair);
+        locate(low_piece, best_low, false, low_out + pair, low_index_out + pair);
       }
     }
   });
-  return {sums, high, high_index, low, low_index};
+  for (int64_t c = 0; c < channels; ++c) {
+    for_each_piece(chunks * run, per_channel, spatial, [&](int64_t sample, int64_t b, int64_t e) {
+      rest_out[c] += row_extremes(row(sample, c) + b, e - b).sum;
+    });
+  }
+  return {sums, rest, high, high_index, low, low_index};
 }
 
 // y = x·scale[c] + shift[c] over a contiguous float32 (B, C, ...) tensor (two roundings, as
@@ -549,8 +576,8 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
                     index->dim() == 2 && index->size(0) == chunks && index->size(1) == channels,
                 "qtrain::range_bn_backward: indices must be contiguous int64 (chunks, C)");
   }
-  TORCH_CHECK(chunks >= 1 && batch % chunks == 0,
-              "qtrain::range_bn_backward: the chunks must divide the batch");
+  TORCH_CHECK(chunks >= 1 && chunks <= batch * spatial,
+              "qtrain::range_bn_backward: chunks must be in 1..B·HW");
   const float* g = grad3.data_ptr<float>();
   const float* x = x3.data_ptr<float>();
   const float* mu = mean.data_ptr<float>();
@@ -620,17 +647,18 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
       for (int64_t j = 0; j < spatial; ++j) yr[j] = gr[j] * a + d;
     }
   });
-  const int64_t per_chunk = batch / chunks;
+  // Position i of run k is the channel's sample-major position k·n + i (range_bn_stats).
+  const int64_t run = batch * spatial / chunks;
   const int64_t* highs = high_index.data_ptr<int64_t>();
   const int64_t* lows = low_index.data_ptr<int64_t>();
   for (int64_t k = 0; k < chunks; ++k) {
     for (int64_t c = 0; c < channels; ++c) {
       for (const auto& [index, sign] : {std::pair{highs, 1.0f}, std::pair{lows, -1.0f}}) {
         const int64_t i = index[k * channels + c];
-        TORCH_CHECK_INDEX(i >= 0 && i < per_chunk * spatial,
-                          "qtrain::range_bn_backward: index out of range");
-        const int64_t sample = k * per_chunk + i / spatial;
-        out[(sample * channels + c) * spatial + i % spatial] += sign * share[c];
+        TORCH_CHECK_INDEX(i >= 0 && i < run, "qtrain::range_bn_backward: index out of range");
+        const int64_t position = k * run + i;
+        const int64_t sample = position / spatial;
+        out[(sample * channels + c) * spatial + position % spatial] += sign * share[c];
       }
     }
   }
@@ -928,7 +956,7 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
   m.def("minmax(Tensor x3) -> (Tensor, Tensor)");
   m.def("absmax(Tensor x3) -> Tensor");
   m.def(
-      "range_bn_stats(Tensor x3, int chunks) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "range_bn_stats(Tensor x3, int chunks) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_affine(Tensor x, Tensor scale, Tensor shift) -> Tensor");
   m.def(
       "range_bn_backward(Tensor grad3, Tensor x3, Tensor mean, Tensor inv_spread, Tensor gamma, "

@@ -1,0 +1,112 @@
+"""Range BatchNorm against torch's BatchNorm: forward + backward time over the BN layers of a
+ResNet-9 (width 16, batch 256, 1×28×28), at the shapes the model feeds them.
+
+Rows: ``nn.BatchNorm2d``, ``RangeBatchNorm2d`` on the reference backend (plain PyTorch) and on
+cpu_fused (the fused kernels). Each row's figure is the sum over the layers of the median
+per-layer time; rows are timed in interleaved rounds (see ``bench_quantize.median_times``).
+
+    python benchmarks/bench_range_bn.py --clock cpu --threads 1   # results/range_bn.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench_quantize import (
+    CLOCKS,
+    RESULTS,
+    machine_info,
+    median_times,
+    set_clock_and_threads,
+    write_json,
+)
+from qtrain.kernels import Backend, cpu_fused, use_backend
+from qtrain.models import build_model
+from qtrain.nn import RangeBatchNorm2d
+
+BATCH, INPUT_SHAPE, CLASSES, WIDTH = 256, (1, 28, 28), 10, 16
+
+
+def bn_input_shapes() -> list[tuple[int, ...]]:
+    """The input shape of every BatchNorm2d of the model, in forward order."""
+    model = build_model("resnet9", input_shape=INPUT_SHAPE, num_classes=CLASSES, width=WIDTH)
+    shapes: list[tuple[int, ...]] = []
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.register_forward_hook(lambda _m, inputs, _o: shapes.append(inputs[0].shape))
+    with torch.no_grad():
+        model(torch.zeros(BATCH, *INPUT_SHAPE))
+    return [tuple(shape) for shape in shapes]
+
+
+def _forward_backward(layer: nn.Module, backend: Backend, shape) -> Callable[[], None]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator).requires_grad_()
+    grad = torch.randn(shape, generator=generator)
+
+    def run() -> None:
+        with use_backend(backend):
+            x.grad = None
+            layer(x).backward(grad)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median; >= 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--out", type=Path, default=RESULTS / "range_bn.json")
+    args = parser.parse_args()
+    clock = set_clock_and_threads(args.clock, args.threads)
+    if cpu_fused.load() is None:
+        raise SystemExit("the cpu_fused extension could not be built: nothing to compare")
+    shapes = bn_input_shapes()
+    layers = {
+        "torch BatchNorm2d": (lambda c: nn.BatchNorm2d(c), Backend.REFERENCE),
+        "RangeBatchNorm2d reference": (lambda c: RangeBatchNorm2d(c), Backend.REFERENCE),
+        "RangeBatchNorm2d cpu_fused": (lambda c: RangeBatchNorm2d(c), Backend.CPU_FUSED),
+    }
+    rows = {
+        f"{name} {shape}": _forward_backward(make(shape[1]).train(), backend, shape)
+        for name, (make, backend) in layers.items()
+        for shape in shapes
+    }
+    times = median_times(rows, max(args.rounds, 5), clock)
+    totals = {
+        name: sum(statistics.median(times[f"{name} {shape}"]) for shape in shapes) * 1e3
+        for name in layers
+    }
+    baseline = totals["torch BatchNorm2d"]
+    payload = {
+        "machine": machine_info(),
+        "model": {"name": "resnet9", "width": WIDTH, "input_shape": INPUT_SHAPE},
+        "batch": BATCH,
+        "rounds": max(args.rounds, 5),
+        "clock": args.clock,
+        "shapes": shapes,
+        "per_layer_ms": {
+            name: round(statistics.median(seconds) * 1e3, 3) for name, seconds in times.items()
+        },
+        "rows": [
+            {"name": name, "total_ms": round(total, 2), "ratio_to_bn": round(total / baseline, 3)}
+            for name, total in totals.items()
+        ],
+    }
+    write_json(args.out, payload)
+    width = max(len(name) for name in totals)
+    print(f"{'layer (fwd + bwd, all BN layers)':{width}}  total ms  × BN")
+    for name, total in totals.items():
+        print(f"{name:{width}}  {total:8.1f}  {total / baseline:5.2f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
