@@ -204,3 +204,62 @@ def test_deepcopy_of_a_quantized_model_runs():
     clone = copy.deepcopy(model)
     x = _input()
     assert torch.equal(clone.eval()(x), model.eval()(x))
+
+
+def test_compact_activations_swap_relu_and_maxpool_and_dequantize_restores_them():
+    from qtrain.api import QuantizedTrainingConfig
+    from qtrain.nn import CompactMaxPool2d, CompactReLU
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.MaxPool2d(2, return_indices=False, ceil_mode=True),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+    model(torch.zeros(1, 1, 10, 10))
+    quantize_(model, QuantizedTrainingConfig(GemmConfig(), compact_activations=True))
+    assert isinstance(model[1], CompactReLU) and model[1].inplace
+    assert isinstance(model[2], CompactMaxPool2d) and isinstance(model[3], CompactMaxPool2d)
+    assert model[3].ceil_mode
+    dequantize_(model)
+    assert type(model[1]) is nn.ReLU and model[1].inplace
+    assert type(model[2]) is nn.MaxPool2d and type(model[3]) is nn.MaxPool2d
+    assert model[3].ceil_mode
+
+
+def test_sbm8_with_compact_activations_trains_bit_identically_and_holds_less():
+    # sbm8 (int8 GEMM inputs, ReLU masks, pool indices) against the same recipe keeping the
+    # ReLU outputs and pool inputs as torch does: identical gradients, fewer saved bytes.
+    import dataclasses
+
+    from qtrain.models import build_model
+    from qtrain.recipes.sbm import SBMConfig
+
+    config = SBMConfig().quantization_config()
+    assert config.compact_activations
+    torch.manual_seed(0)
+    base = build_model("resnet9", input_shape=(1, 16, 16), num_classes=10, width=4)
+    x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
+    grads, saved = [], []
+    for compact in (False, True):
+        model = quantize_(
+            copy.deepcopy(base), dataclasses.replace(config, compact_activations=compact)
+        )
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, storages=storages) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(1)  # the stochastic-rounding seeds
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved.append(sum(n for ptr, n in storages.items() if ptr not in params))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert torch.equal(got, want)
+    assert saved[1] < 0.8 * saved[0]

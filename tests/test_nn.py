@@ -412,3 +412,94 @@ def test_range_bn_fused_backward_with_tied_extremes_is_a_subgradient() -> None:
     )
     extremes = (x == x.amax(dim=(2, 3), keepdim=True)) | (x == x.amin(dim=(2, 3), keepdim=True))
     torch.testing.assert_close(fused[~extremes], expected[~extremes], rtol=1e-5, atol=1e-5)
+
+
+# ---- compact saved activations ---------------------------------------------------------------
+
+
+def _saved_storage_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd holds for backward while ``fn()`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compact_relu_gives_torchs_results_and_keeps_one_byte_per_value(inplace: bool) -> None:
+    from qtrain.nn import CompactReLU
+
+    x = torch.randn(4, 3, 5, 7)
+    x.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0])
+    g = torch.randn(4, 3, 5, 7)
+    g.view(-1)[5:8] = torch.tensor([float("nan"), float("inf"), 1.0])
+    results = []
+    for layer in (nn.ReLU(inplace), CompactReLU(inplace)):
+        leaf = x.clone().requires_grad_()
+        source = leaf * 1.0  # in place needs a non-leaf input
+        y = layer(source)
+        y.backward(g)
+        results.append((y.detach(), leaf.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    leaf = torch.randn(64, 8, 16, 16, requires_grad=True)
+    assert _saved_storage_bytes(lambda: CompactReLU()(leaf * 1.0)) == leaf.numel()  # bool mask
+    assert _saved_storage_bytes(lambda: nn.ReLU()(leaf * 1.0)) == 4 * leaf.numel()
+
+
+def test_compact_relu_in_place_on_a_view_and_without_grad() -> None:
+    from qtrain.nn import CompactReLU
+
+    leaf = torch.randn(6, 8, requires_grad=True)
+    base = leaf * 2.0
+    CompactReLU(inplace=True)(base[:, :4])  # a view, modified in place
+    base.sum().backward()
+    expected = torch.where(leaf[:, :4] * 2.0 > 0, 2.0, 0.0)
+    torch.testing.assert_close(leaf.grad[:, :4], expected)
+    torch.testing.assert_close(leaf.grad[:, 4:], torch.full((6, 4), 2.0))
+    with torch.no_grad():
+        x = torch.randn(3, 4)
+        assert torch.equal(CompactReLU()(x), torch.relu(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 2},
+        {"kernel_size": 3, "stride": 2, "padding": 1},
+        {"kernel_size": 3, "stride": 2, "ceil_mode": True},
+        {"kernel_size": 2, "dilation": 2},
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compact_maxpool_gives_torchs_results_without_keeping_its_input(kwargs, channels_last):
+    from qtrain.nn import CompactMaxPool2d
+
+    x = torch.randint(-3, 4, (4, 3, 9, 11)).float()  # ties inside windows
+    x[0, 0, 0, 0] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    for pool in (nn.MaxPool2d(**kwargs), CompactMaxPool2d(**kwargs)):
+        leaf = x.clone().requires_grad_()
+        y = pool(leaf)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(0)))
+        results.append((y.detach(), leaf.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    leaf = torch.randn(8, 4, 16, 16, requires_grad=True)
+    out = 8 * 4 * 8 * 8
+    assert _saved_storage_bytes(lambda: CompactMaxPool2d(2)(leaf * 1.0)) == 8 * out  # int64
+    assert _saved_storage_bytes(lambda: nn.MaxPool2d(2)(leaf * 1.0)) == 4 * leaf.numel() + 8 * out
+
+
+def test_compact_maxpool_refuses_a_pool_returning_indices() -> None:
+    from qtrain.nn import CompactMaxPool2d
+
+    with pytest.raises(ValueError, match="returns its indices"):
+        CompactMaxPool2d.from_maxpool(nn.MaxPool2d(2, return_indices=True))

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from qtrain.nn import QConv2d, QLinear, RangeBatchNorm2d
+from qtrain.nn import CompactMaxPool2d, CompactReLU, QConv2d, QLinear, RangeBatchNorm2d
 from qtrain.ops import GemmConfig
 from qtrain.quantizer import QuantSpec, QuantSpecError
 from qtrain.validation import check_fields, check_int, check_number
@@ -46,6 +46,10 @@ class QuantizedTrainingConfig:
         batchnorm_input_spec / batchnorm_grad_spec: Range BN's optional input/gradient specs.
         range_momentum: running input ranges: run ← m·run + (1 − m)·batch.
         range_bn_chunks: Range BN's number of chunks per channel.
+        compact_activations: replace ``nn.ReLU`` by ``CompactReLU`` (a 1-byte mask for
+            backward) and ``nn.MaxPool2d`` by ``CompactMaxPool2d`` (indices only): the same
+            results with less memory held for backward, which pays once the GEMMs keep their
+            inputs as integer levels (``GemmConfig.save_quantized_input``).
     """
 
     gemm: GemmConfig
@@ -55,6 +59,7 @@ class QuantizedTrainingConfig:
     batchnorm_grad_spec: QuantSpec | None = None
     range_momentum: float = 0.1
     range_bn_chunks: int = 16
+    compact_activations: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, QuantSpecError)
@@ -131,6 +136,14 @@ def _quantize_training(
             )
             cls = QLinear if isinstance(module, nn.Linear) else QConv2d
             _replace(model, name, cls.from_float(module, gemm, config.range_momentum))
+        elif config.compact_activations and type(module) is nn.ReLU:
+            _replace(model, name, CompactReLU.from_relu(module))
+        elif (
+            config.compact_activations
+            and type(module) is nn.MaxPool2d
+            and not module.return_indices
+        ):
+            _replace(model, name, CompactMaxPool2d.from_maxpool(module))
         elif config.range_batchnorm and type(module) is nn.BatchNorm2d:
             _replace(
                 model,
@@ -146,10 +159,24 @@ def _quantize_training(
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Restore plain ``nn.Linear``/``nn.Conv2d``/``nn.BatchNorm2d`` with the same weights."""
+    """Restore plain ``nn.Linear``/``nn.Conv2d``/``nn.BatchNorm2d`` with the same weights (and
+    plain ``nn.ReLU``/``nn.MaxPool2d`` for the compact ones)."""
     for name, module in list(model.named_modules()):
         if not name:
             continue  # the root cannot be replaced in place (quantize_ never swaps it either)
+        if isinstance(module, CompactReLU):
+            _replace(model, name, nn.ReLU(module.inplace).train(module.training))
+            continue
+        if isinstance(module, CompactMaxPool2d):
+            plain_pool = nn.MaxPool2d(
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                ceil_mode=module.ceil_mode,
+            )
+            _replace(model, name, plain_pool.train(module.training))
+            continue
         if isinstance(module, QLinear):
             plain = nn.Linear(
                 module.in_features, module.out_features, module.bias is not None, device="meta"

@@ -379,3 +379,89 @@ class _RangeNorm(torch.autograd.Function):
         )
         grads_affine = (grad_gamma, grad_beta) if weight is not None else (None, None)
         return grad_x.view(x.shape), *grads_affine, None, None, None
+
+
+# ---- compact saved activations -------------------------------------------------------------
+
+
+class CompactReLU(nn.ReLU):
+    """``nn.ReLU`` that keeps a 1-byte mask for backward instead of its float32 output.
+
+    The gradient is torch's (``threshold_backward``: zero where the output is ≤ 0, passed
+    through elsewhere, NaN outputs included), so training is bit-identical; only the memory held
+    for backward changes: 1 byte per value instead of 4, and the output itself is no longer
+    kept alive by this layer (a following quantized GEMM keeps int8 levels of it).
+    """
+
+    @classmethod
+    def from_relu(cls, relu: nn.ReLU) -> CompactReLU:
+        return cls(inplace=relu.inplace).train(relu.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return torch.relu_(x) if self.inplace else torch.relu(x)
+        return _MaskedReLU.apply(x, self.inplace)
+
+
+class _MaskedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, inplace):  # type: ignore[override]
+        y = torch.relu_(x) if inplace else torch.relu(x)
+        if inplace:
+            ctx.mark_dirty(x)
+        # Where threshold_backward zeroes the gradient: [y ≤ 0], one byte per value.
+        ctx.save_for_backward(kernels.implementation(y.device).zero_mask(y))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (zeroed,) = ctx.saved_tensors
+        return kernels.implementation(grad.device).masked_zero(grad, zeroed), None
+
+
+class CompactMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that keeps only the argmax indices for backward, not its input.
+
+    Forward and backward are torch's own ops (``max_pool2d_with_indices`` and its backward), so
+    results are bit-identical; the float32 input is no longer held for backward (torch keeps it
+    though its backward reads only the indices and the input's shape).
+    """
+
+    @classmethod
+    def from_maxpool(cls, pool: nn.MaxPool2d) -> CompactMaxPool2d:
+        if pool.return_indices:
+            raise ValueError("CompactMaxPool2d: a pool that returns its indices stays as it is")
+        new = cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, False, pool.ceil_mode)
+        return new.train(pool.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4:
+            return super().forward(x)
+        pair = nn.modules.utils._pair
+        stride = pair(self.stride if self.stride is not None else self.kernel_size)
+        args = (pair(self.kernel_size), stride, pair(self.padding), pair(self.dilation))
+        return _IndexMaxPool.apply(x, args, self.ceil_mode)
+
+
+class _IndexMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, args, ceil_mode):  # type: ignore[override]
+        y, indices = torch.ops.aten.max_pool2d_with_indices(x, *args, ceil_mode)
+        ctx.save_for_backward(indices)
+        ctx.args, ctx.ceil_mode = args, ceil_mode
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not (
+            x.is_contiguous()
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (indices,) = ctx.saved_tensors
+        # The backward op reads only the input's shape and layout: an unwritten stand-in.
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        stand_in = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=layout)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, stand_in, *ctx.args, ctx.ceil_mode, indices
+        )
+        return grad_x, None, None

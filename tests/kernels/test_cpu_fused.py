@@ -643,6 +643,50 @@ def test_range_batchnorm_trains_the_same_on_both_backends():
         )
 
 
+# ---- compact ReLU kernels -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (4, 3, 5, 7), (THREADED_NUMEL,)])
+def test_zero_mask_and_masked_zero_equal_the_reference(fused, shape):
+    y = torch.relu(_values(shape, seed=2))
+    g = _values(shape, seed=3)
+    specials = torch.tensor([NAN, INF, -INF, -0.0, 0.0, TINY, -TINY, FLT_MAX])
+    y.view(-1)[: min(8, y.numel())] = specials[: y.numel()]
+    g.view(-1)[-min(8, g.numel()) :] = specials[: g.numel()]
+    mask = fused.zero_mask(y)
+    _same(mask, reference.zero_mask(y))
+    _same(fused.masked_zero(g, mask), reference.masked_zero(g, mask))
+    # torch's own ReLU backward, which the pair replaces
+    _same(fused.masked_zero(g, mask), torch.ops.aten.threshold_backward(g, y, 0))
+
+
+def test_compact_relu_kernels_on_odd_inputs(fused):
+    y = torch.relu(_values((6, 5, 4))).transpose(0, 2)  # non-contiguous
+    g = _values((4, 5, 6))
+    _same(fused.zero_mask(y), reference.zero_mask(y))
+    _same(fused.masked_zero(g, fused.zero_mask(y)), reference.masked_zero(g, y <= 0))
+    empty = torch.empty(0, 3)
+    assert fused.zero_mask(empty).shape == (0, 3)
+    assert fused.masked_zero(empty, fused.zero_mask(empty)).shape == (0, 3)
+    half = torch.randn(8, dtype=torch.bfloat16)  # other dtypes: the reference ops
+    _same(fused.masked_zero(half, fused.zero_mask(half)), reference.masked_zero(half, half <= 0))
+
+
+def test_compact_relu_kernels_give_identical_results_on_one_and_two_threads(fused):
+    y, g = torch.relu(_values((THREADED_NUMEL,), 4)), _values((THREADED_NUMEL,), 5)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            mask = fused.zero_mask(y)
+            results.append((mask, fused.masked_zero(g, mask)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        _same(two, one)
+
+
 # ---- registration, compile, fallback, cache ----------------------------------------------------
 
 
@@ -665,6 +709,8 @@ def test_ops_pass_torch_library_opcheck(fused):
         (torch.ops.qtrain.fake_quant_minifloat, (x3, 4, 3, False, True, 7)),
         (torch.ops.qtrain.range_bn_stats, (x3, 2)),
         (torch.ops.qtrain.channel_affine, (x3, scale, zero_point)),
+        (torch.ops.qtrain.zero_mask, (x3,)),
+        (torch.ops.qtrain.masked_zero, (x3, x3 > 0)),
         (
             torch.ops.qtrain.range_bn_backward,
             (x3, x3, scale, scale, scale, 0.5, *torch.zeros(2, 2, 3, dtype=torch.int64)),

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from qtrain.kernels import Backend, register_backend
+from qtrain.kernels import Backend, reference, register_backend
 
 _NAME = "qtrain_cpu_fused"
 _SOURCE = Path(__file__).parent / "csrc" / "quant.cpp"
@@ -179,6 +179,14 @@ def _register_fakes() -> None:
     def _channel_affine(x, scale, shift):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("qtrain::zero_mask")
+    def _zero_mask(y):
+        return torch.empty_like(y, dtype=torch.bool)
+
+    @torch.library.register_fake("qtrain::masked_zero")
+    def _masked_zero(grad, mask):
+        return torch.empty_like(grad)
+
     @torch.library.register_fake("qtrain::range_bn_backward")
     def _range_bn_backward(grad3, x3, mean, inv_spread, gamma, constant, high_index, low_index):
         return torch.empty_like(x3), mean.new_empty(mean.shape), mean.new_empty(mean.shape)
@@ -239,6 +247,20 @@ def range_bn_stats(
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """y = x·scale[c] + shift[c] over a float32 (B, C, ...) tensor (a multiply, then an add)."""
     return torch.ops.qtrain.channel_affine(x.contiguous(), _per_channel(scale), _per_channel(shift))
+
+
+def zero_mask(y: torch.Tensor) -> torch.Tensor:
+    """[y ≤ 0] as bool, one byte per value (see ``reference.zero_mask``)."""
+    if y.dtype != torch.float32:
+        return reference.zero_mask(y)
+    return torch.ops.qtrain.zero_mask(y.contiguous())
+
+
+def masked_zero(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``grad`` with zeros where ``mask`` is True (see ``reference.masked_zero``)."""
+    if grad.dtype != torch.float32 or grad.shape != mask.shape:
+        return reference.masked_zero(grad, mask)
+    return torch.ops.qtrain.masked_zero(grad.contiguous(), mask.contiguous())
 
 
 def range_bn_backward(

@@ -151,6 +151,17 @@ def range_bn_backward(
     return grad_x, (sum_gx * inv_spread.double()).float(), sum_g.float()
 
 
+def zero_mask(y: torch.Tensor) -> torch.Tensor:
+    """[y ≤ 0] as bool: where a ReLU with output y has zero gradient (torch's
+    ``threshold_backward``; a NaN output is not ≤ 0, its gradient passes)."""
+    return y <= 0
+
+
+def masked_zero(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``grad`` with zeros where ``mask`` is True: a ReLU's backward from ``zero_mask``."""
+    return torch.where(mask, 0.0, grad)
+
+
 def fake_quant_int(
     x3: torch.Tensor,
     scale: torch.Tensor,

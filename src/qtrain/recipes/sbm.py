@@ -38,7 +38,9 @@ class SBMConfig(RecipeConfig):
     grad_rounding: Literal["stochastic", "nearest"] = "stochastic"  # the paper: SR is essential
     bifurcation: bool = True  # False: the grad-weight product uses the grad_bits copy too
     range_batchnorm: bool = True  # False: plain BatchNorm (the paper: Range BN ≈ BN)
-    quantize_saved_activations: bool = True  # keep the quantized input as int levels for backward
+    # Keep the GEMMs' quantized inputs as int levels for backward, ReLU outputs as 1-byte masks and
+    # max-pool inputs as their indices only (the same maths, less memory).
+    quantize_saved_activations: bool = True
     range_momentum: float = 0.1  # running ranges: run <- m·run + (1 - m)·batch
     range_bn_chunks: int = 16
     amp: Amp = "none"  # compose with autocast: "bf16" | "fp16" for the unquantized ops
@@ -75,6 +77,8 @@ class SBMConfig(RecipeConfig):
             range_batchnorm=self.range_batchnorm,
             range_momentum=self.range_momentum,
             range_bn_chunks=self.range_bn_chunks,
+            # Saved activations compact all the way: int8 GEMM inputs, ReLU masks, pool indices.
+            compact_activations=save_levels,
         )
 
 

@@ -130,12 +130,12 @@ void for_each_run(int64_t begin, int64_t end, int64_t channels, int64_t inner, c
 
 // Large outputs: glibc serves them from fresh mmap()s (always from 32 MiB, often from less),
 // whose first touch faults and zeroes every page, which on the benchmark machine costs as much
-// as the kernel itself. Outputs from 8 MiB come from this allocator instead: 2 MiB-aligned
+// as the kernel itself. Outputs from 4 MiB come from this allocator instead: 2 MiB-aligned
 // blocks backed by transparent huge pages (one fault per 2 MiB), and freed blocks are kept, up
 // to kCachedBytes with the oldest dropped first, for the next output of the same size, as a
 // training loop asks for every step.
 constexpr size_t kHugePage = size_t{1} << 21;
-constexpr size_t kCachedFromBytes = size_t{8} << 20;
+constexpr size_t kCachedFromBytes = size_t{4} << 20;
 constexpr size_t kCachedBytes = size_t{256} << 20;
 
 class OutputAllocator final : public c10::Allocator {
@@ -665,6 +665,51 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
   return {grad_x, grad_gamma, grad_beta};
 }
 
+// ---- compact ReLU ----------------------------------------------------------------------------
+
+// [y <= 0] for a contiguous float32 y: where threshold_backward zeroes the gradient of a ReLU
+// whose output is y (NaN is not ≤ 0: its gradient passes). One byte per value.
+Tensor zero_mask(const Tensor& y_in) {
+  TORCH_CHECK(y_in.device().is_cpu() && y_in.scalar_type() == at::kFloat && y_in.is_contiguous(),
+              "qtrain::zero_mask: expected a contiguous float32 CPU tensor");
+  Tensor mask = empty_output(y_in.sizes(), at::kBool);
+  const float* y = y_in.data_ptr<float>();
+  bool* m = mask.data_ptr<bool>();
+  const int64_t numel = y_in.numel();
+  parallel_chunks(numel, plan_chunks(numel), [&](int64_t begin, int64_t end, int) {
+    // Through uint8: GCC vectorises a compare stored as bytes, not as bool.
+    auto* __restrict out = reinterpret_cast<uint8_t*>(m);
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) out[i] = y[i] <= 0.0f ? 1 : 0;
+  });
+  return mask;
+}
+
+// grad where the mask is false, 0 where it is true (threshold_backward given zero_mask).
+Tensor masked_zero(const Tensor& grad_in, const Tensor& mask) {
+  TORCH_CHECK(grad_in.device().is_cpu() && grad_in.scalar_type() == at::kFloat &&
+                  grad_in.is_contiguous() && mask.scalar_type() == at::kBool &&
+                  mask.is_contiguous() && mask.sizes() == grad_in.sizes(),
+              "qtrain::masked_zero: expected a contiguous float32 CPU grad and a bool mask of "
+              "its shape");
+  Tensor out = empty_output(grad_in.sizes(), at::kFloat);
+  const float* g = grad_in.data_ptr<float>();
+  const auto* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  float* y = out.data_ptr<float>();
+  const int64_t numel = grad_in.numel();
+  parallel_chunks(numel, plan_chunks(numel), [&](int64_t begin, int64_t end, int) {
+    // On the bit patterns (an AND with all ones or zero): GCC vectorises the widening of the
+    // byte mask this way, not a float select on it; NaN and inf gradients are kept or zeroed.
+    const auto* __restrict gbits = reinterpret_cast<const uint32_t*>(g);
+    auto* __restrict ybits = reinterpret_cast<uint32_t*>(y);
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      ybits[i] = gbits[i] & (static_cast<uint32_t>(m[i] != 0) - 1u);
+    }
+  });
+  return out;
+}
+
 // ---- integer quantization --------------------------------------------------------------------
 
 // Integer levels are stored in the format's storage dtype; NaN has no level and is stored as 0.
@@ -958,6 +1003,8 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
   m.def(
       "range_bn_stats(Tensor x3, int chunks) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_affine(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  m.def("zero_mask(Tensor y) -> Tensor");
+  m.def("masked_zero(Tensor grad, Tensor mask) -> Tensor");
   m.def(
       "range_bn_backward(Tensor grad3, Tensor x3, Tensor mean, Tensor inv_spread, Tensor gamma, "
       "float constant, Tensor high_index, Tensor low_index) -> (Tensor, Tensor, Tensor)");
@@ -976,6 +1023,8 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("range_bn_stats", &range_bn_stats);
   m.impl("range_bn_backward", &range_bn_backward);
   m.impl("channel_affine", &channel_affine);
+  m.impl("zero_mask", &zero_mask);
+  m.impl("masked_zero", &masked_zero);
   m.impl("quantize_int", &quantize_int);
   m.impl("dequantize_int", &dequantize_int);
   m.impl("fake_quant_minifloat", &fake_quant_minifloat);
