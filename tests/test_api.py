@@ -263,3 +263,23 @@ def test_sbm8_with_compact_activations_trains_bit_identically_and_holds_less():
     for got, want in zip(grads[1], grads[0], strict=True):
         assert torch.equal(got, want)
     assert saved[1] < 0.8 * saved[0]
+
+
+def test_sbm8_fuses_range_bn_with_relu_and_dequantize_restores_plain_modules():
+    from qtrain.models import build_model
+    from qtrain.nn import CompactMaxPool2d, CompactReLU, FusedReLU, RangeBatchNorm2d
+
+    torch.manual_seed(0)
+    plain = build_model("resnet9", input_shape=(1, 16, 16), num_classes=10, width=4).eval()
+    model = quantize_(copy.deepcopy(plain), "sbm8")
+    bns = [m for m in model.modules() if isinstance(m, RangeBatchNorm2d)]
+    assert bns and all(bn.fused_relu for bn in bns)
+    assert sum(isinstance(m, FusedReLU) for m in model.modules()) == len(bns)
+    assert any(isinstance(m, CompactMaxPool2d) for m in model.modules())
+    dequantize_(model)
+    compact = (FusedReLU, CompactReLU, CompactMaxPool2d, RangeBatchNorm2d)
+    assert not any(isinstance(m, compact) for m in model.modules())
+    assert [type(m) for m in model.modules()] == [type(m) for m in plain.modules()]
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))

@@ -3,6 +3,7 @@ changes, and Range BatchNorm against BatchNorm."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -503,3 +504,40 @@ def test_compact_maxpool_refuses_a_pool_returning_indices() -> None:
 
     with pytest.raises(ValueError, match="returns its indices"):
         CompactMaxPool2d.from_maxpool(nn.MaxPool2d(2, return_indices=True))
+
+
+@pytest.mark.parametrize("batch", [32, 20])
+def test_range_bn_with_a_fused_relu_equals_the_pair_bit_for_bit(batch: int) -> None:
+    from qtrain.nn import CompactReLU, FusedReLU, fuse_range_bn_relu
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(4, 4, 1), RangeBatchNorm2d(4), CompactReLU(inplace=True))
+    fused = copy.deepcopy(base)
+    assert fuse_range_bn_relu(fused) == 1
+    assert fused[1].fused_relu and isinstance(fused[2], FusedReLU) and fused[2].inplace
+    assert fuse_range_bn_relu(fused) == 0  # already fused
+    x, g = torch.randn(batch, 4, 6, 6), torch.randn(batch, 4, 6, 6)
+    results = []
+    for model in (base, fused):
+        xb = x.clone().requires_grad_()
+        y = model(xb)
+        y.backward(g)
+        grads = [p.grad for p in model.parameters()]
+        results.append((y.detach(), xb.grad, *grads, model[1].running_mean, model[1].running_var))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    for model in (base, fused):
+        model.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(x), base(x))
+
+
+def test_fused_relu_is_refused_with_a_grad_spec_and_skipped_by_the_fusion() -> None:
+    from qtrain.nn import fuse_range_bn_relu
+
+    grad_spec = QuantSpec(formats.Int(8), scale=MinMax())
+    model = nn.Sequential(RangeBatchNorm2d(3, grad_spec=grad_spec), nn.ReLU())
+    assert fuse_range_bn_relu(model) == 0 and type(model[1]) is nn.ReLU
+    model[0].fused_relu = True
+    with pytest.raises(ValueError, match="fused_relu cannot be combined with grad_spec"):
+        model(torch.randn(4, 3, 2, 2))

@@ -25,7 +25,15 @@ from typing import Any
 
 from torch import nn
 
-from qtrain.nn import CompactMaxPool2d, CompactReLU, QConv2d, QLinear, RangeBatchNorm2d
+from qtrain.nn import (
+    CompactMaxPool2d,
+    CompactReLU,
+    FusedReLU,
+    QConv2d,
+    QLinear,
+    RangeBatchNorm2d,
+    fuse_range_bn_relu,
+)
 from qtrain.ops import GemmConfig
 from qtrain.quantizer import QuantSpec, QuantSpecError
 from qtrain.validation import check_fields, check_int, check_number
@@ -47,9 +55,11 @@ class QuantizedTrainingConfig:
         range_momentum: running input ranges: run ← m·run + (1 − m)·batch.
         range_bn_chunks: Range BN's number of chunks per channel.
         compact_activations: replace ``nn.ReLU`` by ``CompactReLU`` (a 1-byte mask for
-            backward) and ``nn.MaxPool2d`` by ``CompactMaxPool2d`` (indices only): the same
-            results with less memory held for backward, which pays once the GEMMs keep their
-            inputs as integer levels (``GemmConfig.save_quantized_input``).
+            backward) and ``nn.MaxPool2d`` by ``CompactMaxPool2d`` (indices only), and fuse
+            each Range BN with a ReLU that follows it in a Sequential (``fuse_range_bn_relu``):
+            the same results with less memory held for backward (which pays once the GEMMs
+            keep their inputs as integer levels, ``GemmConfig.save_quantized_input``) and fewer
+            passes.
     """
 
     gemm: GemmConfig
@@ -155,6 +165,8 @@ def _quantize_training(
                     grad_spec=config.batchnorm_grad_spec,
                 ),
             )
+    if config.compact_activations:
+        fuse_range_bn_relu(model)
     return model
 
 
@@ -164,7 +176,7 @@ def dequantize_(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if not name:
             continue  # the root cannot be replaced in place (quantize_ never swaps it either)
-        if isinstance(module, CompactReLU):
+        if isinstance(module, FusedReLU | CompactReLU):
             _replace(model, name, nn.ReLU(module.inplace).train(module.training))
             continue
         if isinstance(module, CompactMaxPool2d):

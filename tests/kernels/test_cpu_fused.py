@@ -643,6 +643,40 @@ def test_range_batchnorm_trains_the_same_on_both_backends():
         )
 
 
+def test_channel_affine_relu_is_bit_exact(fused):
+    x = _values((4, 3, 5, 7))
+    x.view(-1)[:4] = torch.tensor([NAN, INF, -INF, -0.0])
+    scale, shift = torch.randn(3), torch.randn(3)
+    scale[0] = 1.0
+    shift[0] = 0.0  # channel 0: -0.0 stays -0.0 through the affine, as torch.relu keeps it
+    got, want = (
+        fused.channel_affine_relu(x, scale, shift),
+        reference.channel_affine_relu(x, scale, shift),
+    )
+    for actual, expected in zip(got, want, strict=True):
+        _same(actual, expected)
+    _same(got[0], torch.relu(reference.channel_affine(x, scale, shift)))
+
+
+@pytest.mark.parametrize("shape", RANGE_BN_SHAPES)
+def test_range_bn_backward_through_a_relu_mask_is_the_unfused_pair(fused, shape):
+    # Reading g through the fused ReLU's mask gives bit for bit what the separate ReLU
+    # backward (masked_zero) followed by the plain Range BN backward gives.
+    *dims, chunks = shape
+    args = list(_range_bn_backward_args(tuple(dims), chunks))
+    mask = torch.rand(tuple(dims), generator=torch.Generator().manual_seed(7)) < 0.5
+    args[0].view(-1)[:3] = torch.tensor([NAN, INF, -INF])
+    mask.view(-1)[:3] = True  # non-finite gradients where the ReLU zeroes them
+    fused_pair = fused.range_bn_backward(*args, zero_mask=mask)
+    unfused = fused.range_bn_backward(fused.masked_zero(args[0], mask), *args[1:])
+    for got, want in zip(fused_pair, unfused, strict=True):
+        _same(got, want)
+    reference_pair = reference.range_bn_backward(*args, zero_mask=mask)
+    reference_unfused = reference.range_bn_backward(reference.masked_zero(args[0], mask), *args[1:])
+    for got, want in zip(reference_pair, reference_unfused, strict=True):
+        _same(got, want)
+
+
 # ---- compact ReLU kernels -------------------------------------------------------------------
 
 
@@ -710,6 +744,11 @@ def test_ops_pass_torch_library_opcheck(fused):
         (torch.ops.qtrain.range_bn_stats, (x3, 2)),
         (torch.ops.qtrain.channel_affine, (x3, scale, zero_point)),
         (torch.ops.qtrain.zero_mask, (x3,)),
+        (torch.ops.qtrain.channel_affine_relu, (x3, scale, zero_point)),
+        (
+            torch.ops.qtrain.range_bn_backward,
+            (x3, x3, scale, scale, scale, 0.5, *torch.zeros(2, 2, 3, dtype=torch.int64), x3 > 0),
+        ),
         (torch.ops.qtrain.masked_zero, (x3, x3 > 0)),
         (
             torch.ops.qtrain.range_bn_backward,

@@ -187,8 +187,14 @@ def _register_fakes() -> None:
     def _masked_zero(grad, mask):
         return torch.empty_like(grad)
 
+    @torch.library.register_fake("qtrain::channel_affine_relu")
+    def _channel_affine_relu(x, scale, shift):
+        return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
     @torch.library.register_fake("qtrain::range_bn_backward")
-    def _range_bn_backward(grad3, x3, mean, inv_spread, gamma, constant, high_index, low_index):
+    def _range_bn_backward(
+        grad3, x3, mean, inv_spread, gamma, constant, high_index, low_index, zero_mask=None
+    ):
         return torch.empty_like(x3), mean.new_empty(mean.shape), mean.new_empty(mean.shape)
 
     @torch.library.register_fake("qtrain::quantize_int")
@@ -249,6 +255,16 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     return torch.ops.qtrain.channel_affine(x.contiguous(), _per_channel(scale), _per_channel(shift))
 
 
+def channel_affine_relu(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """relu(x·scale[c] + shift[c]) and its ReLU-backward mask, in one pass (see
+    ``reference.channel_affine_relu``)."""
+    return torch.ops.qtrain.channel_affine_relu(
+        x.contiguous(), _per_channel(scale), _per_channel(shift)
+    )
+
+
 def zero_mask(y: torch.Tensor) -> torch.Tensor:
     """[y ≤ 0] as bool, one byte per value (see ``reference.zero_mask``)."""
     if y.dtype != torch.float32:
@@ -272,9 +288,10 @@ def range_bn_backward(
     constant: float,
     high_index: torch.Tensor,
     low_index: torch.Tensor,
+    zero_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Range BatchNorm's backward (see ``reference.range_bn_backward``): one read of g and x
-    for the sums, one pass writing grad_x."""
+    (through a fused ReLU's ``zero_mask`` if given) for the sums, one pass writing grad_x."""
     return torch.ops.qtrain.range_bn_backward(
         grad3.contiguous(),
         x3.contiguous(),
@@ -284,6 +301,7 @@ def range_bn_backward(
         constant,
         high_index.contiguous(),
         low_index.contiguous(),
+        None if zero_mask is None else zero_mask.contiguous(),
     )
 
 

@@ -110,6 +110,14 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     return x * scale.view(shape) + shift.view(shape)
 
 
+def channel_affine_relu(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relu(``channel_affine(x, scale, shift)``), its ReLU-backward mask ``zero_mask``)."""
+    y = torch.relu(channel_affine(x, scale, shift))
+    return y, zero_mask(y)
+
+
 def range_bn_backward(
     grad3: torch.Tensor,
     x3: torch.Tensor,
@@ -119,6 +127,7 @@ def range_bn_backward(
     constant: float,
     high_index: torch.Tensor,
     low_index: torch.Tensor,
+    zero_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Range BatchNorm's backward for y = (x − μ)·s·γ + β, s = 1/(C(n)·r + eps), r = mean_k
     max_k − mean_k min_k over the runs of ``range_bn_stats`` (whose indices it takes).
@@ -126,8 +135,11 @@ def range_bn_backward(
     Returns (grad_x, grad_gamma, grad_beta): with n values per channel,
     grad_x = g·(γs) − γs·Σg/n, plus ∂L/∂r = −C(n)·γ·s²·Σg·(x − μ) shared over the chunks,
     +1/K at each chunk's max and −1/K at its min; grad_gamma = s·Σg·(x − μ), grad_beta = Σg.
-    Sums in float64.
+    Sums in float64. ``zero_mask``: a fused ReLU's mask (``channel_affine_relu``); g is zeroed
+    where it is set first, as the ReLU's backward does.
     """
+    if zero_mask is not None:
+        grad3 = masked_zero(grad3, zero_mask.view(grad3.shape))
     batch, channels, spatial = x3.shape
     chunks = high_index.shape[0]
     run = batch * spatial // chunks

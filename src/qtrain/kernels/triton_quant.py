@@ -881,6 +881,7 @@ def fake_quant_int_levels(
 dequant_int = reference.dequant_int
 range_bn_stats = reference.range_bn_stats
 channel_affine = reference.channel_affine
+channel_affine_relu = reference.channel_affine_relu
 zero_mask = reference.zero_mask
 masked_zero = reference.masked_zero
 range_bn_backward = reference.range_bn_backward

@@ -381,6 +381,46 @@ Tensor absmax(const Tensor& x3) {
   return out;
 }
 
+// g where the byte mask is 0, +0 where it is set: the bit pattern ANDed with all ones or zero
+// (vectorises; NaN and inf gradients are zeroed too, as threshold_backward does).
+inline float masked_value(float g, uint8_t zeroed) {
+  return float_of(bits_of(g) & (static_cast<uint32_t>(zeroed != 0) - 1u));
+}
+
+// Σg and Σg·(x − mean) over one row of n values (g read through a fused ReLU's mask when
+// Masked), in float32 with a fixed order that no compiler or vector width changes: 16 lanes,
+// element j into lane j mod 16, then the lanes added pairwise. So reading g through the mask
+// gives bit for bit what reading masked_zero's output does.
+template <bool Masked>
+void row_sums(const float* __restrict g, const uint8_t* __restrict mask,
+              const float* __restrict x, float mean, int64_t n, float& sum_g, float& sum_gx) {
+  constexpr int64_t kLanes = 16;
+  float lane_g[kLanes] = {};
+  float lane_gx[kLanes] = {};
+  const int64_t whole = n - n % kLanes;
+  for (int64_t j = 0; j < whole; j += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float gv = Masked ? masked_value(g[j + l], mask[j + l]) : g[j + l];
+      lane_g[l] += gv;
+      lane_gx[l] += gv * (x[j + l] - mean);
+    }
+  }
+  for (int64_t l = 0; l < n - whole; ++l) {
+    const float gv = Masked ? masked_value(g[whole + l], mask[whole + l]) : g[whole + l];
+    lane_g[l] += gv;
+    lane_gx[l] += gv * (x[whole + l] - mean);
+  }
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) {
+      lane_g[l] += lane_g[l + width];
+      lane_gx[l] += lane_gx[l + width];
+    }
+  }
+  sum_g = lane_g[0];
+  sum_gx = lane_gx[0];
+}
+
 // ---- Range BatchNorm -------------------------------------------------------------------------
 
 // Range BN's training statistics of a contiguous float32 (B, C, HW) batch (the authors'
@@ -549,6 +589,45 @@ Tensor channel_affine(const Tensor& x_in, const Tensor& scale, const Tensor& shi
   return out;
 }
 
+// y = relu(x·scale[c] + shift[c]) (torch.relu: -0 and NaN kept, negatives to +0) and the
+// ReLU's backward mask [y <= 0], in one pass (reference.channel_affine_relu).
+std::tuple<Tensor, Tensor> channel_affine_relu(const Tensor& x_in, const Tensor& scale,
+                                               const Tensor& shift) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat &&
+                  x_in.is_contiguous() && x_in.dim() >= 2,
+              "qtrain::channel_affine_relu: expected a contiguous float32 CPU tensor (B, C, ...)");
+  const int64_t channels = x_in.size(1);
+  const int64_t spatial = x_in.numel() == 0 ? 0 : x_in.numel() / (x_in.size(0) * channels);
+  const Tensor x3 = x_in.view({x_in.size(0), channels, spatial});
+  check_params(x3, scale, shift, "qtrain::channel_affine_relu");
+  Tensor out = empty_output(x_in.sizes(), at::kFloat);
+  Tensor mask = empty_output(x_in.sizes(), at::kBool);
+  const float* x = x3.data_ptr<float>();
+  const float* a = scale.data_ptr<float>();
+  const float* d = shift.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  auto* m = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
+  const int64_t rows = x3.size(0) * channels;
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, spatial));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float a_r = a[r % channels];
+      const float d_r = d[r % channels];
+      const float* __restrict xr = x + r * spatial;
+      float* __restrict yr = y + r * spatial;
+      uint8_t* __restrict mr = m + r * spatial;
+#pragma omp simd
+      for (int64_t j = 0; j < spatial; ++j) {
+        const float z = xr[j] * a_r + d_r;
+        const float v = z < 0.0f ? 0.0f : z;
+        yr[j] = v;
+        mr[j] = v <= 0.0f ? 1 : 0;
+      }
+    }
+  });
+  return {out, mask};
+}
+
 // Range BN's backward (reference.range_bn_backward): with s = 1/(C(n)·r + eps) and n values
 // per channel, Σg and Σg·(x − μ) per channel (one read of g and x), then
 // grad_x = g·(γs) + (−γs·Σg)/n in one pass, and ∂L/∂r = −C(n)·γ·s²·Σg·(x − μ) shared out over
@@ -557,7 +636,8 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
                                                      const Tensor& mean, const Tensor& inv_spread,
                                                      const Tensor& gamma, double constant,
                                                      const Tensor& high_index,
-                                                     const Tensor& low_index) {
+                                                     const Tensor& low_index,
+                                                     const std::optional<Tensor>& zero_mask) {
   check_view(grad3, "qtrain::range_bn_backward");
   check_view(x3, "qtrain::range_bn_backward");
   TORCH_CHECK(grad3.sizes() == x3.sizes(), "qtrain::range_bn_backward: grad and x differ in shape");
@@ -578,6 +658,16 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
   }
   TORCH_CHECK(chunks >= 1 && chunks <= batch * spatial,
               "qtrain::range_bn_backward: chunks must be in 1..B·HW");
+  // A fused ReLU's mask zeroes g where it is set (as masked_zero would): both passes read g
+  // through it, as bit patterns ANDed with all ones or zero (NaN and inf zeroed too).
+  const uint8_t* zm = nullptr;
+  if (zero_mask) {
+    TORCH_CHECK(zero_mask->scalar_type() == at::kBool && zero_mask->is_contiguous() &&
+                    zero_mask->numel() == grad3.numel(),
+                "qtrain::range_bn_backward: zero_mask must be a contiguous bool tensor of "
+                "grad's size");
+    zm = reinterpret_cast<const uint8_t*>(zero_mask->data_ptr<bool>());
+  }
   const float* g = grad3.data_ptr<float>();
   const float* x = x3.data_ptr<float>();
   const float* mu = mean.data_ptr<float>();
@@ -600,13 +690,13 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
           const float* __restrict gr = g + offset;
           const float* __restrict xr = x + offset;
           const float m = mu[c];
-          // float partial sums over one row (HW values, spread over the vector lanes), then
-          // double across rows: the error stays at a few float roundings of the row's terms.
-          float row_g = 0.0f, row_gx = 0.0f;
-#pragma omp simd reduction(+ : row_g, row_gx)
-          for (int64_t j = 0; j < spatial; ++j) {
-            row_g += gr[j];
-            row_gx += gr[j] * (xr[j] - m);
+          // float partial sums over one row, then double across rows: the error stays at a
+          // few float roundings of the row's terms.
+          float row_g, row_gx;
+          if (zm == nullptr) {
+            row_sums<false>(gr, nullptr, xr, m, spatial, row_g, row_gx);
+          } else {
+            row_sums<true>(gr, zm + offset, xr, m, spatial, row_g, row_gx);
           }
           partial_g[block * channels + c] += row_g;
           partial_gx[block * channels + c] += row_gx;
@@ -643,8 +733,14 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
       const float d = offset[r % channels];
       const float* __restrict gr = g + r * spatial;
       float* __restrict yr = out + r * spatial;
+      if (zm == nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < spatial; ++j) yr[j] = gr[j] * a + d;
+        for (int64_t j = 0; j < spatial; ++j) yr[j] = gr[j] * a + d;
+      } else {
+        const uint8_t* __restrict mr = zm + r * spatial;
+#pragma omp simd
+        for (int64_t j = 0; j < spatial; ++j) yr[j] = masked_value(gr[j], mr[j]) * a + d;
+      }
     }
   });
   // Position i of run k is the channel's sample-major position k·n + i (range_bn_stats).
@@ -698,14 +794,10 @@ Tensor masked_zero(const Tensor& grad_in, const Tensor& mask) {
   float* y = out.data_ptr<float>();
   const int64_t numel = grad_in.numel();
   parallel_chunks(numel, plan_chunks(numel), [&](int64_t begin, int64_t end, int) {
-    // On the bit patterns (an AND with all ones or zero): GCC vectorises the widening of the
-    // byte mask this way, not a float select on it; NaN and inf gradients are kept or zeroed.
-    const auto* __restrict gbits = reinterpret_cast<const uint32_t*>(g);
-    auto* __restrict ybits = reinterpret_cast<uint32_t*>(y);
+    // On the bit patterns: GCC vectorises the widening of the byte mask this way, not a float
+    // select on it.
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      ybits[i] = gbits[i] & (static_cast<uint32_t>(m[i] != 0) - 1u);
-    }
+    for (int64_t i = begin; i < end; ++i) y[i] = masked_value(g[i], m[i]);
   });
   return out;
 }
@@ -1004,10 +1096,12 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "range_bn_stats(Tensor x3, int chunks) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_affine(Tensor x, Tensor scale, Tensor shift) -> Tensor");
   m.def("zero_mask(Tensor y) -> Tensor");
+  m.def("channel_affine_relu(Tensor x, Tensor scale, Tensor shift) -> (Tensor, Tensor)");
   m.def("masked_zero(Tensor grad, Tensor mask) -> Tensor");
   m.def(
       "range_bn_backward(Tensor grad3, Tensor x3, Tensor mean, Tensor inv_spread, Tensor gamma, "
-      "float constant, Tensor high_index, Tensor low_index) -> (Tensor, Tensor, Tensor)");
+      "float constant, Tensor high_index, Tensor low_index, Tensor? zero_mask=None) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "quantize_int(Tensor x3, Tensor scale, Tensor zero_point, int qmin, int qmax, int? seed, "
       "bool want_fake, bool want_mask, ScalarType? levels_dtype) -> (Tensor, Tensor, Tensor)");
@@ -1024,6 +1118,7 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("range_bn_backward", &range_bn_backward);
   m.impl("channel_affine", &channel_affine);
   m.impl("zero_mask", &zero_mask);
+  m.impl("channel_affine_relu", &channel_affine_relu);
   m.impl("masked_zero", &masked_zero);
   m.impl("quantize_int", &quantize_int);
   m.impl("dequantize_int", &dequantize_int);
