@@ -137,6 +137,23 @@ def isolated(rounds: int, runs: int, clock_name: str, threads: int | None) -> li
     return pairs
 
 
+def _payload(args: argparse.Namespace, measured: float, **results: object) -> dict:
+    """The JSON record: machine, setup, ``results`` and the target's verdict."""
+    return {
+        "machine": machine_info(),
+        "model": {"name": "resnet9", "width": WIDTH, "input_shape": INPUT_SHAPE},
+        "batch": BATCH,
+        "rounds": max(args.rounds, 5),
+        "clock": args.clock,
+        **results,
+        "target": {
+            "target_ratio": TARGET_RATIO,
+            "measured_ratio": measured,
+            "met": measured <= TARGET_RATIO,
+        },
+    }
+
+
 def main() -> None:
     global BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -164,21 +181,8 @@ def main() -> None:
     if args.isolated:
         pairs = isolated(max(args.rounds, 5), args.isolated, args.clock, args.threads)
         ratio = statistics.median(pair["ratio"] for pair in pairs)
-        payload = {
-            "machine": machine_info(),
-            "model": {"name": "resnet9", "width": WIDTH, "input_shape": INPUT_SHAPE},
-            "batch": BATCH,
-            "rounds": max(args.rounds, 5),
-            "clock": args.clock,
-            "mode": "isolated: each config in its own process, alternating pairs",
-            "pairs": pairs,
-            "target": {
-                "target_ratio": TARGET_RATIO,
-                "measured_ratio": round(ratio, 3),
-                "met": ratio <= TARGET_RATIO,
-            },
-        }
-        write_json(args.out, payload)
+        mode = "isolated: each config in its own process, alternating pairs"
+        write_json(args.out, _payload(args, round(ratio, 3), mode=mode, pairs=pairs))
         verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
         print(
             f"target: sbm8 ≤ {TARGET_RATIO}× fp32, median of {len(pairs)} pairs {ratio:.3f}× — "
@@ -200,20 +204,7 @@ def main() -> None:
         for name, seconds in times.items()
     ]
     measured = next(row for row in rows if row["name"] == "sbm8 cpu_fused")["ratio_to_fp32"]
-    payload = {
-        "machine": machine_info(),
-        "model": {"name": "resnet9", "width": WIDTH, "input_shape": INPUT_SHAPE},
-        "batch": BATCH,
-        "rounds": max(args.rounds, 5),
-        "clock": args.clock,
-        "rows": rows,
-        "target": {
-            "target_ratio": TARGET_RATIO,
-            "measured_ratio": measured,
-            "met": measured <= TARGET_RATIO,
-        },
-    }
-    write_json(args.out, payload)
+    write_json(args.out, _payload(args, measured, rows=rows))
     width = max(len(row["name"]) for row in rows)
     print(f"{'config':{width}}  median ms  × fp32")
     for row in rows:

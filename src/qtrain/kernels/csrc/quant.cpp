@@ -560,20 +560,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(const 
 }
 
 // y = x·scale[c] + shift[c] over a contiguous float32 (B, C, ...) tensor (two roundings, as
-// reference.channel_affine), written to a cached output block of x's shape.
-Tensor channel_affine(const Tensor& x_in, const Tensor& scale, const Tensor& shift) {
+// reference.channel_affine), written to a cached output block of x's shape. With Relu, then
+// y = relu(y) (torch.relu: -0 and NaN kept, negatives to +0) and the ReLU's backward mask
+// [y <= 0] in the same pass (reference.channel_affine_relu).
+template <bool Relu>
+std::tuple<Tensor, Tensor> affine_rows(const Tensor& x_in, const Tensor& scale,
+                                       const Tensor& shift, const char* what) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat &&
                   x_in.is_contiguous() && x_in.dim() >= 2,
-              "qtrain::channel_affine: expected a contiguous float32 CPU tensor (B, C, ...)");
+              what, ": expected a contiguous float32 CPU tensor (B, C, ...)");
   const int64_t channels = x_in.size(1);
   const int64_t spatial = x_in.numel() == 0 ? 0 : x_in.numel() / (x_in.size(0) * channels);
   const Tensor x3 = x_in.view({x_in.size(0), channels, spatial});
-  check_params(x3, scale, shift, "qtrain::channel_affine");
+  check_params(x3, scale, shift, what);
   Tensor out = empty_output(x_in.sizes(), at::kFloat);
+  Tensor mask = Relu ? empty_output(x_in.sizes(), at::kBool) : Tensor();
   const float* x = x3.data_ptr<float>();
   const float* a = scale.data_ptr<float>();
   const float* d = shift.data_ptr<float>();
   float* y = out.data_ptr<float>();
+  auto* m = Relu ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr;
   const int64_t rows = x3.size(0) * channels;
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, spatial));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -582,50 +588,31 @@ Tensor channel_affine(const Tensor& x_in, const Tensor& scale, const Tensor& shi
       const float d_r = d[r % channels];
       const float* __restrict xr = x + r * spatial;
       float* __restrict yr = y + r * spatial;
+      if constexpr (Relu) {
+        uint8_t* __restrict mr = m + r * spatial;
 #pragma omp simd
-      for (int64_t j = 0; j < spatial; ++j) yr[j] = xr[j] * a_r + d_r;
-    }
-  });
-  return out;
-}
-
-// y = relu(x·scale[c] + shift[c]) (torch.relu: -0 and NaN kept, negatives to +0) and the
-// ReLU's backward mask [y <= 0], in one pass (reference.channel_affine_relu).
-std::tuple<Tensor, Tensor> channel_affine_relu(const Tensor& x_in, const Tensor& scale,
-                                               const Tensor& shift) {
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat &&
-                  x_in.is_contiguous() && x_in.dim() >= 2,
-              "qtrain::channel_affine_relu: expected a contiguous float32 CPU tensor (B, C, ...)");
-  const int64_t channels = x_in.size(1);
-  const int64_t spatial = x_in.numel() == 0 ? 0 : x_in.numel() / (x_in.size(0) * channels);
-  const Tensor x3 = x_in.view({x_in.size(0), channels, spatial});
-  check_params(x3, scale, shift, "qtrain::channel_affine_relu");
-  Tensor out = empty_output(x_in.sizes(), at::kFloat);
-  Tensor mask = empty_output(x_in.sizes(), at::kBool);
-  const float* x = x3.data_ptr<float>();
-  const float* a = scale.data_ptr<float>();
-  const float* d = shift.data_ptr<float>();
-  float* y = out.data_ptr<float>();
-  auto* m = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
-  const int64_t rows = x3.size(0) * channels;
-  const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, spatial));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float a_r = a[r % channels];
-      const float d_r = d[r % channels];
-      const float* __restrict xr = x + r * spatial;
-      float* __restrict yr = y + r * spatial;
-      uint8_t* __restrict mr = m + r * spatial;
+        for (int64_t j = 0; j < spatial; ++j) {
+          const float z = xr[j] * a_r + d_r;
+          const float v = z < 0.0f ? 0.0f : z;
+          yr[j] = v;
+          mr[j] = v <= 0.0f ? 1 : 0;
+        }
+      } else {
 #pragma omp simd
-      for (int64_t j = 0; j < spatial; ++j) {
-        const float z = xr[j] * a_r + d_r;
-        const float v = z < 0.0f ? 0.0f : z;
-        yr[j] = v;
-        mr[j] = v <= 0.0f ? 1 : 0;
+        for (int64_t j = 0; j < spatial; ++j) yr[j] = xr[j] * a_r + d_r;
       }
     }
   });
   return {out, mask};
+}
+
+Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift) {
+  return std::get<0>(affine_rows<false>(x, scale, shift, "qtrain::channel_affine"));
+}
+
+std::tuple<Tensor, Tensor> channel_affine_relu(const Tensor& x, const Tensor& scale,
+                                               const Tensor& shift) {
+  return affine_rows<true>(x, scale, shift, "qtrain::channel_affine_relu");
 }
 
 // Range BN's backward (reference.range_bn_backward): with s = 1/(C(n)·r + eps) and n values
