@@ -2,7 +2,8 @@
 
 A backend implements the functions of ``qtrain.kernels.reference`` (same names, same
 signatures, same results — bit-exact for nearest rounding and for stochastic rounding with the
-same seed). ``Backend.AUTO`` picks the fastest one available for the tensor's device.
+same seed; Range BN's sums within float32 summation error of the reference's float64).
+``Backend.AUTO`` picks the fastest one available for the tensor's device.
 
 >>> from qtrain.kernels import Backend, use_backend
 >>> with use_backend(Backend.REFERENCE):

@@ -1,9 +1,11 @@
 // Fused CPU kernels of qtrain's `cpu_fused` backend, registered as `qtrain::*` operators.
 //
-// Every kernel computes what qtrain/kernels/reference.py computes, with the same float
-// operations in the same order, so results are bit-identical to the reference for nearest and
-// for stochastic rounding with the same seed. That is why the build uses -ffp-contract=off: a
-// fused multiply-add would round once where the reference rounds twice.
+// Every quantizer and element-wise kernel computes what qtrain/kernels/reference.py computes,
+// with the same float operations in the same order, so results are bit-identical to the
+// reference for nearest and for stochastic rounding with the same seed. That is why the build
+// uses -ffp-contract=off: a fused multiply-add would round once where the reference rounds
+// twice. The exception is Range BN's reductions (range_bn_stats' sums, range_bn_backward's):
+// they sum in their own fixed order, within float32 summation error of the reference's float64.
 //
 // Layout: the quantizer's canonical view, a contiguous float32 (O, C, I) tensor with one scale
 // and zero point per C. The flat index range is cut into one contiguous chunk per thread (a
