@@ -13,6 +13,7 @@ from torch import nn
 
 from qtrain import (
     MinMax,
+    NonFiniteError,
     PerChannel,
     QConv2d,
     QLinear,
@@ -96,6 +97,22 @@ def test_running_ranges_update_with_momentum_in_training():
     assert torch.allclose(layer.input_high, 0.1 * x1.max() + 0.9 * x2.max())
     # Training quantizes each batch with its own range.
     assert torch.equal(y2, F.linear(quantize(x2, UINT8), layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_training_input_raises_before_the_running_ranges_take_it(bad):
+    spec = QuantSpec(formats.UINT8, scale=MinMax(batch_mean=True))
+    for quantized_storage in (False, True):
+        layer = QLinear(
+            8, 3, config=GemmConfig(input_spec=spec, save_quantized_input=quantized_storage)
+        )
+        layer(_randn(4, 8, seed=8))
+        low, high = layer.input_low.clone(), layer.input_high.clone()
+        x = _randn(4, 8, seed=9)
+        x[2, 5] = bad
+        with pytest.raises(NonFiniteError):
+            layer(x)
+        assert torch.equal(layer.input_low, low) and torch.equal(layer.input_high, high)
 
 
 def test_batch_mean_ranges_are_means_of_per_sample_extremes():

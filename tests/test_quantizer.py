@@ -33,6 +33,7 @@ from qtrain import (
     quantize_int,
 )
 from qtrain.formats import BlockFloat, FormatError, Int, MiniFloat
+from qtrain.quantizer import qparams_from_range
 
 INT8 = QuantSpec(formats.INT8)  # symmetric, absmax
 UINT8 = QuantSpec(formats.UINT8)  # affine, min/max (GEMMLOWP)
@@ -476,6 +477,43 @@ def test_nonfinite_values_raise_by_default(spec, bad):
         quantize(x, spec)
     with pytest.raises(NonFiniteError):
         quantize_int(x, spec)
+
+
+# ---- per-tensor qparams on the host ----------------------------------------------------------
+
+FLOAT32_VALUES = st.floats(width=32, allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [0.0, -0.0, 1e-45, -1e-45, 1.1754944e-38, 3.4028235e38, -3.4028235e38, 1.0, -2.5]
+)
+INT_FORMATS = [
+    Int(bits, signed=signed) for bits in (2, 3, 4, 8, 12, 16) for signed in (True, False)
+]
+
+
+@given(low=FLOAT32_VALUES, high=FLOAT32_VALUES, int_format=st.sampled_from(INT_FORMATS))
+def test_per_tensor_qparams_on_the_host_equal_the_tensor_ops(low, high, int_format):
+    # A one-value CPU range is computed in host float32 arithmetic (one .item() per bound
+    # instead of a dozen one-element ops); it must give the tensor ops' bits exactly,
+    # overflowing ranges and sub-normal ones included.
+    low, high = min(low, high), max(low, high)
+    one = qparams_from_range(torch.tensor([low]), torch.tensor([high]), int_format)
+    two = qparams_from_range(torch.tensor([low, low]), torch.tensor([high, high]), int_format)
+    for name in ("scale", "zero_point"):
+        host, ops = getattr(one, name), getattr(two, name)[:1]
+        assert host.shape == ops.shape and host.dtype == ops.dtype == torch.float32
+        assert torch.equal(host.view(torch.int32), ops.view(torch.int32)), name
+
+
+def test_per_tensor_qparams_of_a_non_finite_or_differentiable_range_use_the_tensor_ops():
+    for low, high in ((math.nan, 1.0), (-math.inf, 1.0), (0.0, math.inf)):
+        one = qparams_from_range(torch.tensor([low]), torch.tensor([high]), formats.UINT8)
+        two = qparams_from_range(torch.tensor([low] * 2), torch.tensor([high] * 2), formats.UINT8)
+        assert torch.equal(one.scale, two.scale[:1])
+        assert torch.equal(one.zero_point.nan_to_num(), two.zero_point[:1].nan_to_num())
+        assert torch.equal(one.zero_point.isnan(), two.zero_point[:1].isnan())
+    low = torch.tensor([-1.0], requires_grad=True)
+    qparams = qparams_from_range(low, torch.tensor([3.0]), formats.UINT8)
+    qparams.scale.sum().backward()  # the range stays differentiable
+    assert low.grad is not None and low.grad.item() != 0.0
 
 
 def test_nonfinite_values_raise_with_given_qparams():

@@ -27,6 +27,8 @@ from qtrain.quantizer import (
     QParams,
     QuantSpec,
     QuantSpecError,
+    _check_finite_range,
+    _CheckedQParams,
     observe_range,
     qparams_from_range,
     quantize,
@@ -67,6 +69,8 @@ class _QuantizedGemmModule:
         spec: QuantSpec = self.config.input_spec
         if self.training:
             low, high = observe_range(x, spec)
+            if spec.nonfinite == "error":  # before the running ranges take it in
+                _check_finite_range(low, high, spec)
             with torch.no_grad():
                 if self.input_low.numel() != low.numel():
                     self.input_low = low.clone()
@@ -76,11 +80,12 @@ class _QuantizedGemmModule:
                     m = self.range_momentum
                     self.input_low.mul_(m).add_(low, alpha=1 - m)
                     self.input_high.mul_(m).add_(high, alpha=1 - m)
-        elif self.input_low.numel():
-            low, high = self.input_low, self.input_high
-        else:
-            return None  # never trained: measure this batch
-        return qparams_from_range(low, high, spec.int_format)
+            # From this batch's own (checked) range: the quantizer need not check x again.
+            qparams = qparams_from_range(low, high, spec.int_format)
+            return _CheckedQParams(qparams.scale, qparams.zero_point)
+        if self.input_low.numel():
+            return qparams_from_range(self.input_low, self.input_high, spec.int_format)
+        return None  # never trained: measure this batch
 
     def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
         return self.config.role_bits(float_bits)

@@ -30,7 +30,9 @@ from qtrain.quantizer import (
     QuantSpecError,
     Rounding,
     _check_finite,
+    _check_finite_range,
     _check_qparams,
+    _CheckedQParams,
     _draw_seed,
     _finish,
     _finite_only,
@@ -150,7 +152,7 @@ class _SavedInput:
         impl = kernels.implementation(x3.device)
         if qparams is None:
             qparams = _qparams_of_view(x, x3, spec)
-        else:
+        elif not isinstance(qparams, _CheckedQParams):
             # nonfinite='error' (GemmConfig ensures it). NaN and ±inf reach max|x|: one
             # read-only reduction instead of an isfinite pass.
             _check_finite(impl.absmax(x3), spec)
@@ -286,31 +288,37 @@ def _same_range(first: QuantSpec | None, second: QuantSpec | None) -> bool:
     )
 
 
-def _copies_of_one_range(x: torch.Tensor, specs: tuple[QuantSpec, ...]) -> tuple[torch.Tensor, ...]:
-    """``fake_quantize_with_mask(x, spec)[0]`` for each spec, with x's range read once: SBM's
-    8-bit grad-input and 16-bit grad-weight copies of g_l (bifurcation)."""
+def _copies_of_one_range(
+    x: torch.Tensor, specs: tuple[QuantSpec, QuantSpec]
+) -> tuple[torch.Tensor, ...]:
+    """``fake_quantize_with_mask(x, spec)[0]`` for each of two specs, with x's range read once
+    and one stochastic-rounding seed for both: SBM's 8-bit grad-input and 16-bit grad-weight
+    copies of g_l (bifurcation). With the same rounding the two come from one pass over x."""
     first = specs[0]
     x3, restore = canonical_view(x, first.granularity)
     propagate = first.nonfinite == "propagate"
     low, high = _observe_view(x, _finite_only(x3) if propagate else x3, first.scale)
     if not propagate:
-        _check_finite(torch.stack([low, high]), first)
+        _check_finite_range(low, high, first)
     impl = kernels.implementation(x3.device)
-    copies = []
-    for spec in specs:
-        qparams = qparams_from_range(low, high, spec.int_format)
-        seed = _draw_seed(None) if spec.rounding is Rounding.STOCHASTIC else None
-        y3, _ = impl.fake_quant_int(
-            x3,
-            qparams.scale,
-            qparams.zero_point,
-            spec.int_format.qmin,
-            spec.int_format.qmax,
-            seed,
-            False,
-        )
-        copies.append(restore(_finish(y3, x3, qparams, spec, x.dtype)).to(x.dtype))
-    return tuple(copies)
+    stochastic = [spec.rounding is Rounding.STOCHASTIC for spec in specs]
+    seed = _draw_seed(None) if any(stochastic) else None
+    qparams = [qparams_from_range(low, high, spec.int_format) for spec in specs]
+    grids = [
+        (q.scale, q.zero_point, s.int_format.qmin, s.int_format.qmax)
+        for q, s in zip(qparams, specs, strict=True)
+    ]
+    if stochastic[0] == stochastic[1]:
+        y3s = impl.fake_quant_int_pair(x3, *grids[0], *grids[1], seed)
+    else:
+        y3s = [
+            impl.fake_quant_int(x3, *grid, seed if sr else None, False)[0]
+            for grid, sr in zip(grids, stochastic, strict=True)
+        ]
+    return tuple(
+        restore(_finish(y3, x3, q, spec, x.dtype)).to(x.dtype)
+        for y3, q, spec in zip(y3s, qparams, specs, strict=True)
+    )
 
 
 def _linear_grads(g_in, g_w, x_q, w_q):

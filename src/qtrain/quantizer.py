@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import struct
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -137,6 +138,14 @@ class QParams:
 
     scale: torch.Tensor
     zero_point: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckedQParams(QParams):
+    """QParams made by ``qparams_from_range`` from a range read from the very tensor they
+    will quantize, that range checked finite where the spec says nonfinite='error' (the range
+    kernels propagate NaN, so the tensor is finite too): valid by construction, so the quantizer
+    checks neither them nor that tensor again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +381,13 @@ def _finite_only(x3: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x3, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _check_finite_range(low: torch.Tensor, high: torch.Tensor, spec: QuantSpec) -> None:
+    """NonFiniteError where an observed range holds NaN or ±inf (as x then does: the range
+    kernels propagate NaN)."""
+    if _range_on_host(low, high) is None:  # None also for a non-finite per-tensor range
+        _check_finite(torch.stack([low, high]), spec)
+
+
 def _check_finite(values: torch.Tensor, spec: QuantSpec) -> None:
     if not bool(torch.isfinite(values).all()):
         raise NonFiniteError(
@@ -390,8 +406,63 @@ def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale.clamp(_F32.tiny, _F32.max), torch.ones_like(scale))
 
 
+def _to_f32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (±inf beyond its range), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # struct refuses what rounds to ±inf; float32 arithmetic gives it
+        return math.copysign(math.inf, value)
+
+
+def _range_on_host(low: torch.Tensor, high: torch.Tensor) -> tuple[float, float] | None:
+    """One finite (low, high) pair of a per-tensor range on the CPU as Python floats, where
+    computing on the host is exact and cheaper than a chain of one-element tensor ops; else
+    None (per-channel, another device, NaN/inf, a traced or differentiable range)."""
+    if (
+        low.numel() != 1
+        or high.numel() != 1
+        or low.device.type != "cpu"
+        or high.device.type != "cpu"
+        or low.dtype != torch.float32
+        or high.dtype != torch.float32
+        or low.requires_grad
+        or high.requires_grad
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    pair = low.item(), high.item()
+    return pair if math.isfinite(pair[0]) and math.isfinite(pair[1]) else None
+
+
+def _qparams_on_host(low: float, high: float, int_format: Int) -> tuple[float, float]:
+    """``qparams_from_range`` of one finite float32 range in float32 arithmetic on the host.
+
+    Each float32 operation is the float64 one rounded to float32: exact, since float64 has more
+    than twice float32's precision (+, −, × and ÷ are then correctly rounded after the double
+    rounding). The constants are rounded to float32 as torch rounds Python scalars.
+    """
+    low, high = min(low, 0.0), max(high, 0.0)
+    steps = _to_f32(int_format.qmax - int_format.qmin)
+    scale = _to_f32(_to_f32(high - low) / steps)
+    if math.isinf(scale):
+        scale = _to_f32(_to_f32(high / steps) - _to_f32(low / steps))
+    scale = min(max(scale, _F32.tiny), _F32.max) if scale > 0 else 1.0
+    qmin, qmax = _to_f32(int_format.qmin), _to_f32(int_format.qmax)
+    zero_point = _to_f32(qmin - round(_to_f32(low / scale)))
+    return scale, min(max(zero_point, qmin), qmax)
+
+
 def qparams_from_range(low: torch.Tensor, high: torch.Tensor, int_format: Int) -> QParams:
     """Affine (GEMMLOWP) scale and integer zero point for the range [low, high] ∪ {0}."""
+    on_host = _range_on_host(low, high)
+    if on_host is not None:
+        scale, zero_point = _qparams_on_host(*on_host, int_format)
+        return QParams(torch.full_like(low, scale), torch.full_like(low, zero_point))
+    return _qparams_of_range_tensors(low, high, int_format)
+
+
+def _qparams_of_range_tensors(low: torch.Tensor, high: torch.Tensor, int_format: Int) -> QParams:
+    """``qparams_from_range`` in tensor ops: any shape, device and autograd."""
     low = low.clamp(max=0.0)
     high = high.clamp(min=0.0)
     steps = int_format.qmax - int_format.qmin
@@ -425,8 +496,11 @@ def _observe_view(
 def _mean(values: torch.Tensor) -> torch.Tensor:
     """The mean as shape (1,); where float32's sum of values near its largest overflows (the
     mean itself cannot), the sum of values / n."""
-    mean = values.mean()
-    return torch.where(torch.isinf(mean), (values / values.numel()).sum(), mean).view(1)
+    mean = values.mean().view(1)
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+        # One host read instead of two more one-element ops (no sync on a CPU).
+        return (values / values.numel()).sum().view(1) if math.isinf(mean.item()) else mean
+    return torch.where(torch.isinf(mean), (values / values.numel()).sum(), mean)
 
 
 def observe_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,7 +523,7 @@ def _qparams_of_view(x: torch.Tensor, x3: torch.Tensor, spec: QuantSpec) -> QPar
     if isinstance(rule, MinMax):
         low, high = _observe_view(x, source, rule)
         if not propagate:
-            _check_finite(torch.stack([low, high]), spec)
+            _check_finite_range(low, high, spec)
         return qparams_from_range(low, high, spec.int_format)
     if isinstance(rule, Clip):
         if not propagate:
@@ -525,7 +599,7 @@ def fake_quantize_with_mask(
     want_mask = want_mask and needs_clip_mask(spec, qparams is not None)
     if qparams is None and spec.scale is not None:
         qparams = _qparams_of_view(x, x3, spec)
-    elif qparams is not None:
+    elif qparams is not None and not isinstance(qparams, _CheckedQParams):
         # NaN/inf input first: running ranges built from it are bad too, and the guard must
         # see a NonFiniteError, not a complaint about the qparams.
         if spec.nonfinite == "error":

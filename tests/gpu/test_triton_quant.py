@@ -113,6 +113,19 @@ def test_fake_quant_int_keeps_nan(impl):
         assert torch.equal(mask, want_mask)
 
 
+@pytest.mark.parametrize("seed", [None, 2**40 + 7])
+def test_fake_quant_int_pair_matches_reference(impl, seed):
+    x3 = _values((3, 4, 17), seed=4)
+    x3[0, 0, :3] = torch.tensor([NAN, INF, -INF], device=DEVICE)
+    scale = (reference.absmax(x3.nan_to_num(0.0, 0.0, 0.0)) / 100).clamp_min(1e-30)
+    zero = torch.full((4,), 60.0, device=DEVICE)
+    args = (x3, scale, zero, 0, 120, scale / 300, zero * 300, 0, 65535, seed)
+    for got, want in zip(
+        impl.fake_quant_int_pair(*args), reference.fake_quant_int_pair(*args), strict=True
+    ):
+        _same(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.float32])
 def test_saved_levels_and_their_dequantization_match_reference(impl, dtype):
     x3 = _values((3, 4, 17), seed=2)

@@ -106,6 +106,45 @@ def test_fake_quant_int_is_bit_exact(fused, shape, seed):
         _same(y3, expected[0])
 
 
+# Bifurcation's grids: SBM's uint8 / uint16, signed ones, a grid much coarser than the other.
+PAIR_RANGES = [((0, 255), (0, 65535)), ((-127, 127), (-32767, 32767)), ((-7, 7), (0, 1))]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 5)])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fake_quant_int_pair_is_two_quantizations_with_one_seed(fused, shape, seed):
+    x3 = _values(shape, seed=len(shape) + 1)
+    if shape == (3, 2, 5):
+        x3[0, 0, :3] = torch.tensor([NAN, INF, -INF])
+        x3 = x3.transpose(0, 2).contiguous().transpose(0, 2)  # non-contiguous, same values
+    for (qmin_a, qmax_a), (qmin_b, qmax_b) in PAIR_RANGES:
+        scale_a, zero_point_a = _qparams(x3.nan_to_num(0, 0, 0), qmin_a, qmax_a)
+        scale_b, zero_point_b = _qparams(x3.nan_to_num(0, 0, 0), qmin_b, qmax_b)
+        scale_b = scale_b * torch.linspace(0.5, 1.0, shape[1])  # some values clamped
+        args = (x3, scale_a, zero_point_a, qmin_a, qmax_a, scale_b, zero_point_b, qmin_b, qmax_b)
+        fake_a, fake_b = fused.fake_quant_int_pair(*args, seed)
+        _same(
+            fake_a,
+            reference.fake_quant_int(x3, scale_a, zero_point_a, qmin_a, qmax_a, seed, False)[0],
+        )
+        _same(
+            fake_b,
+            reference.fake_quant_int(x3, scale_b, zero_point_b, qmin_b, qmax_b, seed, False)[0],
+        )
+        for got, want in zip(
+            (fake_a, fake_b), reference.fake_quant_int_pair(*args, seed), strict=True
+        ):
+            _same(got, want)
+
+
+def test_fake_quant_int_pair_checks_its_grids(fused):
+    x3, one, zero = torch.zeros(1, 2, 4), torch.ones(2), torch.zeros(2)
+    with pytest.raises(RuntimeError, match="scale and zero_point"):
+        fused.fake_quant_int_pair(x3, one, zero, 0, 1, torch.ones(3), torch.zeros(3), 0, 1, None)
+    with pytest.raises(RuntimeError, match="qmin > qmax"):
+        fused.fake_quant_int_pair(x3, one, zero, 0, 1, one, zero, 2, 1, None)
+
+
 def test_nearest_ties_round_to_even(fused):
     x3 = torch.tensor([[[-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5]]])
     y3, _ = fused.fake_quant_int(x3, torch.ones(1), torch.zeros(1), -127, 127, None, False)
@@ -340,6 +379,9 @@ def _results(fused, x3: torch.Tensor, seed: int | None) -> list[torch.Tensor]:
         *fused.minmax(x3),
         fused.absmax(x3),
         fused.fake_quant_minifloat(x3, 4, 3, False, True, seed),
+        *fused.fake_quant_int_pair(
+            x3, scale, zero_point, 0, 255, scale / 7, zero_point, 0, 65535, seed
+        ),
     ]
 
 
@@ -736,6 +778,14 @@ def test_ops_pass_torch_library_opcheck(fused):
         (
             torch.ops.qtrain.quantize_int,
             (x3, scale, zero_point, -127, 127, None, True, False, None),
+        ),
+        (
+            torch.ops.qtrain.quantize_int_pair,
+            (x3, scale, zero_point, 0, 255, scale / 3, zero_point, 0, 65535, 7),
+        ),
+        (
+            torch.ops.qtrain.quantize_int_pair,
+            (x3, scale, zero_point, -7, 7, scale, zero_point, -127, 127, None),
         ),
         (torch.ops.qtrain.dequantize_int, (levels, scale, zero_point)),
         (torch.ops.qtrain.fake_quant_minifloat, (x3, 4, 3, False, True, 7)),

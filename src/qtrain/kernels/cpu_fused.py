@@ -207,6 +207,10 @@ def _register_fakes() -> None:
             like(x3, levels_dtype is not None, levels_dtype or torch.bool),
         )
 
+    @torch.library.register_fake("qtrain::quantize_int_pair")
+    def _quantize_int_pair(x3, scale_a, zp_a, qmin_a, qmax_a, scale_b, zp_b, qmin_b, qmax_b, seed):
+        return torch.empty_like(x3), torch.empty_like(x3)
+
     @torch.library.register_fake("qtrain::dequantize_int")
     def _dequantize_int(levels3, scale, zero_point) -> torch.Tensor:
         return levels3.new_empty(levels3.shape, dtype=torch.float32)
@@ -341,6 +345,34 @@ def fake_quant_int(
     """x̂ = (clamp(round(x·(1/s)) + z, qmin, qmax) − z)·s and, when asked, the STE mask."""
     fake, mask, _ = _quantize_int(x3, scale, zero_point, qmin, qmax, seed, True, want_mask, None)
     return fake, (mask if want_mask else None)
+
+
+def fake_quant_int_pair(
+    x3: torch.Tensor,
+    scale_a: torch.Tensor,
+    zero_point_a: torch.Tensor,
+    qmin_a: int,
+    qmax_a: int,
+    scale_b: torch.Tensor,
+    zero_point_b: torch.Tensor,
+    qmin_b: int,
+    qmax_b: int,
+    seed: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̂ of x3 on two grids in one pass, one uniform per index for both (see
+    ``reference.fake_quant_int_pair``)."""
+    return torch.ops.qtrain.quantize_int_pair(
+        x3.contiguous(),
+        _per_channel(scale_a),
+        _per_channel(zero_point_a),
+        qmin_a,
+        qmax_a,
+        _per_channel(scale_b),
+        _per_channel(zero_point_b),
+        qmin_b,
+        qmax_b,
+        _seed64(seed),
+    )
 
 
 def quant_int(

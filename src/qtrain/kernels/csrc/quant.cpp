@@ -68,11 +68,18 @@ Keys seed_keys(int64_t seed) {
 
 // Stochastic rounding of v at linear index i: floor(v) + [u < v - floor(v)] with
 // u = (mix32(mix32(low) ^ high) >> 8) * 2^-24, low = lo32(i) ^ key0, high = hi32(i) + key1.
-inline float round_stochastic(float v, uint32_t low, uint32_t high) {
+inline float uniform_at(uint32_t low, uint32_t high) {
   const uint32_t h = mix32(mix32(low) ^ high);
-  const float u = static_cast<float>(static_cast<int32_t>(h >> 8)) * 0x1p-24f;
+  return static_cast<float>(static_cast<int32_t>(h >> 8)) * 0x1p-24f;
+}
+
+inline float round_up_if(float v, float u) {
   const float down = std::floor(v);
   return down + (u < v - down ? 1.0f : 0.0f);
+}
+
+inline float round_stochastic(float v, uint32_t low, uint32_t high) {
+  return round_up_if(v, uniform_at(low, high));
 }
 
 // ---- work splitting --------------------------------------------------------------------------
@@ -810,6 +817,12 @@ struct IntOutputs {
   void* levels = nullptr;
 };
 
+// Comparisons, not std::min/max: NaN must propagate as in torch.clamp.
+inline float clamp_level(float shifted, float qmin, float qmax) {
+  const float level = shifted < qmin ? qmin : shifted;
+  return level > qmax ? qmax : level;
+}
+
 // Per-channel parameters of a run: one value for the whole run, or with PerElement (inner == 1)
 // one per element, read as a contiguous vector starting at the run's first channel.
 template <bool PerElement>
@@ -842,9 +855,7 @@ void quantize_int_run(const float* __restrict x, float* __restrict fake, bool* _
     }
     const float shifted = rounded + z;
     if constexpr (WantMask) mask[j] = (shifted >= qmin) & (shifted <= qmax);
-    // Comparisons, not std::min/max: NaN must propagate as in torch.clamp.
-    float level = shifted < qmin ? qmin : shifted;
-    level = level > qmax ? qmax : level;
+    const float level = clamp_level(shifted, qmin, qmax);
     if constexpr (!std::is_void_v<Level>) levels[j] = to_level<Level>(level);
     if constexpr (WantFake) fake[j] = (level - z) * param<PerElement>(scale, k);
   }
@@ -943,6 +954,95 @@ std::tuple<Tensor, Tensor, Tensor> quantize_int(const Tensor& x3, const Tensor& 
     });
   });
   return {fake, mask, levels};
+}
+
+// ---- one tensor onto two grids (SBM's gradient bifurcation) ---------------------------------
+
+// One grid of quantize_int_pair: per-channel scale, 1/scale and zero point, and the clamp.
+struct Grid {
+  const float* scale;
+  const float* inverse;
+  const float* zero_point;
+  float qmin;
+  float qmax;
+};
+
+inline Grid grid_at(const Grid& grid, int64_t c) {
+  return {grid.scale + c, grid.inverse + c, grid.zero_point + c, grid.qmin, grid.qmax};
+}
+
+// x̂ = (clamp(rounded + z, qmin, qmax) − z)·s of one grid, as quantize_int_run writes it.
+template <bool PerElement>
+inline float fake_on(const Grid& grid, float rounded, int64_t k) {
+  const float z = param<PerElement>(grid.zero_point, k);
+  return (clamp_level(rounded + z, grid.qmin, grid.qmax) - z) * param<PerElement>(grid.scale, k);
+}
+
+// One run [b, e) starting at channel c: both grids' x̂ from one read of x, rounded with one
+// uniform per index (the one quantize_int draws for that seed and index).
+template <bool Stochastic, bool PerElement>
+void quantize_int_pair_run(const float* __restrict x, float* __restrict fake_a,
+                           float* __restrict fake_b, int64_t b, int64_t e, Grid a, Grid g,
+                           Keys keys) {
+  const uint32_t low0 = static_cast<uint32_t>(b);
+  const uint32_t high = static_cast<uint32_t>(static_cast<uint64_t>(b) >> 32) + keys.key1;
+#pragma omp simd
+  for (int64_t k = 0; k < e - b; ++k) {
+    const int64_t j = b + k;
+    const float va = x[j] * param<PerElement>(a.inverse, k);
+    const float vg = x[j] * param<PerElement>(g.inverse, k);
+    float ra, rg;
+    if constexpr (Stochastic) {
+      const float u = uniform_at((low0 + static_cast<uint32_t>(k)) ^ keys.key0, high);
+      ra = round_up_if(va, u);
+      rg = round_up_if(vg, u);
+    } else {
+      ra = std::nearbyint(va);
+      rg = std::nearbyint(vg);
+    }
+    fake_a[j] = fake_on<PerElement>(a, ra, k);
+    fake_b[j] = fake_on<PerElement>(g, rg, k);
+  }
+}
+
+std::tuple<Tensor, Tensor> quantize_int_pair(const Tensor& x3, const Tensor& scale_a,
+                                             const Tensor& zero_point_a, int64_t qmin_a,
+                                             int64_t qmax_a, const Tensor& scale_b,
+                                             const Tensor& zero_point_b, int64_t qmin_b,
+                                             int64_t qmax_b, std::optional<int64_t> seed) {
+  check_view(x3, "qtrain::quantize_int_pair");
+  check_params(x3, scale_a, zero_point_a, "qtrain::quantize_int_pair");
+  check_params(x3, scale_b, zero_point_b, "qtrain::quantize_int_pair");
+  TORCH_CHECK(qmin_a <= qmax_a && qmin_b <= qmax_b, "qtrain::quantize_int_pair: qmin > qmax");
+  Tensor fake_a = empty_output(x3.sizes(), at::kFloat);
+  Tensor fake_b = empty_output(x3.sizes(), at::kFloat);
+  const std::vector<float> inverse_a = inverses(scale_a);
+  const std::vector<float> inverse_b = inverses(scale_b);
+  const Grid a{scale_a.data_ptr<float>(), inverse_a.data(), zero_point_a.data_ptr<float>(),
+               static_cast<float>(qmin_a), static_cast<float>(qmax_a)};
+  const Grid g{scale_b.data_ptr<float>(), inverse_b.data(), zero_point_b.data_ptr<float>(),
+               static_cast<float>(qmin_b), static_cast<float>(qmax_b)};
+  const Keys keys = seed ? seed_keys(*seed) : Keys{};
+  const float* x = x3.data_ptr<float>();
+  float* out_a = fake_a.data_ptr<float>();
+  float* out_b = fake_b.data_ptr<float>();
+  const int64_t channels = x3.size(1);
+  const int64_t inner = x3.size(2);
+  with_bool(seed.has_value(), [&](auto stochastic) {
+    constexpr bool kStochastic = decltype(stochastic)::value;
+    parallel_chunks(x3.numel(), plan_chunks(x3.numel()), [&](int64_t begin, int64_t end, int) {
+      for_each_run(begin, end, channels, inner, [&](int64_t b, int64_t e, int64_t c) {
+        if (inner == 1) {
+          quantize_int_pair_run<kStochastic, true>(x, out_a, out_b, b, e, grid_at(a, c),
+                                                   grid_at(g, c), keys);
+        } else {
+          quantize_int_pair_run<kStochastic, false>(x, out_a, out_b, b, e, grid_at(a, c),
+                                                    grid_at(g, c), keys);
+        }
+      });
+    });
+  });
+  return {fake_a, fake_b};
 }
 
 template <bool PerElement, class Level>
@@ -1094,6 +1194,10 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
   m.def(
       "quantize_int(Tensor x3, Tensor scale, Tensor zero_point, int qmin, int qmax, int? seed, "
       "bool want_fake, bool want_mask, ScalarType? levels_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "quantize_int_pair(Tensor x3, Tensor scale_a, Tensor zero_point_a, int qmin_a, int qmax_a, "
+      "Tensor scale_b, Tensor zero_point_b, int qmin_b, int qmax_b, int? seed) -> "
+      "(Tensor, Tensor)");
   m.def("dequantize_int(Tensor levels3, Tensor scale, Tensor zero_point) -> Tensor");
   m.def(
       "fake_quant_minifloat(Tensor x, int exponent_bits, int mantissa_bits, bool has_inf, "
@@ -1110,6 +1214,7 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("channel_affine_relu", &channel_affine_relu);
   m.impl("masked_zero", &masked_zero);
   m.impl("quantize_int", &quantize_int);
+  m.impl("quantize_int_pair", &quantize_int_pair);
   m.impl("dequantize_int", &dequantize_int);
   m.impl("fake_quant_minifloat", &fake_quant_minifloat);
 }
