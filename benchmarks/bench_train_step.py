@@ -3,8 +3,9 @@ vs SBM 8-bit training (``qtrain.quantize_(model, "sbm8")``: 8-bit weights, activ
 layer gradients, a 16-bit grad-weight copy, Range BatchNorm), under the reference and the
 cpu_fused kernels. Ratios are to the fp32 step measured in the same run.
 
-Two diagnostic rows split the overhead: fp32 layers with Range BatchNorm only, and sbm8 with
-plain BatchNorm. A step is zero_grad + forward + cross-entropy + backward + SGD step on one
+Diagnostic rows split the overhead: fp32 layers with Range BatchNorm only; sbm8 with plain
+BatchNorm; and sbm8's layers without quantization (Range BN, compact ReLU and max pool on the
+same kernels), against which sbm8's ratio is the cost of quantization alone. A step is zero_grad + forward + cross-entropy + backward + SGD step on one
 fixed synthetic batch; configs are timed in interleaved rounds and reported as medians.
 
     python benchmarks/bench_train_step.py            # writes benchmarks/results/train_step.json
@@ -56,6 +57,12 @@ CONFIGS: dict[str, tuple[object | None, Backend]] = {
     ),
     "sbm8 with plain BN, cpu_fused": (
         SBMConfig(range_batchnorm=False).quantization_config(),
+        Backend.CPU_FUSED,
+    ),
+    # sbm8's layers without any quantization: Range BN (+ fused ReLU), compact ReLU and max
+    # pool on the same kernels. sbm8 / this row is the cost of quantization alone.
+    "fp32 + Range BN + compact layers": (
+        QuantizedTrainingConfig(GemmConfig(), range_batchnorm=True, compact_activations=True),
         Backend.CPU_FUSED,
     ),
 }

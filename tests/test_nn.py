@@ -488,18 +488,24 @@ def test_compact_relu_in_place_on_a_view_and_without_grad() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"kernel_size": 2},
+        {"kernel_size": 2},  # the 2×2 window kernels (contiguous input), odd sizes
+        {"kernel_size": 2, "stride": 2, "ceil_mode": True},  # odd sizes: torch's ops
         {"kernel_size": 3, "stride": 2, "padding": 1},
         {"kernel_size": 3, "stride": 2, "ceil_mode": True},
         {"kernel_size": 2, "dilation": 2},
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_compact_maxpool_gives_torchs_results_without_keeping_its_input(kwargs, channels_last):
+@pytest.mark.parametrize("size", [(9, 11), (8, 10)])
+def test_compact_maxpool_gives_torchs_results_without_keeping_its_input(
+    kwargs, channels_last, size, backend
+):
     from qtrain.nn import CompactMaxPool2d
 
-    x = torch.randint(-3, 4, (4, 3, 9, 11)).float()  # ties inside windows
+    x = torch.randint(-3, 4, (4, 3, *size)).float()  # ties inside windows
     x[0, 0, 0, 0] = float("nan")
+    x[1, 1, :2, :2] = torch.tensor([[-0.0, 0.0], [0.0, -0.0]])  # tied zeros: the first wins
+    x[2, 2, :2, :2] = torch.tensor([[float("nan"), 1.0], [float("nan"), 2.0]])  # the last NaN
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     results = []
@@ -509,10 +515,18 @@ def test_compact_maxpool_gives_torchs_results_without_keeping_its_input(kwargs, 
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(0)))
         results.append((y.detach(), leaf.grad))
     for got, want in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert got.stride() == want.stride()
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num().view(torch.int32), want.nan_to_num().view(torch.int32))
+
+
+def test_compact_maxpool_keeps_a_byte_per_output_for_2x2_windows(backend):
+    from qtrain.nn import CompactMaxPool2d
+
     leaf = torch.randn(8, 4, 16, 16, requires_grad=True)
     out = 8 * 4 * 8 * 8
-    assert _saved_storage_bytes(lambda: CompactMaxPool2d(2)(leaf * 1.0)) == 8 * out  # int64
+    assert _saved_storage_bytes(lambda: CompactMaxPool2d(2)(leaf * 1.0)) == out  # uint8
+    assert _saved_storage_bytes(lambda: CompactMaxPool2d(3, 2)(leaf * 1.0)) == 8 * 7 * 7 * 32
     assert _saved_storage_bytes(lambda: nn.MaxPool2d(2)(leaf * 1.0)) == 4 * leaf.numel() + 8 * out
 
 

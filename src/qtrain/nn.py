@@ -469,11 +469,13 @@ def fuse_range_bn_relu(model: nn.Module) -> int:
 
 
 class CompactMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that keeps only the argmax indices for backward, not its input.
+    """``nn.MaxPool2d`` that keeps only where each maximum was for backward, not its input.
 
-    Forward and backward are torch's own ops (``max_pool2d_with_indices`` and its backward), so
-    results are bit-identical; the float32 input is no longer held for backward (torch keeps it
-    though its backward reads only the indices and the input's shape).
+    The common 2×2, stride-2 pool (no padding or dilation) runs on the kernel backend's
+    ``max_pool2x2``: each maximum's position in its window is kept as one byte (torch keeps an
+    int64 index and the input). Other pools run torch's own ops (``max_pool2d_with_indices`` and
+    its backward) and keep the int64 indices only. Either way results and gradients are torch's,
+    bit for bit (ties to the first maximum, NaN propagated).
     """
 
     @classmethod
@@ -489,7 +491,31 @@ class CompactMaxPool2d(nn.MaxPool2d):
         pair = nn.modules.utils._pair
         stride = pair(self.stride if self.stride is not None else self.kernel_size)
         args = (pair(self.kernel_size), stride, pair(self.padding), pair(self.dilation))
+        height, width = x.shape[-2:]
+        if (
+            args == ((2, 2), (2, 2), (0, 0), (1, 1))
+            and x.is_contiguous()
+            and min(height, width) >= 2
+            and not (self.ceil_mode and (height % 2 or width % 2))
+        ):
+            return _WindowMaxPool.apply(x)
         return _IndexMaxPool.apply(x, args, self.ceil_mode)
+
+
+class _WindowMaxPool(torch.autograd.Function):
+    """The 2×2, stride-2 max pool on the kernel backend: one byte per output kept."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        y, where = kernels.implementation(x.device).max_pool2x2(x)
+        ctx.save_for_backward(where)
+        ctx.size = tuple(x.shape[-2:])
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (where,) = ctx.saved_tensors
+        return kernels.implementation(grad.device).max_pool2x2_backward(grad, where, *ctx.size)
 
 
 class _IndexMaxPool(torch.autograd.Function):

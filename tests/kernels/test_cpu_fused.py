@@ -761,6 +761,73 @@ def test_compact_relu_kernels_give_identical_results_on_one_and_two_threads(fuse
         _same(two, one)
 
 
+# ---- 2×2 max pool -----------------------------------------------------------------------------
+
+POOL_SHAPES = [(1, 1, 2, 2), (2, 3, 5, 7), (4, 2, 28, 28), (2, 2, 3, 66), (1, 3, 64, 33)]
+
+
+def _pool_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Small integers (ties in windows) with NaN, ±0 and -inf sprinkled in."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, shape, generator=generator).float()
+    flat = x.view(-1)
+    for step, value in ((7, 0.0), (11, -0.0), (13, NAN), (17, -INF), (23, INF)):
+        flat[::step] = value
+    return x
+
+
+@pytest.mark.parametrize("path", ["vector", "scalar"])
+@pytest.mark.parametrize("shape", POOL_SHAPES)
+def test_max_pool2x2_and_its_backward_equal_torchs(fused, shape, path, monkeypatch):
+    # The AVX-512 rows (where compiled in) and the portable rows must both be torch's bits.
+    if path == "scalar":
+        monkeypatch.setenv("QTRAIN_SCALAR_POOL", "1")
+    x = _pool_input(shape)
+    y, where = fused.max_pool2x2(x)
+    expected_y, expected_where = reference.max_pool2x2(x)
+    _same(y, expected_y)
+    _same(where, expected_where)
+    torch_y = torch.nn.functional.max_pool2d(x, 2)
+    _same(y, torch_y)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grad.view(-1)[::5] = -0.0  # torch adds into zeros: -0 becomes +0
+    grad.view(-1)[1::9] = NAN
+    leaf = x.clone().requires_grad_()
+    torch.nn.functional.max_pool2d(leaf, 2).backward(grad)
+    height, width = shape[2:]
+    _same(fused.max_pool2x2_backward(grad, where, height, width), leaf.grad)
+    _same(reference.max_pool2x2_backward(grad, where, height, width), leaf.grad)
+
+
+def test_max_pool2x2_on_one_and_two_threads_and_non_contiguous_input(fused):
+    x = _pool_input((3, 8, 30, 30), seed=2)  # 21600 values a plane row split between threads
+    x = torch.cat([x] * 8, 0)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            y, where = fused.max_pool2x2(x)
+            grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+            results.append((y, where, fused.max_pool2x2_backward(grad, where, 30, 30)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        _same(two, one)
+    view = x.transpose(2, 3)  # non-contiguous: read in logical order
+    for got, want in zip(fused.max_pool2x2(view), reference.max_pool2x2(view), strict=True):
+        _same(got, want)
+
+
+def test_max_pool2x2_checks_its_inputs(fused):
+    with pytest.raises(RuntimeError, match="H, W >= 2"):
+        torch.ops.qtrain.max_pool2x2(torch.zeros(1, 1, 1, 4))
+    with pytest.raises(RuntimeError, match="pooled shape"):
+        fused.max_pool2x2_backward(
+            torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.uint8), 6, 4
+        )
+
+
 # ---- registration, compile, fallback, cache ----------------------------------------------------
 
 
@@ -788,6 +855,16 @@ def test_ops_pass_torch_library_opcheck(fused):
             (x3, scale, zero_point, -7, 7, scale, zero_point, -127, 127, None),
         ),
         (torch.ops.qtrain.dequantize_int, (levels, scale, zero_point)),
+        (torch.ops.qtrain.max_pool2x2, (x3.view(2, 3, 1, 5).expand(2, 3, 2, 5).contiguous(),)),
+        (
+            torch.ops.qtrain.max_pool2x2_backward,
+            (
+                x3[:, :, :2].reshape(2, 3, 1, 2).contiguous(),
+                torch.zeros(2, 3, 1, 2, dtype=torch.uint8),
+                3,
+                5,
+            ),
+        ),
         (torch.ops.qtrain.fake_quant_minifloat, (x3, 4, 3, False, True, 7)),
         (torch.ops.qtrain.range_bn_stats, (x3, 2)),
         (torch.ops.qtrain.channel_affine, (x3, scale, zero_point)),

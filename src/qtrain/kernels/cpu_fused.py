@@ -211,6 +211,15 @@ def _register_fakes() -> None:
     def _quantize_int_pair(x3, scale_a, zp_a, qmin_a, qmax_a, scale_b, zp_b, qmin_b, qmax_b, seed):
         return torch.empty_like(x3), torch.empty_like(x3)
 
+    @torch.library.register_fake("qtrain::max_pool2x2")
+    def _max_pool2x2(x):
+        shape = (*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
+        return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
+
+    @torch.library.register_fake("qtrain::max_pool2x2_backward")
+    def _max_pool2x2_backward(grad, where, height, width):
+        return grad.new_empty((*grad.shape[:2], height, width))
+
     @torch.library.register_fake("qtrain::dequantize_int")
     def _dequantize_int(levels3, scale, zero_point) -> torch.Tensor:
         return levels3.new_empty(levels3.shape, dtype=torch.float32)
@@ -281,6 +290,26 @@ def masked_zero(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if grad.dtype != torch.float32 or grad.shape != mask.shape:
         return reference.masked_zero(grad, mask)
     return torch.ops.qtrain.masked_zero(grad.contiguous(), mask.contiguous())
+
+
+def max_pool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's 2×2, stride-2 max pool and each max's window position as uint8 (see
+    ``reference.max_pool2x2``), in one pass."""
+    if x.dtype != torch.float32:
+        return reference.max_pool2x2(x)
+    return torch.ops.qtrain.max_pool2x2(x.contiguous())
+
+
+def max_pool2x2_backward(
+    grad: torch.Tensor, where: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """The max pool's input gradient from the window positions, in one pass (see
+    ``reference.max_pool2x2_backward``)."""
+    if grad.dtype != torch.float32:
+        return reference.max_pool2x2_backward(grad, where, height, width)
+    return torch.ops.qtrain.max_pool2x2_backward(
+        grad.contiguous(), where.contiguous(), height, width
+    )
 
 
 def range_bn_backward(

@@ -174,6 +174,31 @@ def masked_zero(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, 0.0, grad)
 
 
+def max_pool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's 2×2, stride-2 max pool of a (B, C, H, W) tensor (floor mode), with each max's
+    position in its window (0..3, row by row) as uint8 instead of an int64 flat index."""
+    y, indices = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    width = x.shape[-1]
+    where = indices // width % 2 * 2 + indices % width % 2
+    return y, where.to(torch.uint8)
+
+
+def max_pool2x2_backward(
+    grad: torch.Tensor, where: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """torch's max-pool backward for ``max_pool2x2`` of an input of spatial size (height,
+    width): the flat indices rebuilt from the window positions."""
+    out_h, out_w = grad.shape[-2:]
+    rows = torch.arange(out_h, device=grad.device).view(-1, 1) * 2
+    columns = torch.arange(out_w, device=grad.device) * 2
+    at = where.long()
+    indices = (rows + at // 2) * width + columns + at % 2
+    stand_in = grad.new_empty((*grad.shape[:2], height, width))  # only its shape is read
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        grad, stand_in, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+    )
+
+
 def fake_quant_int(
     x3: torch.Tensor,
     scale: torch.Tensor,

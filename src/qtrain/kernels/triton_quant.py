@@ -903,6 +903,8 @@ channel_affine_relu = reference.channel_affine_relu
 zero_mask = reference.zero_mask
 masked_zero = reference.masked_zero
 range_bn_backward = reference.range_bn_backward
+max_pool2x2 = reference.max_pool2x2
+max_pool2x2_backward = reference.max_pool2x2_backward
 
 
 def fake_quant_minifloat(

@@ -798,6 +798,186 @@ Tensor masked_zero(const Tensor& grad_in, const Tensor& mask) {
   return out;
 }
 
+// ---- 2×2 max pool, stride 2 ----------------------------------------------------------------
+
+// Each (B, C) plane's output rows, split between threads, with body(plane, output row).
+template <class Body>
+void for_each_pool_row(int64_t planes, int64_t out_rows, int64_t input_numel, const Body& body) {
+  parallel_chunks(planes * out_rows, plan_chunks(input_numel), [&](int64_t begin, int64_t end, int) {
+    for (int64_t r = begin; r < end; ++r) body(r / out_rows, r % out_rows);
+  });
+}
+
+// One output row of max_pool2x2 from its two input rows: the window is
+// scanned as torch does (a, b on top, then c, d below); a value is taken when above the best so
+// far or NaN.
+void pool_row_scalar(const float* __restrict top, const float* __restrict bottom,
+                     float* __restrict y, uint8_t* __restrict where, int64_t out_w) {
+  for (int64_t j = 0; j < out_w; ++j) {
+    const float a = top[2 * j], b = top[2 * j + 1], c = bottom[2 * j], d = bottom[2 * j + 1];
+    const bool take_b = b > a || b != b;
+    float best = take_b ? b : a;
+    int32_t at = take_b ? 1 : 0;
+    const bool take_c = c > best || c != c;
+    best = take_c ? c : best;
+    at = take_c ? 2 : at;
+    const bool take_d = d > best || d != d;
+    y[j] = take_d ? d : best;
+    where[j] = static_cast<uint8_t>(take_d ? 3 : at);
+  }
+}
+
+// The backward of one output row: each input of the two rows gets 0 + g where it was the max
+// (torch adds into zeros: -0 becomes +0), 0 elsewhere.
+void unpool_row_scalar(const float* __restrict g, const uint8_t* __restrict where,
+                       float* __restrict top, float* __restrict bottom, int64_t out_w) {
+  for (int64_t j = 0; j < out_w; ++j) {
+    const float value = 0.0f + g[j];
+    const uint8_t at = where[j];
+    top[2 * j] = at == 0 ? value : 0.0f;
+    top[2 * j + 1] = at == 1 ? value : 0.0f;
+    bottom[2 * j] = at == 2 ? value : 0.0f;
+    bottom[2 * j + 1] = at == 3 ? value : 0.0f;
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+}  // namespace
+#include <immintrin.h>
+namespace {
+constexpr bool kVectorPool = true;
+
+// 16 outputs at a time with masked tails: feature-map rows are short (14 outputs for 28
+// columns), too short for an auto-vectorised loop, which would run its scalar epilogue only.
+// Same comparisons, so the same results as the scalar rows.
+inline __mmask32 row_mask(int64_t count) {
+  return count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
+}
+
+void pool_row_vector(const float* top, const float* bottom, float* y, uint8_t* where,
+                     int64_t out_w) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t j = 0; j < out_w; j += 16) {
+    const __mmask32 pairs = row_mask(2 * (out_w - j));
+    const auto low = static_cast<__mmask16>(pairs), high = static_cast<__mmask16>(pairs >> 16);
+    const __m512i t0 = _mm512_castps_si512(_mm512_maskz_loadu_ps(low, top + 2 * j));
+    const __m512i t1 = _mm512_castps_si512(_mm512_maskz_loadu_ps(high, top + 2 * j + 16));
+    const __m512i b0 = _mm512_castps_si512(_mm512_maskz_loadu_ps(low, bottom + 2 * j));
+    const __m512i b1 = _mm512_castps_si512(_mm512_maskz_loadu_ps(high, bottom + 2 * j + 16));
+    const __m512 a = _mm512_castsi512_ps(_mm512_permutex2var_epi32(t0, even, t1));
+    const __m512 b = _mm512_castsi512_ps(_mm512_permutex2var_epi32(t0, odd, t1));
+    const __m512 c = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, even, b1));
+    const __m512 d = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, odd, b1));
+    const __mmask16 take_b = _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+    __m512 best = _mm512_mask_blend_ps(take_b, a, b);
+    __m512i at = _mm512_maskz_set1_epi32(take_b, 1);
+    const __mmask16 take_c =
+        _mm512_cmp_ps_mask(c, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q);
+    best = _mm512_mask_blend_ps(take_c, best, c);
+    at = _mm512_mask_set1_epi32(at, take_c, 2);
+    const __mmask16 take_d =
+        _mm512_cmp_ps_mask(d, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q);
+    best = _mm512_mask_blend_ps(take_d, best, d);
+    at = _mm512_mask_set1_epi32(at, take_d, 3);
+    const auto outputs = static_cast<__mmask16>(row_mask(out_w - j));
+    _mm512_mask_storeu_ps(y + j, outputs, best);
+    _mm_mask_storeu_epi8(where + j, outputs, _mm512_cvtepi32_epi8(at));
+  }
+}
+
+void unpool_row_vector(const float* g, const uint8_t* where, float* top, float* bottom,
+                       int64_t out_w) {
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (int64_t j = 0; j < out_w; j += 16) {
+    const auto outputs = static_cast<__mmask16>(row_mask(out_w - j));
+    const __m512 value = _mm512_add_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(outputs, g + j));
+    const __m512i at = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(outputs, where + j));
+    const auto at_is = [&](int k) {
+      return _mm512_castps_si512(
+          _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(at, _mm512_set1_epi32(k)), value));
+    };
+    const __m512i v0 = at_is(0), v1 = at_is(1), v2 = at_is(2), v3 = at_is(3);
+    const __mmask32 pairs = row_mask(2 * (out_w - j));
+    const auto low = static_cast<__mmask16>(pairs), high = static_cast<__mmask16>(pairs >> 16);
+    _mm512_mask_storeu_ps(top + 2 * j, low, _mm512_castsi512_ps(_mm512_permutex2var_epi32(v0, first, v1)));
+    _mm512_mask_storeu_ps(top + 2 * j + 16, high, _mm512_castsi512_ps(_mm512_permutex2var_epi32(v0, second, v1)));
+    _mm512_mask_storeu_ps(bottom + 2 * j, low, _mm512_castsi512_ps(_mm512_permutex2var_epi32(v2, first, v3)));
+    _mm512_mask_storeu_ps(bottom + 2 * j + 16, high, _mm512_castsi512_ps(_mm512_permutex2var_epi32(v2, second, v3)));
+  }
+}
+#else
+constexpr bool kVectorPool = false;
+void pool_row_vector(const float*, const float*, float*, uint8_t*, int64_t) {}
+void unpool_row_vector(const float*, const uint8_t*, float*, float*, int64_t) {}
+#endif
+
+// QTRAIN_SCALAR_POOL set: the portable rows even where AVX-512 is compiled in (for the tests).
+bool vector_pool() { return kVectorPool && std::getenv("QTRAIN_SCALAR_POOL") == nullptr; }
+
+// y = the max of each 2×2 window of a contiguous float32 (B, C, H, W) tensor (floor mode: an
+// odd last row or column is in no window) and where = its position in the window (0..3, row
+// by row), as torch.max_pool2d_with_indices picks it: the first maximum, or the last NaN.
+std::tuple<Tensor, Tensor> max_pool2x2(const Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 4 &&
+                  x_in.is_contiguous() && x_in.size(2) >= 2 && x_in.size(3) >= 2,
+              "qtrain::max_pool2x2: expected a contiguous float32 CPU (B, C, H, W) tensor with "
+              "H, W >= 2");
+  const int64_t height = x_in.size(2), width = x_in.size(3);
+  const int64_t out_h = height / 2, out_w = width / 2;
+  const std::vector<int64_t> shape{x_in.size(0), x_in.size(1), out_h, out_w};
+  Tensor y_out = empty_output(shape, at::kFloat);
+  Tensor where_out = empty_output(shape, at::kByte);
+  const float* x = x_in.data_ptr<float>();
+  float* y = y_out.data_ptr<float>();
+  uint8_t* where = where_out.data_ptr<uint8_t>();
+  const bool vector = vector_pool();
+  for_each_pool_row(x_in.size(0) * x_in.size(1), out_h, x_in.numel(), [&](int64_t plane, int64_t row) {
+    const float* top = x + (plane * height + 2 * row) * width;
+    const int64_t out = (plane * out_h + row) * out_w;
+    if (vector) {
+      pool_row_vector(top, top + width, y + out, where + out, out_w);
+    } else {
+      pool_row_scalar(top, top + width, y + out, where + out, out_w);
+    }
+  });
+  return {y_out, where_out};
+}
+
+// max_pool2d_with_indices_backward for max_pool2x2 (an input of spatial size height × width):
+// each window's gradient goes to its max's position, 0 elsewhere and outside the windows.
+Tensor max_pool2x2_backward(const Tensor& grad_in, const Tensor& where_in, int64_t height,
+                            int64_t width) {
+  TORCH_CHECK(grad_in.device().is_cpu() && grad_in.scalar_type() == at::kFloat &&
+                  grad_in.dim() == 4 && grad_in.is_contiguous() &&
+                  where_in.scalar_type() == at::kByte && where_in.is_contiguous() &&
+                  where_in.sizes() == grad_in.sizes() && grad_in.size(2) == height / 2 &&
+                  grad_in.size(3) == width / 2,
+              "qtrain::max_pool2x2_backward: expected a contiguous float32 CPU grad and uint8 "
+              "positions of the pooled shape (B, C, H/2, W/2)");
+  const int64_t out_h = height / 2, out_w = width / 2;
+  Tensor out = empty_output({grad_in.size(0), grad_in.size(1), height, width}, at::kFloat);
+  const float* g = grad_in.data_ptr<float>();
+  const uint8_t* where = where_in.data_ptr<uint8_t>();
+  float* dx = out.data_ptr<float>();
+  const bool vector = vector_pool();
+  const int64_t planes = grad_in.size(0) * grad_in.size(1);
+  for_each_pool_row(planes, out_h, out.numel(), [&](int64_t plane, int64_t row) {
+    float* top = dx + (plane * height + 2 * row) * width;
+    float* bottom = top + width;
+    const int64_t pooled = (plane * out_h + row) * out_w;
+    if (vector) {
+      unpool_row_vector(g + pooled, where + pooled, top, bottom, out_w);
+    } else {
+      unpool_row_scalar(g + pooled, where + pooled, top, bottom, out_w);
+    }
+    if (width % 2) top[width - 1] = bottom[width - 1] = 0.0f;
+    if (height % 2 && row == out_h - 1) std::fill(bottom + width, bottom + 2 * width, 0.0f);
+  });
+  return out;
+}
+
 // ---- integer quantization --------------------------------------------------------------------
 
 // Integer levels are stored in the format's storage dtype; NaN has no level and is stored as 0.
@@ -1198,6 +1378,8 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "quantize_int_pair(Tensor x3, Tensor scale_a, Tensor zero_point_a, int qmin_a, int qmax_a, "
       "Tensor scale_b, Tensor zero_point_b, int qmin_b, int qmax_b, int? seed) -> "
       "(Tensor, Tensor)");
+  m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
+  m.def("max_pool2x2_backward(Tensor grad, Tensor where, int height, int width) -> Tensor");
   m.def("dequantize_int(Tensor levels3, Tensor scale, Tensor zero_point) -> Tensor");
   m.def(
       "fake_quant_minifloat(Tensor x, int exponent_bits, int mantissa_bits, bool has_inf, "
@@ -1216,5 +1398,7 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("quantize_int", &quantize_int);
   m.impl("quantize_int_pair", &quantize_int_pair);
   m.impl("dequantize_int", &dequantize_int);
+  m.impl("max_pool2x2", &max_pool2x2);
+  m.impl("max_pool2x2_backward", &max_pool2x2_backward);
   m.impl("fake_quant_minifloat", &fake_quant_minifloat);
 }
