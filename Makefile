@@ -46,6 +46,7 @@ lint: venv
 bench: venv
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/bench_memory.py
 
 clean:

@@ -74,6 +74,16 @@ def machine_info() -> dict[str, object]:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
+def timing_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options every timing benchmark takes: --rounds, --threads, --clock, --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median; >= 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--out", type=Path, default=RESULTS / out)
+    return parser
+
+
 def set_clock_and_threads(clock: str, threads: int | None) -> Callable[[], float]:
     """The timer for ``clock``; ``cpu`` (this thread's CPU time, blind to time spent waiting
     for a core that other processes hold) needs all work on this thread: one torch thread."""
@@ -210,12 +220,8 @@ def benchmark(numel: int, rounds: int, clock: str) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing_parser(__doc__, "quantize.json")
     parser.add_argument("--numel", type=int, default=16 * 2**20)
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median; >= 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
-    parser.add_argument("--out", type=Path, default=RESULTS / "quantize.json")
     args = parser.parse_args()
     set_clock_and_threads(args.clock, args.threads)
     payload = benchmark(args.numel, max(args.rounds, 5), args.clock)

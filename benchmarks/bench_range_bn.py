@@ -10,20 +10,17 @@ per-layer time; rows are timed in interleaved rounds (see ``bench_quantize.media
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from bench_quantize import (
-    CLOCKS,
-    RESULTS,
     machine_info,
     median_times,
     set_clock_and_threads,
+    timing_parser,
     write_json,
 )
 from qtrain.kernels import Backend, cpu_fused, use_backend
@@ -59,11 +56,7 @@ def _forward_backward(layer: nn.Module, backend: Backend, shape) -> Callable[[],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median; >= 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
-    parser.add_argument("--out", type=Path, default=RESULTS / "range_bn.json")
+    parser = timing_parser(__doc__, "range_bn.json")
     args = parser.parse_args()
     clock = set_clock_and_threads(args.clock, args.threads)
     if cpu_fused.load() is None:

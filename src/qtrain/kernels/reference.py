@@ -11,6 +11,8 @@ the canonical view): the same seed gives the same result on any backend, any thr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -218,23 +220,32 @@ def fake_quant_int(
     return (q - z) * s, mask
 
 
-def fake_quant_int_pair(
-    x3: torch.Tensor,
-    scale_a: torch.Tensor,
-    zero_point_a: torch.Tensor,
-    qmin_a: int,
-    qmax_a: int,
-    scale_b: torch.Tensor,
-    zero_point_b: torch.Tensor,
-    qmin_b: int,
-    qmax_b: int,
-    seed: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x̂ of x3 on two grids (SBM's bifurcated copies of a gradient): ``fake_quant_int`` on
-    each with the same seed, so both round with the one uniform per index."""
-    fake_a = fake_quant_int(x3, scale_a, zero_point_a, qmin_a, qmax_a, seed, False)[0]
-    fake_b = fake_quant_int(x3, scale_b, zero_point_b, qmin_b, qmax_b, seed, False)[0]
-    return fake_a, fake_b
+def pair_of(fake_quant: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]) -> Callable:
+    """``fake_quant_int_pair`` from a backend's ``fake_quant_int``: one call per grid, on the
+    same seed."""
+
+    def fake_quant_int_pair(
+        x3: torch.Tensor,
+        scale_a: torch.Tensor,
+        zero_point_a: torch.Tensor,
+        qmin_a: int,
+        qmax_a: int,
+        scale_b: torch.Tensor,
+        zero_point_b: torch.Tensor,
+        qmin_b: int,
+        qmax_b: int,
+        seed: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x̂ of x3 on two grids (SBM's bifurcated copies of a gradient): ``fake_quant_int``
+        on each with the same seed, so both round with the one uniform per index."""
+        fake_a = fake_quant(x3, scale_a, zero_point_a, qmin_a, qmax_a, seed, False)[0]
+        fake_b = fake_quant(x3, scale_b, zero_point_b, qmin_b, qmax_b, seed, False)[0]
+        return fake_a, fake_b
+
+    return fake_quant_int_pair
+
+
+fake_quant_int_pair = pair_of(fake_quant_int)
 
 
 def quant_int(

@@ -877,22 +877,8 @@ def fake_quant_int_levels(
     return fake, mask, reference.stored_levels(levels, dtype)
 
 
-def fake_quant_int_pair(
-    x3: torch.Tensor,
-    scale_a: torch.Tensor,
-    zero_point_a: torch.Tensor,
-    qmin_a: int,
-    qmax_a: int,
-    scale_b: torch.Tensor,
-    zero_point_b: torch.Tensor,
-    qmin_b: int,
-    qmax_b: int,
-    seed: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x̂ of x3 on two grids, rounded with one uniform per index (two launches, one seed)."""
-    fake_a = fake_quant_int(x3, scale_a, zero_point_a, qmin_a, qmax_a, seed, False)[0]
-    fake_b = fake_quant_int(x3, scale_b, zero_point_b, qmin_b, qmax_b, seed, False)[0]
-    return fake_a, fake_b
+# x̂ on two grids: two launches on one seed (the CPU kernel fuses them).
+fake_quant_int_pair = reference.pair_of(fake_quant_int)
 
 
 # The reference's PyTorch ops (element-wise, reductions, index_put) run on the GPU as they are.
