@@ -51,6 +51,7 @@ from qtrain.recipes.sbm import SBMConfig
 
 BATCH, INPUT_SHAPE, CLASSES, WIDTH = 256, (1, 28, 28), 10, 16
 TARGET_RATIO = 1.15  # the issue's target for sbm8 with the fast kernels
+CHANNELS_LAST = False  # --channels-last: the synthetic batch in channels-last memory format
 
 # name -> (quantize_ config or None for plain fp32, backend)
 CONFIGS: dict[str, tuple[object | None, Backend]] = {
@@ -77,6 +78,8 @@ CONFIGS: dict[str, tuple[object | None, Backend]] = {
 def _step_function(model: nn.Module, backend: Backend) -> Callable[[], None]:
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(BATCH, *INPUT_SHAPE, generator=generator)
+    if CHANNELS_LAST:  # as the trainer's augmented batches are: torch's convs then run NHWC
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -188,6 +191,7 @@ def isolated(
             command += ["--clock", clock_name]
             command += [] if threads is None else ["--threads", str(threads)]
             command += ["--trainer"] if in_trainer else []
+            command += ["--channels-last"] if CHANNELS_LAST else []
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             alone = json.loads(done.stdout.strip().splitlines()[-1])
             pair[name] = alone.pop("seconds")
@@ -220,7 +224,7 @@ def _payload(args: argparse.Namespace, measured: float, **results: object) -> di
 
 
 def main() -> None:
-    global BATCH
+    global BATCH, CHANNELS_LAST
     parser = timing_parser(__doc__, "train_step.json")
     parser.add_argument("--profile", action="store_true", help="profile the cpu_fused sbm8 step")
     parser.add_argument(
@@ -231,6 +235,12 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
     parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="the synthetic batch in channels-last memory format, as `qtrain train`'s augmented "
+        "batches are (with one input channel torch then runs the whole net NHWC)",
+    )
+    parser.add_argument(
         "--trainer",
         action="store_true",
         help="with --isolated: time `qtrain train`'s own step (recipes fp32 and sbm8, real "
@@ -238,7 +248,7 @@ def main() -> None:
     )
     parser.add_argument("--one", choices=ISOLATED, help=argparse.SUPPRESS)  # child of --isolated
     args = parser.parse_args()
-    BATCH = args.batch  # module-level: the step builders read it
+    BATCH, CHANNELS_LAST = args.batch, args.channels_last  # module-level: the builders read them
     clock = set_clock_and_threads(args.clock, args.threads)
     if cpu_fused.load() is None:
         raise SystemExit("the cpu_fused extension could not be built: nothing to compare")
