@@ -222,6 +222,12 @@ def test_any_float32_values_are_bit_exact(fused, shape, values, seed, signed):
     for fmt in MINIFLOATS:
         args = (fmt.exponent_bits, fmt.mantissa_bits, fmt.has_inf, fmt.saturate, seed)
         _same(fused.fake_quant_minifloat(x3, *args), reference.fake_quant_minifloat(x3, *args))
+    # The bifurcated pair: this grid and one 256 times finer (SBM's 8/16 bits).
+    pair = (x3, scale, zero_point, qmin, qmax, scale / 256, zero_point * 256, 0, 65535, seed)
+    for got, want in zip(
+        fused.fake_quant_int_pair(*pair), reference.fake_quant_int_pair(*pair), strict=True
+    ):
+        _same(got, want)
 
 
 # ---- saved activations: levels and their dequantization --------------------------------------
