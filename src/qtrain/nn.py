@@ -27,8 +27,8 @@ from qtrain.quantizer import (
     QParams,
     QuantSpec,
     QuantSpecError,
-    _check_finite_range,
     _CheckedQParams,
+    _observed_qparams,
     observe_range,
     qparams_from_range,
     quantize,
@@ -69,8 +69,8 @@ class _QuantizedGemmModule:
         spec: QuantSpec = self.config.input_spec
         if self.training:
             low, high = observe_range(x, spec)
-            if spec.nonfinite == "error":  # before the running ranges take it in
-                _check_finite_range(low, high, spec)
+            # Checked (nonfinite='error') before the running ranges take this batch's range in.
+            qparams = _observed_qparams(low, high, spec, [spec.int_format])[0]
             with torch.no_grad():
                 if self.input_low.numel() != low.numel():
                     self.input_low = low.clone()
@@ -81,7 +81,6 @@ class _QuantizedGemmModule:
                     self.input_low.mul_(m).add_(low, alpha=1 - m)
                     self.input_high.mul_(m).add_(high, alpha=1 - m)
             # From this batch's own (checked) range: the quantizer need not check x again.
-            qparams = qparams_from_range(low, high, spec.int_format)
             return _CheckedQParams(qparams.scale, qparams.zero_point)
         if self.input_low.numel():
             return qparams_from_range(self.input_low, self.input_high, spec.int_format)

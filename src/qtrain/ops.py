@@ -30,18 +30,17 @@ from qtrain.quantizer import (
     QuantSpecError,
     Rounding,
     _check_finite,
-    _check_finite_range,
     _check_qparams,
     _CheckedQParams,
     _draw_seed,
     _finish,
     _finite_only,
     _observe_view,
+    _observed_qparams,
     _qparams_of_view,
     canonical_view,
     fake_quantize_with_mask,
     needs_clip_mask,
-    qparams_from_range,
 )
 
 ROLES = ("forward", "grad_input", "grad_weight")
@@ -298,12 +297,10 @@ def _copies_of_one_range(
     x3, restore = canonical_view(x, first.granularity)
     propagate = first.nonfinite == "propagate"
     low, high = _observe_view(x, _finite_only(x3) if propagate else x3, first.scale)
-    if not propagate:
-        _check_finite_range(low, high, first)
+    qparams = _observed_qparams(low, high, first, [spec.int_format for spec in specs])
     impl = kernels.implementation(x3.device)
     stochastic = [spec.rounding is Rounding.STOCHASTIC for spec in specs]
     seed = _draw_seed(None) if any(stochastic) else None
-    qparams = [qparams_from_range(low, high, spec.int_format) for spec in specs]
     grids = [
         (q.scale, q.zero_point, s.int_format.qmin, s.int_format.qmax)
         for q, s in zip(qparams, specs, strict=True)

@@ -381,13 +381,6 @@ def _finite_only(x3: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x3, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _check_finite_range(low: torch.Tensor, high: torch.Tensor, spec: QuantSpec) -> None:
-    """NonFiniteError where an observed range holds NaN or ±inf (as x then does: the range
-    kernels propagate NaN)."""
-    if _range_on_host(low, high) is None:  # None also for a non-finite per-tensor range
-        _check_finite(torch.stack([low, high]), spec)
-
-
 def _check_finite(values: torch.Tensor, spec: QuantSpec) -> None:
     if not bool(torch.isfinite(values).all()):
         raise NonFiniteError(
@@ -454,7 +447,26 @@ def _qparams_on_host(low: float, high: float, int_format: Int) -> tuple[float, f
 
 def qparams_from_range(low: torch.Tensor, high: torch.Tensor, int_format: Int) -> QParams:
     """Affine (GEMMLOWP) scale and integer zero point for the range [low, high] ∪ {0}."""
-    on_host = _range_on_host(low, high)
+    return _qparams_of_range(low, high, int_format, _range_on_host(low, high))
+
+
+def _observed_qparams(
+    low: torch.Tensor, high: torch.Tensor, spec: QuantSpec, int_formats: list[Int]
+) -> list[QParams]:
+    """``qparams_from_range`` for each format, from one range observed on the tensor that
+    ``spec`` quantizes: NonFiniteError first where the spec says nonfinite='error' and the
+    range holds NaN or ±inf (as the tensor then does: the range kernels propagate NaN). A
+    per-tensor range is read to the host once for the check and every format."""
+    on_host = _range_on_host(low, high)  # None also for a non-finite per-tensor range
+    if on_host is None and spec.nonfinite == "error":
+        _check_finite(torch.stack([low, high]), spec)
+    return [_qparams_of_range(low, high, int_format, on_host) for int_format in int_formats]
+
+
+def _qparams_of_range(
+    low: torch.Tensor, high: torch.Tensor, int_format: Int, on_host: tuple[float, float] | None
+) -> QParams:
+    """``qparams_from_range``, with ``on_host`` = ``_range_on_host(low, high)``."""
     if on_host is not None:
         scale, zero_point = _qparams_on_host(*on_host, int_format)
         return QParams(torch.full_like(low, scale), torch.full_like(low, zero_point))
@@ -522,9 +534,7 @@ def _qparams_of_view(x: torch.Tensor, x3: torch.Tensor, spec: QuantSpec) -> QPar
     source = _finite_only(x3) if propagate else x3
     if isinstance(rule, MinMax):
         low, high = _observe_view(x, source, rule)
-        if not propagate:
-            _check_finite_range(low, high, spec)
-        return qparams_from_range(low, high, spec.int_format)
+        return _observed_qparams(low, high, spec, [spec.int_format])[0]
     if isinstance(rule, Clip):
         if not propagate:
             _check_finite(x3, spec)
