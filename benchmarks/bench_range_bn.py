@@ -23,11 +23,10 @@ from bench_quantize import (
     timing_parser,
     write_json,
 )
+from bench_train_step import BATCH, CLASSES, INPUT_SHAPE, WIDTH  # the net the step times
 from qtrain.kernels import Backend, cpu_fused, use_backend
 from qtrain.models import build_model
 from qtrain.nn import RangeBatchNorm2d
-
-BATCH, INPUT_SHAPE, CLASSES, WIDTH = 256, (1, 28, 28), 10, 16
 
 
 def bn_input_shapes() -> list[tuple[int, ...]]:
