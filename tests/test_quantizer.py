@@ -379,6 +379,34 @@ def test_noncontiguous_inputs_equal_their_contiguous_copy(spec, backend):
     assert not views[0].is_contiguous() and not views[1].is_contiguous()
 
 
+@pytest.mark.parametrize("rounding", list(Rounding))
+@pytest.mark.parametrize("batch_mean", [False, True])
+def test_a_dense_permuted_tensor_is_quantized_in_memory_order_and_keeps_its_layout(
+    rounding, batch_mean, backend
+):
+    # Per tensor, a channels_last tensor is read in memory order without a copy and the
+    # result has its strides, so a channels_last network stays channels_last. The values are
+    # those of the contiguous tensor (the range, and each sample's range, are the same);
+    # stochastic rounding's stream follows memory order, i.e. it is that of the NHWC tensor.
+    x = _randn(4, 6, 5, 3, seed=5, scale=2.0).contiguous(memory_format=torch.channels_last)
+    spec = QuantSpec(formats.UINT8, scale=MinMax(batch_mean=batch_mean), rounding=rounding)
+
+    def quantized(t: torch.Tensor) -> torch.Tensor:
+        return quantize(t, spec, generator=torch.Generator().manual_seed(8))
+
+    y = quantized(x)
+    assert y.stride() == x.stride()
+    assert torch.equal(y, quantized(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2))
+    if rounding is Rounding.NEAREST:
+        assert torch.equal(y, quantized(x.contiguous()))
+    # One input channel, as `qtrain train`'s augmented batches: strides (HW, 1, W, 1) kept.
+    single = _randn(4, 5, 6, 1, seed=6).permute(0, 3, 1, 2)
+    assert single.is_contiguous() and quantized(single).stride() == single.stride()
+    # Batch not outermost: not a run of memory per sample; the logical order (a copy).
+    swapped = _randn(6, 4, 5, seed=7).transpose(0, 1)
+    assert torch.equal(quantized(swapped), quantized(swapped.contiguous()))
+
+
 @given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), seed=st.integers(0, 1000))
 def test_odd_shapes_keep_shape_and_error_bound(shape, seed):
     x = _randn(*shape, seed=seed)
@@ -687,6 +715,28 @@ def test_learned_step_per_channel_gradient():
     expected = (grad * d_step).sum(1, keepdim=True) / math.sqrt(16 * 7)
     assert step.grad.shape == step.shape
     assert torch.allclose(step.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_learned_step_gradient_whatever_the_layouts_of_input_and_gradient():
+    # Per tensor, a channels_last input is read in memory order; a gradient in another layout
+    # must meet the saved step gradient in that order too.
+    spec = QuantSpec(formats.Int(4), scale=LearnedStep())
+    x = _randn(3, 4, 5, 2, seed=31, scale=1.5)
+    grad = _randn(3, 4, 5, 2, seed=32)
+    results = []
+    for x_layout, grad_layout in [
+        (torch.contiguous_format,) * 2,
+        (torch.channels_last, torch.contiguous_format),
+        (torch.contiguous_format, torch.channels_last),
+        (torch.channels_last,) * 2,
+    ]:
+        leaf = x.contiguous(memory_format=x_layout).detach().requires_grad_()
+        step = torch.tensor(0.2, requires_grad=True)
+        quantize(leaf, spec, step=step).backward(grad.contiguous(memory_format=grad_layout))
+        results.append((leaf.grad, step.grad))
+    for x_grad, step_grad in results[1:]:
+        assert torch.equal(x_grad, results[0][0])
+        torch.testing.assert_close(step_grad, results[0][1], rtol=1e-6, atol=0)
 
 
 def test_learned_step_needs_a_step():

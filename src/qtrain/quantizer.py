@@ -310,10 +310,19 @@ def canonical_view(
     x: torch.Tensor, granularity: Granularity
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """A contiguous float32 (O, C, I) view of x (C = values sharing a scale's index) and the
-    function that maps a same-shaped result back to x's shape."""
+    function that maps a same-shaped result back to x's shape.
+
+    Per tensor, a dense x whose first dimension is outermost in memory (contiguous,
+    channels_last, ...) is viewed in memory order, without a copy, and results come back with
+    x's strides: a channels_last network stays channels_last. Stochastic rounding's stream
+    follows that order (the canonical view's index), and each sample stays one run of it."""
     shape = x.shape
     axis = _scale_axis(x, granularity)
     if isinstance(granularity, PerTensor):
+        if _memory_order_ok(x):
+            stride = x.stride()
+            flat = x.as_strided((1, 1, x.numel()), (x.numel(), x.numel(), 1))
+            return _as_f32(flat), lambda y: y.contiguous().as_strided(shape, stride)
         x3 = x.reshape(1, 1, -1)
     elif isinstance(granularity, PerChannel):
         x3 = x.reshape(math.prod(shape[:axis]), shape[axis], -1)
@@ -327,6 +336,22 @@ def canonical_view(
     else:
         x3 = x.reshape(1, -1, granularity.group_size)
     return _as_f32(x3), lambda y: y.reshape(shape)
+
+
+def _memory_order_ok(x: torch.Tensor) -> bool:
+    """Whether x is dense, laid out otherwise than its default contiguous strides, with its
+    first dimension outermost (so that a sample is one run of memory)."""
+    if x.dim() < 2 or x.numel() == 0 or x.stride() == _default_strides(x.shape):
+        return False
+    return kernels.is_dense(x) and (x.shape[0] == 1 or x.stride(0) * x.shape[0] == x.numel())
+
+
+def _default_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _as_f32(x3: torch.Tensor) -> torch.Tensor:
@@ -752,6 +777,8 @@ class _LearnedStepQuant(torch.autograd.Function):
         mask = inside if spec.clip_gradient else torch.ones_like(inside)
         ctx.save_for_backward(mask, step_grad)
         ctx.restore = restore
+        # The layout whose canonical view has the order of x's: grad is brought to it.
+        ctx.layout = x.stride() if _memory_order_ok(x) else _default_strides(x.shape)
         ctx.step_shape = step.shape
         ctx.granularity = spec.granularity
         ctx.grad_scale = 1.0 / math.sqrt(x3.numel() / x3.shape[1] * int_format.qmax)
@@ -760,6 +787,10 @@ class _LearnedStepQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         mask, step_grad = ctx.saved_tensors
+        if grad.stride() != ctx.layout:
+            grad = torch.empty_strided(
+                grad.shape, ctx.layout, dtype=grad.dtype, device=grad.device
+            ).copy_(grad)
         grad3, _ = canonical_view(grad, ctx.granularity)
         grad_x = grad * ctx.restore(mask).to(grad.dtype)
         grad_step = (grad3 * step_grad).sum(dim=(0, 2)) * ctx.grad_scale

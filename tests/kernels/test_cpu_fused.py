@@ -548,6 +548,33 @@ def test_range_bn_stats_equal_the_reference(fused, shape):
 
 
 def test_range_bn_stats_ties_zeros_and_specials_follow_torch(fused):
+    for x3, chunks in _specials_for_range_bn():
+        got, want = fused.range_bn_stats(x3, chunks), reference.range_bn_stats(x3, chunks)
+        for actual, expected in zip(got[2:], want[2:], strict=True):
+            _same(actual, expected)
+        for sums, expected in zip(got[:2], want[:2], strict=True):
+            torch.testing.assert_close(sums, expected, equal_nan=True)
+    special = _specials_for_range_bn()[3][0]
+    got = fused.range_bn_stats(special, 2)
+    assert torch.isnan(got[2][0, 0]) and torch.isnan(got[4][0, 0])  # run 0 holds the NaNs
+    assert int(got[3][0, 0]) == int(got[5][0, 0]) == 1 * 25 + 7  # sample 1 comes first
+
+
+def test_range_bn_stats_and_backward_read_non_contiguous_input(fused):
+    x3 = _range_bn_input((20, 3, 16)).transpose(0, 2).contiguous().transpose(0, 2)
+    assert not x3.is_contiguous()
+    _assert_stats_equal(fused.range_bn_stats(x3, 4), reference.range_bn_stats(x3, 4))
+    scale, shift = torch.rand(3) + 0.5, torch.randn(3)
+    _same(fused.channel_affine(x3, scale, shift), reference.channel_affine(x3, scale, shift))
+
+
+def _channels_last(x3: torch.Tensor) -> torch.Tensor:
+    """The (B, C, S) batch in the channels-last layout: C innermost, as a channels_last
+    (B, C, H, W) tensor viewed as (B, C, H·W) is."""
+    return x3.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _specials_for_range_bn() -> list[tuple[torch.Tensor, int]]:
     generator = torch.Generator().manual_seed(3)
     # Coarse grid: every chunk's max and min are tied; the first position wins, as torch.max.
     tied = torch.randint(-2, 3, (16, 3, 20), generator=generator).float()
@@ -563,23 +590,44 @@ def test_range_bn_stats_ties_zeros_and_specials_follow_torch(fused):
     special[6, 1, 0] = -INF
     special[2, 2, 3] = FLT_MAX
     special[4, 2, 3] = -FLT_MAX
-    for x3, chunks in ((tied, 4), (tied, 7), (zeros, 2), (special, 2), (special, 3)):
-        got, want = fused.range_bn_stats(x3, chunks), reference.range_bn_stats(x3, chunks)
+    return [(tied, 4), (tied, 7), (zeros, 2), (special, 2), (special, 3)]
+
+
+@pytest.mark.parametrize("shape", RANGE_BN_SHAPES)
+def test_range_bn_stats_of_channels_last_batches_equal_the_reference(fused, shape):
+    # The channels-last kernel walks rows of C values: the same runs, extremes and positions.
+    *dims, chunks = shape
+    x3 = _range_bn_input(tuple(dims))
+    cl = _channels_last(x3)
+    assert cl.is_contiguous() == (dims[1] == 1 or dims[2] == 1)
+    _assert_stats_equal(fused.range_bn_stats(cl, chunks), reference.range_bn_stats(x3, chunks))
+
+
+def test_range_bn_stats_of_channels_last_ties_zeros_and_specials_follow_torch(fused):
+    for x3, chunks in _specials_for_range_bn():
+        got = fused.range_bn_stats(_channels_last(x3), chunks)
+        want = reference.range_bn_stats(x3, chunks)
         for actual, expected in zip(got[2:], want[2:], strict=True):
             _same(actual, expected)
         for sums, expected in zip(got[:2], want[:2], strict=True):
             torch.testing.assert_close(sums, expected, equal_nan=True)
-    got = fused.range_bn_stats(special, 2)
-    assert torch.isnan(got[2][0, 0]) and torch.isnan(got[4][0, 0])  # run 0 holds the NaNs
-    assert int(got[3][0, 0]) == int(got[5][0, 0]) == 1 * 25 + 7  # sample 1 comes first
 
 
-def test_range_bn_stats_and_backward_read_non_contiguous_input(fused):
-    x3 = _range_bn_input((20, 3, 16)).transpose(0, 2).contiguous().transpose(0, 2)
-    assert not x3.is_contiguous()
-    _assert_stats_equal(fused.range_bn_stats(x3, 4), reference.range_bn_stats(x3, 4))
-    scale, shift = torch.rand(3) + 0.5, torch.randn(3)
-    _same(fused.channel_affine(x3, scale, shift), reference.channel_affine(x3, scale, shift))
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 17, 3, 3), (3, 2, 1, 1), (1, 5, 2, 9)])
+def test_channel_affine_keeps_channels_last_and_is_bit_exact(fused, shape, relu):
+    x = _values(shape).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, :4] = torch.tensor([NAN, INF, -INF, -0.0])[: shape[3]]
+    scale, shift = torch.randn(shape[1]), torch.randn(shape[1])
+    if relu:
+        got = fused.channel_affine_relu(x, scale, shift)
+        want = reference.channel_affine_relu(x.contiguous(), scale, shift)
+    else:
+        got = (fused.channel_affine(x, scale, shift),)
+        want = (reference.channel_affine(x.contiguous(), scale, shift),)
+    for actual, expected in zip(got, want, strict=True):
+        _same(actual, expected)
+        assert actual.stride() == x.stride()
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 7), (6, 2, 17), (5, 4), (3, 2, 2, 2, 2)])
@@ -602,14 +650,20 @@ def _range_bn_backward_args(shape, chunks, seed=0):
     return grad, x3, mean, inv_spread, gamma, 0.4, high_index, low_index
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", RANGE_BN_SHAPES)
-def test_range_bn_backward_matches_the_reference_within_float32_summation(fused, shape):
+def test_range_bn_backward_matches_the_reference_within_float32_summation(fused, shape, layout):
     *dims, chunks = shape
     args = _range_bn_backward_args(tuple(dims), chunks)
     grad, x3, mean, inv_spread, gamma, constant = args[:6]
-    got, want = fused.range_bn_backward(*args), reference.range_bn_backward(*args)
-    # The kernel sums each row (HW values) in float32 over the vector lanes, the reference
-    # in float64: the difference is bounded by n·eps·Σ|terms| with n the row's length.
+    want = reference.range_bn_backward(*args)
+    if layout == "channels_last":
+        args = (_channels_last(grad), _channels_last(x3), *args[2:])
+    got = fused.range_bn_backward(*args)
+    assert got[0].stride() == args[1].stride()  # grad_x in x's layout
+    # The kernel sums each row (HW values) in float32 over the vector lanes (channels-last:
+    # in float64), the reference in float64: the difference is bounded by n·eps·Σ|terms| with
+    # n the row's length.
     rows = dims[2] + 16
     centred = (x3 - mean.view(1, -1, 1)).double()
     abs_g = grad.double().abs().sum(dim=(0, 2))
@@ -630,8 +684,11 @@ def test_range_bn_backward_matches_the_reference_within_float32_summation(fused,
     assert bool(((grad_x.double() - want[0].double()).abs() <= bound).all())
 
 
-def test_range_bn_kernels_give_identical_results_on_one_and_two_threads(fused):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_range_bn_kernels_give_identical_results_on_one_and_two_threads(fused, layout):
     args = _range_bn_backward_args((64, 8, 784), 16)
+    if layout == "channels_last":
+        args = (_channels_last(args[0]), _channels_last(args[1]), *args[2:])
     threads = torch.get_num_threads()
     results = []
     try:
@@ -650,6 +707,21 @@ def test_range_bn_kernels_give_identical_results_on_one_and_two_threads(fused):
         _same(two, one)
 
 
+def test_range_bn_backward_takes_its_inputs_in_mixed_layouts(fused):
+    # g (and a mask) in another layout than x: brought to x's, the same result in x's layout.
+    args = list(_range_bn_backward_args((12, 5, 17), 4))
+    mask = torch.rand(12, 5, 17, generator=torch.Generator().manual_seed(2)) < 0.5
+    x_cl = _channels_last(args[1])
+    want = fused.range_bn_backward(_channels_last(args[0]), x_cl, *args[2:], _channels_last(mask))
+    got = fused.range_bn_backward(args[0], x_cl, *args[2:], mask)
+    for actual, expected in zip(got, want, strict=True):
+        _same(actual, expected)
+    assert got[0].stride() == x_cl.stride()
+    got = fused.range_bn_backward(_channels_last(args[0]), *args[1:], _channels_last(mask))
+    _same(got[0], fused.range_bn_backward(*args, mask)[0])
+    assert got[0].is_contiguous()
+
+
 def test_range_bn_kernels_check_their_inputs(fused):
     x3 = torch.zeros(8, 2, 4)
     with pytest.raises(RuntimeError, match="chunks must be in 1..B·HW"):
@@ -664,6 +736,18 @@ def test_range_bn_kernels_check_their_inputs(fused):
         fused.range_bn_backward(x3, x3, ones, ones, ones, 1.0, index + 99, index)
     with pytest.raises(RuntimeError, match="indices"):
         fused.range_bn_backward(x3, x3, ones, ones, ones, 1.0, index.int(), index)
+    # The ops themselves (the wrappers bring other layouts to one of these two).
+    strided = torch.zeros(2, 8, 4).transpose(0, 1)
+    with pytest.raises(RuntimeError, match="contiguous or channels-last"):
+        torch.ops.qtrain.range_bn_stats(strided, 2)
+    with pytest.raises(RuntimeError, match="contiguous or channels-last"):
+        torch.ops.qtrain.channel_affine(strided, ones, ones)
+    with pytest.raises(RuntimeError, match="differ in shape or layout"):
+        torch.ops.qtrain.range_bn_backward(
+            _channels_last(x3), x3, ones, ones, ones, 1.0, index, index
+        )
+    with pytest.raises(RuntimeError, match="shape and strides"):
+        torch.ops.qtrain.masked_zero(x3, _channels_last(x3) > 0)
 
 
 def test_range_batchnorm_trains_the_same_on_both_backends(fused):
@@ -689,6 +773,30 @@ def test_range_batchnorm_trains_the_same_on_both_backends(fused):
         )
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_range_batchnorm_on_channels_last_input_keeps_the_layout(fused, relu):
+    # A channels_last batch (as `qtrain train` feeds the net) stays channels_last through the
+    # layer, forward and backward, with the results of the contiguous batch.
+    from qtrain.nn import RangeBatchNorm2d
+
+    x = _range_bn_input((32, 4, 36)).view(32, 4, 6, 6)
+    g = torch.randn(32, 4, 6, 6, generator=torch.Generator().manual_seed(9))
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        bn = RangeBatchNorm2d(4)
+        bn.fused_relu = relu
+        xb = x.contiguous(memory_format=layout).detach().requires_grad_()
+        with use_backend(Backend.CPU_FUSED):
+            y = bn(xb)
+            y.backward(g.contiguous(memory_format=layout))
+        assert y.is_contiguous(memory_format=layout) and xb.grad.is_contiguous(memory_format=layout)
+        results.append((y, xb.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(
+            got, want, rtol=1e-5, atol=1e-5 * float(want.detach().abs().max())
+        )
+
+
 def test_channel_affine_relu_is_bit_exact(fused):
     x = _values((4, 3, 5, 7))
     x.view(-1)[:4] = torch.tensor([NAN, INF, -INF, -0.0])
@@ -704,8 +812,9 @@ def test_channel_affine_relu_is_bit_exact(fused):
     _same(got[0], torch.relu(reference.channel_affine(x, scale, shift)))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", RANGE_BN_SHAPES)
-def test_range_bn_backward_through_a_relu_mask_is_the_unfused_pair(fused, shape):
+def test_range_bn_backward_through_a_relu_mask_is_the_unfused_pair(fused, shape, layout):
     # Reading g through the fused ReLU's mask gives bit for bit what the separate ReLU
     # backward (masked_zero) followed by the plain Range BN backward gives.
     *dims, chunks = shape
@@ -713,6 +822,8 @@ def test_range_bn_backward_through_a_relu_mask_is_the_unfused_pair(fused, shape)
     mask = torch.rand(tuple(dims), generator=torch.Generator().manual_seed(7)) < 0.5
     args[0].view(-1)[:3] = torch.tensor([NAN, INF, -INF])
     mask.view(-1)[:3] = True  # non-finite gradients where the ReLU zeroes them
+    if layout == "channels_last":
+        args[0], args[1], mask = (_channels_last(t) for t in (args[0], args[1], mask))
     fused_pair = fused.range_bn_backward(*args, zero_mask=mask)
     unfused = fused.range_bn_backward(fused.masked_zero(args[0], mask), *args[1:])
     for got, want in zip(fused_pair, unfused, strict=True):
@@ -738,6 +849,20 @@ def test_zero_mask_and_masked_zero_equal_the_reference(fused, shape):
     _same(fused.masked_zero(g, mask), reference.masked_zero(g, mask))
     # torch's own ReLU backward, which the pair replaces
     _same(fused.masked_zero(g, mask), torch.ops.aten.threshold_backward(g, y, 0))
+
+
+def test_compact_relu_kernels_keep_a_dense_layout(fused):
+    # channels_last (or any dense permutation) is walked in memory order: the mask comes in
+    # y's layout; a gradient in another layout is brought to the mask's.
+    y = torch.relu(_values((4, 6, 5, 3), seed=2)).contiguous(memory_format=torch.channels_last)
+    g = _values((4, 6, 5, 3), seed=3)
+    mask = fused.zero_mask(y)
+    assert mask.stride() == y.stride()
+    _same(mask, reference.zero_mask(y))
+    for grad in (g, g.contiguous(memory_format=torch.channels_last)):
+        out = fused.masked_zero(grad, mask)
+        _same(out, torch.ops.aten.threshold_backward(g, y, 0))
+        assert out.stride() == y.stride()
 
 
 def test_compact_relu_kernels_on_odd_inputs(fused):

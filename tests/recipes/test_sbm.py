@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -105,6 +106,44 @@ def test_cost_meter_reports_sbm8_bitops_per_role() -> None:
     assert cost.bitops["forward"] == (first + second) * 8 * 8
     assert cost.bitops["grad_input"] == second * 8 * 8  # the input needs no gradient
     assert cost.bitops["grad_weight"] == (first + second) * 16 * 8
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu_fused"])
+def test_sbm8_keeps_a_channels_last_batch_channels_last_end_to_end(backend: str) -> None:
+    # The trainer's augmented batches are channels_last (one input channel): torch then runs
+    # an fp32 net NHWC, and so must sbm8's layers (quantizers, Range BN, compact layers),
+    # forward and backward. With nearest gradient rounding the step is that of the NCHW batch
+    # up to the convolutions' summation order.
+    import qtrain.kernels
+
+    if backend == "cpu_fused" and qtrain.kernels.cpu_fused.load() is None:
+        pytest.skip("the cpu_fused extension cannot be built here")
+    recipe = build_recipe("sbm8", {"grad_rounding": "nearest"})
+    torch.manual_seed(0)
+    base = recipe.prepare(build_model("resnet9", input_shape=(3, 16, 16), num_classes=10, width=4))
+    images = torch.randn(8, 3, 16, 16)
+    labels = torch.randint(0, 10, (8,))
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = copy.deepcopy(base)
+        layouts: list[bool] = []
+        for module in model.modules():
+            if isinstance(module, (QConv2d, RangeBatchNorm2d, nn.MaxPool2d)):
+                module.register_forward_pre_hook(
+                    lambda _, args, seen=layouts, wanted=layout: seen.append(
+                        args[0].is_contiguous(memory_format=wanted)
+                    )
+                )
+        x = images.contiguous(memory_format=layout).detach().requires_grad_()
+        with qtrain.kernels.use_backend(backend):
+            loss = F.cross_entropy(model(x), labels)
+            loss.backward()
+        assert all(layouts) and x.grad.is_contiguous(memory_format=layout)
+        results.append([loss, x.grad, *(p.grad for p in model.parameters())])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(
+            got, want, rtol=2e-3, atol=2e-3 * float(want.detach().abs().max())
+        )
 
 
 def test_sbm8_step_with_bf16_autocast() -> None:

@@ -96,5 +96,21 @@ def implementation(device: torch.device, backend: Backend | str | None = None) -
     return module
 
 
+def is_dense(x: torch.Tensor) -> bool:
+    """Whether x's elements fill their memory span once, each dimension's stride the product of
+    the sizes of those inside it (contiguous in some order of the dims: contiguous,
+    channels_last, a permutation of either). Such a tensor's memory, read in order, is a
+    permutation of its values, which element-wise kernels may walk as a flat array."""
+    expected = 1
+    for size, stride in sorted(
+        ((size, stride) for size, stride in zip(x.shape, x.stride(), strict=True) if size != 1),
+        key=lambda pair: pair[1],
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 # Importing a backend module registers it; nothing is built or imported until first use.
 from qtrain.kernels import cpu_fused, triton_quant  # noqa: E402, F401

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from qtrain.kernels import Backend, reference, register_backend
+from qtrain.kernels import Backend, is_dense, reference, register_backend
 
 _NAME = "qtrain_cpu_fused"
 _SOURCE = Path(__file__).parent / "csrc" / "quant.cpp"
@@ -255,17 +255,37 @@ def absmax(x3: torch.Tensor) -> torch.Tensor:
     return torch.ops.qtrain.absmax(x3.contiguous())
 
 
+def _channel_layout(x: torch.Tensor) -> torch.Tensor:
+    """x as the per-channel kernels (Range BN, channel_affine) take it: contiguous, or
+    channels-last (C innermost, the other dims in order: a channels_last (B, C, H, W) tensor or
+    its (B, C, H·W) view) as it is; else a contiguous copy."""
+    if x.is_contiguous() or (x.dim() >= 3 and x.movedim(1, -1).is_contiguous()):
+        return x
+    return x.contiguous()
+
+
+def _in_layout_of(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x (of like's shape) with like's strides (like dense): a copy only where they differ."""
+    if x.stride() == like.stride():
+        return x
+    return torch.empty_like(like, dtype=x.dtype).copy_(x)
+
+
 def range_bn_stats(
     x3: torch.Tensor, chunks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Range BatchNorm's per-(run, channel) sums, extremes and their first positions, and the
-    sums outside the runs (see ``reference.range_bn_stats``), in one read of x."""
-    return torch.ops.qtrain.range_bn_stats(x3.contiguous(), chunks)
+    sums outside the runs (see ``reference.range_bn_stats``), in one read of x (contiguous or
+    channels-last)."""
+    return torch.ops.qtrain.range_bn_stats(_channel_layout(x3), chunks)
 
 
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """y = x·scale[c] + shift[c] over a float32 (B, C, ...) tensor (a multiply, then an add)."""
-    return torch.ops.qtrain.channel_affine(x.contiguous(), _per_channel(scale), _per_channel(shift))
+    """y = x·scale[c] + shift[c] over a float32 (B, C, ...) tensor (a multiply, then an add),
+    in x's layout when that is contiguous or channels_last."""
+    return torch.ops.qtrain.channel_affine(
+        _channel_layout(x), _per_channel(scale), _per_channel(shift)
+    )
 
 
 def channel_affine_relu(
@@ -274,22 +294,24 @@ def channel_affine_relu(
     """relu(x·scale[c] + shift[c]) and its ReLU-backward mask, in one pass (see
     ``reference.channel_affine_relu``)."""
     return torch.ops.qtrain.channel_affine_relu(
-        x.contiguous(), _per_channel(scale), _per_channel(shift)
+        _channel_layout(x), _per_channel(scale), _per_channel(shift)
     )
 
 
 def zero_mask(y: torch.Tensor) -> torch.Tensor:
-    """[y ≤ 0] as bool, one byte per value (see ``reference.zero_mask``)."""
+    """[y ≤ 0] as bool, one byte per value, in y's layout when dense (see
+    ``reference.zero_mask``)."""
     if y.dtype != torch.float32:
         return reference.zero_mask(y)
-    return torch.ops.qtrain.zero_mask(y.contiguous())
+    return torch.ops.qtrain.zero_mask(y if is_dense(y) else y.contiguous())
 
 
 def masked_zero(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``grad`` with zeros where ``mask`` is True (see ``reference.masked_zero``)."""
     if grad.dtype != torch.float32 or grad.shape != mask.shape:
         return reference.masked_zero(grad, mask)
-    return torch.ops.qtrain.masked_zero(grad.contiguous(), mask.contiguous())
+    mask = mask if is_dense(mask) else mask.contiguous()
+    return torch.ops.qtrain.masked_zero(_in_layout_of(grad, mask), mask)
 
 
 def max_pool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,17 +346,21 @@ def range_bn_backward(
     zero_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Range BatchNorm's backward (see ``reference.range_bn_backward``): one read of g and x
-    (through a fused ReLU's ``zero_mask`` if given) for the sums, one pass writing grad_x."""
+    (through a fused ReLU's ``zero_mask`` if given) for the sums, one pass writing grad_x (in
+    x's layout, contiguous or channels-last)."""
+    x3 = _channel_layout(x3)
+    if zero_mask is not None:
+        zero_mask = _in_layout_of(zero_mask.reshape(x3.shape), x3)
     return torch.ops.qtrain.range_bn_backward(
-        grad3.contiguous(),
-        x3.contiguous(),
+        _in_layout_of(grad3, x3),
+        x3,
         _per_channel(mean),
         _per_channel(inv_spread),
         _per_channel(gamma),
         constant,
         high_index.contiguous(),
         low_index.contiguous(),
-        None if zero_mask is None else zero_mask.contiguous(),
+        zero_mask,
     )
 
 

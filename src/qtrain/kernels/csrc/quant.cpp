@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/accumulate.h>
@@ -222,6 +223,32 @@ Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_generic(sizes, &OutputAllocator::instance(),
                                    c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                    std::nullopt);
+}
+
+// An output with x's sizes and strides (x non-overlapping and dense, as every torch memory
+// format is), so that a kernel may write it in x's memory order.
+Tensor empty_output_like(const Tensor& x, at::ScalarType dtype) {
+  const size_t bytes = x.numel() * c10::elementSize(dtype);
+  if (bytes < kCachedFromBytes) {
+    return at::empty_strided(x.sizes(), x.strides(), at::TensorOptions().dtype(dtype));
+  }
+  return at::detail::empty_strided_generic(x.sizes(), x.strides(), &OutputAllocator::instance(),
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
+}
+
+// Range BN's batches come as a (B, C, S) float32 view in one of two layouts: contiguous
+// (NCHW), or channels-last (a 4-D channels_last tensor viewed as (B, C, H·W): C innermost, an
+// (M = B·S, C) matrix whose row p is each channel's sample-major position p). A view that is
+// both (C or S is 1) is treated as contiguous: the memory is the same. Returns whether it is
+// channels-last.
+bool check_batch_view(const Tensor& x3, const char* what) {
+  TORCH_CHECK(x3.device().is_cpu() && x3.scalar_type() == at::kFloat && x3.dim() == 3, what,
+              ": expected a float32 CPU (B, C, S) view");
+  if (x3.is_contiguous()) return false;
+  TORCH_CHECK(x3.transpose(1, 2).is_contiguous(), what,
+              ": expected a contiguous or channels-last (B, C, S) view, got strides ",
+              x3.strides());
+  return true;
 }
 
 void check_view(const Tensor& x3, const char* what) {
@@ -499,9 +526,72 @@ void for_each_piece(int64_t b, int64_t e, int64_t spatial, const Piece& piece) {
   }
 }
 
+// The statistics of a channels-last batch, an (M, C) matrix whose row p is each channel's
+// position p: a run is a block of n whole rows. Per run, one pass over its rows keeps each
+// channel's extremes (order keys), their first rows, its first NaN row and its sum, vectorised
+// across the channels; the runs are shared out between threads.
+void range_bn_stats_rows(const float* __restrict x, int64_t positions, int64_t channels,
+                         int64_t chunks, double* sum_out, double* rest_out, float* high_out,
+                         float* low_out, int64_t* high_index_out, int64_t* low_index_out) {
+  const int64_t run = positions / chunks;
+  TORCH_CHECK(run <= std::numeric_limits<int32_t>::max(),
+              "qtrain::range_bn_stats: runs of more than 2^31 values are not supported");
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, run * channels));
+  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> high_key(channels), low_key(channels), high_row(channels),
+        low_row(channels), nan_row(channels);
+    std::vector<double> sums(channels);
+    for (int64_t k = begin; k < end; ++k) {
+      int32_t* __restrict hk = high_key.data();
+      int32_t* __restrict lk = low_key.data();
+      int32_t* __restrict hr = high_row.data();
+      int32_t* __restrict lr = low_row.data();
+      int32_t* __restrict nr = nan_row.data();
+      double* __restrict sum = sums.data();
+      std::fill(hk, hk + channels, std::numeric_limits<int32_t>::min());
+      std::fill(lk, lk + channels, std::numeric_limits<int32_t>::max());
+      std::fill(hr, hr + channels, 0);
+      std::fill(lr, lr + channels, 0);
+      std::fill(nr, nr + channels, -1);
+      std::fill(sum, sum + channels, 0.0);
+      const float* __restrict first = x + k * run * channels;
+      for (int32_t i = 0; i < static_cast<int32_t>(run); ++i) {
+        const float* __restrict row = first + i * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) {
+          const float v = row[c];
+          const int32_t key = tie_zero_key(v);
+          const int32_t high = hk[c];
+          const int32_t low = lk[c];
+          hr[c] = key > high ? i : hr[c];  // strictly greater: the first position keeps a tie
+          hk[c] = key > high ? key : high;
+          lr[c] = key < low ? i : lr[c];
+          lk[c] = key < low ? key : low;
+          nr[c] = abs_bits_of(v) > kInfBits && nr[c] < 0 ? i : nr[c];
+          sum[c] += static_cast<double>(v);
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t pair = k * channels + c;
+        const int64_t high_at = nr[c] >= 0 ? nr[c] : hr[c];
+        const int64_t low_at = nr[c] >= 0 ? nr[c] : lr[c];
+        sum_out[pair] = sum[c];
+        // The value as stored there (a tied -0 or +0 as torch.max gives it).
+        high_out[pair] = first[high_at * channels + c];
+        low_out[pair] = first[low_at * channels + c];
+        high_index_out[pair] = high_at;
+        low_index_out[pair] = low_at;
+      }
+    }
+  });
+  for (int64_t p = chunks * run; p < positions; ++p) {
+    for (int64_t c = 0; c < channels; ++c) rest_out[c] += static_cast<double>(x[p * channels + c]);
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(const Tensor& x3,
                                                                           int64_t chunks) {
-  check_view(x3, "qtrain::range_bn_stats");
+  const bool channels_last = check_batch_view(x3, "qtrain::range_bn_stats");
   const int64_t batch = x3.size(0);
   const int64_t channels = x3.size(1);
   const int64_t spatial = x3.size(2);
@@ -523,6 +613,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(const 
   float* low_out = low.data_ptr<float>();
   int64_t* high_index_out = high_index.data_ptr<int64_t>();
   int64_t* low_index_out = low_index.data_ptr<int64_t>();
+  if (channels_last) {
+    range_bn_stats_rows(x, per_channel, channels, chunks, sum_out, rest_out, high_out, low_out,
+                        high_index_out, low_index_out);
+    return {sums, rest, high, high_index, low, low_index};
+  }
   const auto row = [&](int64_t sample, int64_t c) { return x + (sample * channels + c) * spatial; };
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / run);
   at::parallel_for(0, chunks * channels, grain, [&](int64_t begin, int64_t end) {
@@ -568,47 +663,64 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(const 
   return {sums, rest, high, high_index, low, low_index};
 }
 
-// y = x·scale[c] + shift[c] over a contiguous float32 (B, C, ...) tensor (two roundings, as
-// reference.channel_affine), written to a cached output block of x's shape. With Relu, then
-// y = relu(y) (torch.relu: -0 and NaN kept, negatives to +0) and the ReLU's backward mask
-// [y <= 0] in the same pass (reference.channel_affine_relu).
+// y = x·scale[c] + shift[c] over a float32 (B, C, ...) tensor, contiguous or channels-last
+// (C innermost, the rest in order: channels_last, a (B, C, S) view of it) (two roundings, as reference.channel_affine), written in x's layout to a cached output
+// block. With Relu, then y = relu(y) (torch.relu: -0 and NaN kept, negatives to +0) and the
+// ReLU's backward mask [y <= 0] in the same pass (reference.channel_affine_relu).
+// One row of the affine (+ ReLU) pass: parameters a[j], d[j] per value (a channels-last row)
+// or a[0], d[0] for the whole row (a contiguous row of one channel).
+template <bool Relu, bool PerValue>
+void affine_span(const float* __restrict x, float* __restrict y, uint8_t* __restrict m,
+                 const float* __restrict a, const float* __restrict d, int64_t n) {
+  const float a0 = a[0];
+  const float d0 = d[0];
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float z = x[j] * (PerValue ? a[j] : a0) + (PerValue ? d[j] : d0);
+    if constexpr (Relu) {
+      const float v = z < 0.0f ? 0.0f : z;
+      y[j] = v;
+      m[j] = v <= 0.0f ? 1 : 0;
+    } else {
+      y[j] = z;
+    }
+  }
+}
+
 template <bool Relu>
 std::tuple<Tensor, Tensor> affine_rows(const Tensor& x_in, const Tensor& scale,
                                        const Tensor& shift, const char* what) {
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat &&
-                  x_in.is_contiguous() && x_in.dim() >= 2,
-              what, ": expected a contiguous float32 CPU tensor (B, C, ...)");
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 2,
+              what, ": expected a float32 CPU tensor (B, C, ...)");
+  const bool channels_last = !x_in.is_contiguous();
+  TORCH_CHECK(!channels_last || (x_in.dim() >= 3 && x_in.movedim(1, -1).is_contiguous()), what,
+              ": expected a contiguous or channels-last tensor (C innermost)");
   const int64_t channels = x_in.size(1);
   const int64_t spatial = x_in.numel() == 0 ? 0 : x_in.numel() / (x_in.size(0) * channels);
   const Tensor x3 = x_in.view({x_in.size(0), channels, spatial});
   check_params(x3, scale, shift, what);
-  Tensor out = empty_output(x_in.sizes(), at::kFloat);
-  Tensor mask = Relu ? empty_output(x_in.sizes(), at::kBool) : Tensor();
+  Tensor out = empty_output_like(x_in, at::kFloat);
+  Tensor mask = Relu ? empty_output_like(x_in, at::kBool) : Tensor();
   const float* x = x3.data_ptr<float>();
   const float* a = scale.data_ptr<float>();
   const float* d = shift.data_ptr<float>();
   float* y = out.data_ptr<float>();
   auto* m = Relu ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr;
-  const int64_t rows = x3.size(0) * channels;
-  const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, spatial));
+  if (x_in.numel() == 0) return {out, mask};
+  // Rows of memory: (b, c) rows of S values with one parameter each, or (b, s) rows of C
+  // values with the parameter vectors themselves.
+  const int64_t rows = channels_last ? x3.size(0) * spatial : x3.size(0) * channels;
+  const int64_t width = channels_last ? channels : spatial;
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, width));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float a_r = a[r % channels];
-      const float d_r = d[r % channels];
-      const float* __restrict xr = x + r * spatial;
-      float* __restrict yr = y + r * spatial;
-      if constexpr (Relu) {
-        uint8_t* __restrict mr = m + r * spatial;
-#pragma omp simd
-        for (int64_t j = 0; j < spatial; ++j) {
-          const float z = xr[j] * a_r + d_r;
-          const float v = z < 0.0f ? 0.0f : z;
-          yr[j] = v;
-          mr[j] = v <= 0.0f ? 1 : 0;
-        }
+      const int64_t offset = r * width;
+      uint8_t* mr = Relu ? m + offset : nullptr;
+      if (channels_last) {
+        affine_span<Relu, true>(x + offset, y + offset, mr, a, d, width);
       } else {
-#pragma omp simd
-        for (int64_t j = 0; j < spatial; ++j) yr[j] = xr[j] * a_r + d_r;
+        affine_span<Relu, false>(x + offset, y + offset, mr, a + r % channels, d + r % channels,
+                                 width);
       }
     }
   });
@@ -624,19 +736,52 @@ std::tuple<Tensor, Tensor> channel_affine_relu(const Tensor& x, const Tensor& sc
   return affine_rows<true>(x, scale, shift, "qtrain::channel_affine_relu");
 }
 
+// grad_x = g·a + d over one row (g read through a fused ReLU's mask when Masked), with a[j],
+// d[j] per value (a channels-last row) or a[0], d[0] for the whole row (a contiguous row).
+template <bool Masked, bool PerValue>
+void grad_span(const float* __restrict g, const uint8_t* __restrict mask, float* __restrict y,
+               const float* __restrict a, const float* __restrict d, int64_t n) {
+  const float a0 = a[0];
+  const float d0 = d[0];
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float gv = Masked ? masked_value(g[j], mask[j]) : g[j];
+    y[j] = gv * (PerValue ? a[j] : a0) + (PerValue ? d[j] : d0);
+  }
+}
+
+// Σg and Σg·(x − μ) per channel over the rows [b, e) of a channels-last batch (C values per
+// row), added to sum_g / sum_gx in double, vectorised across the channels.
+template <bool Masked>
+void column_sums(const float* __restrict g, const uint8_t* __restrict mask,
+                 const float* __restrict x, const float* __restrict mean, int64_t b, int64_t e,
+                 int64_t channels, double* __restrict sum_g, double* __restrict sum_gx) {
+  for (int64_t r = b; r < e; ++r) {
+    const int64_t offset = r * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const float gv = Masked ? masked_value(g[offset + c], mask[offset + c]) : g[offset + c];
+      sum_g[c] += static_cast<double>(gv);
+      sum_gx[c] += static_cast<double>(gv) * static_cast<double>(x[offset + c] - mean[c]);
+    }
+  }
+}
+
 // Range BN's backward (reference.range_bn_backward): with s = 1/(C(n)·r + eps) and n values
 // per channel, Σg and Σg·(x − μ) per channel (one read of g and x), then
 // grad_x = g·(γs) + (−γs·Σg)/n in one pass, and ∂L/∂r = −C(n)·γ·s²·Σg·(x − μ) shared out over
-// the chunks' max (+1/K) and min (−1/K) positions.
+// the chunks' max (+1/K) and min (−1/K) positions. g, x and the mask share one layout,
+// contiguous or channels-last; grad_x comes in it too.
 std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const Tensor& x3,
                                                      const Tensor& mean, const Tensor& inv_spread,
                                                      const Tensor& gamma, double constant,
                                                      const Tensor& high_index,
                                                      const Tensor& low_index,
                                                      const std::optional<Tensor>& zero_mask) {
-  check_view(grad3, "qtrain::range_bn_backward");
-  check_view(x3, "qtrain::range_bn_backward");
-  TORCH_CHECK(grad3.sizes() == x3.sizes(), "qtrain::range_bn_backward: grad and x differ in shape");
+  const bool channels_last = check_batch_view(x3, "qtrain::range_bn_backward");
+  TORCH_CHECK(grad3.sizes() == x3.sizes() &&
+                  check_batch_view(grad3, "qtrain::range_bn_backward") == channels_last,
+              "qtrain::range_bn_backward: grad and x differ in shape or layout");
   const int64_t batch = x3.size(0);
   const int64_t channels = x3.size(1);
   const int64_t spatial = x3.size(2);
@@ -658,10 +803,11 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
   // through it, as bit patterns ANDed with all ones or zero (NaN and inf zeroed too).
   const uint8_t* zm = nullptr;
   if (zero_mask) {
-    TORCH_CHECK(zero_mask->scalar_type() == at::kBool && zero_mask->is_contiguous() &&
-                    zero_mask->numel() == grad3.numel(),
-                "qtrain::range_bn_backward: zero_mask must be a contiguous bool tensor of "
-                "grad's size");
+    TORCH_CHECK(zero_mask->scalar_type() == at::kBool && zero_mask->sizes() == grad3.sizes() &&
+                    (channels_last ? zero_mask->transpose(1, 2).is_contiguous()
+                                   : zero_mask->is_contiguous()),
+                "qtrain::range_bn_backward: zero_mask must be a bool tensor of grad's shape "
+                "and layout");
     zm = reinterpret_cast<const uint8_t*>(zero_mask->data_ptr<bool>());
   }
   const float* g = grad3.data_ptr<float>();
@@ -679,23 +825,33 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
   const int64_t block_grain = std::max<int64_t>(1, kMinPerThread / block_values);
   at::parallel_for(0, blocks, block_grain, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t last = std::min(batch, (block + 1) * kSamplesPerBlock);
-      for (int64_t b = block * kSamplesPerBlock; b < last; ++b) {
+      const int64_t first = block * kSamplesPerBlock;
+      const int64_t last = std::min(batch, first + kSamplesPerBlock);
+      double* block_g = partial_g.data() + block * channels;
+      double* block_gx = partial_gx.data() + block * channels;
+      if (channels_last) {
+        const int64_t b = first * spatial;
+        const int64_t e = last * spatial;
+        if (zm == nullptr) {
+          column_sums<false>(g, nullptr, x, mu, b, e, channels, block_g, block_gx);
+        } else {
+          column_sums<true>(g, zm, x, mu, b, e, channels, block_g, block_gx);
+        }
+        continue;
+      }
+      for (int64_t sample = first; sample < last; ++sample) {
         for (int64_t c = 0; c < channels; ++c) {
-          const int64_t offset = (b * channels + c) * spatial;
-          const float* __restrict gr = g + offset;
-          const float* __restrict xr = x + offset;
-          const float m = mu[c];
+          const int64_t offset = (sample * channels + c) * spatial;
           // float partial sums over one row, then double across rows: the error stays at a
           // few float roundings of the row's terms.
           float row_g, row_gx;
           if (zm == nullptr) {
-            row_sums<false>(gr, nullptr, xr, m, spatial, row_g, row_gx);
+            row_sums<false>(g + offset, nullptr, x + offset, mu[c], spatial, row_g, row_gx);
           } else {
-            row_sums<true>(gr, zm + offset, xr, m, spatial, row_g, row_gx);
+            row_sums<true>(g + offset, zm + offset, x + offset, mu[c], spatial, row_g, row_gx);
           }
-          partial_g[block * channels + c] += row_g;
-          partial_gx[block * channels + c] += row_gx;
+          block_g[c] += row_g;
+          block_gx[c] += row_gx;
         }
       }
     }
@@ -719,27 +875,33 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
     offset[c] = static_cast<float>(-gs * sum_g[c] / count);
     share[c] = static_cast<float>(-constant * gs * s[c] * sum_gx[c] / chunks);
   }
-  Tensor grad_x = empty_output(x3.sizes(), at::kFloat);
+  Tensor grad_x = empty_output_like(x3, at::kFloat);
   float* out = grad_x.data_ptr<float>();
-  const int64_t rows = batch * channels;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / spatial), [&](int64_t begin,
-                                                                                int64_t end) {
+  // Rows of memory, as in affine_rows.
+  const int64_t rows = channels_last ? batch * spatial : batch * channels;
+  const int64_t width = channels_last ? channels : spatial;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / width), [&](int64_t begin,
+                                                                              int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float a = slope[r % channels];
-      const float d = offset[r % channels];
-      const float* __restrict gr = g + r * spatial;
-      float* __restrict yr = out + r * spatial;
-      if (zm == nullptr) {
-#pragma omp simd
-        for (int64_t j = 0; j < spatial; ++j) yr[j] = gr[j] * a + d;
+      const int64_t at = r * width;
+      const uint8_t* mr = zm == nullptr ? nullptr : zm + at;
+      const float* a = channels_last ? slope.data() : slope.data() + r % channels;
+      const float* d = channels_last ? offset.data() : offset.data() + r % channels;
+      if (channels_last) {
+        if (mr == nullptr) {
+          grad_span<false, true>(g + at, mr, out + at, a, d, width);
+        } else {
+          grad_span<true, true>(g + at, mr, out + at, a, d, width);
+        }
+      } else if (mr == nullptr) {
+        grad_span<false, false>(g + at, mr, out + at, a, d, width);
       } else {
-        const uint8_t* __restrict mr = zm + r * spatial;
-#pragma omp simd
-        for (int64_t j = 0; j < spatial; ++j) yr[j] = masked_value(gr[j], mr[j]) * a + d;
+        grad_span<true, false>(g + at, mr, out + at, a, d, width);
       }
     }
   });
-  // Position i of run k is the channel's sample-major position k·n + i (range_bn_stats).
+  // Position i of run k is the channel's sample-major position p = k·n + i (range_bn_stats):
+  // row p of a channels-last batch, sample p / S and column p mod S of a contiguous one.
   const int64_t run = batch * spatial / chunks;
   const int64_t* highs = high_index.data_ptr<int64_t>();
   const int64_t* lows = low_index.data_ptr<int64_t>();
@@ -748,9 +910,10 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
       for (const auto& [index, sign] : {std::pair{highs, 1.0f}, std::pair{lows, -1.0f}}) {
         const int64_t i = index[k * channels + c];
         TORCH_CHECK_INDEX(i >= 0 && i < run, "qtrain::range_bn_backward: index out of range");
-        const int64_t position = k * run + i;
-        const int64_t sample = position / spatial;
-        out[(sample * channels + c) * spatial + position % spatial] += sign * share[c];
+        const int64_t p = k * run + i;
+        const int64_t at = channels_last ? p * channels + c
+                                         : (p / spatial * channels + c) * spatial + p % spatial;
+        out[at] += sign * share[c];
       }
     }
   }
@@ -759,12 +922,16 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
 
 // ---- compact ReLU ----------------------------------------------------------------------------
 
-// [y <= 0] for a contiguous float32 y: where threshold_backward zeroes the gradient of a ReLU
-// whose output is y (NaN is not ≤ 0: its gradient passes). One byte per value.
+// The element-wise kernels below take any non-overlapping dense layout (contiguous,
+// channels_last, ...) and walk memory in order; their outputs come in the input's layout.
+
+// [y <= 0] for a float32 y: where threshold_backward zeroes the gradient of a ReLU whose
+// output is y (NaN is not ≤ 0: its gradient passes). One byte per value.
 Tensor zero_mask(const Tensor& y_in) {
-  TORCH_CHECK(y_in.device().is_cpu() && y_in.scalar_type() == at::kFloat && y_in.is_contiguous(),
-              "qtrain::zero_mask: expected a contiguous float32 CPU tensor");
-  Tensor mask = empty_output(y_in.sizes(), at::kBool);
+  TORCH_CHECK(y_in.device().is_cpu() && y_in.scalar_type() == at::kFloat &&
+                  y_in.is_non_overlapping_and_dense(),
+              "qtrain::zero_mask: expected a dense float32 CPU tensor");
+  Tensor mask = empty_output_like(y_in, at::kBool);
   const float* y = y_in.data_ptr<float>();
   bool* m = mask.data_ptr<bool>();
   const int64_t numel = y_in.numel();
@@ -780,11 +947,11 @@ Tensor zero_mask(const Tensor& y_in) {
 // grad where the mask is false, 0 where it is true (threshold_backward given zero_mask).
 Tensor masked_zero(const Tensor& grad_in, const Tensor& mask) {
   TORCH_CHECK(grad_in.device().is_cpu() && grad_in.scalar_type() == at::kFloat &&
-                  grad_in.is_contiguous() && mask.scalar_type() == at::kBool &&
-                  mask.is_contiguous() && mask.sizes() == grad_in.sizes(),
-              "qtrain::masked_zero: expected a contiguous float32 CPU grad and a bool mask of "
-              "its shape");
-  Tensor out = empty_output(grad_in.sizes(), at::kFloat);
+                  grad_in.is_non_overlapping_and_dense() && mask.scalar_type() == at::kBool &&
+                  mask.sizes() == grad_in.sizes() && mask.strides() == grad_in.strides(),
+              "qtrain::masked_zero: expected a dense float32 CPU grad and a bool mask of its "
+              "shape and strides");
+  Tensor out = empty_output_like(grad_in, at::kFloat);
   const float* g = grad_in.data_ptr<float>();
   const auto* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   float* y = out.data_ptr<float>();
