@@ -488,7 +488,7 @@ def test_compact_relu_in_place_on_a_view_and_without_grad() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"kernel_size": 2},  # the 2×2 window kernels (contiguous input), odd sizes
+        {"kernel_size": 2},  # the 2×2 window kernels (either layout), odd sizes
         {"kernel_size": 2, "stride": 2, "ceil_mode": True},  # odd sizes: torch's ops
         {"kernel_size": 3, "stride": 2, "padding": 1},
         {"kernel_size": 3, "stride": 2, "ceil_mode": True},
@@ -526,6 +526,8 @@ def test_compact_maxpool_keeps_a_byte_per_output_for_2x2_windows(backend):
     leaf = torch.randn(8, 4, 16, 16, requires_grad=True)
     out = 8 * 4 * 8 * 8
     assert _saved_storage_bytes(lambda: CompactMaxPool2d(2)(leaf * 1.0)) == out  # uint8
+    channels_last = leaf.contiguous(memory_format=torch.channels_last)
+    assert _saved_storage_bytes(lambda: CompactMaxPool2d(2)(channels_last * 1.0)) == out
     assert _saved_storage_bytes(lambda: CompactMaxPool2d(3, 2)(leaf * 1.0)) == 8 * 7 * 7 * 32
     assert _saved_storage_bytes(lambda: nn.MaxPool2d(2)(leaf * 1.0)) == 4 * leaf.numel() + 8 * out
 

@@ -470,10 +470,10 @@ def fuse_range_bn_relu(model: nn.Module) -> int:
 class CompactMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` that keeps only where each maximum was for backward, not its input.
 
-    The common 2×2, stride-2 pool (no padding or dilation) runs on the kernel backend's
-    ``max_pool2x2``: each maximum's position in its window is kept as one byte (torch keeps an
-    int64 index and the input). Other pools run torch's own ops (``max_pool2d_with_indices`` and
-    its backward) and keep the int64 indices only. Either way results and gradients are torch's,
+    The common 2×2, stride-2 pool (no padding or dilation) of a contiguous or channels_last
+    input runs on the kernel backend's ``max_pool2x2``: each maximum's position in its window
+    is kept as one byte (torch keeps an int64 index and the input). Other pools run torch's own
+    ops (``max_pool2d_with_indices`` and its backward) and keep the int64 indices only. Either way results and gradients are torch's,
     bit for bit (ties to the first maximum, NaN propagated).
     """
 
@@ -493,7 +493,7 @@ class CompactMaxPool2d(nn.MaxPool2d):
         height, width = x.shape[-2:]
         if (
             args == ((2, 2), (2, 2), (0, 0), (1, 1))
-            and x.is_contiguous()
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and min(height, width) >= 2
             and not (self.ceil_mode and (height % 2 or width % 2))
         ):

@@ -894,7 +894,14 @@ def test_compact_relu_kernels_give_identical_results_on_one_and_two_threads(fuse
 
 # ---- 2×2 max pool -----------------------------------------------------------------------------
 
-POOL_SHAPES = [(1, 1, 2, 2), (2, 3, 5, 7), (4, 2, 28, 28), (2, 2, 3, 66), (1, 3, 64, 33)]
+POOL_SHAPES = [
+    (1, 1, 2, 2),
+    (2, 3, 5, 7),
+    (4, 2, 28, 28),
+    (2, 2, 3, 66),
+    (1, 3, 64, 33),
+    (2, 37, 7, 6),  # channels-last rows of 37: a vector and a ragged tail
+]
 
 
 def _pool_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -907,14 +914,19 @@ def _pool_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("path", ["vector", "scalar"])
 @pytest.mark.parametrize("shape", POOL_SHAPES)
-def test_max_pool2x2_and_its_backward_equal_torchs(fused, shape, path, monkeypatch):
-    # The AVX-512 rows (where compiled in) and the portable rows must both be torch's bits.
+def test_max_pool2x2_and_its_backward_equal_torchs(fused, shape, path, layout, monkeypatch):
+    # The AVX-512 rows (where compiled in) and the portable rows must both be torch's bits;
+    # channels_last runs its own loops over the channels and keeps the layout.
     if path == "scalar":
         monkeypatch.setenv("QTRAIN_SCALAR_POOL", "1")
     x = _pool_input(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     y, where = fused.max_pool2x2(x)
+    assert y.stride() == where.stride() == torch.nn.functional.max_pool2d(x, 2).stride()
     expected_y, expected_where = reference.max_pool2x2(x)
     _same(y, expected_y)
     _same(where, expected_where)
@@ -926,13 +938,16 @@ def test_max_pool2x2_and_its_backward_equal_torchs(fused, shape, path, monkeypat
     leaf = x.clone().requires_grad_()
     torch.nn.functional.max_pool2d(leaf, 2).backward(grad)
     height, width = shape[2:]
-    _same(fused.max_pool2x2_backward(grad, where, height, width), leaf.grad)
+    grad_x = fused.max_pool2x2_backward(grad, where, height, width)
+    _same(grad_x, leaf.grad)
+    assert grad_x.stride() == x.stride()
     _same(reference.max_pool2x2_backward(grad, where, height, width), leaf.grad)
 
 
-def test_max_pool2x2_on_one_and_two_threads_and_non_contiguous_input(fused):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_max_pool2x2_on_one_and_two_threads_and_non_contiguous_input(fused, layout):
     x = _pool_input((3, 8, 30, 30), seed=2)  # 21600 values a plane row split between threads
-    x = torch.cat([x] * 8, 0)
+    x = torch.cat([x] * 8, 0).contiguous(memory_format=layout)
     threads = torch.get_num_threads()
     try:
         results = []

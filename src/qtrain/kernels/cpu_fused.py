@@ -211,14 +211,19 @@ def _register_fakes() -> None:
     def _quantize_int_pair(x3, scale_a, zp_a, qmin_a, qmax_a, scale_b, zp_b, qmin_b, qmax_b, seed):
         return torch.empty_like(x3), torch.empty_like(x3)
 
+    def pooled(like: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        layout = torch.contiguous_format if like.is_contiguous() else torch.channels_last
+        shape = (*like.shape[:2], height, width)
+        return torch.empty(shape, dtype=dtype, device=like.device, memory_format=layout)
+
     @torch.library.register_fake("qtrain::max_pool2x2")
     def _max_pool2x2(x):
-        shape = (*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
-        return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
+        height, width = x.shape[2] // 2, x.shape[3] // 2
+        return pooled(x, height, width, torch.float32), pooled(x, height, width, torch.uint8)
 
     @torch.library.register_fake("qtrain::max_pool2x2_backward")
     def _max_pool2x2_backward(grad, where, height, width):
-        return grad.new_empty((*grad.shape[:2], height, width))
+        return pooled(grad, height, width, torch.float32)
 
     @torch.library.register_fake("qtrain::dequantize_int")
     def _dequantize_int(levels3, scale, zero_point) -> torch.Tensor:
@@ -316,10 +321,16 @@ def masked_zero(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def max_pool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's 2×2, stride-2 max pool and each max's window position as uint8 (see
-    ``reference.max_pool2x2``), in one pass."""
+    ``reference.max_pool2x2``), in one pass, in x's layout (contiguous or channels_last)."""
     if x.dtype != torch.float32:
         return reference.max_pool2x2(x)
-    return torch.ops.qtrain.max_pool2x2(x.contiguous())
+    return torch.ops.qtrain.max_pool2x2(_pool_layout(x))
+
+
+def _pool_layout(x: torch.Tensor) -> torch.Tensor:
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
 
 
 def max_pool2x2_backward(
@@ -329,9 +340,8 @@ def max_pool2x2_backward(
     ``reference.max_pool2x2_backward``)."""
     if grad.dtype != torch.float32:
         return reference.max_pool2x2_backward(grad, where, height, width)
-    return torch.ops.qtrain.max_pool2x2_backward(
-        grad.contiguous(), where.contiguous(), height, width
-    )
+    where = _pool_layout(where)
+    return torch.ops.qtrain.max_pool2x2_backward(_in_layout_of(grad, where), where, height, width)
 
 
 def range_bn_backward(

@@ -195,7 +195,11 @@ def max_pool2x2_backward(
     columns = torch.arange(out_w, device=grad.device) * 2
     at = where.long()
     indices = (rows + at // 2) * width + columns + at % 2
-    stand_in = grad.new_empty((*grad.shape[:2], height, width))  # only its shape is read
+    # Only the stand-in's shape and layout are read.
+    layout = torch.contiguous_format if grad.is_contiguous() else torch.channels_last
+    stand_in = torch.empty(
+        (*grad.shape[:2], height, width), dtype=grad.dtype, device=grad.device, memory_format=layout
+    )
     return torch.ops.aten.max_pool2d_with_indices_backward(
         grad, stand_in, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
     )

@@ -1080,27 +1080,90 @@ void pool_row_vector(const float*, const float*, float*, uint8_t*, int64_t) {}
 void unpool_row_vector(const float*, const uint8_t*, float*, float*, int64_t) {}
 #endif
 
+// Channels-last: a window's four inputs are four vectors of C channel values (a, b on top,
+// then c, d below), compared channel by channel as pool_row_scalar does; the loop over the
+// channels vectorises as it is.
+void pool_pixel_channels(const float* __restrict a, const float* __restrict b,
+                         const float* __restrict c, const float* __restrict d,
+                         float* __restrict y, uint8_t* __restrict where, int64_t channels) {
+#pragma omp simd
+  for (int64_t k = 0; k < channels; ++k) {
+    const bool take_b = b[k] > a[k] || b[k] != b[k];
+    float best = take_b ? b[k] : a[k];
+    int32_t at = take_b ? 1 : 0;
+    const bool take_c = c[k] > best || c[k] != c[k];
+    best = take_c ? c[k] : best;
+    at = take_c ? 2 : at;
+    const bool take_d = d[k] > best || d[k] != d[k];
+    y[k] = take_d ? d[k] : best;
+    where[k] = static_cast<uint8_t>(take_d ? 3 : at);
+  }
+}
+
+void unpool_pixel_channels(const float* __restrict g, const uint8_t* __restrict where,
+                           float* __restrict a, float* __restrict b, float* __restrict c,
+                           float* __restrict d, int64_t channels) {
+#pragma omp simd
+  for (int64_t k = 0; k < channels; ++k) {
+    const float value = 0.0f + g[k];
+    const uint8_t at = where[k];
+    a[k] = at == 0 ? value : 0.0f;
+    b[k] = at == 1 ? value : 0.0f;
+    c[k] = at == 2 ? value : 0.0f;
+    d[k] = at == 3 ? value : 0.0f;
+  }
+}
+
+// A (B, C, H, W) tensor's layout for the pool: contiguous (false) or channels_last (true).
+bool pool_layout(const Tensor& x, const char* what) {
+  if (x.is_contiguous()) return false;
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), what,
+              ": expected a contiguous or channels_last tensor");
+  return true;
+}
+
+// An output of shape (B, C, h, w) in the contiguous or the channels_last layout.
+Tensor pool_output(const Tensor& like, int64_t height, int64_t width, bool channels_last,
+                   at::ScalarType dtype) {
+  if (!channels_last) return empty_output({like.size(0), like.size(1), height, width}, dtype);
+  return empty_output({like.size(0), height, width, like.size(1)}, dtype).permute({0, 3, 1, 2});
+}
+
 // QTRAIN_SCALAR_POOL set: the portable rows even where AVX-512 is compiled in (for the tests).
 bool vector_pool() { return kVectorPool && std::getenv("QTRAIN_SCALAR_POOL") == nullptr; }
 
-// y = the max of each 2×2 window of a contiguous float32 (B, C, H, W) tensor (floor mode: an
-// odd last row or column is in no window) and where = its position in the window (0..3, row
-// by row), as torch.max_pool2d_with_indices picks it: the first maximum, or the last NaN.
+// y = the max of each 2×2 window of a float32 (B, C, H, W) tensor, contiguous or
+// channels_last (floor mode: an odd last row or column is in no window) and where = its
+// position in the window (0..3, row by row), as torch.max_pool2d_with_indices picks it: the
+// first maximum, or the last NaN. Both outputs come in x's layout.
 std::tuple<Tensor, Tensor> max_pool2x2(const Tensor& x_in) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 4 &&
-                  x_in.is_contiguous() && x_in.size(2) >= 2 && x_in.size(3) >= 2,
-              "qtrain::max_pool2x2: expected a contiguous float32 CPU (B, C, H, W) tensor with "
-              "H, W >= 2");
-  const int64_t height = x_in.size(2), width = x_in.size(3);
+                  x_in.size(2) >= 2 && x_in.size(3) >= 2,
+              "qtrain::max_pool2x2: expected a float32 CPU (B, C, H, W) tensor with H, W >= 2");
+  const bool channels_last = pool_layout(x_in, "qtrain::max_pool2x2");
+  const int64_t channels = x_in.size(1), height = x_in.size(2), width = x_in.size(3);
   const int64_t out_h = height / 2, out_w = width / 2;
-  const std::vector<int64_t> shape{x_in.size(0), x_in.size(1), out_h, out_w};
-  Tensor y_out = empty_output(shape, at::kFloat);
-  Tensor where_out = empty_output(shape, at::kByte);
+  Tensor y_out = pool_output(x_in, out_h, out_w, channels_last, at::kFloat);
+  Tensor where_out = pool_output(x_in, out_h, out_w, channels_last, at::kByte);
   const float* x = x_in.data_ptr<float>();
   float* y = y_out.data_ptr<float>();
   uint8_t* where = where_out.data_ptr<uint8_t>();
+  if (channels_last) {  // per sample and output row: out_w windows of C-vectors
+    for_each_pool_row(x_in.size(0), out_h, x_in.numel(), [&](int64_t sample, int64_t row) {
+      const float* top = x + ((sample * height + 2 * row) * width) * channels;
+      const float* bottom = top + width * channels;
+      const int64_t out = (sample * out_h + row) * out_w * channels;
+      for (int64_t j = 0; j < out_w; ++j) {
+        const int64_t left = 2 * j * channels;
+        pool_pixel_channels(top + left, top + left + channels, bottom + left,
+                            bottom + left + channels, y + out + j * channels,
+                            where + out + j * channels, channels);
+      }
+    });
+    return {y_out, where_out};
+  }
   const bool vector = vector_pool();
-  for_each_pool_row(x_in.size(0) * x_in.size(1), out_h, x_in.numel(), [&](int64_t plane, int64_t row) {
+  for_each_pool_row(x_in.size(0) * channels, out_h, x_in.numel(), [&](int64_t plane, int64_t row) {
     const float* top = x + (plane * height + 2 * row) * width;
     const int64_t out = (plane * out_h + row) * out_w;
     if (vector) {
@@ -1113,23 +1176,48 @@ std::tuple<Tensor, Tensor> max_pool2x2(const Tensor& x_in) {
 }
 
 // max_pool2d_with_indices_backward for max_pool2x2 (an input of spatial size height × width):
-// each window's gradient goes to its max's position, 0 elsewhere and outside the windows.
+// each window's gradient goes to its max's position, 0 elsewhere and outside the windows. grad
+// and where share one layout, contiguous or channels_last; the result comes in it.
 Tensor max_pool2x2_backward(const Tensor& grad_in, const Tensor& where_in, int64_t height,
                             int64_t width) {
   TORCH_CHECK(grad_in.device().is_cpu() && grad_in.scalar_type() == at::kFloat &&
-                  grad_in.dim() == 4 && grad_in.is_contiguous() &&
-                  where_in.scalar_type() == at::kByte && where_in.is_contiguous() &&
+                  grad_in.dim() == 4 && where_in.scalar_type() == at::kByte &&
                   where_in.sizes() == grad_in.sizes() && grad_in.size(2) == height / 2 &&
                   grad_in.size(3) == width / 2,
-              "qtrain::max_pool2x2_backward: expected a contiguous float32 CPU grad and uint8 "
+              "qtrain::max_pool2x2_backward: expected a float32 CPU grad and uint8 "
               "positions of the pooled shape (B, C, H/2, W/2)");
+  const char* what = "qtrain::max_pool2x2_backward";
+  const bool channels_last = pool_layout(grad_in, what);
+  TORCH_CHECK(pool_layout(where_in, what) == channels_last, what,
+              ": grad and where must share one layout");
+  const int64_t channels = grad_in.size(1);
   const int64_t out_h = height / 2, out_w = width / 2;
-  Tensor out = empty_output({grad_in.size(0), grad_in.size(1), height, width}, at::kFloat);
+  Tensor out = pool_output(grad_in, height, width, channels_last, at::kFloat);
   const float* g = grad_in.data_ptr<float>();
   const uint8_t* where = where_in.data_ptr<uint8_t>();
   float* dx = out.data_ptr<float>();
+  if (channels_last) {
+    const int64_t row_values = width * channels;
+    for_each_pool_row(grad_in.size(0), out_h, out.numel(), [&](int64_t sample, int64_t row) {
+      float* top = dx + (sample * height + 2 * row) * row_values;
+      float* bottom = top + row_values;
+      const int64_t pooled = (sample * out_h + row) * out_w * channels;
+      for (int64_t j = 0; j < out_w; ++j) {
+        const int64_t left = 2 * j * channels;
+        unpool_pixel_channels(g + pooled + j * channels, where + pooled + j * channels,
+                              top + left, top + left + channels, bottom + left,
+                              bottom + left + channels, channels);
+      }
+      if (width % 2) {
+        std::fill(top + row_values - channels, top + row_values, 0.0f);
+        std::fill(bottom + row_values - channels, bottom + row_values, 0.0f);
+      }
+      if (height % 2 && row == out_h - 1) std::fill(bottom + row_values, bottom + 2 * row_values, 0.0f);
+    });
+    return out;
+  }
   const bool vector = vector_pool();
-  const int64_t planes = grad_in.size(0) * grad_in.size(1);
+  const int64_t planes = grad_in.size(0) * channels;
   for_each_pool_row(planes, out_h, out.numel(), [&](int64_t plane, int64_t row) {
     float* top = dx + (plane * height + 2 * row) * width;
     float* bottom = top + width;
