@@ -473,8 +473,9 @@ class CompactMaxPool2d(nn.MaxPool2d):
     The common 2×2, stride-2 pool (no padding or dilation) of a contiguous or channels_last
     input runs on the kernel backend's ``max_pool2x2``: each maximum's position in its window
     is kept as one byte (torch keeps an int64 index and the input). Other pools run torch's own
-    ops (``max_pool2d_with_indices`` and its backward) and keep the int64 indices only. Either way results and gradients are torch's,
-    bit for bit (ties to the first maximum, NaN propagated).
+    ops (``max_pool2d_with_indices`` and its backward) and keep the int64 indices only. Either
+    way results and gradients are torch's, bit for bit (ties to the first maximum, NaN
+    propagated).
     """
 
     @classmethod
