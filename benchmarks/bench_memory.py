@@ -6,7 +6,10 @@ Two figures per configuration, each from a fresh subprocess so nothing is shared
 - ``peak_rss_bytes``: the process's peak resident set size over 3 training steps
   (``resource.getrusage``), minus the peak RSS after building the model and the batch.
 
-Usage: python benchmarks/bench_memory.py [--batch 256] [--width 16] [--out FILE]
+Usage: python benchmarks/bench_memory.py [--batch 256] [--width 16] [--channels-last] [--out FILE]
+
+``--channels-last`` feeds the batch in channels-last memory format, as ``qtrain train``'s
+augmented batches come (torch then runs the net NHWC, and so do qtrain's layers).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure(recipe_name: str, overrides: dict[str, str], batch: int, width: int) -> dict:
+def measure(
+    recipe_name: str, overrides: dict[str, str], batch: int, width: int, channels_last: bool
+) -> dict:
     """One configuration, in this process."""
     import torch.nn.functional as F
 
@@ -45,6 +50,8 @@ def measure(recipe_name: str, overrides: dict[str, str], batch: int, width: int)
         build_model("resnet9", input_shape=(1, 28, 28), num_classes=10, width=width)
     )
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,12 +77,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/memory.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: one configuration
     args = parser.parse_args()
     if args.one:
         recipe_name, overrides = CONFIGS[args.one]
-        print(json.dumps(measure(recipe_name, overrides, args.batch, args.width)))
+        measured = measure(recipe_name, overrides, args.batch, args.width, args.channels_last)
+        print(json.dumps(measured))
         return
     rows = []
     for name in CONFIGS:
@@ -89,6 +98,7 @@ def main() -> None:
                 str(args.batch),
                 "--width",
                 str(args.width),
+                *(["--channels-last"] if args.channels_last else []),
             ],
             check=True,
             capture_output=True,
@@ -110,6 +120,7 @@ def main() -> None:
             "width": args.width,
             "input_shape": [1, 28, 28],
             "batch": args.batch,
+            "channels_last": args.channels_last,
         },
         "rows": rows,
     }

@@ -554,7 +554,7 @@ def test_range_bn_stats_ties_zeros_and_specials_follow_torch(fused):
             _same(actual, expected)
         for sums, expected in zip(got[:2], want[:2], strict=True):
             torch.testing.assert_close(sums, expected, equal_nan=True)
-    special = _specials_for_range_bn()[3][0]
+    special = _specials_for_range_bn()[-2][0]
     got = fused.range_bn_stats(special, 2)
     assert torch.isnan(got[2][0, 0]) and torch.isnan(got[4][0, 0])  # run 0 holds the NaNs
     assert int(got[3][0, 0]) == int(got[5][0, 0]) == 1 * 25 + 7  # sample 1 comes first
@@ -578,6 +578,8 @@ def _specials_for_range_bn() -> list[tuple[torch.Tensor, int]]:
     generator = torch.Generator().manual_seed(3)
     # Coarse grid: every chunk's max and min are tied; the first position wins, as torch.max.
     tied = torch.randint(-2, 3, (16, 3, 20), generator=generator).float()
+    # Many channels: a channels-last run spans many rows-of-channels vectors, ties across them.
+    wide = torch.randint(-2, 3, (64, 24, 20), generator=generator).float()
     # Signed zeros tie with each other (a chunk of -0 and +0 only, in both orders).
     zeros = torch.zeros(4, 2, 6)
     zeros[0, 0, :3] = -0.0
@@ -590,7 +592,7 @@ def _specials_for_range_bn() -> list[tuple[torch.Tensor, int]]:
     special[6, 1, 0] = -INF
     special[2, 2, 3] = FLT_MAX
     special[4, 2, 3] = -FLT_MAX
-    return [(tied, 4), (tied, 7), (zeros, 2), (special, 2), (special, 3)]
+    return [(tied, 4), (tied, 7), (wide, 4), (wide, 3), (zeros, 2), (special, 2), (special, 3)]
 
 
 @pytest.mark.parametrize("shape", RANGE_BN_SHAPES)

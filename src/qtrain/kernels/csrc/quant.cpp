@@ -457,6 +457,34 @@ void row_sums(const float* __restrict g, const uint8_t* __restrict mask,
   sum_gx = lane_gx[0];
 }
 
+// Channels-last rows hold C values each: too few for a vector loop when C is small (a loop that
+// also stores bytes may get a vector factor of 32 or 64, and a row of 16 then runs entirely in
+// the scalar epilogue). The kernels walk spans of `reps` whole rows instead, at least
+// kWideSpan values, with the per-channel vectors repeated reps times.
+constexpr int64_t kWideSpan = 256;
+
+int64_t rows_per_span(int64_t channels) {
+  return std::max<int64_t>(1, kWideSpan / std::max<int64_t>(1, channels));
+}
+
+std::vector<float> repeated(const float* values, int64_t channels, int64_t reps) {
+  std::vector<float> out(channels * reps);
+  for (int64_t r = 0; r < reps; ++r) std::copy(values, values + channels, out.data() + r * channels);
+  return out;
+}
+
+// Calls body(offset, n) for the spans of `reps` rows of `channels` values covering rows rows,
+// split between threads.
+template <class Body>
+void for_each_span(int64_t rows, int64_t channels, int64_t reps, const Body& body) {
+  const int64_t span = reps * channels;
+  const int64_t spans = (rows + reps - 1) / reps;
+  const int64_t total = rows * channels;
+  at::parallel_for(0, spans, std::max<int64_t>(1, kMinPerThread / span), [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) body(k * span, std::min(span, total - k * span));
+  });
+}
+
 // ---- Range BatchNorm -------------------------------------------------------------------------
 
 // Range BN's training statistics of a contiguous float32 (B, C, HW) batch (the authors'
@@ -536,11 +564,15 @@ void range_bn_stats_rows(const float* __restrict x, int64_t positions, int64_t c
   const int64_t run = positions / chunks;
   TORCH_CHECK(run <= std::numeric_limits<int32_t>::max(),
               "qtrain::range_bn_stats: runs of more than 2^31 values are not supported");
+  // Lanes over spans of `reps` rows (see kWideSpan): lane j holds channel j mod C of the rows
+  // r + j / C, and keeps the span start r of its extremes and first NaN.
+  const int64_t reps = rows_per_span(channels);
+  const int64_t span = reps * channels;
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, run * channels));
   at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> high_key(channels), low_key(channels), high_row(channels),
-        low_row(channels), nan_row(channels);
-    std::vector<double> sums(channels);
+    std::vector<int32_t> high_key(span), low_key(span), high_row(span), low_row(span),
+        nan_row(span);
+    std::vector<double> sums(span);
     for (int64_t k = begin; k < end; ++k) {
       int32_t* __restrict hk = high_key.data();
       int32_t* __restrict lk = low_key.data();
@@ -548,34 +580,52 @@ void range_bn_stats_rows(const float* __restrict x, int64_t positions, int64_t c
       int32_t* __restrict lr = low_row.data();
       int32_t* __restrict nr = nan_row.data();
       double* __restrict sum = sums.data();
-      std::fill(hk, hk + channels, std::numeric_limits<int32_t>::min());
-      std::fill(lk, lk + channels, std::numeric_limits<int32_t>::max());
-      std::fill(hr, hr + channels, 0);
-      std::fill(lr, lr + channels, 0);
-      std::fill(nr, nr + channels, -1);
-      std::fill(sum, sum + channels, 0.0);
+      std::fill(hk, hk + span, std::numeric_limits<int32_t>::min());
+      std::fill(lk, lk + span, std::numeric_limits<int32_t>::max());
+      std::fill(hr, hr + span, 0);
+      std::fill(lr, lr + span, 0);
+      std::fill(nr, nr + span, -1);
+      std::fill(sum, sum + span, 0.0);
       const float* __restrict first = x + k * run * channels;
-      for (int32_t i = 0; i < static_cast<int32_t>(run); ++i) {
-        const float* __restrict row = first + i * channels;
+      for (int32_t r = 0; r < static_cast<int32_t>(run); r += static_cast<int32_t>(reps)) {
+        const float* __restrict rows = first + r * channels;
+        const int64_t n = std::min<int64_t>(reps, run - r) * channels;
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          const float v = row[c];
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = rows[j];
           const int32_t key = tie_zero_key(v);
-          const int32_t high = hk[c];
-          const int32_t low = lk[c];
-          hr[c] = key > high ? i : hr[c];  // strictly greater: the first position keeps a tie
-          hk[c] = key > high ? key : high;
-          lr[c] = key < low ? i : lr[c];
-          lk[c] = key < low ? key : low;
-          nr[c] = abs_bits_of(v) > kInfBits && nr[c] < 0 ? i : nr[c];
-          sum[c] += static_cast<double>(v);
+          const int32_t high = hk[j];
+          const int32_t low = lk[j];
+          hr[j] = key > high ? r : hr[j];  // strictly greater: the first position keeps a tie
+          hk[j] = key > high ? key : high;
+          lr[j] = key < low ? r : lr[j];
+          lk[j] = key < low ? key : low;
+          nr[j] = abs_bits_of(v) > kInfBits && nr[j] < 0 ? r : nr[j];
+          sum[j] += static_cast<double>(v);
         }
       }
       for (int64_t c = 0; c < channels; ++c) {
+        // The channel's lanes: the best key, at its first row; the first NaN row.
+        int32_t best_high = std::numeric_limits<int32_t>::min();
+        int32_t best_low = std::numeric_limits<int32_t>::max();
+        int64_t high_at = run, low_at = run, nan_at = run;
+        double channel_sum = 0.0;
+        for (int64_t j = c; j < span; j += channels) {
+          const int64_t lane_row = j / channels;
+          if (hk[j] > best_high || (hk[j] == best_high && hr[j] + lane_row < high_at)) {
+            best_high = hk[j];
+            high_at = hr[j] + lane_row;
+          }
+          if (lk[j] < best_low || (lk[j] == best_low && lr[j] + lane_row < low_at)) {
+            best_low = lk[j];
+            low_at = lr[j] + lane_row;
+          }
+          if (nr[j] >= 0) nan_at = std::min<int64_t>(nan_at, nr[j] + lane_row);
+          channel_sum += sum[j];
+        }
+        if (nan_at < run) high_at = low_at = nan_at;
         const int64_t pair = k * channels + c;
-        const int64_t high_at = nr[c] >= 0 ? nr[c] : hr[c];
-        const int64_t low_at = nr[c] >= 0 ? nr[c] : lr[c];
-        sum_out[pair] = sum[c];
+        sum_out[pair] = channel_sum;
         // The value as stored there (a tied -0 or +0 as torch.max gives it).
         high_out[pair] = first[high_at * channels + c];
         low_out[pair] = first[low_at * channels + c];
@@ -667,7 +717,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(const 
 // (C innermost, the rest in order: channels_last, a (B, C, S) view of it) (two roundings, as reference.channel_affine), written in x's layout to a cached output
 // block. With Relu, then y = relu(y) (torch.relu: -0 and NaN kept, negatives to +0) and the
 // ReLU's backward mask [y <= 0] in the same pass (reference.channel_affine_relu).
-// One row of the affine (+ ReLU) pass: parameters a[j], d[j] per value (a channels-last row)
+// One row of the affine (+ ReLU) pass: parameters a[j], d[j] per value (a channels-last span)
 // or a[0], d[0] for the whole row (a contiguous row of one channel).
 template <bool Relu, bool PerValue>
 void affine_span(const float* __restrict x, float* __restrict y, uint8_t* __restrict m,
@@ -707,21 +757,24 @@ std::tuple<Tensor, Tensor> affine_rows(const Tensor& x_in, const Tensor& scale,
   float* y = out.data_ptr<float>();
   auto* m = Relu ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr;
   if (x_in.numel() == 0) return {out, mask};
-  // Rows of memory: (b, c) rows of S values with one parameter each, or (b, s) rows of C
-  // values with the parameter vectors themselves.
-  const int64_t rows = channels_last ? x3.size(0) * spatial : x3.size(0) * channels;
-  const int64_t width = channels_last ? channels : spatial;
-  const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, width));
+  if (channels_last) {  // spans of (b, s) rows of C values, the parameter vectors repeated
+    const int64_t reps = rows_per_span(channels);
+    const std::vector<float> wide_a = repeated(a, channels, reps);
+    const std::vector<float> wide_d = repeated(d, channels, reps);
+    for_each_span(x3.size(0) * spatial, channels, reps, [&](int64_t offset, int64_t n) {
+      affine_span<Relu, true>(x + offset, y + offset, Relu ? m + offset : nullptr, wide_a.data(),
+                              wide_d.data(), n);
+    });
+    return {out, mask};
+  }
+  // (b, c) rows of S values with one parameter each.
+  const int64_t rows = x3.size(0) * channels;
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, spatial));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t offset = r * width;
-      uint8_t* mr = Relu ? m + offset : nullptr;
-      if (channels_last) {
-        affine_span<Relu, true>(x + offset, y + offset, mr, a, d, width);
-      } else {
-        affine_span<Relu, false>(x + offset, y + offset, mr, a + r % channels, d + r % channels,
-                                 width);
-      }
+      const int64_t offset = r * spatial;
+      affine_span<Relu, false>(x + offset, y + offset, Relu ? m + offset : nullptr,
+                               a + r % channels, d + r % channels, spatial);
     }
   });
   return {out, mask};
@@ -751,19 +804,30 @@ void grad_span(const float* __restrict g, const uint8_t* __restrict mask, float*
 }
 
 // Σg and Σg·(x − μ) per channel over the rows [b, e) of a channels-last batch (C values per
-// row), added to sum_g / sum_gx in double, vectorised across the channels.
+// row), added to sum_g / sum_gx: in double lanes over spans of `reps` rows (wide_mean: μ
+// repeated), the lanes of a channel then added in order.
 template <bool Masked>
 void column_sums(const float* __restrict g, const uint8_t* __restrict mask,
-                 const float* __restrict x, const float* __restrict mean, int64_t b, int64_t e,
-                 int64_t channels, double* __restrict sum_g, double* __restrict sum_gx) {
-  for (int64_t r = b; r < e; ++r) {
+                 const float* __restrict x, const float* __restrict wide_mean, int64_t b,
+                 int64_t e, int64_t channels, int64_t reps, double* __restrict sum_g,
+                 double* __restrict sum_gx) {
+  const int64_t span = reps * channels;
+  std::vector<double> lanes_g(span, 0.0), lanes_gx(span, 0.0);
+  double* __restrict lane_g = lanes_g.data();
+  double* __restrict lane_gx = lanes_gx.data();
+  for (int64_t r = b; r < e; r += reps) {
     const int64_t offset = r * channels;
+    const int64_t n = std::min(reps, e - r) * channels;
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) {
-      const float gv = Masked ? masked_value(g[offset + c], mask[offset + c]) : g[offset + c];
-      sum_g[c] += static_cast<double>(gv);
-      sum_gx[c] += static_cast<double>(gv) * static_cast<double>(x[offset + c] - mean[c]);
+    for (int64_t j = 0; j < n; ++j) {
+      const float gv = Masked ? masked_value(g[offset + j], mask[offset + j]) : g[offset + j];
+      lane_g[j] += static_cast<double>(gv);
+      lane_gx[j] += static_cast<double>(gv) * static_cast<double>(x[offset + j] - wide_mean[j]);
     }
+  }
+  for (int64_t j = 0; j < span; ++j) {
+    sum_g[j % channels] += lane_g[j];
+    sum_gx[j % channels] += lane_gx[j];
   }
 }
 
@@ -821,6 +885,9 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
   constexpr int64_t kSamplesPerBlock = 8;
   const int64_t blocks = (batch + kSamplesPerBlock - 1) / kSamplesPerBlock;
   std::vector<double> partial_g(blocks * channels), partial_gx(blocks * channels);
+  const int64_t reps = rows_per_span(channels);
+  const std::vector<float> wide_mean = channels_last ? repeated(mu, channels, reps)
+                                                     : std::vector<float>();
   const int64_t block_values = std::max<int64_t>(1, kSamplesPerBlock * channels * spatial);
   const int64_t block_grain = std::max<int64_t>(1, kMinPerThread / block_values);
   at::parallel_for(0, blocks, block_grain, [&](int64_t begin, int64_t end) {
@@ -833,9 +900,11 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
         const int64_t b = first * spatial;
         const int64_t e = last * spatial;
         if (zm == nullptr) {
-          column_sums<false>(g, nullptr, x, mu, b, e, channels, block_g, block_gx);
+          column_sums<false>(g, nullptr, x, wide_mean.data(), b, e, channels, reps, block_g,
+                             block_gx);
         } else {
-          column_sums<true>(g, zm, x, mu, b, e, channels, block_g, block_gx);
+          column_sums<true>(g, zm, x, wide_mean.data(), b, e, channels, reps, block_g,
+                            block_gx);
         }
         continue;
       }
@@ -877,29 +946,31 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
   }
   Tensor grad_x = empty_output_like(x3, at::kFloat);
   float* out = grad_x.data_ptr<float>();
-  // Rows of memory, as in affine_rows.
-  const int64_t rows = channels_last ? batch * spatial : batch * channels;
-  const int64_t width = channels_last ? channels : spatial;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / width), [&](int64_t begin,
-                                                                              int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t at = r * width;
-      const uint8_t* mr = zm == nullptr ? nullptr : zm + at;
-      const float* a = channels_last ? slope.data() : slope.data() + r % channels;
-      const float* d = channels_last ? offset.data() : offset.data() + r % channels;
-      if (channels_last) {
-        if (mr == nullptr) {
-          grad_span<false, true>(g + at, mr, out + at, a, d, width);
-        } else {
-          grad_span<true, true>(g + at, mr, out + at, a, d, width);
-        }
-      } else if (mr == nullptr) {
-        grad_span<false, false>(g + at, mr, out + at, a, d, width);
+  if (channels_last) {  // spans of rows of C values, as in affine_rows
+    const std::vector<float> wide_slope = repeated(slope.data(), channels, reps);
+    const std::vector<float> wide_offset = repeated(offset.data(), channels, reps);
+    for_each_span(batch * spatial, channels, reps, [&](int64_t at, int64_t n) {
+      if (zm == nullptr) {
+        grad_span<false, true>(g + at, nullptr, out + at, wide_slope.data(), wide_offset.data(), n);
       } else {
-        grad_span<true, false>(g + at, mr, out + at, a, d, width);
+        grad_span<true, true>(g + at, zm + at, out + at, wide_slope.data(), wide_offset.data(), n);
       }
-    }
-  });
+    });
+  } else {  // rows of S values of one channel
+    at::parallel_for(0, batch * channels, std::max<int64_t>(1, kMinPerThread / spatial),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t r = begin; r < end; ++r) {
+                         const int64_t at = r * spatial;
+                         const float* a = slope.data() + r % channels;
+                         const float* d = offset.data() + r % channels;
+                         if (zm == nullptr) {
+                           grad_span<false, false>(g + at, nullptr, out + at, a, d, spatial);
+                         } else {
+                           grad_span<true, false>(g + at, zm + at, out + at, a, d, spatial);
+                         }
+                       }
+                     });
+  }
   // Position i of run k is the channel's sample-major position p = k·n + i (range_bn_stats):
   // row p of a channels-last batch, sample p / S and column p mod S of a contiguous one.
   const int64_t run = batch * spatial / chunks;
