@@ -6,6 +6,9 @@ cpu_fused (the fused kernels). Each row's figure is the sum over the layers of t
 per-layer time; rows are timed in interleaved rounds (see ``bench_quantize.median_times``).
 
     python benchmarks/bench_range_bn.py --clock cpu --threads 1   # results/range_bn.json
+
+``--channels-last`` times every layer on channels_last tensors, the layout of real training
+(``qtrain train``'s batches make torch run the net NHWC).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ def bn_input_shapes() -> list[tuple[int, ...]]:
     return [tuple(shape) for shape in shapes]
 
 
-def _forward_backward(layer: nn.Module, backend: Backend, shape) -> Callable[[], None]:
+def _forward_backward(
+    layer: nn.Module, backend: Backend, shape, layout: torch.memory_format
+) -> Callable[[], None]:
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=generator).requires_grad_()
-    grad = torch.randn(shape, generator=generator)
+    x = torch.randn(shape, generator=generator).contiguous(memory_format=layout).requires_grad_()
+    grad = torch.randn(shape, generator=generator).contiguous(memory_format=layout)
 
     def run() -> None:
         with use_backend(backend):
@@ -56,7 +61,9 @@ def _forward_backward(layer: nn.Module, backend: Backend, shape) -> Callable[[],
 
 def main() -> None:
     parser = timing_parser(__doc__, "range_bn.json")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last tensors")
     args = parser.parse_args()
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     clock = set_clock_and_threads(args.clock, args.threads)
     if cpu_fused.load() is None:
         raise SystemExit("the cpu_fused extension could not be built: nothing to compare")
@@ -67,7 +74,7 @@ def main() -> None:
         "RangeBatchNorm2d cpu_fused": (lambda c: RangeBatchNorm2d(c), Backend.CPU_FUSED),
     }
     rows = {
-        f"{name} {shape}": _forward_backward(make(shape[1]).train(), backend, shape)
+        f"{name} {shape}": _forward_backward(make(shape[1]).train(), backend, shape, layout)
         for name, (make, backend) in layers.items()
         for shape in shapes
     }
@@ -81,6 +88,7 @@ def main() -> None:
         "machine": machine_info(),
         "model": {"name": "resnet9", "width": WIDTH, "input_shape": INPUT_SHAPE},
         "batch": BATCH,
+        "channels_last": args.channels_last,
         "rounds": max(args.rounds, 5),
         "clock": args.clock,
         "shapes": shapes,

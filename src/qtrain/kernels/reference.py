@@ -5,6 +5,10 @@ with one scale and zero point per C (per-tensor: C = 1; per-channel: the channel
 per-token/per-group: one "channel" per row/group with the values along I). The quantizer
 (``qtrain.quantizer``) builds that view, so kernels never see granularities.
 
+The layer kernels (Range BN, the ReLU masks, the 2×2 max pool) take a batch in any layout and
+give their results in the layout torch's ops would: a channels_last batch stays channels_last
+(the fused backends keep contiguous and channels-last layouts, and copy others to contiguous).
+
 Stochastic rounding draws its uniforms from a counter-based hash of (seed, linear index in
 the canonical view): the same seed gives the same result on any backend, any thread count.
 """

@@ -12,6 +12,8 @@
 // static schedule) and each chunk into runs that share a scale; the inner loops are plain
 // element-wise loops that GCC vectorises (AVX2 / AVX-512 under -march=native). Stochastic
 // rounding draws its uniform from a hash of (seed, linear index), so no split changes a result.
+// The layer kernels (Range BN, the ReLU masks, the 2×2 max pool) also take channels-last
+// tensors (C innermost), walking memory in order, and return their results in that layout.
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
