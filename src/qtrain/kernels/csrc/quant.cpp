@@ -471,7 +471,9 @@ int64_t rows_per_span(int64_t channels) {
 
 std::vector<float> repeated(const float* values, int64_t channels, int64_t reps) {
   std::vector<float> out(channels * reps);
-  for (int64_t r = 0; r < reps; ++r) std::copy(values, values + channels, out.data() + r * channels);
+  for (int64_t r = 0; r < reps; ++r) {
+    std::copy(values, values + channels, out.data() + r * channels);
+  }
   return out;
 }
 
@@ -496,7 +498,7 @@ void for_each_span(int64_t rows, int64_t channels, int64_t reps, const Body& bod
 // (double) and the first position in the run of its maximum and of its minimum
 // (reference.range_bn_stats: torch.max/min over the same order), plus per channel the sum of
 // the values in no chunk. +0 and -0 tie, as float comparison says. A run that holds a NaN has
-// NaN as both extremes, at its first NaN.
+// NaN as both extremes, at its first NaN. A channels-last batch: range_bn_stats_rows.
 struct RowExtremes {
   int32_t high;
   int32_t low;
@@ -589,9 +591,10 @@ void range_bn_stats_rows(const float* __restrict x, int64_t positions, int64_t c
       std::fill(nr, nr + span, -1);
       std::fill(sum, sum + span, 0.0);
       const float* __restrict first = x + k * run * channels;
-      for (int32_t r = 0; r < static_cast<int32_t>(run); r += static_cast<int32_t>(reps)) {
-        const float* __restrict rows = first + r * channels;
-        const int64_t n = std::min<int64_t>(reps, run - r) * channels;
+      for (int64_t start = 0; start < run; start += reps) {
+        const int32_t r = static_cast<int32_t>(start);  // < run <= INT32_MAX
+        const float* __restrict rows = first + start * channels;
+        const int64_t n = std::min<int64_t>(reps, run - start) * channels;
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
           const float v = rows[j];
@@ -715,10 +718,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(const 
   return {sums, rest, high, high_index, low, low_index};
 }
 
-// y = x·scale[c] + shift[c] over a float32 (B, C, ...) tensor, contiguous or channels-last
-// (C innermost, the rest in order: channels_last, a (B, C, S) view of it) (two roundings, as reference.channel_affine), written in x's layout to a cached output
-// block. With Relu, then y = relu(y) (torch.relu: -0 and NaN kept, negatives to +0) and the
-// ReLU's backward mask [y <= 0] in the same pass (reference.channel_affine_relu).
 // One row of the affine (+ ReLU) pass: parameters a[j], d[j] per value (a channels-last span)
 // or a[0], d[0] for the whole row (a contiguous row of one channel).
 template <bool Relu, bool PerValue>
@@ -739,6 +738,11 @@ void affine_span(const float* __restrict x, float* __restrict y, uint8_t* __rest
   }
 }
 
+// y = x·scale[c] + shift[c] over a float32 (B, C, ...) tensor, contiguous or channels-last
+// (C innermost, the rest in order: channels_last or a (B, C, S) view of it), with two
+// roundings as reference.channel_affine, written in x's layout to a cached output block.
+// With Relu, then y = relu(y) (torch.relu: -0 and NaN kept, negatives to +0) and the ReLU's
+// backward mask [y <= 0] in the same pass (reference.channel_affine_relu).
 template <bool Relu>
 std::tuple<Tensor, Tensor> affine_rows(const Tensor& x_in, const Tensor& scale,
                                        const Tensor& shift, const char* what) {
@@ -1285,7 +1289,9 @@ Tensor max_pool2x2_backward(const Tensor& grad_in, const Tensor& where_in, int64
         std::fill(top + row_values - channels, top + row_values, 0.0f);
         std::fill(bottom + row_values - channels, bottom + row_values, 0.0f);
       }
-      if (height % 2 && row == out_h - 1) std::fill(bottom + row_values, bottom + 2 * row_values, 0.0f);
+      if (height % 2 && row == out_h - 1) {
+        std::fill(bottom + row_values, bottom + 2 * row_values, 0.0f);
+      }
     });
     return out;
   }
