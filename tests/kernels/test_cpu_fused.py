@@ -1028,6 +1028,26 @@ def test_ops_pass_torch_library_opcheck(fused):
             (x3, x3, scale, scale, scale, 0.5, *torch.zeros(2, 2, 3, dtype=torch.int64)),
         ),
     ]
+    # Channels-last inputs: the outputs' strides (the input's layout) must match the fakes'.
+    cl3 = _channels_last(x3)
+    x4 = _values((2, 3, 4, 6)).contiguous(memory_format=torch.channels_last)
+    pooled = x4[:, :, :2, :3].contiguous(memory_format=torch.channels_last)
+    cases += [
+        (torch.ops.qtrain.range_bn_stats, (cl3, 2)),
+        (torch.ops.qtrain.channel_affine, (cl3, scale, zero_point)),
+        (torch.ops.qtrain.channel_affine_relu, (x4, scale, zero_point)),
+        (torch.ops.qtrain.zero_mask, (x4,)),
+        (torch.ops.qtrain.masked_zero, (x4, x4 > 0)),
+        (
+            torch.ops.qtrain.range_bn_backward,
+            (cl3, cl3, scale, scale, scale, 0.5, *torch.zeros(2, 2, 3, dtype=torch.int64), cl3 > 0),
+        ),
+        (torch.ops.qtrain.max_pool2x2, (x4,)),
+        (
+            torch.ops.qtrain.max_pool2x2_backward,
+            (pooled, torch.zeros_like(pooled, dtype=torch.uint8), 4, 6),
+        ),
+    ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
@@ -1043,16 +1063,19 @@ def test_torch_compile_traces_the_ops_as_graph_nodes(fused):
     _same(compiled(x3, scale), step(x3, scale))
 
 
-def test_torch_compile_traces_range_batchnorm_training_in_one_graph(fused):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_torch_compile_traces_range_batchnorm_training_in_one_graph(fused, layout):
     from qtrain.nn import RangeBatchNorm2d
 
-    x = _range_bn_input((32, 4, 36)).view(32, 4, 6, 6)
+    x = _range_bn_input((32, 4, 36)).view(32, 4, 6, 6).contiguous(memory_format=layout)
     g = torch.randn(32, 4, 6, 6, generator=torch.Generator().manual_seed(5))
+    g = g.contiguous(memory_format=layout)
     results = []
     for compiled in (False, True):
         bn = RangeBatchNorm2d(4).train()
+        bn.fused_relu = layout == torch.channels_last  # the fused pair too
         layer = torch.compile(bn, backend="aot_eager", fullgraph=True) if compiled else bn
-        xb = x.clone().requires_grad_()
+        xb = x.clone(memory_format=torch.preserve_format).requires_grad_()
         with use_backend(Backend.CPU_FUSED):
             y = layer(xb)
             y.backward(g)
