@@ -811,6 +811,12 @@ def quantize(
     in x's dtype, with a straight-through gradient. A scaled grid point beyond the largest
     finite value of x's dtype (of float32 for float64) is held at that value.
 
+    The result has x's layout where x is dense and quantized per tensor (a channels_last x
+    gives a channels_last result). Stochastic rounding draws one uniform per value from the
+    seed and the value's index in ``canonical_view(x)``, which for such an x is its memory
+    order: with one seed, x and a copy of it in another layout round alike in distribution but
+    not value for value.
+
     Args:
         x: a floating-point tensor (any shape, contiguous or not, possibly empty).
         spec: the ``QuantSpec``.
