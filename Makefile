@@ -43,11 +43,12 @@ lint: venv
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/ruff format --check src tests benchmarks
 
-bench: venv
+bench: venv data
 	$(PY) benchmarks/bench_quantize.py
-	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_train_step.py --isolated 7 --trainer \
+		--out benchmarks/results/train_step_trainer.json
 	$(PY) benchmarks/bench_layers.py
-	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_memory.py --channels-last
 
 clean:
 	rm -rf .venv build src/*.egg-info
