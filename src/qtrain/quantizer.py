@@ -341,7 +341,9 @@ def canonical_view(
 def _memory_order_ok(x: torch.Tensor) -> bool:
     """Whether x is dense, laid out otherwise than its default contiguous strides, with its
     first dimension outermost (so that a sample is one run of memory)."""
-    if x.dim() < 2 or x.numel() == 0 or x.stride() == _default_strides(x.shape):
+    if x.dim() < 2 or x.numel() == 0 or (x.is_contiguous() and 1 not in x.shape):
+        return False  # (contiguous without size-1 dims: the default strides, a fast test)
+    if x.stride() == _default_strides(x.shape):
         return False
     return kernels.is_dense(x) and (x.shape[0] == 1 or x.stride(0) * x.shape[0] == x.numel())
 
