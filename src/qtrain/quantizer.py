@@ -789,10 +789,7 @@ class _LearnedStepQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         mask, step_grad = ctx.saved_tensors
-        if grad.stride() != ctx.layout:
-            grad = torch.empty_strided(
-                grad.shape, ctx.layout, dtype=grad.dtype, device=grad.device
-            ).copy_(grad)
+        grad = kernels.with_strides(grad, ctx.layout)
         grad3, _ = canonical_view(grad, ctx.granularity)
         grad_x = grad * ctx.restore(mask).to(grad.dtype)
         grad_step = (grad3 * step_grad).sum(dim=(0, 2)) * ctx.grad_scale

@@ -108,16 +108,12 @@ def test_cost_meter_reports_sbm8_bitops_per_role() -> None:
     assert cost.bitops["grad_weight"] == (first + second) * 16 * 8
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu_fused"])
 def test_sbm8_keeps_a_channels_last_batch_channels_last_end_to_end(backend: str) -> None:
     # The trainer's augmented batches are channels_last (one input channel): torch then runs
     # an fp32 net NHWC, and so must sbm8's layers (quantizers, Range BN, compact layers),
     # forward and backward. With nearest gradient rounding the step is that of the NCHW batch
     # up to the convolutions' summation order.
-    import qtrain.kernels
-
-    if backend == "cpu_fused" and qtrain.kernels.cpu_fused.load() is None:
-        pytest.skip("the cpu_fused extension cannot be built here")
+    # (the backend fixture runs it on the reference kernels and on AUTO's, i.e. cpu_fused)
     recipe = build_recipe("sbm8", {"grad_rounding": "nearest"})
     torch.manual_seed(0)
     base = recipe.prepare(build_model("resnet9", input_shape=(3, 16, 16), num_classes=10, width=4))
@@ -135,9 +131,8 @@ def test_sbm8_keeps_a_channels_last_batch_channels_last_end_to_end(backend: str)
                     )
                 )
         x = images.contiguous(memory_format=layout).detach().requires_grad_()
-        with qtrain.kernels.use_backend(backend):
-            loss = F.cross_entropy(model(x), labels)
-            loss.backward()
+        loss = F.cross_entropy(model(x), labels)
+        loss.backward()
         assert all(layouts) and x.grad.is_contiguous(memory_format=layout)
         results.append([loss, x.grad, *(p.grad for p in model.parameters())])
     for got, want in zip(*results, strict=True):

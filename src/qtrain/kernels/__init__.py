@@ -112,5 +112,13 @@ def is_dense(x: torch.Tensor) -> bool:
     return True
 
 
+def with_strides(x: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    """x laid out with ``strides`` (dense for x's shape): x itself where it already is, else a
+    copy."""
+    if x.stride() == tuple(strides):
+        return x
+    return torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device).copy_(x)
+
+
 # Importing a backend module registers it; nothing is built or imported until first use.
 from qtrain.kernels import cpu_fused, triton_quant  # noqa: E402, F401

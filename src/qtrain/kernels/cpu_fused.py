@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from qtrain.kernels import Backend, is_dense, reference, register_backend
+from qtrain.kernels import Backend, is_dense, reference, register_backend, with_strides
 
 _NAME = "qtrain_cpu_fused"
 _SOURCE = Path(__file__).parent / "csrc" / "quant.cpp"
@@ -266,19 +266,12 @@ def absmax(x3: torch.Tensor) -> torch.Tensor:
 
 
 def _channel_layout(x: torch.Tensor) -> torch.Tensor:
-    """x as the per-channel kernels (Range BN, channel_affine) take it: contiguous, or
+    """x as the layer kernels (Range BN, channel_affine, the 2×2 pool) take it: contiguous, or
     channels-last (C innermost, the other dims in order: a channels_last (B, C, H, W) tensor or
     its (B, C, H·W) view) as it is; else a contiguous copy."""
     if x.is_contiguous() or (x.dim() >= 3 and x.movedim(1, -1).is_contiguous()):
         return x
     return x.contiguous()
-
-
-def _in_layout_of(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """x (of like's shape) with like's strides (like dense): a copy only where they differ."""
-    if x.stride() == like.stride():
-        return x
-    return torch.empty_like(like, dtype=x.dtype).copy_(x)
 
 
 def range_bn_stats(
@@ -321,7 +314,7 @@ def masked_zero(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if grad.dtype != torch.float32 or grad.shape != mask.shape:
         return reference.masked_zero(grad, mask)
     mask = mask if is_dense(mask) else mask.contiguous()
-    return torch.ops.qtrain.masked_zero(_in_layout_of(grad, mask), mask)
+    return torch.ops.qtrain.masked_zero(with_strides(grad, mask.stride()), mask)
 
 
 def max_pool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,13 +322,7 @@ def max_pool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``reference.max_pool2x2``), in one pass, in x's layout (contiguous or channels_last)."""
     if x.dtype != torch.float32:
         return reference.max_pool2x2(x)
-    return torch.ops.qtrain.max_pool2x2(_pool_layout(x))
-
-
-def _pool_layout(x: torch.Tensor) -> torch.Tensor:
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
+    return torch.ops.qtrain.max_pool2x2(_channel_layout(x))
 
 
 def max_pool2x2_backward(
@@ -345,8 +332,10 @@ def max_pool2x2_backward(
     ``reference.max_pool2x2_backward``)."""
     if grad.dtype != torch.float32:
         return reference.max_pool2x2_backward(grad, where, height, width)
-    where = _pool_layout(where)
-    return torch.ops.qtrain.max_pool2x2_backward(_in_layout_of(grad, where), where, height, width)
+    where = _channel_layout(where)
+    return torch.ops.qtrain.max_pool2x2_backward(
+        with_strides(grad, where.stride()), where, height, width
+    )
 
 
 def range_bn_backward(
@@ -365,9 +354,9 @@ def range_bn_backward(
     x's layout, contiguous or channels-last)."""
     x3 = _channel_layout(x3)
     if zero_mask is not None:
-        zero_mask = _in_layout_of(zero_mask.reshape(x3.shape), x3)
+        zero_mask = with_strides(zero_mask.reshape(x3.shape), x3.stride())
     return torch.ops.qtrain.range_bn_backward(
-        _in_layout_of(grad3, x3),
+        with_strides(grad3, x3.stride()),
         x3,
         _per_channel(mean),
         _per_channel(inv_spread),

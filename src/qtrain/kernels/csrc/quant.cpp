@@ -238,19 +238,24 @@ Tensor empty_output_like(const Tensor& x, at::ScalarType dtype) {
                                            c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
 }
 
-// Range BN's batches come as a (B, C, S) float32 view in one of two layouts: contiguous
-// (NCHW), or channels-last (a 4-D channels_last tensor viewed as (B, C, H·W): C innermost, an
-// (M = B·S, C) matrix whose row p is each channel's sample-major position p). A view that is
-// both (C or S is 1) is treated as contiguous: the memory is the same. Returns whether it is
-// channels-last.
+// The two layouts the layer kernels (Range BN, the 2×2 pool) take: contiguous, or
+// channels-last (C innermost, the other dims in order: a channels_last (B, C, H, W) tensor or
+// its (B, C, H·W) view). A tensor that is both (C or the rest is 1) counts as contiguous: the
+// memory is the same. Returns whether x is channels-last; any other layout is an error.
+bool channels_last_layout(const Tensor& x, const char* what) {
+  if (x.is_contiguous()) return false;
+  TORCH_CHECK(x.dim() >= 3 && x.movedim(1, -1).is_contiguous(), what,
+              ": expected a contiguous or channels-last tensor (C innermost), got strides ",
+              x.strides());
+  return true;
+}
+
+// Range BN's batches: a (B, C, S) float32 view; channels-last, it is an (M = B·S, C) matrix
+// whose row p is each channel's sample-major position p. Returns whether it is channels-last.
 bool check_batch_view(const Tensor& x3, const char* what) {
   TORCH_CHECK(x3.device().is_cpu() && x3.scalar_type() == at::kFloat && x3.dim() == 3, what,
               ": expected a float32 CPU (B, C, S) view");
-  if (x3.is_contiguous()) return false;
-  TORCH_CHECK(x3.transpose(1, 2).is_contiguous(), what,
-              ": expected a contiguous or channels-last (B, C, S) view, got strides ",
-              x3.strides());
-  return true;
+  return channels_last_layout(x3, what);
 }
 
 void check_view(const Tensor& x3, const char* what) {
@@ -748,9 +753,7 @@ std::tuple<Tensor, Tensor> affine_rows(const Tensor& x_in, const Tensor& scale,
                                        const Tensor& shift, const char* what) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 2,
               what, ": expected a float32 CPU tensor (B, C, ...)");
-  const bool channels_last = !x_in.is_contiguous();
-  TORCH_CHECK(!channels_last || (x_in.dim() >= 3 && x_in.movedim(1, -1).is_contiguous()), what,
-              ": expected a contiguous or channels-last tensor (C innermost)");
+  const bool channels_last = channels_last_layout(x_in, what);
   const int64_t channels = x_in.size(1);
   const int64_t spatial = x_in.numel() == 0 ? 0 : x_in.numel() / (x_in.size(0) * channels);
   const Tensor x3 = x_in.view({x_in.size(0), channels, spatial});
@@ -874,8 +877,8 @@ std::tuple<Tensor, Tensor, Tensor> range_bn_backward(const Tensor& grad3, const 
   const uint8_t* zm = nullptr;
   if (zero_mask) {
     TORCH_CHECK(zero_mask->scalar_type() == at::kBool && zero_mask->sizes() == grad3.sizes() &&
-                    (channels_last ? zero_mask->transpose(1, 2).is_contiguous()
-                                   : zero_mask->is_contiguous()),
+                    channels_last_layout(*zero_mask, "qtrain::range_bn_backward") ==
+                        channels_last,
                 "qtrain::range_bn_backward: zero_mask must be a bool tensor of grad's shape "
                 "and layout");
     zm = reinterpret_cast<const uint8_t*>(zero_mask->data_ptr<bool>());
@@ -1191,14 +1194,6 @@ void unpool_pixel_channels(const float* __restrict g, const uint8_t* __restrict 
   }
 }
 
-// A (B, C, H, W) tensor's layout for the pool: contiguous (false) or channels_last (true).
-bool pool_layout(const Tensor& x, const char* what) {
-  if (x.is_contiguous()) return false;
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), what,
-              ": expected a contiguous or channels_last tensor");
-  return true;
-}
-
 // An output of shape (B, C, h, w) in the contiguous or the channels_last layout.
 Tensor pool_output(const Tensor& like, int64_t height, int64_t width, bool channels_last,
                    at::ScalarType dtype) {
@@ -1217,7 +1212,7 @@ std::tuple<Tensor, Tensor> max_pool2x2(const Tensor& x_in) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 4 &&
                   x_in.size(2) >= 2 && x_in.size(3) >= 2,
               "qtrain::max_pool2x2: expected a float32 CPU (B, C, H, W) tensor with H, W >= 2");
-  const bool channels_last = pool_layout(x_in, "qtrain::max_pool2x2");
+  const bool channels_last = channels_last_layout(x_in, "qtrain::max_pool2x2");
   const int64_t channels = x_in.size(1), height = x_in.size(2), width = x_in.size(3);
   const int64_t out_h = height / 2, out_w = width / 2;
   Tensor y_out = pool_output(x_in, out_h, out_w, channels_last, at::kFloat);
@@ -1264,8 +1259,8 @@ Tensor max_pool2x2_backward(const Tensor& grad_in, const Tensor& where_in, int64
               "qtrain::max_pool2x2_backward: expected a float32 CPU grad and uint8 "
               "positions of the pooled shape (B, C, H/2, W/2)");
   const char* what = "qtrain::max_pool2x2_backward";
-  const bool channels_last = pool_layout(grad_in, what);
-  TORCH_CHECK(pool_layout(where_in, what) == channels_last, what,
+  const bool channels_last = channels_last_layout(grad_in, what);
+  TORCH_CHECK(channels_last_layout(where_in, what) == channels_last, what,
               ": grad and where must share one layout");
   const int64_t channels = grad_in.size(1);
   const int64_t out_h = height / 2, out_w = width / 2;
