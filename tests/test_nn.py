@@ -90,11 +90,11 @@ def test_running_ranges_update_with_momentum_in_training():
     layer = QLinear(8, 3, config=GemmConfig(input_spec=UINT8)).train()
     x1, x2 = _randn(16, 8, seed=3), _randn(16, 8, seed=4, scale=3.0, shift=1.0)
     layer(x1)
-    assert torch.equal(layer.input_low, x1.min().view(1))  # the first batch initialises them
-    assert torch.equal(layer.input_high, x1.max().view(1))
+    assert torch.equal(layer.observers["input"].low, x1.min().view(1))  # the first batch initialises them
+    assert torch.equal(layer.observers["input"].high, x1.max().view(1))
     y2 = layer(x2)
-    assert torch.allclose(layer.input_low, 0.1 * x1.min() + 0.9 * x2.min())  # SBM: m = 0.1
-    assert torch.allclose(layer.input_high, 0.1 * x1.max() + 0.9 * x2.max())
+    assert torch.allclose(layer.observers["input"].low, 0.1 * x1.min() + 0.9 * x2.min())  # SBM: m = 0.1
+    assert torch.allclose(layer.observers["input"].high, 0.1 * x1.max() + 0.9 * x2.max())
     # Training quantizes each batch with its own range.
     assert torch.equal(y2, F.linear(quantize(x2, UINT8), layer.weight, layer.bias))
 
@@ -107,12 +107,12 @@ def test_non_finite_training_input_raises_before_the_running_ranges_take_it(bad)
             8, 3, config=GemmConfig(input_spec=spec, save_quantized_input=quantized_storage)
         )
         layer(_randn(4, 8, seed=8))
-        low, high = layer.input_low.clone(), layer.input_high.clone()
+        low, high = layer.observers["input"].low.clone(), layer.observers["input"].high.clone()
         x = _randn(4, 8, seed=9)
         x[2, 5] = bad
         with pytest.raises(NonFiniteError):
             layer(x)
-        assert torch.equal(layer.input_low, low) and torch.equal(layer.input_high, high)
+        assert torch.equal(layer.observers["input"].low, low) and torch.equal(layer.observers["input"].high, high)
 
 
 def test_batch_mean_ranges_are_means_of_per_sample_extremes():
@@ -120,19 +120,19 @@ def test_batch_mean_ranges_are_means_of_per_sample_extremes():
     layer = QLinear(8, 3, config=GemmConfig(input_spec=spec))
     x = _randn(5, 8, seed=5)
     layer(x)
-    assert torch.allclose(layer.input_low, x.amin(1).mean().view(1))
-    assert torch.allclose(layer.input_high, x.amax(1).mean().view(1))
+    assert torch.allclose(layer.observers["input"].low, x.amin(1).mean().view(1))
+    assert torch.allclose(layer.observers["input"].high, x.amax(1).mean().view(1))
 
 
 def test_running_ranges_are_used_and_frozen_in_eval():
     layer = QLinear(8, 3, config=GemmConfig(input_spec=UINT8))
     for seed in range(3):
         layer(_randn(16, 8, seed=seed))
-    low, high = layer.input_low.clone(), layer.input_high.clone()
+    low, high = layer.observers["input"].low.clone(), layer.observers["input"].high.clone()
     layer.eval()
     x = _randn(16, 8, seed=6, scale=4.0)  # wider than the running range: clips in eval
     y = layer(x)
-    assert torch.equal(layer.input_low, low) and torch.equal(layer.input_high, high)
+    assert torch.equal(layer.observers["input"].low, low) and torch.equal(layer.observers["input"].high, high)
     expected = F.linear(
         quantize(x, UINT8, qparams=qparams_from_range(low, high, formats.UINT8)),
         layer.weight,
@@ -146,7 +146,7 @@ def test_eval_before_training_measures_the_batch():
     layer = QLinear(8, 3, config=GemmConfig(input_spec=UINT8)).eval()
     x = _randn(4, 8, seed=7)
     assert torch.equal(layer(x), F.linear(quantize(x, UINT8), layer.weight, layer.bias))
-    assert layer.input_low.numel() == 0
+    assert layer.observers["input"].low.numel() == 0
 
 
 def test_running_ranges_survive_a_state_dict_round_trip():
@@ -155,11 +155,11 @@ def test_running_ranges_survive_a_state_dict_round_trip():
     for seed in range(2):
         layer(_randn(16, 8, seed=seed))
     state = layer.state_dict()
-    assert {"weight", "bias", "input_low", "input_high"} <= set(state)
+    assert {"weight", "bias", "observers.input.low", "observers.input.high"} <= set(state)
     other = QLinear(8, 3, config=config)
     other.load_state_dict(state, strict=True)
-    assert torch.equal(other.input_low, layer.input_low)
-    assert torch.equal(other.input_high, layer.input_high)
+    assert torch.equal(other.observers["input"].low, layer.observers["input"].low)
+    assert torch.equal(other.observers["input"].high, layer.observers["input"].high)
     x = _randn(5, 8, seed=8, scale=2.0)
     assert torch.equal(other.eval()(x), layer.eval()(x))
 
@@ -170,9 +170,9 @@ def test_loading_running_ranges_keeps_the_modules_dtype():
     other = QLinear(8, 3, config=GemmConfig(input_spec=UINT8)).double()
     other.load_state_dict(layer.state_dict(), strict=True)
     # Like every other parameter and buffer: values from the file, dtype/device of the module.
-    assert other.input_low.dtype == other.weight.dtype == torch.float64
-    assert torch.equal(other.input_low, layer.input_low.double())
-    assert torch.equal(other.input_high, layer.input_high.double())
+    assert other.observers["input"].low.dtype == other.weight.dtype == torch.float64
+    assert torch.equal(other.observers["input"].low, layer.observers["input"].low.double())
+    assert torch.equal(other.observers["input"].high, layer.observers["input"].high.double())
 
 
 def test_per_channel_running_ranges_for_a_conv():
@@ -180,8 +180,8 @@ def test_per_channel_running_ranges_for_a_conv():
     layer = QConv2d(3, 4, 3, config=GemmConfig(input_spec=spec))
     x = _randn(2, 3, 6, 6, seed=9) * torch.tensor([1.0, 5.0, 25.0]).view(1, 3, 1, 1)
     layer(x)
-    assert torch.equal(layer.input_high, x.amax((0, 2, 3)))
-    assert torch.equal(layer.input_low, x.amin((0, 2, 3)))
+    assert torch.equal(layer.observers["input"].high, x.amax((0, 2, 3)))
+    assert torch.equal(layer.observers["input"].low, x.amin((0, 2, 3)))
 
 
 def test_range_momentum_is_validated():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from qtrain.recipes import build_recipe
+from qtrain.recipes import StepResult, build_recipe
 from qtrain.recipes.fp32 import FP32Recipe
 from qtrain.train import (
     CHECKPOINT_FILE,
@@ -52,7 +52,7 @@ class NoisyRecipe(FP32Recipe):
         self.crash_at = crash_at
         self.steps_seen = 0
 
-    def on_step_start(self, step: int, total_steps: int, model: nn.Module) -> None:
+    def schedule(self, step: int, total_steps: int) -> None:
         if step == self.crash_at:
             raise KeyboardInterrupt("simulated kill")
 
@@ -60,17 +60,17 @@ class NoisyRecipe(FP32Recipe):
         weight = next(model.parameters())
         return 1e-3 * torch.rand(()) * weight.square().sum()
 
-    def on_step_end(self, step: int, loss: float, model: nn.Module, optimizer: Any) -> bool:
+    def on_step_end(self, step: int, result: StepResult, model: nn.Module, optimizer: Any) -> bool:
         self.steps_seen += 1
         return False
 
-    def bits_summary(self, model: nn.Module) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         return {"fw_bits": 8 if self.steps_seen < 50 else 4}
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps_seen": self.steps_seen}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
         self.steps_seen = state["steps_seen"]
 
 

@@ -1,9 +1,11 @@
 """qtrain: quantized training for PyTorch — low-precision weights, activations and gradients."""
 
-from qtrain import formats
+from qtrain import formats, presets  # noqa: F401  (presets registers the named configs)
 from qtrain.api import QuantizedTrainingConfig, dequantize_, quantize_
 from qtrain.nn import QConv2d, QLinear, RangeBatchNorm2d
-from qtrain.ops import GemmConfig
+from qtrain.observers import Observer, RunningMinMax
+from qtrain.ops import GemmConfig, Precision
+from qtrain.protocol import QuantizedModule, QuantizedWeight
 from qtrain.quantizer import (
     AbsMax,
     Clip,
@@ -28,6 +30,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GemmConfig",
+    "Observer",
+    "Precision",
+    "QuantizedModule",
+    "QuantizedWeight",
+    "RunningMinMax",
     "QConv2d",
     "QLinear",
     "QuantizedTrainingConfig",

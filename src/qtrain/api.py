@@ -1,7 +1,7 @@
 """``quantize_(model, config, filter_fn)``: the one entry point that swaps modules in place.
 
-A registry maps each config type to its handler (torchao style). Names of configs (``"sbm8"``)
-are registered by the recipes that define them, so this layer never imports a recipe.
+A registry maps each config type to its handler (torchao style). Named configs (``"sbm8"``)
+are registered by ``qtrain.presets``, which the package imports, below the recipes.
 
 >>> import torch
 >>> from torch import nn
@@ -34,9 +34,12 @@ from qtrain.nn import (
     RangeBatchNorm2d,
     fuse_range_bn_relu,
 )
+from qtrain.observers import ROLES as OBSERVER_ROLES
+from qtrain.observers import Observer, RunningMinMax
 from qtrain.ops import GemmConfig
+from qtrain.protocol import QuantizedModule
 from qtrain.quantizer import QuantSpec, QuantSpecError
-from qtrain.validation import check_fields, check_int, check_number
+from qtrain.validation import check_fields, check_int, check_number, refuse
 
 FilterFn = Callable[[nn.Module, str], bool]
 _GEMM_TYPES = (nn.Linear, nn.Conv2d)
@@ -54,6 +57,10 @@ class QuantizedTrainingConfig:
         batchnorm_input_spec / batchnorm_grad_spec: Range BN's optional input/gradient specs.
         range_momentum: running input ranges: run ← m·run + (1 − m)·batch.
         range_bn_chunks: Range BN's number of chunks per channel.
+        observers: extra observers per role (``"input"``, ``"weight"``, ``"grad_input"``,
+            ``"grad_weight"``), each a zero-argument factory called once per layer (e.g. a
+            clip observer class); every layer's input observer is SBM's running ranges
+            (``RunningMinMax(range_momentum)``) unless this names another.
         compact_activations: replace ``nn.ReLU`` by ``CompactReLU`` (a 1-byte mask for
             backward) and ``nn.MaxPool2d`` by ``CompactMaxPool2d`` (indices only), and fuse
             each Range BN with a ReLU that follows it in a Sequential (``fuse_range_bn_relu``):
@@ -70,12 +77,21 @@ class QuantizedTrainingConfig:
     range_momentum: float = 0.1
     range_bn_chunks: int = 16
     compact_activations: bool = False
+    observers: dict[str, Callable[[], Observer]] | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, QuantSpecError)
         what = "QuantizedTrainingConfig."
         check_number(what + "range_momentum", self.range_momentum, QuantSpecError, low=0, high=1)
         check_int(what + "range_bn_chunks", self.range_bn_chunks, QuantSpecError, low=1)
+        unknown = sorted(set(self.observers or {}) - set(OBSERVER_ROLES))
+        if unknown:
+            refuse(what + "observers", unknown, f"keys among {OBSERVER_ROLES}", QuantSpecError)
+
+    def build_observers(self) -> dict[str, Observer]:
+        """A fresh set of observers for one layer."""
+        built = {role: factory() for role, factory in (self.observers or {}).items()}
+        return {"input": RunningMinMax(self.range_momentum), **built}
 
 
 _HANDLERS: dict[type, Callable[[nn.Module, Any, FilterFn | None], nn.Module]] = {}
@@ -106,8 +122,6 @@ def quantize_(model: nn.Module, config: Any, filter_fn: FilterFn | None = None) 
         filter_fn: ``filter_fn(module, fqn) -> bool`` picks which layers are swapped.
     """
     if isinstance(config, str):
-        if config not in _NAMED_CONFIGS:
-            import qtrain.recipes  # noqa: F401  (recipes register their config names)
         if config not in _NAMED_CONFIGS:
             names = ", ".join(sorted(_NAMED_CONFIGS))
             raise QuantSpecError(f"quantize_: unknown config name {config!r}; choose from: {names}")
@@ -145,7 +159,8 @@ def _quantize_training(
                 else config.gemm
             )
             cls = QLinear if isinstance(module, nn.Linear) else QConv2d
-            _replace(model, name, cls.from_float(module, gemm, config.range_momentum))
+            observers = config.build_observers()
+            _replace(model, name, cls.from_float(module, gemm, config.range_momentum, observers))
         elif config.compact_activations and type(module) is nn.ReLU:
             _replace(model, name, CompactReLU.from_relu(module))
         elif (
@@ -171,15 +186,17 @@ def _quantize_training(
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Restore plain ``nn.Linear``/``nn.Conv2d``/``nn.BatchNorm2d`` with the same weights (and
-    plain ``nn.ReLU``/``nn.MaxPool2d`` for the compact ones)."""
+    """Restore plain modules with the same weights: every quantized layer's ``to_float()``
+    (``qtrain.protocol``), ``nn.BatchNorm2d`` for Range BN, and plain ``nn.ReLU`` /
+    ``nn.MaxPool2d`` for the compact ones."""
     for name, module in list(model.named_modules()):
         if not name:
             continue  # the root cannot be replaced in place (quantize_ never swaps it either)
-        if isinstance(module, FusedReLU | CompactReLU):
+        if isinstance(module, QuantizedModule):
+            _replace(model, name, module.to_float())
+        elif isinstance(module, FusedReLU | CompactReLU):
             _replace(model, name, nn.ReLU(module.inplace).train(module.training))
-            continue
-        if isinstance(module, CompactMaxPool2d):
+        elif isinstance(module, CompactMaxPool2d):
             plain_pool = nn.MaxPool2d(
                 module.kernel_size,
                 module.stride,
@@ -188,37 +205,17 @@ def dequantize_(model: nn.Module) -> nn.Module:
                 ceil_mode=module.ceil_mode,
             )
             _replace(model, name, plain_pool.train(module.training))
-            continue
-        if isinstance(module, QLinear):
-            plain = nn.Linear(
-                module.in_features, module.out_features, module.bias is not None, device="meta"
-            )
-        elif isinstance(module, QConv2d):
-            plain = nn.Conv2d(
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,
-                module.stride,
-                module.padding,
-                module.dilation,
-                module.groups,
-                module.bias is not None,
-                device="meta",
-            )
         elif isinstance(module, RangeBatchNorm2d):
             plain = nn.BatchNorm2d(
                 module.num_features, module.eps, module.momentum, module.affine, device="meta"
             )
             plain.running_mean, plain.running_var = module.running_mean, module.running_var
             plain.num_batches_tracked = module.num_batches_tracked
-        else:
-            continue
-        plain.weight, plain.bias = module.weight, module.bias
-        plain.train(module.training)
-        _replace(model, name, plain)
+            plain.weight, plain.bias = module.weight, module.bias
+            _replace(model, name, plain.train(module.training))
     return model
 
 
 def quantized_modules(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
-    """(name, module) of every quantized GEMM layer, in module order."""
+    """(name, module) of every emulated quantized GEMM layer, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear | QConv2d)]

@@ -43,13 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtrain.formats import Int
-from qtrain.ops import GemmConfig
-from qtrain.quantizer import QuantSpec
+from qtrain.protocol import QuantizedModule
 
 POLICIES = ("stop", "skip", "raise-precision")
-
-_SPEC_FIELDS = ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,60 +199,33 @@ class NumericalGuard:
 
     # ---- precision -----------------------------------------------------------------------
     def raise_precision(self, layer: str) -> bool:
-        """Raise the precision of every quantized operand of ``layer`` (see ``raised_config``).
+        """Raise the precision floor of every quantized operand of ``layer`` one step
+        (``QuantizedModule.raise_floor``): a precision schedule never goes below it.
 
-        Returns False when the layer is not a quantized GEMM or is already full precision.
+        Returns False when the layer is not a quantized layer or is already full precision.
         """
         module = self.model.get_submodule(layer) if layer else self.model
-        config = getattr(module, "config", None)
-        if not isinstance(config, GemmConfig) or not hasattr(module, "set_config"):
+        if not isinstance(module, QuantizedModule) or not module.raise_floor():
             return False
-        raised = raised_config(config)
-        if raised is None:
-            return False
-        module.set_config(raised)
         self.raised[layer] = self.raised.get(layer, 0) + 1
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        """The raised layers, so that a resumed run computes with the same precisions."""
-        return {"raised": dict(self.raised)}
+        """The raised layers with their floors, so a resumed run computes at the same
+        precisions whatever its schedule says."""
+        floors = {layer: self.model.get_submodule(layer).floor() for layer in self.raised}
+        return {"raised": dict(self.raised), "floors": floors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Re-apply the raises of ``state_dict()`` to a freshly prepared model."""
-        self.raised = {}
-        for layer, count in state.get("raised", {}).items():
-            for _ in range(count):
-                self.raise_precision(layer)
-
-
-def raised_config(config: GemmConfig) -> GemmConfig | None:
-    """One precision step up for every quantized operand of a layer; None if all are float.
-
-    An integer spec doubles its bits (at most 16); a 16-bit integer, minifloat or block-float
-    spec becomes full precision. Integer levels are saved for backward only up to 8 bits.
-
-    Example:
-        >>> from qtrain import QuantSpec, formats
-        >>> spec = QuantSpec(formats.Int(4))
-        >>> raised = raised_config(GemmConfig(spec, spec, QuantSpec(formats.FP8_E5M2)))
-        >>> raised.input_spec.format.bits, raised.grad_input_spec
-        (8, None)
-    """
-    if all(getattr(config, field) is None for field in _SPEC_FIELDS):
-        return None
-    specs = {field: _raised_spec(getattr(config, field)) for field in _SPEC_FIELDS}
-    input_spec = specs["input_spec"]
-    save = (
-        config.save_quantized_input
-        and input_spec is not None
-        and input_spec.int_format is not None
-        and input_spec.int_format.bits <= 8
-    )
-    return GemmConfig(**specs, save_quantized_input=save)
-
-
-def _raised_spec(spec: QuantSpec | None) -> QuantSpec | None:
-    if spec is not None and isinstance(spec.format, Int) and spec.format.bits < 16:
-        return spec.with_bits(min(16, 2 * spec.format.bits))
-    return None
+        """Restore ``state_dict()`` onto a freshly prepared model (an older state without
+        floors is replayed as raises)."""
+        self.raised = dict(state.get("raised", {}))
+        floors = state.get("floors")
+        if floors is None:
+            counts, self.raised = self.raised, {}
+            for layer, count in counts.items():
+                for _ in range(count):
+                    self.raise_precision(layer)
+            return
+        for layer, floor in floors.items():
+            self.model.get_submodule(layer).set_floor(floor)

@@ -1,8 +1,9 @@
-"""Quantized modules. They hold runtime state (current specs, running ranges), never policy.
+"""Quantized modules. They hold runtime state (current specs, observers), never policy.
 
 ``QLinear``/``QConv2d`` subclass ``nn.Linear``/``nn.Conv2d`` and keep their state_dict keys, so
-pretrained weights load into them; running input ranges are extra, optional buffers.
-Bit-widths change at run time through ``set_config`` without rebuilding the module.
+pretrained weights load into them; observers' state (running input ranges) is extra, optional
+buffers. Both follow the quantized-module protocol (``qtrain.protocol``): bit-widths change at
+run time through ``set_config`` / ``set_precision`` without rebuilding the module.
 
 >>> import torch
 >>> from qtrain import QuantSpec, formats
@@ -14,6 +15,7 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -21,85 +23,134 @@ import torch
 from torch import nn
 
 from qtrain import kernels
-from qtrain.ops import GemmConfig, quantize_grad, quantized_conv2d, quantized_linear
+from qtrain.formats import BlockFloat
+from qtrain.observers import ROLES as OBSERVER_ROLES
+from qtrain.observers import Observer, RunningMinMax
+from qtrain.ops import (
+    GemmConfig,
+    Precision,
+    quantize_grad,
+    quantized_conv2d,
+    quantized_linear,
+    raised_config,
+)
+from qtrain.protocol import QuantizedWeight
 from qtrain.quantizer import (
-    MinMax,
-    QParams,
     QuantSpec,
     QuantSpecError,
-    _CheckedQParams,
-    _observed_qparams,
-    observe_range,
-    qparams_from_range,
+    Rounding,
+    qparams_shape,
     quantize,
+    quantize_int,
 )
 from qtrain.validation import check_int, check_number, check_type, matches, refuse
 
-_RANGE_KEYS = ("input_low", "input_high")
+# Keys of the running input ranges before they moved into the input observer.
+_OLD_RANGE_KEYS = {"input_low": "observers.input.low", "input_high": "observers.input.high"}
 
 
 class _QuantizedGemmModule:
-    """Mixin: the GEMM config, running input ranges (MinMax input specs) and their update."""
+    """Mixin: the quantized-module protocol (``qtrain.protocol``) for a conv/linear layer.
+
+    The layer's effective ``config`` is its configured one (``set_config``) at the bit-widths
+    a schedule sets (``set_precision``), with no operand below the guard's floor
+    (``raise_floor``): a schedule never undoes a raise. Observers (``observers``, one per
+    role that has state; by default SBM's running ranges for the input) supply the qparams
+    of their operand.
+    """
 
     config: GemmConfig
     range_momentum: float
 
-    def _init_quant(self, config: GemmConfig, range_momentum: float) -> None:
+    def _init_quant(
+        self,
+        config: GemmConfig,
+        range_momentum: float,
+        observers: dict[str, Observer] | None = None,
+    ) -> None:
         what = f"{type(self).__name__}.range_momentum"
         check_number(what, range_momentum, QuantSpecError, low=0.0, high=1.0)
         self.range_momentum = float(range_momentum)
-        self.register_buffer("input_low", torch.zeros(0), persistent=True)
-        self.register_buffer("input_high", torch.zeros(0), persistent=True)
+        if observers is None:
+            observers = {"input": RunningMinMax(range_momentum)}
+        unknown = sorted(set(observers) - set(OBSERVER_ROLES))
+        if unknown:
+            refuse(f"{type(self).__name__}.observers", unknown, f"roles {OBSERVER_ROLES}",
+                   QuantSpecError)  # fmt: skip
+        self.observers = nn.ModuleDict(observers)
+        self._precision: Precision | None = None
+        self._floor: dict[str, float] = {}
         self.set_config(config)
 
+    # ---- precision: configured, scheduled, floored ----------------------------------------
     def set_config(self, config: GemmConfig) -> None:
-        """Switch specs (e.g. bit-widths) in place; running ranges are kept when still used."""
+        """Switch the configured specs in place; observers (running ranges) are kept."""
         check_type(f"{type(self).__name__}.config", config, GemmConfig, QuantSpecError)
-        self.config = config
+        self.base_config = config
+        self._update_config()
 
-    @property
-    def tracks_input_range(self) -> bool:
-        spec = self.config.input_spec
-        return spec is not None and isinstance(spec.scale, MinMax)
+    def set_precision(self, precision: Precision | None) -> None:
+        """The bit-widths a schedule sets this step (None: the configured ones)."""
+        check_type(f"{type(self).__name__}.precision", precision, Precision | None, QuantSpecError)
+        self._precision = precision
+        self._update_config()
 
-    def _input_qparams(self, x: torch.Tensor) -> QParams | None:
-        """Batch ranges in training (updating the running ones), running ranges in eval."""
-        if not self.tracks_input_range or x.numel() == 0:
-            return None
-        spec: QuantSpec = self.config.input_spec
-        if self.training:
-            low, high = observe_range(x, spec)
-            # Checked (nonfinite='error') before the running ranges take this batch's range in.
-            qparams = _observed_qparams(low, high, spec, [spec.int_format])[0]
-            with torch.no_grad():
-                if self.input_low.numel() != low.numel():
-                    self.input_low = low.clone()
-                    self.input_high = high.clone()
-                else:
-                    # SBM's update: run <- m·run + (1 − m)·new with m = 0.1.
-                    m = self.range_momentum
-                    self.input_low.mul_(m).add_(low, alpha=1 - m)
-                    self.input_high.mul_(m).add_(high, alpha=1 - m)
-            # From this batch's own (checked) range: the quantizer need not check x again.
-            return _CheckedQParams(qparams.scale, qparams.zero_point)
-        if self.input_low.numel():
-            return qparams_from_range(self.input_low, self.input_high, spec.int_format)
-        return None  # never trained: measure this batch
+    def raise_floor(self) -> bool:
+        """Raise every quantized operand one step (``raised_config``) and keep it there as a
+        floor under any later schedule. False when already full precision."""
+        raised = raised_config(self.config)
+        if raised is None:
+            return False
+        bits = raised.spec_bits()
+        self._floor = {field: max(self._floor.get(field, 0.0), b) for field, b in bits.items()}
+        self._update_config()
+        return True
 
+    def floor(self) -> dict[str, float]:
+        """Bits per spec field below which the guard keeps this layer (``math.inf``: float)."""
+        return dict(self._floor)
+
+    def set_floor(self, floor: dict[str, float]) -> None:
+        self._floor = dict(floor)
+        self._update_config()
+
+    def _update_config(self) -> None:
+        self.config = self.base_config.with_precision(self._precision).with_floor(self._floor)
+
+    # ---- what the cost meter and export ask -------------------------------------------------
     def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
         return self.config.role_bits(float_bits)
 
+    def sample_role_bits(self) -> None:
+        return None  # every sample of a call runs at role_bits()
+
+    def weight_storage_bits(self) -> int:
+        """The weight at its spec's bits plus one 32-bit scale per scale group (a block
+        float's shared exponents are in its bits; a plain cast has no scale); 32 bits a
+        value without a weight spec."""
+        spec, weight = self.config.weight_spec, self.weight
+        if spec is None:
+            return 32 * weight.numel()
+        scales = 0
+        if not isinstance(spec.format, BlockFloat) and spec.scale is not None:
+            scales = math.prod(qparams_shape(weight, spec.granularity))
+        return math.ceil(weight.numel() * spec.bits) + 32 * scales
+
+    def quantized_weight(self) -> QuantizedWeight | None:
+        """The weight as integer levels with scale and zero point (None: not an integer spec)."""
+        spec = self.config.weight_spec
+        if spec is None or spec.int_format is None or isinstance(spec.format, BlockFloat):
+            return None
+        nearest = dataclasses.replace(spec, rounding=Rounding.NEAREST)
+        levels, scale, zero_point = quantize_int(self.weight.detach(), nearest)
+        int_format = spec.int_format
+        return QuantizedWeight(levels, scale, zero_point, int_format.bits, int_format.signed)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # A plain nn.Linear/Conv2d state_dict has no range buffers: keep ours (start empty).
-        for key in _RANGE_KEYS:
-            name = prefix + key
-            if name in state_dict:
-                # Take the saved shape (ranges start empty); the loader copies the values in,
-                # keeping our device and dtype as it does for every other buffer.
-                own = getattr(self, key)
-                setattr(self, key, own.new_empty(state_dict[name].shape))
-            else:
-                state_dict[name] = getattr(self, key)
+        # Running ranges saved by a qtrain from before observers load into the input observer.
+        for old, new in _OLD_RANGE_KEYS.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
 
@@ -114,26 +165,37 @@ class QLinear(_QuantizedGemmModule, nn.Linear):
         *,
         config: GemmConfig | None = None,
         range_momentum: float = 0.1,
+        observers: dict[str, Observer] | None = None,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_quant(config or GemmConfig(), range_momentum)
+        self._init_quant(config or GemmConfig(), range_momentum, observers)
 
     @classmethod
     def from_float(
-        cls, module: nn.Linear, config: GemmConfig, range_momentum: float = 0.1
+        cls,
+        module: nn.Linear,
+        config: GemmConfig,
+        range_momentum: float = 0.1,
+        observers: dict[str, Observer] | None = None,
     ) -> QLinear:
         """A QLinear sharing ``module``'s parameters."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = module.in_features, module.out_features
         new.weight, new.bias = module.weight, module.bias
-        new._init_quant(config, range_momentum)
+        new._init_quant(config, range_momentum, observers)
         return new.train(module.training)
 
+    def to_float(self) -> nn.Linear:
+        """The plain ``nn.Linear`` with these parameters."""
+        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_linear(x, self.weight, self.bias, self.config, self._input_qparams(x))
+        return quantized_linear(x, self.weight, self.bias, self.config, None, self.observers)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, config={_describe(self.config)}"
@@ -147,15 +209,20 @@ class QConv2d(_QuantizedGemmModule, nn.Conv2d):
         *args: Any,
         config: GemmConfig | None = None,
         range_momentum: float = 0.1,
+        observers: dict[str, Observer] | None = None,
         **kwargs: Any,
     ) -> None:
         nn.Conv2d.__init__(self, *args, **kwargs)
         _check_conv(self)
-        self._init_quant(config or GemmConfig(), range_momentum)
+        self._init_quant(config or GemmConfig(), range_momentum, observers)
 
     @classmethod
     def from_float(
-        cls, module: nn.Conv2d, config: GemmConfig, range_momentum: float = 0.1
+        cls,
+        module: nn.Conv2d,
+        config: GemmConfig,
+        range_momentum: float = 0.1,
+        observers: dict[str, Observer] | None = None,
     ) -> QConv2d:
         """A QConv2d sharing ``module``'s parameters."""
         _check_conv(module)
@@ -176,8 +243,24 @@ class QConv2d(_QuantizedGemmModule, nn.Conv2d):
         ):
             setattr(new, name, getattr(module, name))
         new.weight, new.bias = module.weight, module.bias
-        new._init_quant(config, range_momentum)
+        new._init_quant(config, range_momentum, observers)
         return new.train(module.training)
+
+    def to_float(self) -> nn.Conv2d:
+        """The plain ``nn.Conv2d`` with these parameters."""
+        plain = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            device="meta",
+        )
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_conv2d(
@@ -189,7 +272,8 @@ class QConv2d(_QuantizedGemmModule, nn.Conv2d):
             self.padding,
             self.dilation,
             self.groups,
-            self._input_qparams(x),
+            None,
+            self.observers,
         )
 
     def extra_repr(self) -> str:

@@ -17,12 +17,14 @@ torch.Size([2, 3])
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from qtrain import kernels
+from qtrain.formats import Int
 from qtrain.quantizer import (
     MinMax,
     QParams,
@@ -42,8 +44,44 @@ from qtrain.quantizer import (
     fake_quantize_with_mask,
     needs_clip_mask,
 )
+from qtrain.observers import Observer
+from qtrain.validation import check_int
 
 ROLES = ("forward", "grad_input", "grad_weight")
+SPEC_FIELDS = ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec")
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Bit-widths a precision schedule sets on a layer (CPT, FracTrain); None keeps the
+    configured bits. Only integer specs change; an operand without a spec stays full precision.
+
+    Args:
+        forward: the forward product's operands, input and weight (``weight`` overrides).
+        backward: the layer gradient g_l for the grad-input product.
+        weight: the weight alone (e.g. DFQ's 4-bit weights under varying activation bits).
+        grad_weight: the copy of g_l for the grad-weight product (None: ``backward``'s).
+
+    >>> Precision(forward=4, backward=8).field_bits()
+    {'input_spec': 4, 'weight_spec': 4, 'grad_input_spec': 8, 'grad_weight_spec': 8}
+    """
+
+    forward: int | None = None
+    backward: int | None = None
+    weight: int | None = None
+    grad_weight: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("forward", "backward", "weight", "grad_weight"):
+            value = getattr(self, field)
+            if value is not None:
+                check_int(f"Precision.{field}", value, QuantSpecError, low=1, high=16)
+
+    def field_bits(self) -> dict[str, int | None]:
+        """Bits per GemmConfig spec field (None: unchanged)."""
+        weight = self.weight if self.weight is not None else self.forward
+        grad_weight = self.grad_weight if self.grad_weight is not None else self.backward
+        return dict(zip(SPEC_FIELDS, (self.forward, weight, self.backward, grad_weight)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +122,46 @@ class GemmConfig:
                     "use an input_spec with nonfinite='error'"
                 )
 
+    def with_specs(self, **specs: QuantSpec | None) -> GemmConfig:
+        """The same config with some specs replaced; integer levels are saved for backward
+        only while the input spec allows it (an integer format of <= 8 bits)."""
+        new = {field: specs.get(field, getattr(self, field)) for field in SPEC_FIELDS}
+        spec = new["input_spec"]
+        save = self.save_quantized_input and (
+            spec is not None and spec.int_format is not None and spec.int_format.bits <= 8
+        )
+        return GemmConfig(**new, save_quantized_input=save)
+
+    def with_precision(self, precision: Precision | None) -> GemmConfig:
+        """Integer specs at the bit-widths ``precision`` sets (the rest unchanged)."""
+        if precision is None:
+            return self
+        specs = {}
+        for field, bits in precision.field_bits().items():
+            spec = getattr(self, field)
+            if bits is not None and spec is not None and isinstance(spec.format, Int):
+                specs[field] = spec.with_bits(bits)
+        return self.with_specs(**specs) if specs else self
+
+    def with_floor(self, floor: dict[str, float]) -> GemmConfig:
+        """No operand below its floor bits: a narrower integer spec is widened to the floor;
+        a floor above 16 bits, or above a non-integer spec's bits, means full precision."""
+        specs: dict[str, QuantSpec | None] = {}
+        for field, bits in floor.items():
+            spec = getattr(self, field)
+            if spec is None or spec.bits >= bits:
+                continue
+            widen = isinstance(spec.format, Int) and bits <= 16
+            specs[field] = spec.with_bits(int(bits)) if widen else None
+        return self.with_specs(**specs) if specs else self
+
+    def spec_bits(self) -> dict[str, float]:
+        """Bits per spec field; ``math.inf`` for an operand at full precision."""
+        return {
+            field: math.inf if getattr(self, field) is None else getattr(self, field).bits
+            for field in SPEC_FIELDS
+        }
+
     def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
         """Bits of the two operands of each product; an operand without a spec counts
         ``float_bits`` (32, or 16 under bf16/fp16 autocast)."""
@@ -116,6 +194,30 @@ class GemmConfig:
             for field in ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec")
         }
         return cls(**specs, save_quantized_input=bool(data.get("save_quantized_input", False)))
+
+
+def raised_config(config: GemmConfig) -> GemmConfig | None:
+    """One precision step up for every quantized operand of a layer; None if all are float.
+
+    An integer spec doubles its bits (at most 16); a 16-bit integer, minifloat or block-float
+    spec becomes full precision. Integer levels are saved for backward only up to 8 bits.
+
+    Example:
+        >>> from qtrain import QuantSpec, formats
+        >>> spec = QuantSpec(formats.Int(4))
+        >>> raised = raised_config(GemmConfig(spec, spec, QuantSpec(formats.FP8_E5M2)))
+        >>> raised.input_spec.format.bits, raised.grad_input_spec
+        (8, None)
+    """
+    if all(getattr(config, field) is None for field in SPEC_FIELDS):
+        return None
+    return config.with_specs(**{f: _raised_spec(getattr(config, f)) for f in SPEC_FIELDS})
+
+
+def _raised_spec(spec: QuantSpec | None) -> QuantSpec | None:
+    if spec is not None and isinstance(spec.format, Int) and spec.format.bits < 16:
+        return spec.with_bits(min(16, 2 * spec.format.bits))
+    return None
 
 
 def _quantize_operand(
@@ -214,17 +316,23 @@ class _QuantizedGemm(torch.autograd.Function):
     """Shared forward/backward of quantized linear and conv2d; ``kind`` picks the products."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, config, input_qparams, conv_args):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, config, input_qparams, conv_args, observers):  # type: ignore[override]
         want_x_mask = ctx.needs_input_grad[0]
+        if input_qparams is None:
+            input_qparams = _observed(observers, "input", x, config.input_spec)
         saved = _SavedInput(
             x, config.input_spec, input_qparams, config.save_quantized_input, want_x_mask
         )
-        w_q, w_mask = _quantize_operand(weight, config.weight_spec, None, ctx.needs_input_grad[1])
+        w_qparams = _observed(observers, "weight", weight, config.weight_spec)
+        w_q, w_mask = _quantize_operand(
+            weight, config.weight_spec, w_qparams, ctx.needs_input_grad[1]
+        )
         if conv_args is None:
             y = F.linear(saved.value, w_q, bias)
         else:
             y = F.conv2d(saved.value, w_q, bias, *conv_args)
         ctx.config = config
+        ctx.observers = observers
         ctx.conv_args = conv_args
         ctx.has_bias = bias is not None
         stored, x_mask = saved.tensors()
@@ -241,7 +349,7 @@ class _QuantizedGemm(torch.autograd.Function):
         config: GemmConfig = ctx.config
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = grad_b = None
-        g_in, g_w = _gradient_copies(grad_out, config, need_x, need_w)
+        g_in, g_w = _gradient_copies(grad_out, config, need_x, need_w, ctx.observers)
         if ctx.conv_args is None:
             grad_x, grad_w = _linear_grads(g_in, g_w, x_q, w_q)
         else:
@@ -256,15 +364,37 @@ class _QuantizedGemm(torch.autograd.Function):
             grad_x = grad_x * x_mask.to(grad_x.dtype)
         if grad_w is not None and w_mask is not None:
             grad_w = grad_w * w_mask.to(grad_w.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _observed(
+    observers: dict[str, Observer] | None, role: str, x: torch.Tensor, spec: QuantSpec | None
+) -> QParams | None:
+    """The qparams the role's observer gives for x (None: no observer, or the spec's rule)."""
+    if spec is None or observers is None or role not in observers:
+        return None
+    return observers[role].qparams(x, spec)
 
 
 def _gradient_copies(
-    grad: torch.Tensor, config: GemmConfig, need_x: bool, need_w: bool
+    grad: torch.Tensor,
+    config: GemmConfig,
+    need_x: bool,
+    need_w: bool,
+    observers: dict[str, Observer] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """g_l quantized for the grad-input and the grad-weight products (None where not needed);
     stochastic-rounding seeds are drawn in that order, as two ``quantize`` calls draw them."""
     input_spec, weight_spec = config.grad_input_spec, config.grad_weight_spec
+    if observers is not None and ("grad_input" in observers or "grad_weight" in observers):
+        g_in = g_w = None
+        if need_x:
+            qparams = _observed(observers, "grad_input", grad, input_spec)
+            g_in = _quantize_operand(grad, input_spec, qparams, False)[0]
+        if need_w:
+            qparams = _observed(observers, "grad_weight", grad, weight_spec)
+            g_w = _quantize_operand(grad, weight_spec, qparams, False)[0]
+        return g_in, g_w
     if need_x and need_w and input_spec == weight_spec:
         g_in = _quantize_operand(grad, input_spec, None, False)[0]
         return g_in, g_in  # no bifurcation: both products use the one quantized copy of g_l
@@ -377,13 +507,16 @@ def quantized_linear(
     bias: torch.Tensor | None,
     config: GemmConfig,
     input_qparams: QParams | None = None,
+    observers: dict[str, Observer] | None = None,
 ) -> torch.Tensor:
     """``F.linear`` with the products quantized as ``config`` says.
 
-    ``input_qparams`` overrides the input spec's scale rule (e.g. running ranges in eval).
-    With every spec None the result and gradients equal ``F.linear``'s.
+    ``observers`` maps a role (``input``, ``weight``, ``grad_input``, ``grad_weight``) to the
+    ``Observer`` whose qparams quantize that operand (e.g. running ranges); ``input_qparams``
+    fixes the input's qparams outright. With every spec None the result and gradients equal
+    ``F.linear``'s.
     """
-    return _QuantizedGemm.apply(x, weight, bias, config, input_qparams, None)
+    return _QuantizedGemm.apply(x, weight, bias, config, input_qparams, None, observers)
 
 
 def quantized_conv2d(
@@ -396,12 +529,14 @@ def quantized_conv2d(
     dilation: tuple[int, int] = (1, 1),
     groups: int = 1,
     input_qparams: QParams | None = None,
+    observers: dict[str, Observer] | None = None,
 ) -> torch.Tensor:
-    """``F.conv2d`` (zero padding, any stride/dilation/groups) with quantized products."""
+    """``F.conv2d`` (zero padding, any stride/dilation/groups) with quantized products;
+    ``input_qparams`` and ``observers`` as in ``quantized_linear``."""
     if isinstance(padding, str):
         raise QuantSpecError("quantized_conv2d: padding must be numeric, got a string mode")
     conv_args = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), groups)
-    return _QuantizedGemm.apply(x, weight, bias, config, input_qparams, conv_args)
+    return _QuantizedGemm.apply(x, weight, bias, config, input_qparams, conv_args, observers)
 
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:

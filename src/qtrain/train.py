@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -55,7 +56,8 @@ from qtrain import models as qmodels
 from qtrain.cost import CostMeter, StepCost, model_bits
 from qtrain.guard import POLICIES, Fault, NumericalGuard
 from qtrain.quantizer import NonFiniteError
-from qtrain.recipes.base import Recipe
+from qtrain.protocol import set_precision
+from qtrain.recipes.base import Recipe, StepResult
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -633,18 +635,23 @@ class _StepSnapshot:
 
     buffers: list[tuple[nn.Module, str, torch.Tensor]]
     rng: dict[str, Any]
+    recipe: Recipe
+    recipe_state: dict[str, Any]
+    model: nn.Module
 
     @classmethod
-    def take(cls, model: nn.Module) -> _StepSnapshot:
+    def take(cls, model: nn.Module, recipe: Recipe) -> _StepSnapshot:
         buffers = [
             (module, name, buffer.clone())
             for module in model.modules()
             for name, buffer in module._buffers.items()
             if buffer is not None
         ]
-        return cls(buffers, _rng_state())
+        state = copy.deepcopy(recipe.state_dict())
+        return cls(buffers, _rng_state(), recipe, state, model)
 
     def restore(self) -> None:
+        self.recipe.load_state_dict(copy.deepcopy(self.recipe_state), self.model)
         for module, name, saved in self.buffers:
             current = module._buffers[name]
             if current is not None and current.shape == saved.shape:
@@ -750,7 +757,7 @@ class _Trainer:
         # On the CPU: RNG states must be CPU tensors; model and optimizer copy to their device.
         state = _load_checkpoint_data(path)
         # The recipe first, so it can restore any structure its state describes; then shapes.
-        self.recipe.load_state_dict(state["recipe"])
+        self.recipe.load_state_dict(state["recipe"], self.model)
         _load_model_state(self.model, state["model"])
         self.guard.load_state_dict(state.get("guard", {}))
         self.optimizer = build_optimizer(self.config, self.recipe, self.model)
@@ -799,7 +806,7 @@ class _Trainer:
         check_layers = every > 0 and self.progress.step % every == 0
         unlocated: Fault | None = None
         for _ in range(MAX_STEP_ATTEMPTS):
-            snapshot = _StepSnapshot.take(self.model)
+            snapshot = _StepSnapshot.take(self.model, self.recipe)
             try:
                 result = self._train_step(x, y, check_layers)
             except _StepFault as signal:
@@ -860,7 +867,7 @@ class _Trainer:
     ) -> tuple[float, int]:
         """One step; raises ``_StepFault`` before the optimizer update if a NaN/inf shows."""
         config, recipe, model, step = self.config, self.recipe, self.model, self.progress.step
-        recipe.on_step_start(step, self.total_steps, model)
+        set_precision(model, recipe.schedule(step, self.total_steps))
         factor = lr_factor(config.schedule, step, self.total_steps, config.warmup_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
@@ -902,7 +909,8 @@ class _Trainer:
         else:
             recipe.before_optimizer_step(step, model, self.optimizer)
             self.optimizer.step()
-        if recipe.on_step_end(step, loss_value, model, self.optimizer):
+        result = StepResult(loss_value, int(correct_count), y.numel())
+        if recipe.on_step_end(step, result, model, self.optimizer):
             self.progress.cost += self.meter.pop()
             self.meter.remove()
             self.meter = CostMeter(model)
@@ -953,7 +961,7 @@ class _Trainer:
             "epoch": p.step / self.steps_per_epoch,
             **fields,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "bits": self.recipe.bits_summary(self.model),
+            "bits": self.recipe.metrics(),
             "params": _params(self.model),
             "bitops": p.cost.total_bitops,
             "bitops_fp32": p.cost.bitops_fp32,
@@ -1083,7 +1091,7 @@ class _Trainer:
             "params_initial": p.params_initial,
             "params_final": _params(self.model),
             "model_bits": int(model_bits(self.model)),
-            "bits": self.recipe.bits_summary(self.model),
+            "bits": self.recipe.metrics(),
             "epoch_seconds": p.epoch_seconds,
             "wall_seconds": p.wall_seconds,
             "peak_memory_bytes": peak,

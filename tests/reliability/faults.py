@@ -49,16 +49,17 @@ class Inject:
         module.weight.register_hook(self._weight_gradient)
         return model
 
-    def on_step_start(self, step: int, total_steps: int, model: nn.Module) -> None:
-        super().on_step_start(step, total_steps, model)  # type: ignore[misc]
+    def schedule(self, step: int, total_steps: int) -> Any:
+        # Not pure, as a schedule should be: the injector only notes which step runs.
         if step == self.crash_at:
             raise KeyboardInterrupt("simulated crash")
         self.step = step
+        return super().schedule(step, total_steps)  # type: ignore[misc]
 
-    def on_step_end(self, step: int, loss: float, model: nn.Module, optimizer: Any) -> bool:
+    def on_step_end(self, step: int, result: Any, model: nn.Module, optimizer: Any) -> bool:
         if step == self.corrupt_buffer_at:
             model.get_submodule("2.1").running_var[0] = self.value
-        return super().on_step_end(step, loss, model, optimizer)  # type: ignore[misc]
+        return super().on_step_end(step, result, model, optimizer)  # type: ignore[misc]
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         if self._fire("loss"):

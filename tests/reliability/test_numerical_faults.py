@@ -4,6 +4,7 @@ what each ``on_nonfinite`` policy does. No fault ever leaves a non-finite checkp
 from __future__ import annotations
 
 import math
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from faults import LAYER, faulty
 from torch import nn
 
 from qtrain import QuantSpec, formats
-from qtrain.guard import Fault, NumericalGuard, raised_config
+from qtrain.guard import Fault, NumericalGuard
+from qtrain.ops import raised_config
 from qtrain.ops import GemmConfig
 from qtrain.train import (
     CHECKPOINT_FILE,
@@ -154,7 +156,11 @@ def test_raise_precision_raises_the_layer_and_retries_the_step(
     assert gemm.input_spec.bits == gemm.weight_spec.bits == gemm.grad_input_spec.bits == 16
     assert gemm.grad_weight_spec is None
     state = finite_checkpoint(tmp_path / "run")
-    assert state["guard"] == {"raised": {LAYER: 1}}
+    assert state["guard"]["raised"] == {LAYER: 1}
+    # The floor the raise set: 16-bit operands, a float grad-weight copy (checkpointed so that
+    # a resumed run, whatever its schedule, computes at it).
+    floor = {"input_spec": 16, "weight_spec": 16, "grad_input_spec": 16, "grad_weight_spec": inf}
+    assert state["guard"]["floors"] == {LAYER: floor}
     assert int(state["model"]["2.1.num_batches_tracked"]) == 8  # the retry counted once
 
 
@@ -212,7 +218,8 @@ def test_raised_precision_is_restored_on_resume(tmp_path: Path, tiny_config: Any
 
     expected = read_checkpoint(tmp_path / "straight" / CHECKPOINT_FILE)
     got = read_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)
-    assert got["guard"] == expected["guard"] == {"raised": {LAYER: 1}}
+    assert got["guard"] == expected["guard"]
+    assert got["guard"]["raised"] == {LAYER: 1}
     assert all(torch.equal(expected["model"][k], got["model"][k]) for k in expected["model"])
     assert without_timings(read_metrics(tmp_path / "resumed")) == without_timings(
         read_metrics(tmp_path / "straight")

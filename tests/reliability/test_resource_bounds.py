@@ -36,7 +36,7 @@ ALLOCATION_FAILURES = {
 
 def recipe_failing_at(step: int, error: BaseException) -> type[FP32Recipe]:
     class FailingStep(FP32Recipe):
-        def on_step_start(self, at: int, total_steps: int, model: nn.Module) -> None:
+        def schedule(self, at: int, total_steps: int) -> None:
             if at == step:
                 raise error
 

@@ -22,7 +22,6 @@ import math
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from qtrain.recipes.base import Recipe, RecipeConfig, RecipeConfigError, register_recipe
 from qtrain.validation import check_int, refuse
@@ -39,7 +38,7 @@ class _AutocastRecipe(Recipe):
     def autocast(self, device_type: str) -> torch.autocast:
         return torch.autocast(device_type, dtype=self.dtype)
 
-    def bits_summary(self, model: nn.Module) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         # Autocast GEMMs take 16-bit operands; gradients flow back through them in 16 bits too.
         return {"fw_bits": self._bits, "bw_bits": self._bits}
 

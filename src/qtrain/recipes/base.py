@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from qtrain.ops import Precision
 from qtrain.validation import check_fields
 
 
@@ -131,15 +132,37 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one training step measured: the task loss (mean over the batch, without the
+    recipe's extra loss), the number of correct predictions, and the number of targets."""
+
+    loss: float
+    correct: int
+    count: int
+
+
 class Recipe:
     """Base recipe: full precision, no hooks. Subclasses override what their method needs.
 
-    Lifecycle used by the trainer, in order:
-      ``prepare(model)`` once → per step ``on_step_start`` → forward under ``autocast()`` →
-      loss + ``extra_loss`` → backward (through ``grad_scaler``) → ``before_optimizer_step`` →
-      optimizer step → ``on_step_end`` (may return True when the model's shape changed; the
-      trainer then rebuilds the optimizer keeping the surviving state via
-      ``remap_optimizer_state``).
+    Lifecycle, in the trainer's order (docs/DESIGN.md lists each hook with the method that
+    needs it):
+
+    - ``prepare(model)`` once: swap layers (usually ``qtrain.quantize_``);
+    - ``param_groups(model)``: optimizer groups (per-layer learning rates);
+    - each step: ``schedule(step, total_steps)`` → the trainer sets that precision on every
+      quantized layer (the guard's floor stays under it) → forward under ``autocast()`` →
+      task loss + ``extra_loss(model)`` → backward (through ``grad_scaler``) →
+      ``before_optimizer_step`` → optimizer step → ``on_step_end(step, result, ...)`` (True
+      when the model's shape changed: the trainer rebuilds the optimizer, keeping surviving
+      state through ``remap_optimizer_state``) → ``sync()`` (agree across ranks);
+    - ``metrics()`` whenever the trainer logs (metrics.jsonl, progress bar, report plots);
+    - ``on_eval_start(model)`` before each evaluation: a precision to evaluate at;
+    - ``state_dict()`` in every checkpoint; ``load_state_dict(state, model)`` on resume and in
+      ``load_run``, before the weights load, so structural changes can be replayed first.
+
+    ``schedule`` must be a pure function of the step and the recipe's state: the guard
+    re-runs a step after restoring the recipe's state, and resume replays it.
     """
 
     name: ClassVar[str] = ""
@@ -160,9 +183,19 @@ class Recipe:
         """Swap/annotate the model's layers (usually via ``qtrain.quantize_``); return it."""
         return model
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups (e.g. one per layer for UI8's lr scaling), or None.
+
+        A group's ``lr`` is its peak learning rate; the trainer's schedule scales it."""
+        return None
+
     # ---- per-step hooks -------------------------------------------------------------------
-    def on_step_start(self, step: int, total_steps: int, model: nn.Module) -> None:
-        """Change per-layer specs/bits for this step (CPT, FracTrain)."""
+    def schedule(self, step: int, total_steps: int) -> Precision | dict[str, Precision] | None:
+        """The precision of step ``step`` (0-based) of ``total_steps`` (CPT, PFQ): one for
+        every quantized layer, a dict by layer name, or None for the configured bits.
+
+        Pure: the same step and recipe state give the same answer (retries, resume)."""
+        return None
 
     def autocast(self, device_type: str) -> torch.autocast | None:
         """An autocast context for the forward pass, or None.
@@ -183,32 +216,44 @@ class Recipe:
         """An extra loss term added to the task loss (size loss, gate cost), or None."""
         return None
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
-        """Optimizer parameter groups (e.g. one per layer for per-layer lr scaling), or None."""
-        return None
-
     def before_optimizer_step(self, step: int, model: nn.Module, optimizer: Any) -> None:
-        """Adjust gradients or per-group learning rates (e.g. UI8's lr scaling)."""
+        """Adjust gradients or per-group learning rates (e.g. UI8's lr scaling); each group's
+        ``lr`` already holds the run's schedule for this step."""
 
-    def on_step_end(self, step: int, loss: float, model: nn.Module, optimizer: Any) -> bool:
-        """Observe the loss (PFQ stages); return True if the model's parameters changed shape."""
+    def on_step_end(
+        self, step: int, result: StepResult, model: nn.Module, optimizer: Any
+    ) -> bool:
+        """Observe the step (PFQ's loss plateaus); True if the model's parameters changed
+        shape (self-compression removed channels)."""
         return False
 
     def remap_optimizer_state(self) -> Callable[[nn.Parameter], nn.Parameter | None] | None:
         """After a shape change: maps each new parameter to the old one whose state it keeps."""
         return None
 
-    # ---- reporting and resume ---------------------------------------------------------------
-    def bits_summary(self, model: nn.Module) -> dict[str, float]:
-        """Current bit-widths for logging, e.g. {"fw_bits": 8, "bw_bits": 8}."""
+    def sync(self, process_group: Any = None) -> None:
+        """Agree on the recipe's data-dependent state across ranks (PFQ's indicator, DFQ's
+        cost statistics); the trainer calls it after every step. Single process: nothing."""
+
+    # ---- evaluation and reporting ---------------------------------------------------------
+    def on_eval_start(self, model: nn.Module) -> Precision | dict[str, Precision] | None:
+        """The precision to evaluate at (CPT: b_max), or None for the current schedule's."""
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        """Named scalars for metrics.jsonl, the progress bar and the report's plots (bits in
+        use, clip values, the fraction of channels removed...)."""
         return {}
 
+    # ---- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Schedule state needed for exact resume (CPT position, PFQ stage, ...)."""
+        """State needed for exact resume (PFQ's stage, CPT's range-test choice): tensors and
+        plain containers only (checkpoints load with ``weights_only=True``)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``."""
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Restore ``state_dict()``; ``model`` is the freshly prepared model, before its
+        weights load, so structural changes (removed channels) can be replayed on it."""
 
 
 RECIPES: dict[str, type[Recipe]] = {}

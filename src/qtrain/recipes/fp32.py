@@ -2,7 +2,7 @@
 
 Example:
     >>> from qtrain.recipes import build_recipe
-    >>> build_recipe("fp32").bits_summary(None)
+    >>> build_recipe("fp32").metrics()
     {}
 """
 

@@ -20,10 +20,9 @@ from typing import Literal
 
 from torch import nn
 
-from qtrain.api import QuantizedTrainingConfig, quantize_, register_config_name
-from qtrain.formats import Int
-from qtrain.ops import GemmConfig
-from qtrain.quantizer import MinMax, QuantSpec, Rounding
+from qtrain.api import QuantizedTrainingConfig, quantize_
+from qtrain.presets import sbm_quantization
+from qtrain.quantizer import Rounding
 from qtrain.recipes.base import Amp, Recipe, RecipeConfig, RecipeConfigError, register_recipe
 from qtrain.validation import check_int, check_number
 
@@ -32,7 +31,7 @@ from qtrain.validation import check_int, check_number
 class SBMConfig(RecipeConfig):
     """SBM parameters; the ablation switches of the paper are the four booleans/roundings."""
 
-    bits: int = 8  # weights and activations
+    bits: int | None = None  # weights and activations: recipe "sbm" needs it, "sbm8" is 8
     grad_bits: int = 8  # g_l for the grad-input product
     grad_weight_bits: int = 16  # the bifurcated copy of g_l for the grad-weight product
     grad_rounding: Literal["stochastic", "nearest"] = "stochastic"  # the paper: SR is essential
@@ -48,37 +47,25 @@ class SBMConfig(RecipeConfig):
     def validate(self) -> None:
         error = RecipeConfigError
         for name in ("bits", "grad_bits", "grad_weight_bits"):
-            check_int(f"SBMConfig.{name}", getattr(self, name), error, low=2, high=16)
+            if getattr(self, name) is not None:
+                check_int(f"{type(self).__name__}.{name}", getattr(self, name), error, low=2, high=16)
         check_number("SBMConfig.range_momentum", self.range_momentum, error, low=0, high=1)
         check_int("SBMConfig.range_bn_chunks", self.range_bn_chunks, error, low=1)
 
     def quantization_config(self) -> QuantizedTrainingConfig:
-        rounding = Rounding(self.grad_rounding)
-        weight = QuantSpec(Int(self.bits, signed=False), scale=MinMax())
-        activation = QuantSpec(
-            Int(self.bits, signed=False), scale=MinMax(batch_mean=True), clip_gradient=False
-        )
         # Under fp16 loss scaling an overflowed (inf) gradient must reach the GradScaler, which
         # skips that step; elsewhere a non-finite gradient is an error.
-        nonfinite = "propagate" if self.amp == "fp16" else "error"
-        grad_input, grad_weight = (
-            QuantSpec(
-                Int(bits, signed=False), scale=MinMax(), rounding=rounding, nonfinite=nonfinite
-            )
-            for bits in (
-                self.grad_bits,
-                self.grad_weight_bits if self.bifurcation else self.grad_bits,
-            )
-        )
-        save_levels = self.quantize_saved_activations and self.bits <= 8
-        gemm = GemmConfig(activation, weight, grad_input, grad_weight, save_levels)
-        return QuantizedTrainingConfig(
-            gemm,
-            range_batchnorm=self.range_batchnorm,
-            range_momentum=self.range_momentum,
-            range_bn_chunks=self.range_bn_chunks,
-            # Saved activations compact all the way: int8 GEMM inputs, ReLU masks, pool indices.
-            compact_activations=save_levels,
+        return sbm_quantization(
+            self.bits,
+            self.grad_bits,
+            self.grad_weight_bits,
+            Rounding(self.grad_rounding),
+            self.bifurcation,
+            self.range_batchnorm,
+            self.quantize_saved_activations,
+            self.range_momentum,
+            self.range_bn_chunks,
+            nonfinite_gradients="propagate" if self.amp == "fp16" else "error",
         )
 
 
@@ -91,10 +78,18 @@ class SBM(Recipe):
     )
     config_class = SBMConfig
 
+    def __init__(self, config: SBMConfig | None = None) -> None:
+        super().__init__(config)
+        if self.config.bits is None:
+            raise RecipeConfigError(
+                "recipe 'sbm' needs its bit-width: --set bits=N (an int in 2..16); "
+                "'sbm8' is SBM at the paper's 8 bits"
+            )
+
     def prepare(self, model: nn.Module) -> nn.Module:
         return quantize_(model, self.config.quantization_config())
 
-    def bits_summary(self, model: nn.Module) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         config = self.config
         grad_weight_bits = config.grad_weight_bits if config.bifurcation else config.grad_bits
         return {
@@ -104,10 +99,24 @@ class SBM(Recipe):
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class SBM8Config(SBMConfig):
+    """SBM's parameters with the bit-width fixed at the paper's 8 (other bits: recipe "sbm")."""
+
+    bits: int | None = 8
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bits != 8:
+            raise RecipeConfigError(
+                f"SBM8Config.bits must be 8, got {self.bits!r}: for other bit-widths use "
+                f"recipe 'sbm' --set bits={self.bits}"
+            )
+
+
 @register_recipe
 class SBM8(SBM):
     name = "sbm8"
     description = "SBM at 8 bits (8/8/8 with a 16-bit grad-weight copy), the paper's setting"
+    config_class = SBM8Config
 
-
-register_config_name("sbm8", lambda: SBMConfig().quantization_config())

@@ -1,0 +1,62 @@
+"""Named quantization presets: ``quantize_(model, "sbm8")``.
+
+A preset is a function returning a ``quantize_`` config; this module sits below the recipes,
+which build their configs from the same functions, so the name and the recipe cannot drift.
+
+>>> from torch import nn
+>>> from qtrain import quantize_
+>>> type(quantize_(nn.Sequential(nn.Linear(4, 2)), "sbm8")[0]).__name__
+'QLinear'
+"""
+
+from __future__ import annotations
+
+from qtrain.api import QuantizedTrainingConfig, register_config_name
+from qtrain.formats import Int
+from qtrain.ops import GemmConfig
+from qtrain.quantizer import MinMax, QuantSpec, Rounding
+
+
+def sbm_quantization(
+    bits: int = 8,
+    grad_bits: int = 8,
+    grad_weight_bits: int = 16,
+    grad_rounding: Rounding = Rounding.STOCHASTIC,
+    bifurcation: bool = True,
+    range_batchnorm: bool = True,
+    quantize_saved_activations: bool = True,
+    range_momentum: float = 0.1,
+    range_bn_chunks: int = 16,
+    nonfinite_gradients: str = "error",
+) -> QuantizedTrainingConfig:
+    """SBM (Banner et al. 2018, METHODS.md §1): every conv/linear's three products quantized.
+
+    Weights per-tensor min/max, nearest; activations the batch mean of per-sample min/max
+    (running ranges in eval: the input observer), straight-through everywhere; g_l at
+    ``grad_bits`` for the grad-input product and, with ``bifurcation``, a ``grad_weight_bits``
+    copy for the grad-weight product. ``nonfinite_gradients="propagate"`` lets an overflowed
+    gradient reach a loss scaler (fp16 autocast) instead of raising.
+    """
+    weight = QuantSpec(Int(bits, signed=False), scale=MinMax())
+    activation = QuantSpec(
+        Int(bits, signed=False), scale=MinMax(batch_mean=True), clip_gradient=False
+    )
+    grad_input, grad_weight = (
+        QuantSpec(
+            Int(b, signed=False), scale=MinMax(), rounding=grad_rounding,
+            nonfinite=nonfinite_gradients,
+        )
+        for b in (grad_bits, grad_weight_bits if bifurcation else grad_bits)
+    )  # fmt: skip
+    save_levels = quantize_saved_activations and bits <= 8
+    return QuantizedTrainingConfig(
+        GemmConfig(activation, weight, grad_input, grad_weight, save_levels),
+        range_batchnorm=range_batchnorm,
+        range_momentum=range_momentum,
+        range_bn_chunks=range_bn_chunks,
+        # Saved activations compact all the way: int8 GEMM inputs, ReLU masks, pool indices.
+        compact_activations=save_levels,
+    )
+
+
+register_config_name("sbm8", sbm_quantization)
