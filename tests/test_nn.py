@@ -90,10 +90,14 @@ def test_running_ranges_update_with_momentum_in_training():
     layer = QLinear(8, 3, config=GemmConfig(input_spec=UINT8)).train()
     x1, x2 = _randn(16, 8, seed=3), _randn(16, 8, seed=4, scale=3.0, shift=1.0)
     layer(x1)
-    assert torch.equal(layer.observers["input"].low, x1.min().view(1))  # the first batch initialises them
+    assert torch.equal(
+        layer.observers["input"].low, x1.min().view(1)
+    )  # the first batch initialises them
     assert torch.equal(layer.observers["input"].high, x1.max().view(1))
     y2 = layer(x2)
-    assert torch.allclose(layer.observers["input"].low, 0.1 * x1.min() + 0.9 * x2.min())  # SBM: m = 0.1
+    assert torch.allclose(
+        layer.observers["input"].low, 0.1 * x1.min() + 0.9 * x2.min()
+    )  # SBM: m = 0.1
     assert torch.allclose(layer.observers["input"].high, 0.1 * x1.max() + 0.9 * x2.max())
     # Training quantizes each batch with its own range.
     assert torch.equal(y2, F.linear(quantize(x2, UINT8), layer.weight, layer.bias))
@@ -112,7 +116,9 @@ def test_non_finite_training_input_raises_before_the_running_ranges_take_it(bad)
         x[2, 5] = bad
         with pytest.raises(NonFiniteError):
             layer(x)
-        assert torch.equal(layer.observers["input"].low, low) and torch.equal(layer.observers["input"].high, high)
+        assert torch.equal(layer.observers["input"].low, low) and torch.equal(
+            layer.observers["input"].high, high
+        )
 
 
 def test_batch_mean_ranges_are_means_of_per_sample_extremes():
@@ -132,7 +138,9 @@ def test_running_ranges_are_used_and_frozen_in_eval():
     layer.eval()
     x = _randn(16, 8, seed=6, scale=4.0)  # wider than the running range: clips in eval
     y = layer(x)
-    assert torch.equal(layer.observers["input"].low, low) and torch.equal(layer.observers["input"].high, high)
+    assert torch.equal(layer.observers["input"].low, low) and torch.equal(
+        layer.observers["input"].high, high
+    )
     expected = F.linear(
         quantize(x, UINT8, qparams=qparams_from_range(low, high, formats.UINT8)),
         layer.weight,

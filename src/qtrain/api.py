@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
+from qtrain.configs import Config
 from qtrain.nn import (
     CompactMaxPool2d,
     CompactReLU,
@@ -39,14 +40,14 @@ from qtrain.observers import Observer, RunningMinMax
 from qtrain.ops import GemmConfig
 from qtrain.protocol import QuantizedModule
 from qtrain.quantizer import QuantSpec, QuantSpecError
-from qtrain.validation import check_fields, check_int, check_number, refuse
+from qtrain.validation import check_int, check_number, refuse
 
 FilterFn = Callable[[nn.Module, str], bool]
 _GEMM_TYPES = (nn.Linear, nn.Conv2d)
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizedTrainingConfig:
+class QuantizedTrainingConfig(Config):
     """Quantize every conv/linear's three products, and optionally swap BN for Range BN.
 
     Args:
@@ -79,8 +80,9 @@ class QuantizedTrainingConfig:
     compact_activations: bool = False
     observers: dict[str, Callable[[], Observer]] | None = None
 
-    def __post_init__(self) -> None:
-        check_fields(self, QuantSpecError)
+    error: ClassVar[type[Exception]] = QuantSpecError
+
+    def validate(self) -> None:
         what = "QuantizedTrainingConfig."
         check_number(what + "range_momentum", self.range_momentum, QuantSpecError, low=0, high=1)
         check_int(what + "range_bn_chunks", self.range_bn_chunks, QuantSpecError, low=1)

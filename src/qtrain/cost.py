@@ -5,6 +5,12 @@ BitOPs of a product = MACs × bits of operand a × bits of operand b (32 for ful
 of equal MAC count: forward, grad-input (skipped when the layer input needs no gradient, e.g.
 the first layer) and grad-weight (skipped when the weight is frozen).
 
+The bits come from the quantized-module protocol (``qtrain.protocol``): a layer's
+``role_bits``, or, for a layer whose precision differs per input sample (DFQ), its
+``sample_role_bits``: then the call's MACs are split per sample (MACs / batch size × samples)
+and each part is counted at its own bits. Weight storage is each layer's
+``weight_storage_bits``.
+
 Energy per MAC (Horowitz, ISSCC 2014, 45 nm, as the SBM poster uses it): one multiply plus one
 add of the wider operand's class — int8: 0.2 + 0.03 pJ, fp16: 1.1 + 0.4 pJ, fp32: 3.7 + 0.9 pJ
 (operands of ≤ 8 bits use the int8 row, ≤ 16 bits the fp16 row, wider the fp32 row).
@@ -22,14 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from qtrain.formats import BlockFloat
-from qtrain.quantizer import QuantSpec, qparams_shape
+from qtrain.protocol import QuantizedModule, RoleBits
 
 ROLES = ("forward", "grad_input", "grad_weight")
 
@@ -110,13 +115,31 @@ def _autocast_bits(device_type: str) -> float:
     return 32.0
 
 
-def role_bits(module: nn.Module, device_type: str) -> dict[str, tuple[float, float]]:
-    """Operand bits per role: a quantized layer's specs, and the float precision (32, or the
-    autocast dtype's width) for operands without a spec."""
-    bits = _autocast_bits(device_type)
-    if hasattr(module, "role_bits"):
-        return module.role_bits(bits)
-    return dict.fromkeys(ROLES, (bits, bits))
+def _batch_size(module: nn.Module, output: torch.Tensor) -> int:
+    """Samples in a call: the leading dim of a batched output (an unbatched call: 1)."""
+    batched = output.dim() == 4 if isinstance(module, nn.Conv2d) else output.dim() > 1
+    return output.shape[0] if batched else 1
+
+
+def _call_parts(
+    module: nn.Module, quantized: bool, macs: int, output: torch.Tensor
+) -> list[tuple[int, RoleBits]]:
+    """(MACs, role bits) parts of one call: all its MACs at the layer's ``role_bits`` (the
+    float precision for a plain layer), or MACs / batch size × n for each ``(n, role bits)``
+    of a quantized layer's ``sample_role_bits``."""
+    float_bits = _autocast_bits(output.device.type)
+    if not quantized:
+        return [(macs, dict.fromkeys(ROLES, (float_bits, float_bits)))]
+    samples: Sequence[tuple[int, RoleBits]] | None = module.sample_role_bits()
+    if samples is None:
+        return [(macs, module.role_bits(float_bits))]
+    batch = _batch_size(module, output)
+    if sum(n for n, _ in samples) != batch:
+        raise ValueError(
+            f"{type(module).__name__}.sample_role_bits() counts "
+            f"{sum(n for n, _ in samples)} samples for a batch of {batch}"
+        )
+    return [(macs // batch * n, bits) for n, bits in samples]
 
 
 class CostMeter:
@@ -129,26 +152,33 @@ class CostMeter:
     def __init__(self, model: nn.Module) -> None:
         self._cost = StepCost()
         self._paused = False
+        # Whether a layer follows the protocol is decided once: the check is slow per call.
         self._handles = [
-            module.register_forward_hook(self._hook)
+            module.register_forward_hook(
+                functools.partial(self._hook, isinstance(module, QuantizedModule))
+            )
             for module in model.modules()
             if isinstance(module, nn.Linear | nn.Conv2d)
         ]
 
     def _hook(
-        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+        self,
+        quantized: bool,
+        module: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        output: torch.Tensor,
     ) -> None:
         if self._paused:
             return
-        macs = layer_macs(module, output)
-        bits = role_bits(module, output.device.type)
-        self._cost.add("forward", macs, *bits["forward"])
-        if not torch.is_grad_enabled():
-            return
-        if inputs[0].requires_grad:
-            self._cost.add("grad_input", macs, *bits["grad_input"])
-        if module.weight.requires_grad:
-            self._cost.add("grad_weight", macs, *bits["grad_weight"])
+        roles = ["forward"]
+        if torch.is_grad_enabled():
+            if inputs[0].requires_grad:
+                roles.append("grad_input")
+            if module.weight.requires_grad:
+                roles.append("grad_weight")
+        for macs, bits in _call_parts(module, quantized, layer_macs(module, output), output):
+            for role in roles:
+                self._cost.add(role, macs, *bits[role])
 
     def pop(self) -> StepCost:
         cost, self._cost = self._cost, StepCost()
@@ -169,26 +199,17 @@ class CostMeter:
 
 
 def model_bits(model: nn.Module) -> int:
-    """Bits to store the model's parameters: quantized weights at their weight format's bits
-    plus one 32-bit scale per scale group; every other parameter at 32 bits."""
+    """Bits to store the model's parameters: the ``weight`` of every quantized layer as its
+    ``weight_storage_bits()`` says (values and scales, as deployed); every other parameter
+    at 32 bits. A weight shared by several layers counts once."""
     total = 0
     counted: set[int] = set()
     for module in model.modules():
-        config = getattr(module, "config", None)
-        spec = getattr(config, "weight_spec", None)
-        weight = getattr(module, "weight", None)
-        if spec is not None and isinstance(weight, torch.Tensor) and id(weight) not in counted:
-            counted.add(id(weight))
-            total += math.ceil(weight.numel() * spec.bits) + 32 * _scale_count(weight, spec)
+        if isinstance(module, QuantizedModule) and id(module.weight) not in counted:
+            counted.add(id(module.weight))
+            total += module.weight_storage_bits()
     for param in model.parameters():
         if id(param) not in counted:
             counted.add(id(param))
             total += param.numel() * 32
     return total
-
-
-def _scale_count(weight: torch.Tensor, spec: QuantSpec) -> int:
-    # A block float's shared exponents are already in its bits per value; a plain cast has none.
-    if isinstance(spec.format, BlockFloat) or spec.scale is None:
-        return 0
-    return math.prod(qparams_shape(weight, spec.granularity))

@@ -23,11 +23,35 @@ product by scale_left[:, None]·scale_right[None, :]) or per tensor (``PerTensor
 place of the low-precision GEMMs — for int8 an exact float matmul of the levels followed by the
 same epilogue, so it equals the int8 path bit for bit; for fp8 a float32 matmul of the
 dequantized operands, which is what ``torch._scaled_mm`` computes on the CPU (up to oneDNN's
-per-CPU choice of accumulation order).
+per-CPU choice of accumulation order). On the CPU both real products run in torch 2.13
+(``torch._int_mm`` on int8 tensors, ``torch._scaled_mm`` on fp8 ones through oneDNN);
+``real_gemm_runs`` tells whether they do on a given device and torch build.
 
-The forward reads bit-widths from a buffer (``LowPrecisionLinear.set_bits`` fills it in place),
-not from Python attributes, so a precision schedule (CPT, FracTrain) changes them under
-``torch.compile`` without recompiling.
+The forward reads bit-widths from a buffer (``LowPrecisionLinear.set_precision`` fills it in
+place), not from Python attributes, so a precision schedule (CPT, FracTrain) changes them under
+``torch.compile`` without recompiling. The four operands — x, W, and the copies of g for the
+grad-input and grad-weight products — have a bit-width each, as the four specs of
+``qtrain.ops.GemmConfig`` do.
+
+``LowPrecisionLinear`` follows the quantized-module protocol (``qtrain.protocol``), so the cost
+meter, ``dequantize_``, precision schedules and the numerical guard treat it as they treat
+``QLinear``: role bits are the int8 bit-widths (fp8: 8×8), weight storage is the deployed
+int8/fp8 values plus their 32-bit scales.
+
+Why this is not a backend of ``qtrain.ops``' quantized GEMM: that op fake-quantizes each
+operand once, with one spec per operand whose scales follow the tensor's own axes, and feeds
+the dequantized floats to ``F.linear``/``F.conv2d``; x̂ is kept for backward and serves the
+forward and the grad-weight products alike, with the STE's clip masks. A real integer GEMM
+needs each operand's scale constant along the reduction dimension of *its product*: x is
+scaled per token (row) in the forward, but per feature (column of xᵀ) in the grad-weight
+product, whose reduction runs over the tokens — so every product quantizes its operands afresh
+(the layer keeps x in float for backward, as bf16 training does), which one spec per operand
+cannot say. The operands also have to stay int8/fp8 levels laid out row-major with the
+reduction dimension last, for ``torch._int_mm``'s int32 accumulator and the scale epilogue
+after it, never dequantized floats; absmax scales never clip, so there is no mask; and only
+linear layers are covered (a convolution would need an im2col int8 GEMM). What is shared: the
+protocol, ``quantize_``'s registry, the cost meter, the reference's counter hash for
+stochastic rounding, and levels equal to ``quantize_int``'s with a ``PerToken()`` spec.
 
 >>> import torch
 >>> from torch import nn
@@ -38,12 +62,16 @@ not from Python attributes, so a precision schedule (CPT, FracTrain) changes the
 torch.Size([20, 16])
 >>> sorted(model.state_dict())
 ['0.bias', '0.weight']
+>>> model[0].role_bits()["grad_weight"]
+(8, 8)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import math
 from typing import Any
 
 import torch
@@ -52,7 +80,10 @@ from torch import nn
 
 from qtrain.api import FilterFn, register_handler
 from qtrain.kernels import reference, triton_quant
+from qtrain.ops import SPEC_FIELDS, Precision
+from qtrain.protocol import QuantizedWeight
 from qtrain.quantizer import PerTensor, PerToken, QuantSpecError
+from qtrain.validation import check_type
 
 _FP8_FORWARD = torch.float8_e4m3fn
 _FP8_GRAD = torch.float8_e5m2
@@ -198,9 +229,11 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class _Operand:
-    """One operand's target: its dtype, and whether it is a gradient (bound index 1, SR)."""
+    """One operand's target: its dtype, the index of its bit-width's bound (``SPEC_FIELDS``
+    order: x, W, g for grad-input, g for grad-weight), and whether it is a gradient (SR)."""
 
     dtype: torch.dtype
+    bound: int
     grad: bool
 
 
@@ -219,34 +252,87 @@ class _Plan:
     @classmethod
     def of(cls, config: LowPrecisionConfig) -> _Plan:
         if isinstance(config, Int8TrainingConfig):
-            x = w = _Operand(torch.int8, False)
-            g = _Operand(torch.int8, True)
+            forward_dtype = grad_dtype = torch.int8
             stochastic, gemm = config.stochastic_grad, config.gemm
         else:
-            x = w = _Operand(_FP8_FORWARD, False)
-            g = _Operand(_FP8_GRAD, True)
+            forward_dtype, grad_dtype = _FP8_FORWARD, _FP8_GRAD
             stochastic, gemm = False, None
+        x, w = _Operand(forward_dtype, 0, False), _Operand(forward_dtype, 1, False)
+        g_in, g_w = _Operand(grad_dtype, 2, True), _Operand(grad_dtype, 3, True)
         return cls(
             forward=(x, w) if config.forward else None,
-            grad_input=(g, w) if config.grad_input else None,
-            grad_weight=(g, x) if config.grad_weight else None,
+            grad_input=(g_in, w) if config.grad_input else None,
+            grad_weight=(g_w, x) if config.grad_weight else None,
             rowwise=isinstance(config.granularity, PerToken),
             stochastic_grad=stochastic,
             emulate=config.emulate,
             int8_gemm=gemm,
         )
 
+    def products(self) -> dict[str, tuple[_Operand, _Operand] | None]:
+        """Each product's (left, right) operands by role; None: it runs in floating point."""
+        return {
+            "forward": self.forward,
+            "grad_input": self.grad_input,
+            "grad_weight": self.grad_weight,
+        }
+
+
+def configured_bits(config: LowPrecisionConfig) -> dict[str, int]:
+    """Bits of each operand by GemmConfig spec field (x, W, g for grad-input, g for
+    grad-weight): int8 ``bits`` for x and W, ``grad_bits`` for g; 8 for every fp8 operand."""
+    if isinstance(config, Int8TrainingConfig):
+        bits = (config.bits, config.bits, config.grad_bits, config.grad_bits)
+    else:
+        bits = (8, 8, 8, 8)
+    return dict(zip(SPEC_FIELDS, bits, strict=True))
+
+
+def _bounds(config: LowPrecisionConfig, bits: dict[str, int]) -> list[float]:
+    if isinstance(config, Int8TrainingConfig):
+        return [2.0 ** (bits[field] - 1) - 1 for field in SPEC_FIELDS]
+    return [_FP8_MAX[_FP8_FORWARD]] * 2 + [_FP8_MAX[_FP8_GRAD]] * 2
+
 
 def initial_bounds(
     config: LowPrecisionConfig, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """The (2,) float32 bounds [x and W, gradients]: qmax per bit-width for int8, the format's
-    max value for fp8. A tensor, so that changing bit-widths does not recompile."""
-    if isinstance(config, Int8TrainingConfig):
-        values = [2.0 ** (config.bits - 1) - 1, 2.0 ** (config.grad_bits - 1) - 1]
-    else:
-        values = [_FP8_MAX[_FP8_FORWARD], _FP8_MAX[_FP8_GRAD]]
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    """The (4,) float32 bounds of x, W and the two gradient copies (``SPEC_FIELDS`` order):
+    qmax per bit-width for int8, the format's max value for fp8. A tensor, so that changing
+    bit-widths does not recompile."""
+    return torch.tensor(
+        _bounds(config, configured_bits(config)), dtype=torch.float32, device=device
+    )
+
+
+@functools.cache
+def _real_gemm_runs(fp8: bool, rowwise: bool, device: str) -> bool:
+    try:
+        if fp8:
+            a = torch.ones(32, 16, device=device).to(_FP8_FORWARD)
+            scale_a = torch.ones((32, 1) if rowwise else (), device=device)
+            scale_b = torch.ones((1, 32) if rowwise else (), device=device)
+            torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
+        else:
+            a = torch.ones(32, 16, dtype=torch.int8, device=device)
+            torch._int_mm(a, a.t())
+    except (RuntimeError, AttributeError, TypeError):  # NotImplementedError is a RuntimeError
+        return False
+    return True
+
+
+def real_gemm_runs(config: LowPrecisionConfig, device: torch.device | str) -> bool:
+    """Whether the config's real product (``torch._int_mm`` for int8, ``torch._scaled_mm``
+    with its scaling for fp8) runs on ``device`` with this torch build: tried once on tiny
+    operands per device. True on the CPU in torch 2.13; on CUDA, fp8 needs compute capability
+    8.9+ (row-wise scales 9.0+).
+
+    >>> real_gemm_runs(Int8TrainingConfig(), "cpu")
+    True
+    """
+    fp8 = isinstance(config, Float8TrainingConfig)
+    rowwise = isinstance(config.granularity, PerToken)
+    return _real_gemm_runs(fp8, rowwise, str(torch.device(device)))
 
 
 # ---- quantization of one operand --------------------------------------------------------------
@@ -415,8 +501,8 @@ def _product(
         return F.linear(a.to(compute_dtype), b.to(compute_dtype), _cast(bias, compute_dtype))
     left, right = operands
     keys = _hash_keys(seed) if seed is not None and left.grad else None
-    qa, scale_a = _quantize(a, left, bounds[int(left.grad)], keys, plan)
-    qb, scale_b = _quantize(b, right, bounds[int(right.grad)], None, plan)
+    qa, scale_a = _quantize(a, left, bounds[left.bound], keys, plan)
+    qb, scale_b = _quantize(b, right, bounds[right.bound], None, plan)
     multiply = _int8_product if left.dtype == torch.int8 else _float8_product
     return multiply(qa, qb, scale_a, scale_b, bias, compute_dtype, plan)
 
@@ -484,7 +570,7 @@ def low_precision_linear(
 ) -> torch.Tensor:
     """``F.linear`` whose forward, grad-input and grad-weight products run as ``config`` says.
 
-    ``bounds``: the (2,) tensor of ``initial_bounds`` (a module keeps it as a buffer, so that
+    ``bounds``: the (4,) tensor of ``initial_bounds`` (a module keeps it as a buffer, so that
     bit-widths change in place); default: the config's.
     """
     if bounds is None:
@@ -495,11 +581,19 @@ def low_precision_linear(
 class LowPrecisionLinear(nn.Linear):
     """``nn.Linear`` with int8 or fp8 GEMMs; the same parameters and state_dict keys.
 
-    ``bits``/``grad_bits`` (int8) are the current bit-widths; ``set_bits`` changes them.
+    It follows the quantized-module protocol (``qtrain.protocol``): ``role_bits`` reports the
+    bits of the operands of each product that runs in int8 (fp8: 8×8; a product the config
+    leaves in floating point: ``float_bits`` × ``float_bits``); ``set_precision`` sets int8
+    bit-widths in place (``Precision.forward`` → x and W, ``backward`` → the gradient copies),
+    never below the guard's floor (``raise_floor``: 8 bits); fp8 formats are fixed.
 
     >>> layer = LowPrecisionLinear(64, 32, config=Float8TrainingConfig(emulate=True))
     >>> layer(torch.randn(4, 64)).shape
     torch.Size([4, 32])
+    >>> layer = LowPrecisionLinear(64, 32, config=Int8TrainingConfig())
+    >>> layer.set_precision(Precision(forward=4, backward=6))
+    >>> layer.role_bits()
+    {'forward': (4, 4), 'grad_input': (6, 4), 'grad_weight': (6, 4)}
     """
 
     def __init__(
@@ -519,11 +613,11 @@ class LowPrecisionLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.config = config
         self.plan = _Plan.of(config)
-        int8 = isinstance(config, Int8TrainingConfig)
-        # Read by logging only; forward reads the bounds buffer, which torch.compile does not
-        # specialise on, so set_bits never recompiles.
-        self.bits = config.bits if int8 else 8
-        self.grad_bits = config.grad_bits if int8 else 8
+        self._precision: Precision | None = None
+        self._floor: dict[str, float] = {}
+        # The bits in force per operand (SPEC_FIELDS). Forward reads them from the bounds
+        # buffer, which torch.compile does not specialise on: changing them never recompiles.
+        self._bits = configured_bits(config)
         # Not persistent: the state_dict stays nn.Linear's.
         self.register_buffer("bounds", initial_bounds(config, device), persistent=False)
 
@@ -542,22 +636,131 @@ class LowPrecisionLinear(nn.Linear):
         layer.train(linear.training)
         return layer
 
-    def set_bits(self, bits: int, grad_bits: int | None = None) -> None:
-        """Change the int8 bit-widths in place (CPT, FracTrain): no recompilation."""
-        if not isinstance(self.config, Int8TrainingConfig):
-            raise QuantSpecError("set_bits needs an Int8TrainingConfig; fp8 formats are fixed")
-        grad_bits = self.grad_bits if grad_bits is None else grad_bits
-        _check_bits("bits", bits)
-        _check_bits("grad_bits", grad_bits)
-        self.bits, self.grad_bits = bits, grad_bits
+    def to_float(self) -> nn.Linear:
+        """The plain ``nn.Linear`` with these parameters."""
+        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)
+
+    # ---- precision: configured, scheduled, floored ------------------------------------------
+    def set_precision(self, precision: Precision | None) -> None:
+        """The bit-widths a schedule sets this step (None: the configured ones), in place.
+
+        int8: ``forward`` sets x and W, ``backward`` both gradient copies (``weight`` and
+        ``grad_weight`` one operand each), 2..8 bits. fp8: only None (formats are fixed).
+        """
+        name = type(self).__name__
+        check_type(f"{name}.precision", precision, Precision | None, QuantSpecError)
+        if precision is not None:
+            fields = ("forward", "backward", "weight", "grad_weight")
+            given = {field: getattr(precision, field) for field in fields}
+            given = {field: bits for field, bits in given.items() if bits is not None}
+            if given and isinstance(self.config, Float8TrainingConfig):
+                raise QuantSpecError(
+                    f"{name} with a Float8TrainingConfig has fixed formats (e4m3 x and W, "
+                    f"e5m2 gradients): a precision schedule cannot change its bits, got {precision}"
+                )
+            for field, bits in given.items():
+                _check_bits(f"{name}: Precision.{field}", bits)
+        self._precision = precision
+        self._update_bits()
+
+    def raise_floor(self) -> bool:
+        """The guard's raise: int8 operands below 8 bits go to 8 and stay there as a floor
+        under any schedule. False when every int8 operand is at 8 bits already (int8 storage
+        holds no more) and for fp8 (fixed formats)."""
+        if isinstance(self.config, Float8TrainingConfig):
+            return False
+        low = [field for field in self._int8_fields() if self._bits[field] < 8]
+        if not low:
+            return False
+        self._floor = {**self._floor, **dict.fromkeys(low, 8.0)}
+        self._update_bits()
+        return True
+
+    def floor(self) -> dict[str, float]:
+        """Bits per operand (GemmConfig spec field) below which the guard keeps this layer."""
+        return dict(self._floor)
+
+    def set_floor(self, floor: dict[str, float]) -> None:
+        for field, bits in floor.items():
+            if field not in SPEC_FIELDS or not 0 <= bits <= 8:
+                raise QuantSpecError(
+                    f"{type(self).__name__}.set_floor: a floor is a spec field of "
+                    f"{SPEC_FIELDS} with at most 8 bits (int8 storage), got {field!r}: {bits!r}"
+                )
+        self._floor = dict(floor)
+        self._update_bits()
+
+    def _int8_fields(self) -> set[str]:
+        """The operands of the products that run in low precision."""
+        return {
+            SPEC_FIELDS[operand.bound]
+            for operands in self.plan.products().values()
+            if operands is not None
+            for operand in operands
+        }
+
+    def _update_bits(self) -> None:
+        bits = configured_bits(self.config)
+        if self._precision is not None:
+            scheduled = self._precision.field_bits().items()
+            bits.update({field: b for field, b in scheduled if b is not None})
+        bits = {field: max(b, math.ceil(self._floor.get(field, 0))) for field, b in bits.items()}
+        if bits != self._bits:  # most steps set what is in force already: no copy
+            self._bits = bits
+            with torch.no_grad():
+                self.bounds.copy_(torch.tensor(_bounds(self.config, bits)))
+
+    # ---- what the cost meter and export ask -------------------------------------------------
+    def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
+        """Bits of the two operands (left, right) of the forward, grad-input and grad-weight
+        products: int8 bit-widths in force, 8 for fp8, ``float_bits`` for a product the
+        config leaves in floating point."""
+        bits = [self._bits[field] for field in SPEC_FIELDS]  # by bound index
+        return {
+            role: (float_bits, float_bits)
+            if ops is None
+            else (bits[ops[0].bound], bits[ops[1].bound])
+            for role, ops in self.plan.products().items()
+        }
+
+    def sample_role_bits(self) -> None:
+        return None  # every sample of a call runs at role_bits()
+
+    def weight_storage_bits(self) -> int:
+        """The weight as deployed for the forward product: its int8 levels at the weight's
+        bits (fp8: 8 bits a value) plus 32-bit scales, one per output row with
+        ``PerToken()``, one for the tensor with ``PerTensor()``; 32 bits a value when the
+        forward product runs in floating point."""
+        numel = self.weight.numel()
+        if self.plan.forward is None:
+            return 32 * numel
+        scales = self.out_features if self.plan.rowwise else 1
+        return numel * self._bits["weight_spec"] + 32 * scales
+
+    def quantized_weight(self) -> QuantizedWeight | None:
+        """int8: W's levels exactly as the forward product quantizes them (nearest, absmax
+        scale per output row or per tensor, at the weight's bits in force), scale (N, 1) or
+        one value, zero point 0, signed. None for fp8 — its values are e4m3 floats times a
+        scale, not integer levels with a zero point, which ``QuantizedWeight`` stands for —
+        and when the forward product runs in floating point."""
+        if isinstance(self.config, Float8TrainingConfig) or self.plan.forward is None:
+            return None
+        operand = self.plan.forward[1]
         with torch.no_grad():
-            self.bounds.copy_(torch.tensor([2.0 ** (bits - 1) - 1, 2.0 ** (grad_bits - 1) - 1]))
+            bound = self.bounds[operand.bound].float()
+            levels, scale = _quantize(self.weight.detach(), operand, bound, None, self.plan)
+        scale = scale.view(-1, 1) if self.plan.rowwise else scale.view(())
+        zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        return QuantizedWeight(levels, scale, zero_point, self._bits["weight_spec"], True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LowPrecisionLinear.apply(x, self.weight, self.bias, self.plan, self.bounds.float())
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, config={self.config}, bits={self.bits}/{self.grad_bits}"
+        bits = "/".join(str(self._bits[field]) for field in SPEC_FIELDS)
+        return f"{super().extra_repr()}, config={self.config}, bits (x/W/g_in/g_W)={bits}"
 
 
 @register_handler(Int8TrainingConfig)

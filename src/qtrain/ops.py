@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from qtrain import kernels
+from qtrain.configs import Config
 from qtrain.formats import Int
+from qtrain.observers import Observer
 from qtrain.quantizer import (
     MinMax,
     QParams,
@@ -44,7 +46,6 @@ from qtrain.quantizer import (
     fake_quantize_with_mask,
     needs_clip_mask,
 )
-from qtrain.observers import Observer
 from qtrain.validation import check_int
 
 ROLES = ("forward", "grad_input", "grad_weight")
@@ -52,7 +53,7 @@ SPEC_FIELDS = ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec
 
 
 @dataclasses.dataclass(frozen=True)
-class Precision:
+class Precision(Config):
     """Bit-widths a precision schedule sets on a layer (CPT, FracTrain); None keeps the
     configured bits. Only integer specs change; an operand without a spec stays full precision.
 
@@ -71,7 +72,9 @@ class Precision:
     weight: int | None = None
     grad_weight: int | None = None
 
-    def __post_init__(self) -> None:
+    error: ClassVar[type[Exception]] = QuantSpecError
+
+    def validate(self) -> None:
         for field in ("forward", "backward", "weight", "grad_weight"):
             value = getattr(self, field)
             if value is not None:
@@ -81,11 +84,13 @@ class Precision:
         """Bits per GemmConfig spec field (None: unchanged)."""
         weight = self.weight if self.weight is not None else self.forward
         grad_weight = self.grad_weight if self.grad_weight is not None else self.backward
-        return dict(zip(SPEC_FIELDS, (self.forward, weight, self.backward, grad_weight)))
+        return dict(
+            zip(SPEC_FIELDS, (self.forward, weight, self.backward, grad_weight), strict=True)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmConfig:
+class GemmConfig(Config):
     """Specs for the three products of one layer, and how the saved input is stored.
 
     Args:
@@ -103,13 +108,9 @@ class GemmConfig:
     grad_weight_spec: QuantSpec | None = None
     save_quantized_input: bool = False
 
-    def __post_init__(self) -> None:
-        for field in ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec"):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, QuantSpec):
-                raise QuantSpecError(
-                    f"GemmConfig.{field} must be a QuantSpec or None, got {value!r}"
-                )
+    error: ClassVar[type[Exception]] = QuantSpecError
+
+    def validate(self) -> None:
         if self.save_quantized_input:
             spec = self.input_spec
             if spec is None or spec.int_format is None or spec.int_format.bits > 8:
@@ -179,21 +180,6 @@ class GemmConfig:
             "grad_input": (bits["grad_input"], bits["weight"]),
             "grad_weight": (bits["grad_weight"], bits["input"]),
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"save_quantized_input": self.save_quantized_input}
-        for field in ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec"):
-            spec = getattr(self, field)
-            out[field] = None if spec is None else spec.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GemmConfig:
-        specs = {
-            field: None if data.get(field) is None else QuantSpec.from_dict(data[field])
-            for field in ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec")
-        }
-        return cls(**specs, save_quantized_input=bool(data.get("save_quantized_input", False)))
 
 
 def raised_config(config: GemmConfig) -> GemmConfig | None:

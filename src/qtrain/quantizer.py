@@ -28,6 +28,7 @@ import torch
 
 from qtrain import formats as fmt
 from qtrain import kernels
+from qtrain.configs import Config
 from qtrain.formats import BlockFloat, Format, Int, MiniFloat
 from qtrain.validation import check_int, check_type, matches, refuse
 
@@ -149,8 +150,8 @@ class _CheckedQParams(QParams):
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantSpec:
-    """What to quantize to and how.
+class QuantSpec(Config):
+    """What to quantize to and how (a ``qtrain.configs.Config``: ``to_dict``/``from_dict``).
 
     Args:
         format: ``formats.Int``, ``formats.MiniFloat`` or ``formats.BlockFloat``.
@@ -173,6 +174,8 @@ class QuantSpec:
     rounding: Rounding = Rounding.NEAREST
     clip_gradient: bool = True
     nonfinite: str = "error"
+
+    error: typing.ClassVar[type[Exception]] = QuantSpecError
 
     def __post_init__(self) -> None:
         for field, kind, allowed in (
@@ -232,52 +235,11 @@ class QuantSpec:
             return self
         return dataclasses.replace(self, format=dataclasses.replace(self.format, bits=bits))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": _tagged(self.format),
-            "granularity": _tagged(self.granularity),
-            "scale": None if self.scale is None else _tagged(self.scale),
-            "rounding": self.rounding.value,
-            "clip_gradient": self.clip_gradient,
-            "nonfinite": self.nonfinite,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
-        fmt_obj = _untag(data["format"])
-        is_block = isinstance(fmt_obj, BlockFloat)
-        return cls(
-            format=fmt_obj,
-            granularity=PerTensor() if is_block else _untag(data["granularity"]),
-            scale=None if is_block or data.get("scale") is None else _untag(data["scale"]),
-            rounding=Rounding(data.get("rounding", "nearest")),
-            clip_gradient=bool(data.get("clip_gradient", True)),
-            nonfinite=data.get("nonfinite", "error"),
-        )
-
     def __str__(self) -> str:
         parts = [str(self.format), type(self.granularity).__name__]
         if self.rounding is Rounding.STOCHASTIC:
             parts.append("SR")
         return "/".join(parts)
-
-
-_TAGGED_TYPES: dict[str, type] = {
-    t.__name__: t
-    for t in (Int, MiniFloat, BlockFloat, PerTensor, PerChannel, PerGroup, PerToken)
-    + (AbsMax, MinMax, Clip, LearnedStep, PowerOfTwo)
-}
-
-
-def _tagged(obj: Any) -> dict[str, Any]:
-    return {"type": type(obj).__name__, **dataclasses.asdict(obj)}
-
-
-def _untag(data: dict[str, Any]) -> Any:
-    kind = data.get("type")
-    if kind not in _TAGGED_TYPES:
-        raise QuantSpecError(f"unknown spec part type {kind!r}; allowed: {sorted(_TAGGED_TYPES)}")
-    return _TAGGED_TYPES[kind](**{k: v for k, v in data.items() if k != "type"})
 
 
 # ---- canonical (O, C, I) view -----------------------------------------------------------------

@@ -42,7 +42,8 @@ def _arms(kind: Any) -> tuple[Any, ...] | None:
 def matches(value: Any, kind: Any) -> bool:
     """Whether ``value`` is of the annotated ``kind``: a plain type (bool, int, float taking
     ints, str), a class, a ``Literal``, an ``Enum``, a union with None, ``tuple[X, ...]``.
-    Annotations it does not know (``Any``, ``dict[...]``, callables) accept every value."""
+    ``dict[...]`` takes any dict. Annotations it does not know (``Any``, callables) accept
+    every value."""
     if kind is type(None) or kind is None:
         return value is None
     if kind is bool:
@@ -57,6 +58,8 @@ def matches(value: Any, kind: Any) -> bool:
     origin = typing.get_origin(kind)
     if origin is typing.Literal:
         return any(value == v and type(value) is type(v) for v in typing.get_args(kind))
+    if origin is dict:
+        return isinstance(value, dict)
     if origin is tuple:
         item, *rest = typing.get_args(kind)
         return isinstance(value, tuple) and (
@@ -84,6 +87,8 @@ def describe(kind: Any) -> str:
         return "one of " + ", ".join(str(v) for v in typing.get_args(kind))
     if origin is tuple:
         return f"a tuple with each item {describe(typing.get_args(kind)[0])}"
+    if origin is dict:
+        return "a mapping"
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         return "one of " + ", ".join(f"{kind.__name__}.{m.name}" for m in kind)
     name = getattr(kind, "__name__", str(kind))

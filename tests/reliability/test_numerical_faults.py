@@ -15,8 +15,7 @@ from torch import nn
 
 from qtrain import QuantSpec, formats
 from qtrain.guard import Fault, NumericalGuard
-from qtrain.ops import raised_config
-from qtrain.ops import GemmConfig
+from qtrain.ops import GemmConfig, raised_config
 from qtrain.train import (
     CHECKPOINT_FILE,
     TIMING_KEYS,

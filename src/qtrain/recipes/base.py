@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from qtrain.configs import Config
 from qtrain.ops import Precision
-from qtrain.validation import check_fields
 
 
 class RecipeConfigError(ValueError):
@@ -32,56 +32,28 @@ AMP_DTYPES: dict[str, torch.dtype | None] = dict(
 
 
 @dataclasses.dataclass(frozen=True)
-class RecipeConfig:
-    """Base of every recipe config: frozen, validated in ``__post_init__``, JSON round-trip.
+class RecipeConfig(Config):
+    """Base of every recipe config: a ``qtrain.configs.Config`` (frozen, every field checked
+    against its annotation, then ``validate``; one JSON scheme) that also takes ``--set``
+    text."""
 
-    Every field is checked against its annotation first (bool, int, float — an int is stored
-    as a float —, str, ``Literal[...]``, ``X | None``, ``tuple[X, ...]``), then ``validate``
-    checks ranges and combinations.
-    """
-
-    def __post_init__(self) -> None:
-        check_fields(self, RecipeConfigError)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``RecipeConfigError`` naming the parameter, the value and what is allowed."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecipeConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise RecipeConfigError(
-                f"unknown parameter(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}"
-            )
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in data.items()})
+    error: ClassVar[type[Exception]] = RecipeConfigError
 
     def with_overrides(self, overrides: dict[str, Any]) -> RecipeConfig:
         """Apply overrides: ``--set key=value`` strings, parsed by the field's type, or values
         already of that type (``{"bits": 6, "bifurcation": False}``)."""
-        data = self.to_dict()
         names = {f.name for f in dataclasses.fields(self)}
-        for key, raw in overrides.items():
-            if key not in names:
-                raise RecipeConfigError(
-                    f"unknown parameter {key!r} for {type(self).__name__}; allowed: {sorted(names)}"
-                )
-            data[key] = _parse_text(key, raw) if isinstance(raw, str) else _jsonable(raw)
-        return type(self).from_dict(data)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise RecipeConfigError(
+                f"unknown parameter {unknown[0]!r} for {type(self).__name__}; "
+                f"allowed: {sorted(names)}"
+            )
+        changes = {
+            key: _parse_text(key, raw) if isinstance(raw, str) else raw
+            for key, raw in overrides.items()
+        }
+        return self.with_changes(**changes)
 
 
 def _parse_text(key: str, raw: str) -> Any:
@@ -98,38 +70,6 @@ def _parse_text(key: str, raw: str) -> Any:
         if text.startswith("["):
             raise RecipeConfigError(f"parameter {key!r}: cannot parse {raw!r} as a list") from None
         return raw
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Coerce a JSON value to a dataclass field type (int, float, bool, str, tuple[...])."""
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            value = [value]
-        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        return tuple(_coerce(key, v, item) for v in value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise RecipeConfigError(f"parameter {key!r}: expected true/false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-            raise RecipeConfigError(f"parameter {key!r}: expected an integer, got {value!r}")
-        return int(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RecipeConfigError(f"parameter {key!r}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise RecipeConfigError(f"parameter {key!r}: expected a string, got {value!r}")
-        return value
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,9 +160,7 @@ class Recipe:
         """Adjust gradients or per-group learning rates (e.g. UI8's lr scaling); each group's
         ``lr`` already holds the run's schedule for this step."""
 
-    def on_step_end(
-        self, step: int, result: StepResult, model: nn.Module, optimizer: Any
-    ) -> bool:
+    def on_step_end(self, step: int, result: StepResult, model: nn.Module, optimizer: Any) -> bool:
         """Observe the step (PFQ's loss plateaus); True if the model's parameters changed
         shape (self-compression removed channels)."""
         return False

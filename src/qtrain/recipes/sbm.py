@@ -47,8 +47,9 @@ class SBMConfig(RecipeConfig):
     def validate(self) -> None:
         error = RecipeConfigError
         for name in ("bits", "grad_bits", "grad_weight_bits"):
-            if getattr(self, name) is not None:
-                check_int(f"{type(self).__name__}.{name}", getattr(self, name), error, low=2, high=16)
+            value = getattr(self, name)
+            if value is not None:
+                check_int(f"{type(self).__name__}.{name}", value, error, low=2, high=16)
         check_number("SBMConfig.range_momentum", self.range_momentum, error, low=0, high=1)
         check_int("SBMConfig.range_bn_chunks", self.range_bn_chunks, error, low=1)
 
@@ -119,4 +120,3 @@ class SBM8(SBM):
     name = "sbm8"
     description = "SBM at 8 bits (8/8/8 with a 16-bit grad-weight copy), the paper's setting"
     config_class = SBM8Config
-

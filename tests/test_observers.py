@@ -1,0 +1,137 @@
+"""Observers: the GEMM op asks each role's observer for its qparams (x and W in forward, the
+layer gradient's two copies in backward); their state lives in state_dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qtrain import QConv2d, QLinear, QuantSpec, QuantSpecError, formats, quantize
+from qtrain.api import QuantizedTrainingConfig, quantize_
+from qtrain.observers import Observer, RunningMinMax
+from qtrain.ops import GemmConfig, quantized_linear
+from qtrain.quantizer import AbsMax, Clip, QParams, Rounding
+
+INT8 = QuantSpec(formats.INT8)
+UINT8 = QuantSpec(formats.UINT8)
+
+
+def _randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+class FixedScale(Observer):
+    """A symmetric int scale fixed at construction; counts the calls (a buffer)."""
+
+    def __init__(self, clip: float) -> None:
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def qparams(self, x: torch.Tensor, spec: QuantSpec) -> QParams:
+        self.calls += 1
+        scale = torch.tensor([self.clip / spec.int_format.qmax])
+        return QParams(scale, torch.zeros(1))
+
+
+def _clip_spec(clip: float, rounding: Rounding = Rounding.NEAREST) -> QuantSpec:
+    return QuantSpec(formats.INT8, scale=Clip(clip), rounding=rounding)
+
+
+def test_weight_and_input_observers_give_the_forward_qparams() -> None:
+    x, w = _randn(6, 8, seed=1), _randn(4, 8, seed=2)
+    config = GemmConfig(input_spec=INT8, weight_spec=INT8)
+    observers = {"input": FixedScale(0.5), "weight": FixedScale(0.25)}
+    y = quantized_linear(x, w, None, config, observers=observers)
+    # The same as a spec whose fixed clip is the observer's: values past it saturate.
+    expected = F.linear(quantize(x, _clip_spec(0.5)), quantize(w, _clip_spec(0.25)))
+    assert torch.equal(y, expected)
+    assert int(observers["input"].calls) == int(observers["weight"].calls) == 1
+
+
+def test_gradient_observers_are_asked_in_backward_for_each_copy() -> None:
+    x = _randn(6, 8, seed=3).requires_grad_()
+    w = _randn(4, 8, seed=4).requires_grad_()
+    grad = _randn(6, 4, seed=5)
+    config = GemmConfig(grad_input_spec=INT8, grad_weight_spec=QuantSpec(formats.Int(12)))
+    observers = {"grad_input": FixedScale(0.3), "grad_weight": FixedScale(2.0)}
+    quantized_linear(x, w, None, config, observers=observers).backward(grad)
+    g_in = quantize(grad, _clip_spec(0.3))
+    g_w = quantize(grad, QuantSpec(formats.Int(12), scale=Clip(2.0)))
+    assert torch.equal(x.grad, g_in @ w.detach())
+    assert torch.equal(w.grad, g_w.t() @ x.detach())
+    assert int(observers["grad_input"].calls) == int(observers["grad_weight"].calls) == 1
+    # A clipped copy differs from the spec's own absmax rule: the observer really decided.
+    assert not torch.equal(x.grad, quantize(grad, INT8) @ w.detach())
+
+
+def test_no_observer_for_a_role_keeps_the_specs_own_rule() -> None:
+    x, w = _randn(5, 8, seed=6), _randn(3, 8, seed=7)
+    config = GemmConfig(input_spec=INT8, weight_spec=INT8)
+    y = quantized_linear(x, w, None, config, observers={"grad_input": FixedScale(1.0)})
+    assert torch.equal(y, F.linear(quantize(x, INT8), quantize(w, INT8)))
+
+
+def test_running_min_max_defers_to_a_rule_it_does_not_keep() -> None:
+    observer = RunningMinMax()
+    assert observer.qparams(_randn(4, 4, seed=8), QuantSpec(formats.INT8, scale=AbsMax())) is None
+    assert observer.low.numel() == 0
+
+
+def test_running_min_max_momentum_is_validated() -> None:
+    with pytest.raises(QuantSpecError, match="RunningMinMax.momentum"):
+        RunningMinMax(momentum=2.0)
+
+
+def test_quantize_builds_one_observer_set_per_layer_from_the_config() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    config = QuantizedTrainingConfig(
+        GemmConfig(INT8, INT8, INT8, INT8), observers={"weight": lambda: FixedScale(1.0)}
+    )
+    quantize_(model, config)
+    first, second = model[0].observers, model[2].observers
+    assert set(first) == {"input", "weight"} and isinstance(first["input"], RunningMinMax)
+    assert first["weight"] is not second["weight"]  # not shared between layers
+    model(_randn(3, 8, seed=9))
+    assert int(first["weight"].calls) == int(second["weight"].calls) == 1
+
+
+def test_unknown_observer_role_is_refused() -> None:
+    with pytest.raises(QuantSpecError, match="observers"):
+        QuantizedTrainingConfig(GemmConfig(), observers={"bias": RunningMinMax})
+    with pytest.raises(QuantSpecError, match="observers"):
+        QLinear(4, 2, observers={"output": RunningMinMax()})
+
+
+def test_observer_state_is_in_the_state_dict_and_loads_back() -> None:
+    layer = QLinear(8, 3, config=GemmConfig(weight_spec=INT8), observers={"weight": FixedScale(1)})
+    for seed in range(3):
+        layer(_randn(2, 8, seed=seed))
+    state = layer.state_dict()
+    assert int(state["observers.weight.calls"]) == 3
+    other = QLinear(8, 3, config=GemmConfig(weight_spec=INT8), observers={"weight": FixedScale(1)})
+    other.load_state_dict(state, strict=True)
+    assert int(other.observers["weight"].calls) == 3
+
+
+def test_running_ranges_saved_before_observers_load_into_the_input_observer() -> None:
+    layer = QConv2d(2, 3, 3, config=GemmConfig(input_spec=UINT8))
+    layer(_randn(2, 2, 5, 5, seed=10))
+    state = layer.state_dict()
+    old = {
+        key.replace("observers.input.", "input_"): value for key, value in state.items()
+    }  # the keys a qtrain from before observers wrote
+    assert {"input_low", "input_high"} <= set(old)
+    other = QConv2d(2, 3, 3, config=GemmConfig(input_spec=UINT8))
+    other.load_state_dict(old, strict=True)
+    assert torch.equal(other.observers["input"].low, layer.observers["input"].low)
+    assert torch.equal(other.observers["input"].high, layer.observers["input"].high)
+
+
+def test_sync_without_a_process_group_changes_nothing() -> None:
+    observer = RunningMinMax()
+    observer.qparams(_randn(4, 4, seed=11), UINT8)
+    low = observer.low.clone()
+    observer.sync()
+    assert torch.equal(observer.low, low)
