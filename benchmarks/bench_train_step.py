@@ -47,7 +47,7 @@ from qtrain.api import QuantizedTrainingConfig
 from qtrain.kernels import Backend, cpu_fused, use_backend
 from qtrain.models import build_model
 from qtrain.ops import GemmConfig
-from qtrain.recipes.sbm import SBMConfig
+from qtrain.presets import sbm_quantization
 
 BATCH, INPUT_SHAPE, CLASSES, WIDTH = 256, (1, 28, 28), 10, 16
 TARGET_RATIO = 1.15  # the issue's target for sbm8 with the fast kernels
@@ -63,7 +63,7 @@ CONFIGS: dict[str, tuple[object | None, Backend]] = {
         Backend.CPU_FUSED,
     ),
     "sbm8 with plain BN, cpu_fused": (
-        SBMConfig(range_batchnorm=False).quantization_config(),
+        sbm_quantization(range_batchnorm=False),
         Backend.CPU_FUSED,
     ),
     # sbm8's layers without any quantization: Range BN (+ fused ReLU), compact ReLU and max

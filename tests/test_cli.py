@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from qtrain.cli import main
-from qtrain.train import read_metrics
+from qtrain.data import DATASETS
+from qtrain.guard import POLICIES
+from qtrain.models import MODELS
+from qtrain.recipes import RECIPES
+from qtrain.train import OPTIMIZERS, SCHEDULES, read_metrics
 
 TINY = [
     "--model", "cnn", "--data", "synthetic", "--epochs", "1", "--width", "4",
@@ -111,15 +115,49 @@ def test_compare_runs_each_recipe_and_seed_and_tabulates(
 ) -> None:
     out_dir = tmp_path / "cmp"
     argv = ["compare", "--recipes", "fp32,amp-bf16", "--seeds", "0,1", *TINY, "--out", str(out_dir)]
+    argv += ["--log-every", "2"]  # step records for the curves (8 steps per run)
     code, out, _ = run(argv, capsys)
     assert code == 0
     for name in ("fp32-s0", "fp32-s1", "amp-bf16-s0", "amp-bf16-s1"):
         assert (out_dir / name / "summary.json").is_file()
         assert read_metrics(out_dir / name)[-1]["kind"] == "epoch"
     assert (out_dir / "compare.md").is_file() and (out_dir / "compare.png").stat().st_size > 0
+    for plot in ("compare_loss.png", "compare_acc.png"):
+        assert (out_dir / plot).stat().st_size > 0 and plot in (out_dir / "compare.md").read_text()
     rows = [line for line in out.splitlines() if line.startswith("| fp32") or "amp-bf16" in line]
     assert len(rows) == 2 and " ± " in rows[0]
     assert "| fp32 | 2 |" in (out_dir / "compare.md").read_text()
 
     code, out, _ = run(["report", str(out_dir)], capsys)
     assert code == 0 and out.strip().endswith("compare.md")
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_help_lists_what_each_option_chooses_from(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    for names in (MODELS, DATASETS, RECIPES, OPTIMIZERS, SCHEDULES, POLICIES):
+        assert "one of: " + ", ".join(sorted(names) if isinstance(names, dict) else names) in text
+
+
+def test_compare_sets_a_shared_parameter_on_each_recipe_that_has_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "cmp"
+    argv = ["compare", *TINY, "--out", str(out_dir), "--set", "bits=6"]
+    code, _, err = run([*argv[:1], "--recipes", "sbm,sbm8", *argv[1:]], capsys)
+    assert code == 2 and err.count("\n") == 1 and not out_dir.exists()
+    assert "recipe 'sbm8' with --set bits=6: SBM8Config.bits must be 8, got 6" in err
+    assert "use recipe 'sbm' --set bits=6" in err
+
+    code, _, err = run(["compare", "--recipes", "sbm,fp32", *TINY, "--out", str(out_dir)], capsys)
+    assert code == 2 and "recipe 'sbm' needs its bit-width: --set bits=N" in err
+
+    code, _, _ = run([*argv[:1], "--recipes", "sbm,fp32", *argv[1:]], capsys)
+    assert code == 0
+    saved = json.loads((out_dir / "sbm-s0" / "config.json").read_text())
+    assert saved["recipe"] == "sbm" and saved["recipe_config"]["bits"] == 6

@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from qtrain import PerChannel, QLinear, QuantSpec, formats
-from qtrain.cost import CostMeter, StepCost, mac_energy_pj, model_bits
+from qtrain import PerChannel, PerTensor, QLinear, QuantSpec, formats
+from qtrain.cost import ROLES, CostMeter, StepCost, mac_energy_pj, model_bits
 from qtrain.formats import BlockFloat
-from qtrain.ops import GemmConfig
+from qtrain.lowp import Float8TrainingConfig, Int8TrainingConfig, LowPrecisionLinear
+from qtrain.ops import GemmConfig, Precision
+from qtrain.protocol import QuantizedModule
 
 INT8 = QuantSpec(formats.INT8)
 
@@ -182,3 +184,116 @@ def test_quantized_layer_unquantized_roles_count_autocast_width():
     assert cost.bitops["forward"] == macs * 16 * 8
     assert cost.bitops["grad_input"] == macs * 16 * 8
     assert cost.bitops["grad_weight"] == macs * 16 * 16
+
+
+class PerSampleLinear(nn.Linear):
+    """A toy protocol layer whose last call ran 3 samples at 4 bits and 5 at 8 bits (DFQ's
+    shape of answer); its weight is stored at 4 bits with no scale."""
+
+    SAMPLES = [
+        (3, {"forward": (4, 4), "grad_input": (8, 4), "grad_weight": (8, 4)}),
+        (5, dict.fromkeys(ROLES, (8, 8))),
+    ]
+
+    def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
+        return dict.fromkeys(ROLES, (8, 8))
+
+    def sample_role_bits(self):
+        return self.SAMPLES
+
+    def weight_storage_bits(self) -> int:
+        return 4 * self.weight.numel()
+
+    def quantized_weight(self) -> None:
+        return None
+
+    def to_float(self) -> nn.Linear:
+        return self
+
+    def set_precision(self, precision: Precision | None) -> None:
+        pass
+
+    def raise_floor(self) -> bool:
+        return False
+
+    def floor(self) -> dict[str, float]:
+        return {}
+
+    def set_floor(self, floor: dict[str, float]) -> None:
+        pass
+
+
+def test_per_sample_bits_split_a_calls_macs_by_sample():
+    layer = PerSampleLinear(6, 5)
+    assert isinstance(layer, QuantizedModule)
+    meter = CostMeter(layer)
+    x = torch.randn(8, 6, requires_grad=True)
+    # 8 samples × 5 outputs × 6 inputs = 240 MACs: 30 a sample, 90 at the first bits, 150 at 8×8.
+    cost = _step(layer, x, meter)
+    assert cost.macs == dict.fromkeys(ROLES, 240)
+    assert cost.bitops == {
+        "forward": 90 * 4 * 4 + 150 * 8 * 8,
+        "grad_input": 90 * 8 * 4 + 150 * 8 * 8,
+        "grad_weight": 90 * 8 * 4 + 150 * 8 * 8,
+    }
+    assert cost.energy_pj == pytest.approx(3 * 240 * INT8_MAC)
+    with torch.no_grad():
+        layer(x)
+    cost = meter.pop()
+    assert cost.macs == {"forward": 240, "grad_input": 0, "grad_weight": 0}
+    assert cost.bitops["forward"] == 90 * 4 * 4 + 150 * 8 * 8
+    # Leading dims beyond the batch (a sequence): a sample is all its tokens.
+    layer(torch.randn(8, 7, 6))
+    assert meter.pop().bitops["forward"] == 7 * (90 * 4 * 4 + 150 * 8 * 8)
+    with pytest.raises(ValueError, match="counts 8 samples for a batch of 4"):
+        layer(torch.randn(4, 6))
+    assert model_bits(layer) == 4 * 30 + 5 * 32  # its weight as it says, the bias at 32 bits
+
+
+def test_low_precision_gemms_count_their_int8_and_fp8_bits():
+    # The real int8/fp8 GEMM layers answer the protocol: their products count 8×8 (the
+    # configured int8 bits), not the 32×32 of the nn.Linear they subclass.
+    x = torch.randn(4, 8, requires_grad=True)
+    macs = 4 * 8 * 3
+    for config, forward, backward in (
+        (Int8TrainingConfig(), 8 * 8, 8 * 8),
+        (Int8TrainingConfig(bits=4, grad_bits=6), 4 * 4, 6 * 4),
+        (Float8TrainingConfig(), 8 * 8, 8 * 8),
+    ):
+        layer = LowPrecisionLinear(8, 3, config=config)
+        meter = CostMeter(layer)
+        cost = _step(layer, x, meter)
+        assert cost.bitops == {
+            "forward": macs * forward,
+            "grad_input": macs * backward,
+            "grad_weight": macs * backward,
+        }
+        assert cost.energy_pj == pytest.approx(3 * macs * INT8_MAC)
+    layer = LowPrecisionLinear(8, 3, config=Int8TrainingConfig())
+    meter = CostMeter(layer)
+    layer.set_precision(Precision(forward=4, backward=6))  # a schedule's bits are counted
+    assert _step(layer, x, meter).bitops["forward"] == macs * 4 * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # only products left in float go to 16
+        partial = LowPrecisionLinear(8, 3, config=Int8TrainingConfig(forward=False))
+        meter = CostMeter(partial)
+        partial(x).float().sum().backward()
+    assert meter.pop().bitops == {
+        "forward": macs * 16 * 16,
+        "grad_input": macs * 8 * 8,
+        "grad_weight": macs * 8 * 8,
+    }
+
+
+def test_model_bits_of_low_precision_layers_are_values_and_scales():
+    model = nn.Sequential(
+        LowPrecisionLinear(8, 4, config=Int8TrainingConfig()),  # 32 int8 values + 4 row scales
+        nn.ReLU(),
+        LowPrecisionLinear(4, 6, config=Int8TrainingConfig(bits=4, granularity=PerTensor())),
+        LowPrecisionLinear(6, 2, bias=False, config=Float8TrainingConfig()),  # + one scale
+    )
+    expected = (
+        32 * 8 + 4 * 32 + 4 * 32  # int8 per row; fp32 bias
+        + 24 * 4 + 32 + 6 * 32  # int4 per tensor: one scale; fp32 bias
+        + 12 * 8 + 32  # fp8 per tensor
+    )  # fmt: skip
+    assert model_bits(model) == expected

@@ -178,7 +178,7 @@ def test_config_json_round_trip() -> None:
         ({"optimizer": "lion"}, "choose from: sgd, adamw"),
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"lr": -1.0}, "lr must be"),
-        ({"epochs": "3"}, "epochs must be of type int"),
+        ({"epochs": "3"}, "'epochs': expected an integer"),
         ({"device": "gpu0"}, "device must be"),
         ({"bogus": 1}, "unknown train option"),
     ],

@@ -25,6 +25,7 @@ from qtrain.quantizer import (
     quantize,
     quantize_int,
 )
+from qtrain.train import load_run
 
 __version__ = "0.1.0"
 
@@ -59,4 +60,5 @@ __all__ = [
     "formats",
     "quantize",
     "quantize_int",
+    "load_run",
 ]

@@ -25,11 +25,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from qtrain.recipes import Recipe, RecipeConfigError, build_recipe, iter_recipes
+from qtrain.data import DATASETS
+from qtrain.guard import POLICIES
+from qtrain.models import MODELS
+from qtrain.recipes import RECIPES, Recipe, RecipeConfigError, build_recipe, iter_recipes
 from qtrain.report import COMPARE_FILE, compare_rows, format_table, write_compare, write_report
 from qtrain.train import (
     CONFIG_FILE,
+    OPTIMIZERS,
     RESUME_MUTABLE,
+    SCHEDULES,
     RunError,
     TrainConfig,
     TrainConfigError,
@@ -54,6 +59,10 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _one_of(choices: Sequence[str]) -> str:
+    return "one of: " + ", ".join(choices)
+
+
 def _json_value(text: str) -> Any:
     """A ``--data-arg``/``--model-arg`` value: JSON when it parses (numbers, lists), else text."""
     try:
@@ -65,18 +74,18 @@ def _json_value(text: str) -> Any:
 # (flag, TrainConfig field, argparse keywords); every default is "absent" so that options
 # given explicitly can be told from values taken from --config or a resumed run's config.
 _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--model", "model", {"help": "model name"}),
-    ("--data", "data", {"help": "dataset name"}),
+    ("--model", "model", {"help": _one_of(sorted(MODELS))}),
+    ("--data", "data", {"help": "dataset, " + _one_of(sorted(DATASETS))}),
     ("--epochs", "epochs", {"type": int}),
     ("--seed", "seed", {"type": int}),
     ("--device", "device", {"help": "cpu, cuda or cuda:N"}),
     ("--width", "width", {"type": int, "help": "model base width"}),
     ("--batch-size", "batch_size", {"type": int}),
     ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
-    ("--optimizer", "optimizer", {}),
+    ("--optimizer", "optimizer", {"help": _one_of(OPTIMIZERS)}),
     ("--momentum", "momentum", {"type": float}),
     ("--weight-decay", "weight_decay", {"type": float}),
-    ("--schedule", "schedule", {}),
+    ("--schedule", "schedule", {"help": "learning rate, " + _one_of(SCHEDULES)}),
     ("--warmup-fraction", "warmup_fraction", {"type": float}),
     ("--label-smoothing", "label_smoothing", {"type": float}),
     ("--train-subset", "train_subset", {"type": int}),
@@ -84,7 +93,7 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--checkpoint-every", "checkpoint_every", {"type": int, "help": "steps (0: at end only)"}),
     ("--eval-every", "eval_every", {"type": int, "help": "epochs"}),
     ("--log-every", "log_every", {"type": int, "help": "steps"}),
-    ("--on-nonfinite", "on_nonfinite", {"help": "at a NaN/inf: stop, skip or raise-precision"}),
+    ("--on-nonfinite", "on_nonfinite", {"help": "at a NaN/inf, " + _one_of(POLICIES)}),
     ("--check-every", "check_every", {"type": int, "help": "steps between per-layer checks"}),
     ("--data-dir", "data_dir", {}),
     ("--download", "download", {"action": "store_true", "help": "fetch missing data"}),
@@ -134,12 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("recipes", help="list recipes with their paper")
     p_train = sub.add_parser("train", help="train one model with one recipe")
-    p_train.add_argument("--recipe", default=argparse.SUPPRESS)
+    p_train.add_argument("--recipe", default=argparse.SUPPRESS, help=_one_of(sorted(RECIPES)))
     p_train.add_argument("--config", type=Path, help="a run's config.json to start from")
     p_train.add_argument("--out", type=Path, help="run directory (default runs/<name>)")
     _add_train_options(p_train)
     p_compare = sub.add_parser("compare", help="train several recipes x seeds and tabulate")
-    p_compare.add_argument("--recipes", required=True, help="comma-separated recipe names")
+    p_compare.add_argument(
+        "--recipes", required=True, help="comma-separated, each " + _one_of(sorted(RECIPES))
+    )
     p_compare.add_argument("--seeds", default="0", help="comma-separated integers")
     p_compare.add_argument("--out", type=Path, required=True)
     _add_train_options(p_compare)
@@ -170,10 +181,17 @@ def _train_config(base: dict[str, Any], explicit: dict[str, Any]) -> TrainConfig
     return TrainConfig.from_dict(merged)
 
 
+def _recipe_class(name: str) -> type[Recipe]:
+    if name not in RECIPES:
+        build_recipe(name)  # raises the registry's unknown-recipe error
+    return RECIPES[name]
+
+
 def _recipe(name: str, base_config: dict[str, Any] | None, sets: dict[str, str]) -> Recipe:
-    default = build_recipe(name)  # raises the registry's unknown-recipe error
-    config = type(default.config).from_dict(base_config) if base_config else default.config
-    return type(default)(config.with_overrides(sets) if sets else config)
+    """Recipe ``name`` from a saved config (None: the defaults) with ``--set`` overrides."""
+    cls = _recipe_class(name)
+    config = cls.config_class.from_dict(base_config or {})
+    return cls(config.with_overrides(sets) if sets else config)
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -242,7 +260,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
     sets = dict(args.sets)
-    fields = {n: {f.name for f in dataclasses.fields(_recipe(n, None, {}).config)} for n in names}
+    fields = {n: {f.name for f in dataclasses.fields(_recipe_class(n).config_class)} for n in names}
     unmatched = sorted(k for k in sets if not any(k in f for f in fields.values()))
     if unmatched:
         allowed = sorted(set().union(*fields.values()))
@@ -251,8 +269,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         )
     # Each recipe takes the --set keys it has, so one command can tune a shared parameter.
     overrides = {n: {k: v for k, v in sets.items() if k in fields[n]} for n in names}
-    for name in names:
-        _recipe(name, None, overrides[name])  # validate every value before writing anything
+    for name in names:  # validate every value before writing anything
+        try:
+            _recipe(name, None, overrides[name])
+        except RecipeConfigError as err:
+            if not overrides[name]:
+                raise
+            given = " ".join(f"{k}={v}" for k, v in overrides[name].items())
+            raise RecipeConfigError(f"recipe {name!r} with --set {given}: {err}") from None
     configs = {s: _train_config({}, {**explicit, "seed": s}) for s in seeds}
     _prepare_out(args.out, args.resume, args.overwrite)
     run_dirs = []

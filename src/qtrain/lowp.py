@@ -72,18 +72,19 @@ import dataclasses
 import enum
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qtrain.api import FilterFn, register_handler
+from qtrain.configs import Config
 from qtrain.kernels import reference, triton_quant
 from qtrain.ops import SPEC_FIELDS, Precision
 from qtrain.protocol import QuantizedWeight
 from qtrain.quantizer import PerTensor, PerToken, QuantSpecError
-from qtrain.validation import check_type
+from qtrain.validation import check_int, check_type
 
 _FP8_FORWARD = torch.float8_e4m3fn
 _FP8_GRAD = torch.float8_e5m2
@@ -107,30 +108,18 @@ class Int8Gemm(enum.Enum):
 Scaling = PerTensor | PerToken
 
 
-def _check_products(config: Any) -> None:
-    name = type(config).__name__
-    if not isinstance(config.granularity, PerTensor | PerToken):
-        raise QuantSpecError(
-            f"{name}.granularity must be PerToken() (row-wise) or PerTensor(), "
-            f"got {config.granularity!r}"
-        )
-    for field in ("forward", "grad_input", "grad_weight", "emulate"):
-        if not isinstance(getattr(config, field), bool):
-            raise QuantSpecError(f"{name}.{field} must be a bool, got {getattr(config, field)!r}")
-
-
 def _check_bits(what: str, bits: Any) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise QuantSpecError(f"{what} must be an int in 2..8 (int8 storage), got {bits!r}")
+    check_int(what, bits, QuantSpecError, low=2, high=8)
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8TrainingConfig:
-    """Forward, grad-input and grad-weight products of every ``nn.Linear`` as int8 GEMMs.
+class Int8TrainingConfig(Config):
+    """Forward, grad-input and grad-weight products of every ``nn.Linear`` as int8 GEMMs
+    (a ``qtrain.configs.Config``: fields checked when built, ``to_dict``/``from_dict``).
 
     Args:
-        bits: bit-width of x and W (levels within ±(2^(bits−1) − 1), stored as int8).
-        grad_bits: bit-width of the gradient operands.
+        bits: bit-width of x and W (levels within ±(2^(bits−1) − 1), stored as int8), 2..8.
+        grad_bits: bit-width of the gradient operands, 2..8.
         stochastic_grad: round the gradient operands stochastically (unbiased).
         granularity: ``PerToken()`` — a scale per row of each operand — or ``PerTensor()``.
         forward / grad_input / grad_weight: which products run in int8 (the others run in the
@@ -138,6 +127,8 @@ class Int8TrainingConfig:
         gemm: ``Int8Gemm`` on CUDA; None picks TRITON where Triton runs, else INT_MM.
         emulate: the emulated twin (float matmuls, identical results).
     """
+
+    error: ClassVar[type[Exception]] = QuantSpecError
 
     bits: int = 8
     grad_bits: int = 8
@@ -149,29 +140,13 @@ class Int8TrainingConfig:
     gemm: Int8Gemm | None = None
     emulate: bool = False
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_bits("Int8TrainingConfig.bits", self.bits)
         _check_bits("Int8TrainingConfig.grad_bits", self.grad_bits)
-        if not isinstance(self.stochastic_grad, bool):
-            raise QuantSpecError(
-                f"Int8TrainingConfig.stochastic_grad must be a bool, got {self.stochastic_grad!r}"
-            )
-        if self.gemm is not None and not isinstance(self.gemm, Int8Gemm):
-            raise QuantSpecError(
-                f"Int8TrainingConfig.gemm must be an Int8Gemm or None, got {self.gemm!r}"
-            )
-        _check_products(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Int8TrainingConfig:
-        return _from_dict(cls, data)
 
 
 @dataclasses.dataclass(frozen=True)
-class Float8TrainingConfig:
+class Float8TrainingConfig(Config):
     """Forward, grad-input and grad-weight products of every ``nn.Linear`` as fp8 GEMMs:
     e4m3 for x and W, e5m2 for the gradient (``torch._scaled_mm``; Hopper/Ada on CUDA).
 
@@ -181,47 +156,16 @@ class Float8TrainingConfig:
         emulate: the emulated twin (float32 matmuls of the dequantized operands).
     """
 
+    error: ClassVar[type[Exception]] = QuantSpecError
+
     granularity: Scaling = PerTensor()
     forward: bool = True
     grad_input: bool = True
     grad_weight: bool = True
     emulate: bool = False
 
-    def __post_init__(self) -> None:
-        _check_products(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Float8TrainingConfig:
-        return _from_dict(cls, data)
-
 
 LowPrecisionConfig = Int8TrainingConfig | Float8TrainingConfig
-_GRANULARITIES = {"PerTensor": PerTensor, "PerToken": PerToken}
-
-
-def _to_dict(config: LowPrecisionConfig) -> dict[str, Any]:
-    out = dataclasses.asdict(config)
-    out["granularity"] = type(config.granularity).__name__
-    if "gemm" in out:
-        out["gemm"] = None if config.gemm is None else config.gemm.value
-    return out
-
-
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    data = dict(data)
-    granularity = data.pop("granularity", None)
-    if granularity is not None:
-        if granularity not in _GRANULARITIES:
-            raise QuantSpecError(
-                f"granularity must be one of {sorted(_GRANULARITIES)}, got {granularity!r}"
-            )
-        data["granularity"] = _GRANULARITIES[granularity]()
-    if data.get("gemm") is not None:
-        data["gemm"] = Int8Gemm(data["gemm"])
-    return cls(**data)
 
 
 # ---- the plan: what each product does -------------------------------------------------------
@@ -319,6 +263,19 @@ def _real_gemm_runs(fp8: bool, rowwise: bool, device: str) -> bool:
     except (RuntimeError, AttributeError, TypeError):  # NotImplementedError is a RuntimeError
         return False
     return True
+
+
+@functools.cache
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions that make ``torch._int_mm`` fast
+    (AMX-INT8, AVX512-VNNI or AVX-VNNI in /proc/cpuinfo's flags; False where that file is
+    missing). Without them oneDNN emulates the int8 product, far slower than a float32 one."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = {flag for line in cpuinfo if line.startswith("flags") for flag in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"amx_int8", "avx512_vnni", "avx_vnni"})
 
 
 def real_gemm_runs(config: LowPrecisionConfig, device: torch.device | str) -> bool:
@@ -520,7 +477,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _LowPrecisionLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b with each of the three products as the plan says (shapes: module docs)."""
+    """y = x·Wᵀ + b with each of the three products as the plan says (shapes: module docs),
+    as a matrix (M, N): ``_apply`` gives it x's leading dims. A view made inside a Function
+    cannot be modified in place (an in-place ReLU after the layer), one made after it can."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, bounds):  # type: ignore[override]
@@ -535,7 +494,7 @@ class _LowPrecisionLinear(torch.autograd.Function):
         ctx.plan = plan
         ctx.compute_dtype = compute_dtype
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -575,7 +534,12 @@ def low_precision_linear(
     """
     if bounds is None:
         bounds = initial_bounds(config, x.device)
-    return _LowPrecisionLinear.apply(x, weight, bias, _Plan.of(config), bounds.to(torch.float32))
+    return _apply(x, weight, bias, _Plan.of(config), bounds.to(torch.float32))
+
+
+def _apply(x, weight, bias, plan: _Plan, bounds: torch.Tensor) -> torch.Tensor:
+    y = _LowPrecisionLinear.apply(x, weight, bias, plan, bounds)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class LowPrecisionLinear(nn.Linear):
@@ -666,15 +630,15 @@ class LowPrecisionLinear(nn.Linear):
         self._update_bits()
 
     def raise_floor(self) -> bool:
-        """The guard's raise: int8 operands below 8 bits go to 8 and stay there as a floor
-        under any schedule. False when every int8 operand is at 8 bits already (int8 storage
-        holds no more) and for fp8 (fixed formats)."""
-        if isinstance(self.config, Float8TrainingConfig):
+        """The guard's raise: every int8 operand goes to 8 bits and stays there, a floor under
+        any schedule. False when all are at 8 bits already (int8 storage holds no more) and
+        for fp8 (fixed formats)."""
+        fields = self._int8_fields()
+        if isinstance(self.config, Float8TrainingConfig) or all(
+            self._bits[field] >= 8 for field in fields
+        ):
             return False
-        low = [field for field in self._int8_fields() if self._bits[field] < 8]
-        if not low:
-            return False
-        self._floor = {**self._floor, **dict.fromkeys(low, 8.0)}
+        self._floor = {**self._floor, **dict.fromkeys(fields, 8.0)}
         self._update_bits()
         return True
 
@@ -692,25 +656,23 @@ class LowPrecisionLinear(nn.Linear):
         self._floor = dict(floor)
         self._update_bits()
 
-    def _int8_fields(self) -> set[str]:
-        """The operands of the products that run in low precision."""
-        return {
-            SPEC_FIELDS[operand.bound]
-            for operands in self.plan.products().values()
-            if operands is not None
-            for operand in operands
-        }
+    def _int8_fields(self) -> list[str]:
+        """The operands of the products that run in low precision, in SPEC_FIELDS order."""
+        used = {op.bound for ops in self.plan.products().values() if ops is not None for op in ops}
+        return [field for index, field in enumerate(SPEC_FIELDS) if index in used]
 
     def _update_bits(self) -> None:
         bits = configured_bits(self.config)
         if self._precision is not None:
             scheduled = self._precision.field_bits().items()
             bits.update({field: b for field, b in scheduled if b is not None})
-        bits = {field: max(b, math.ceil(self._floor.get(field, 0))) for field, b in bits.items()}
-        if bits != self._bits:  # most steps set what is in force already: no copy
-            self._bits = bits
-            with torch.no_grad():
-                self.bounds.copy_(torch.tensor(_bounds(self.config, bits)))
+        self._bits = {
+            field: max(b, math.ceil(self._floor.get(field, 0))) for field, b in bits.items()
+        }
+        # Written on every call, changed or not: a trainer that rolls a faulty step back
+        # restores buffers, this one included (an asynchronous copy, ~8 µs on the CPU).
+        with torch.no_grad():
+            self.bounds.copy_(torch.tensor(_bounds(self.config, self._bits)), non_blocking=True)
 
     # ---- what the cost meter and export ask -------------------------------------------------
     def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
@@ -756,7 +718,7 @@ class LowPrecisionLinear(nn.Linear):
         return QuantizedWeight(levels, scale, zero_point, self._bits["weight_spec"], True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LowPrecisionLinear.apply(x, self.weight, self.bias, self.plan, self.bounds.float())
+        return _apply(x, self.weight, self.bias, self.plan, self.bounds.float())
 
     def extra_repr(self) -> str:
         bits = "/".join(str(self._bits[field]) for field in SPEC_FIELDS)

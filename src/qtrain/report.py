@@ -1,5 +1,10 @@
 """Reports: ``report.md`` with plots for one run, ``compare.md`` with a table for many.
 
+A run's step records (``metrics.jsonl``, ``"kind": "step"``) are means over the run's
+``log_every`` steps; every curve drawn from them says so in its legend. The recipe's
+``metrics()`` (bits in use, clip values...) are plotted one panel per name; runs written
+before ``metrics`` replaced ``bits`` are read too.
+
 Plots need matplotlib (the ``plot`` extra); it is imported only when a report is written, so
 training works without it.
 
@@ -20,14 +25,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qtrain.train import CONFIG_FILE, SUMMARY_FILE, read_metrics
+from qtrain.train import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 
 REPORT_FILE = "report.md"
 COMPARE_FILE = "compare.md"
 COMPARE_PLOT = "compare.png"
+COMPARE_CURVES = {"loss": "compare_loss.png", "acc": "compare_acc.png"}
 PLOTS = {
     "curves": "curves.png",
-    "bits": "bits.png",
+    "metrics": "metrics.png",
     "bitops": "bitops.png",
     "params": "params.png",
 }
@@ -54,7 +60,12 @@ def _save(fig: Any, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def _plot_curves(steps: list[dict], epochs: list[dict], path: Path) -> None:
+def _window(config: dict[str, Any]) -> int:
+    """Steps each step record averages over (the run's ``log_every``)."""
+    return config["train"]["log_every"]
+
+
+def _plot_curves(steps: list[dict], epochs: list[dict], window: int, path: Path) -> None:
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, train_key, test_key in (
@@ -62,7 +73,9 @@ def _plot_curves(steps: list[dict], epochs: list[dict], path: Path) -> None:
         (ax_acc, "accuracy", "train_acc", "test_acc"),
     ):
         step_key = "loss" if metric == "loss" else "acc"
-        ax.plot(*_series(steps, step_key), lw=1, alpha=0.6, label=f"train {metric} (window)")
+        if steps:  # none in a run shorter than its window
+            label = f"train {metric} (mean over {window} steps)"
+            ax.plot(*_series(steps, step_key), lw=1, alpha=0.6, label=label)
         ax.plot(*_series(epochs, train_key), "o-", label=f"train {metric} (epoch)")
         ax.plot(*_series(epochs, test_key), "s-", label=f"test {metric}")
         ax.set_xlabel("epoch")
@@ -72,23 +85,31 @@ def _plot_curves(steps: list[dict], epochs: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def _bit_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+def _recipe_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A record's recipe metrics (``"bits"`` in runs written before ``"metrics"``)."""
+    return record.get("metrics", record.get("bits")) or {}
+
+
+def _metric_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     keys: dict[str, None] = {}
     for record in records:
-        keys.update(dict.fromkeys(record.get("bits") or {}))
+        keys.update(dict.fromkeys(_recipe_metrics(record)))
     return list(keys)
 
 
-def _plot_bits(records: list[dict], keys: list[str], path: Path) -> None:
+def _plot_metrics(records: list[dict], keys: list[str], path: Path) -> None:
+    """One panel per metric over the run, each value held until the next record."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for key in keys:
-        pairs = [(r["epoch"], r["bits"][key]) for r in records if key in (r.get("bits") or {})]
-        ax.step([e for e, _ in pairs], [b for _, b in pairs], where="post", label=key)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("bits")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    size = (7, 1.2 + 1.8 * len(keys))
+    fig, axes = plt.subplots(len(keys), 1, figsize=size, sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys, strict=True):
+        pairs = [
+            (r["epoch"], _recipe_metrics(r)[key]) for r in records if key in _recipe_metrics(r)
+        ]
+        ax.step([e for e, _ in pairs], [v for _, v in pairs], where="post")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("epoch")
     _save(fig, path)
 
 
@@ -117,9 +138,9 @@ def _fmt_pct(value: float | None) -> str:
 
 
 def write_report(run_dir: str | os.PathLike[str]) -> Path:
-    """Write ``report.md`` and its PNGs (curves, bits, bitops, params) into ``run_dir``.
+    """Write ``report.md`` and its PNGs (curves, metrics, bitops, params) into ``run_dir``.
 
-    The bit-width plot is left out when the recipe reports no bit-widths (full precision).
+    The metrics plot is left out when the recipe reports none (fp32, for one).
     """
     run = Path(run_dir)
     records = read_metrics(run)
@@ -130,7 +151,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     epochs = [r for r in records if r["kind"] == "epoch"]
     all_records = sorted(records, key=lambda r: r["step"])
 
-    _plot_curves(steps, epochs, run / PLOTS["curves"])
+    _plot_curves(steps, epochs, _window(config), run / PLOTS["curves"])
     _plot_single(
         all_records,
         {"bitops": "training BitOPs", "bitops_fp32": "same MACs at 32x32 bits"},
@@ -138,9 +159,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         run / PLOTS["bitops"],
     )
     _plot_single(all_records, {"params": "parameters"}, "parameters", run / PLOTS["params"])
-    bit_keys = _bit_keys(all_records)
-    if bit_keys:
-        _plot_bits(all_records, bit_keys, run / PLOTS["bits"])
+    metric_keys = _metric_keys(all_records)
+    if metric_keys:
+        _plot_metrics(all_records, metric_keys, run / PLOTS["metrics"])
 
     train = config["train"]
     lines = [
@@ -186,11 +207,12 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         lines += ["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
     else:
         lines += ["The run has not finished: no summary.json yet.", ""]
-    lines += ["## Loss and accuracy", "", f"![curves]({PLOTS['curves']})", "", "## Bit-widths", ""]
-    if bit_keys:
-        lines += [f"![bits]({PLOTS['bits']})", ""]
+    lines += ["## Loss and accuracy", "", f"![curves]({PLOTS['curves']})", ""]
+    lines += ["## Recipe metrics", ""]
+    if metric_keys:
+        lines += [f"![metrics]({PLOTS['metrics']})", ""]
     else:
-        lines += ["The recipe reports no bit-widths: full precision throughout.", ""]
+        lines += ["The recipe reports no metrics.", ""]
     lines += [
         "## Cumulative training BitOPs",
         "",
@@ -214,14 +236,15 @@ def compare_rows(run_dirs: Iterable[str | os.PathLike[str]]) -> list[dict[str, A
 
     Keys: recipe, seeds, acc_mean, acc_std (sample std; 0 for one seed), bitops,
     bitops_ratio (training BitOPs / the same MACs at 32x32 bits), model_bits, wall_seconds
-    (means over seeds), runs (the summaries).
+    (means over seeds), runs (the summaries), run_dirs (their directories).
     """
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for run in run_dirs:
-        summary = json.loads((Path(run) / SUMMARY_FILE).read_text())
-        groups.setdefault(summary["recipe"], []).append(summary)
+    groups: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for run in map(Path, run_dirs):
+        summary = json.loads((run / SUMMARY_FILE).read_text())
+        groups.setdefault(summary["recipe"], []).append((run, summary))
     rows = []
-    for recipe, runs in groups.items():
+    for recipe, pairs in groups.items():
+        runs = [summary for _, summary in pairs]
         accs = [r["test_acc"] for r in runs]
         rows.append(
             {
@@ -236,6 +259,7 @@ def compare_rows(run_dirs: Iterable[str | os.PathLike[str]]) -> list[dict[str, A
                 "model_bits": statistics.fmean(r["model_bits"] for r in runs),
                 "wall_seconds": statistics.fmean(r["wall_seconds"] for r in runs),
                 "runs": runs,
+                "run_dirs": [run for run, _ in pairs],
             }
         )
     return rows
@@ -292,13 +316,66 @@ def _plot_compare(rows: Sequence[dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
+def _recipe_curves(
+    run_dirs: Sequence[Path], key: str
+) -> tuple[list[tuple[list[float], list[float]]], int] | None:
+    """Each seed's training ``key`` per logged step as (epochs, values), and the steps each
+    record averages over; None when no run of the recipe has step records (a run shorter
+    than ``log_every`` steps has none)."""
+    runs = [run for run in run_dirs if (run / METRICS_FILE).exists()]
+    curves = [_series([r for r in read_metrics(run) if r["kind"] == "step"], key) for run in runs]
+    seeds = [(run, curve) for run, curve in zip(runs, curves, strict=True) if curve[0]]
+    if not seeds:
+        return None
+    # One config for every seed of a recipe, so one window.
+    window = _window(json.loads((seeds[0][0] / CONFIG_FILE).read_text()))
+    return [curve for _, curve in seeds], window
+
+
+def _plot_compare_curves(rows: Sequence[dict[str, Any]], key: str, ylabel: str, path: Path) -> bool:
+    """One line per recipe: the mean of its seeds at the steps all of them logged, each seed
+    drawn thin beneath it. Returns False, writing nothing, when no run has step records."""
+    curves = {row["recipe"]: _recipe_curves(row["run_dirs"], key) for row in rows}
+    curves = {recipe: curve for recipe, curve in curves.items() if curve is not None}
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for recipe, (seeds, window) in curves.items():
+        by_epoch: dict[float, list[float]] = {}
+        for epochs, values in seeds:
+            for epoch, value in zip(epochs, values, strict=True):
+                by_epoch.setdefault(epoch, []).append(value)
+        common = [epoch for epoch, values in by_epoch.items() if len(values) == len(seeds)]
+        label = f"{recipe}, mean over {window} steps"
+        if len(seeds) > 1:
+            label += f" (line: mean of {len(seeds)} seeds, thin: each seed)"
+        mean = [statistics.fmean(by_epoch[epoch]) for epoch in common]
+        (line,) = ax.plot(common, mean, lw=1.6, label=label)
+        for epochs, values in seeds if len(seeds) > 1 else ():
+            ax.plot(epochs, values, lw=0.6, alpha=0.35, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
 def write_compare(
     out_dir: str | os.PathLike[str], run_dirs: Sequence[str | os.PathLike[str]]
 ) -> Path:
-    """Write ``compare.md`` (table, plot, run list) and ``compare.png`` into ``out_dir``."""
+    """Write ``compare.md`` and its plots into ``out_dir``: accuracy against training BitOPs
+    (``compare.png``), and the recipes' training loss and accuracy per logged step
+    (``compare_loss.png``, ``compare_acc.png``; left out for runs without step records)."""
     out = Path(out_dir)
     rows = compare_rows(run_dirs)
     _plot_compare(rows, out / COMPARE_PLOT)
+    curves = [
+        f"![{ylabel} per step]({COMPARE_CURVES[key]})"
+        for key, ylabel in (("loss", "training loss"), ("acc", "training accuracy"))
+        if _plot_compare_curves(rows, key, ylabel, out / COMPARE_CURVES[key])
+    ] or ["No training curves: the runs logged no step records (fewer steps than log_every)."]
     first = rows[0]["runs"][0]
     lines = [
         f"# Comparison: {first['model']} on {first['dataset']}, {first['epochs']} epochs",
@@ -309,6 +386,7 @@ def write_compare(
         "",
         f"![accuracy vs training BitOPs]({COMPARE_PLOT})",
         "",
+        *(line for plot in curves for line in (plot, "")),
         "Runs: " + ", ".join(f"[{Path(d).name}]({Path(d).name}/{REPORT_FILE})" for d in run_dirs),
         "",
     ]

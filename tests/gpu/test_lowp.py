@@ -26,18 +26,22 @@ import torch
 import torch._dynamo.testing
 from torch import nn
 
-from qtrain import PerTensor, PerToken, QuantSpec, formats
-from qtrain.api import quantize_
+from qtrain import PerTensor, PerToken, Precision, QuantSpec, formats
+from qtrain.api import dequantize_, quantize_
+from qtrain.guard import NumericalGuard
 from qtrain.kernels import reference
 from qtrain.lowp import (
     Float8TrainingConfig,
     Int8Gemm,
     Int8TrainingConfig,
     LowPrecisionLinear,
+    _epilogue,
     _hash_keys,
     _quantize_twin,
     low_precision_linear,
+    real_gemm_runs,
 )
+from qtrain.protocol import QuantizedModule, QuantizedWeight, set_precision
 from qtrain.quantizer import QuantSpecError, quantize_int
 
 CUDA = torch.cuda.is_available()
@@ -235,7 +239,7 @@ def test_disabled_products_run_in_full_precision():
         assert torch.allclose(got_t, want_t, atol=1e-5)
 
 
-def test_set_bits_changes_results_without_recompiling():
+def test_set_precision_changes_results_without_recompiling():
     model = quantize_(
         nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8)),
         Int8TrainingConfig(stochastic_grad=True),
@@ -245,18 +249,152 @@ def test_set_bits_changes_results_without_recompiling():
     x = torch.randn(24, 32)
     compiled(x).backward()
     eight_bit = model(x)
-    for layer in model.modules():
-        if isinstance(layer, LowPrecisionLinear):
-            layer.set_bits(3, 5)
+    set_precision(model, Precision(forward=3, backward=5, weight=4, grad_weight=6))
     torch.manual_seed(5)
     loss = compiled(x)
     loss.backward()
     torch.manual_seed(5)
     assert torch.equal(loss, model(x).square().mean())
     assert not torch.equal(model(x), eight_bit)
+    set_precision(model, None)  # back to the configured 8 bits
+    assert torch.equal(compiled(x), eight_bit.square().mean())
     assert counter.frame_count == 1
-    with pytest.raises(QuantSpecError):
-        LowPrecisionLinear(4, 4, config=Float8TrainingConfig()).set_bits(4)
+
+
+# ---- the quantized-module protocol ----------------------------------------------------------
+
+
+def _layer(config, in_features: int = 10, out_features: int = 6) -> LowPrecisionLinear:
+    torch.manual_seed(0)
+    return LowPrecisionLinear(in_features, out_features, config=config)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_layers_follow_the_quantized_module_protocol(config):
+    layer = _layer(config)
+    assert isinstance(layer, QuantizedModule)
+    assert layer.sample_role_bits() is None
+    plain = layer.to_float()
+    assert type(plain) is nn.Linear and plain.training == layer.training
+    assert plain.weight is layer.weight and plain.bias is layer.bias
+    model = dequantize_(nn.Sequential(layer))
+    assert type(model[0]) is nn.Linear
+
+
+def test_role_bits_are_the_bits_of_each_low_precision_product():
+    eight = {"forward": (8, 8), "grad_input": (8, 8), "grad_weight": (8, 8)}
+    assert _layer(Int8TrainingConfig()).role_bits() == eight
+    assert _layer(Float8TrainingConfig()).role_bits(16.0) == eight
+    # The gradient copy is the left operand of both backward products; x and W share bits.
+    mixed = _layer(Int8TrainingConfig(bits=4, grad_bits=6)).role_bits()
+    assert mixed == {"forward": (4, 4), "grad_input": (6, 4), "grad_weight": (6, 4)}
+    # A product the config leaves in floating point counts the float width (16 under autocast).
+    partial = _layer(Int8TrainingConfig(forward=False, grad_weight=False)).role_bits(16.0)
+    assert partial == {"forward": (16.0, 16.0), "grad_input": (8, 8), "grad_weight": (16.0, 16.0)}
+
+
+def test_weight_storage_bits_are_the_deployed_values_and_scales():
+    weights = 6 * 10
+    assert _layer(Int8TrainingConfig()).weight_storage_bits() == weights * 8 + 6 * 32  # per row
+    per_tensor = Int8TrainingConfig(bits=4, granularity=PerTensor())
+    assert _layer(per_tensor).weight_storage_bits() == weights * 4 + 32
+    assert _layer(Float8TrainingConfig()).weight_storage_bits() == weights * 8 + 32
+    fp8_rows = Float8TrainingConfig(granularity=PerToken())
+    assert _layer(fp8_rows).weight_storage_bits() == weights * 8 + 6 * 32
+    assert _layer(Int8TrainingConfig(forward=False)).weight_storage_bits() == weights * 32
+    layer = _layer(Int8TrainingConfig())
+    layer.set_precision(Precision(forward=8, weight=5))
+    assert layer.weight_storage_bits() == weights * 5 + 6 * 32
+
+
+@pytest.mark.parametrize("granularity", [PerToken(), PerTensor()], ids=str)
+def test_quantized_weight_is_what_the_forward_product_uses(granularity):
+    config = Int8TrainingConfig(bits=6, granularity=granularity, emulate=True)
+    layer = _layer(config, in_features=45, out_features=29)
+    qweight = layer.quantized_weight()
+    assert isinstance(qweight, QuantizedWeight)
+    assert (qweight.bits, qweight.signed, qweight.levels.dtype) == (6, True, torch.int8)
+    assert qweight.levels.abs().max() <= 31 and not qweight.zero_point.any()
+    assert qweight.scale.shape == ((29, 1) if isinstance(granularity, PerToken) else ())
+    assert _snr(qweight.dequantize(), layer.weight) > 25
+    # The layer's output is the int8 product of x's levels with exactly these weight levels.
+    x = torch.randn(13, 45)
+    x_levels, x_scale = _quantize_twin(
+        x, torch.int8, torch.tensor(31.0), None, config.granularity == PerToken()
+    )
+    acc = x_levels.float() @ qweight.levels.float().t()
+    want = _epilogue(acc, x_scale, qweight.scale.reshape(-1), layer.bias, torch.float32)
+    assert torch.equal(layer(x), want)
+
+
+def test_fp8_has_no_integer_weight():
+    assert _layer(Float8TrainingConfig()).quantized_weight() is None
+    assert _layer(Int8TrainingConfig(forward=False)).quantized_weight() is None
+
+
+def test_set_precision_sets_int8_bits_and_refuses_what_int8_or_fp8_cannot_take():
+    layer = _layer(Int8TrainingConfig(bits=6, grad_bits=7))
+    layer.set_precision(Precision(forward=4, backward=5))
+    assert layer.role_bits() == {"forward": (4, 4), "grad_input": (5, 4), "grad_weight": (5, 4)}
+    layer.set_precision(Precision(forward=4, weight=3, grad_weight=2))  # backward: configured
+    assert layer.role_bits() == {"forward": (4, 3), "grad_input": (7, 3), "grad_weight": (2, 4)}
+    layer.set_precision(None)
+    assert layer.role_bits() == {"forward": (6, 6), "grad_input": (7, 6), "grad_weight": (7, 6)}
+    with pytest.raises(QuantSpecError, match=r"Precision.forward must be an int in 2..8"):
+        layer.set_precision(Precision(forward=12))
+    with pytest.raises(QuantSpecError, match="precision must be"):
+        layer.set_precision(4)
+    fp8 = _layer(Float8TrainingConfig())
+    fp8.set_precision(None)
+    fp8.set_precision(Precision())  # sets no bits
+    with pytest.raises(QuantSpecError, match="fixed formats"):
+        fp8.set_precision(Precision(forward=8))
+
+
+def test_raise_floor_goes_to_8_bits_and_stays_under_any_schedule():
+    x = torch.randn(12, 10)
+    layer = _layer(Int8TrainingConfig(bits=4, grad_bits=8))
+    eight_bit = _layer(Int8TrainingConfig())
+    assert not torch.equal(layer(x), eight_bit(x))
+    assert layer.raise_floor()
+    assert layer.floor() == dict.fromkeys(
+        ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec"), 8.0
+    )
+    assert layer.role_bits() == eight_bit.role_bits()
+    assert torch.equal(layer(x), eight_bit(x))  # the bounds buffer followed
+    layer.set_precision(Precision(forward=2, backward=3))
+    assert layer.role_bits() == eight_bit.role_bits()
+    assert not layer.raise_floor()  # int8 holds no more than 8 bits
+    resumed = _layer(Int8TrainingConfig(bits=4, grad_bits=8))
+    resumed.set_floor(layer.floor())
+    assert resumed.role_bits() == eight_bit.role_bits()
+    with pytest.raises(QuantSpecError, match="at most 8 bits"):
+        resumed.set_floor({"input_spec": 16.0})
+    assert not _layer(Int8TrainingConfig()).raise_floor()
+    assert not _layer(Float8TrainingConfig()).raise_floor()
+    # The numerical guard raises a low-precision layer through the protocol.
+    model = nn.Sequential(_layer(Int8TrainingConfig(bits=4)))
+    assert NumericalGuard(model).raise_precision("0")
+    assert model[0].role_bits()["forward"] == (8, 8)
+
+
+def test_bits_in_force_survive_a_step_rolled_back_by_the_trainer():
+    # The trainer restores every buffer of an abandoned step, the bounds included; the next
+    # set_precision writes them again even when the bits it sets are those already in force.
+    layer = _layer(Int8TrainingConfig(bits=4))
+    before = layer.bounds.clone()
+    layer.set_precision(Precision(forward=6))
+    in_force = layer.bounds.clone()
+    layer.bounds.copy_(before)  # the rollback
+    layer.set_precision(Precision(forward=6))
+    assert torch.equal(layer.bounds, in_force)
+    assert in_force.tolist() == [31.0, 31.0, 127.0, 127.0]
+
+
+def test_real_gemms_run_on_this_torch_build_cpu():
+    # torch 2.13 CPU: _int_mm on int8 tensors and _scaled_mm on fp8 ones (oneDNN) both run.
+    for config in CONFIGS:
+        assert real_gemm_runs(config, "cpu")
 
 
 def test_autocast_computes_in_bfloat16():

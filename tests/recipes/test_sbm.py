@@ -185,4 +185,4 @@ def test_sbm8_trains_on_synthetic_data(tmp_path: Path) -> None:
     # [256/3072 (G = F), 192/2048 (G = 0)].
     ratio = summary["bitops_train"] / summary["bitops_fp32_equiv"]
     assert 256 / 3072 < ratio < 192 / 2048
-    assert summary["bits"]["fw_bits"] == 8
+    assert summary["metrics"]["fw_bits"] == 8

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 from qtrain.cli import main
 from qtrain.recipes import RECIPES

@@ -305,7 +305,7 @@ TRAIN_OPTIONS = {
     "check_every": ({"check_every": -1}, "check_every", "-1", ">= 0"),
     "lr": ({"lr": 0.0}, "lr", "0.0", "positive"),
     "lr nan": ({"lr": math.nan}, "lr", "nan", "positive"),
-    "lr type": ({"lr": "fast"}, "lr", "'fast'", "float"),
+    "lr type": ({"lr": "fast"}, "'lr'", "'fast'", "a number"),
     "momentum": ({"momentum": 1.0}, "momentum", "1.0", "[0, 1)"),
     "nesterov": ({"momentum": 0.0}, "nesterov", "momentum", "> 0"),
     "weight_decay": ({"weight_decay": math.nan}, "weight_decay", "nan", "finite number >= 0"),
@@ -313,8 +313,8 @@ TRAIN_OPTIONS = {
     "label_smoothing": ({"label_smoothing": -0.1}, "label_smoothing", "-0.1", "[0, 1)"),
     "seed": ({"seed": -1}, "seed", "-1", "0..2**63-1"),
     "device": ({"device": "meta"}, "device", "'meta'", "cpu, cuda or cuda:N"),
-    "quiet type": ({"quiet": "yes"}, "quiet", "'yes'", "bool"),
-    "augment type": ({"augment": 1}, "augment", "1", "bool"),
+    "quiet type": ({"quiet": "yes"}, "'quiet'", "'yes'", "true/false"),
+    "augment type": ({"augment": 1}, "'augment'", "1", "true/false"),
     "model_kwargs type": ({"model_kwargs": []}, "model_kwargs", "[]", "mapping"),
     "unknown option": ({"bogus": 1}, "'bogus'", "allowed: ['model'"),
 }
@@ -333,7 +333,7 @@ def test_train_config_refuses_a_bad_value_naming_it(
 @pytest.mark.parametrize(
     ("changes", "fragments"),
     [({"model_kwargs": {"depth": 2}}, ["model_kwargs", "'depth'", "allowed: none"]),
-     ({"data_kwargs": {"size": "x"}}, ["data_kwargs.size", "'x'", "int"]),
+     ({"data_kwargs": {"size": "x"}}, ["data_kwargs 'size'", "'x'", "an integer"]),
      ({"data_kwargs": {"sizes": 9}}, ["data_kwargs", "'sizes'", "allowed: shape, num_classes"])],
 )  # fmt: skip
 def test_model_and_data_arguments_are_checked_before_anything_is_written(
@@ -380,7 +380,7 @@ CLI_OPTIONS = {
     "--set syntax": (["--set", "bits"], "key=value", "'bits'"),
     "--model-arg": (["--model-arg", "depth=3"], "model_kwargs", "'depth'", "allowed: none"),
     "--data-arg name": (["--data-arg", "sizes=9"], "data_kwargs", "'sizes'", "allowed: shape"),
-    "--data-arg type": (["--data-arg", "noise=loud"], "data_kwargs.noise", "'loud'", "float"),
+    "--data-arg type": (["--data-arg", "noise=loud"], "data_kwargs 'noise'", "'loud'", "a number"),
     "--data-arg shape": (["--data-arg", "shape=[1,8.5,8]"], "shape", "8.5", "int"),
 }
 
