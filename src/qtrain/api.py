@@ -137,6 +137,14 @@ def quantize_(model: nn.Module, config: Any, filter_fn: FilterFn | None = None) 
     return handler(model, config, filter_fn)
 
 
+def except_classifier(model: nn.Module) -> FilterFn:
+    """A ``filter_fn`` that leaves the last conv/linear layer in module order (the classifier)
+    out, as CPT and FracTrain keep it in float32."""
+    names = [name for name, m in model.named_modules() if isinstance(m, _GEMM_TYPES)]
+    classifier = names[-1] if names else None
+    return lambda _module, name: name != classifier
+
+
 def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

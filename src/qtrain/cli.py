@@ -1,4 +1,4 @@
-"""The ``qtrain`` command line: ``recipes``, ``train``, ``compare``, ``report``.
+"""The ``qtrain`` command line: ``recipes``, ``train``, ``compare``, ``prt``, ``report``.
 
 Every usage error (unknown recipe/model/dataset, bad ``--set`` key or value, bad option value,
 a non-empty run directory) is one line on stderr and exit code 2, and nothing is written: all
@@ -29,6 +29,7 @@ from qtrain.data import DATASETS
 from qtrain.guard import POLICIES
 from qtrain.models import MODELS
 from qtrain.recipes import RECIPES, Recipe, RecipeConfigError, build_recipe, iter_recipes
+from qtrain.recipes.cpt import CPTConfig, RangeTest, plot_range_test
 from qtrain.report import COMPARE_FILE, compare_rows, format_table, write_compare, write_report
 from qtrain.train import (
     CONFIG_FILE,
@@ -38,6 +39,7 @@ from qtrain.train import (
     RunError,
     TrainConfig,
     TrainConfigError,
+    read_metrics,
     train,
 )
 
@@ -154,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_compare.add_argument("--seeds", default="0", help="comma-separated integers")
     p_compare.add_argument("--out", type=Path, required=True)
     _add_train_options(p_compare)
+    p_prt = sub.add_parser(
+        "prt",
+        help="CPT's precision range test alone: pick b_min, plot accuracy against bits",
+        description="Train with recipe cpt and b_min=auto until the range test picks b_min "
+        "(give the --epochs of the real run: the test runs at the start of its lr schedule); "
+        "--set takes cpt's parameters (prt_start, prt_steps, prt_threshold, b_max, bw_bits).",
+    )
+    p_prt.add_argument("--out", type=Path, required=True, help="run directory (+ prt.png)")
+    _add_train_options(p_prt)
     p_report = sub.add_parser("report", help="write report.md (run) or compare.md (compare dir)")
     p_report.add_argument("run_dir", type=Path)
     return parser
@@ -299,6 +310,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prt(args: argparse.Namespace) -> int:
+    config = _train_config({}, _explicit_train_options(args))
+    sets = {**dict(args.sets), "b_min": "auto"}
+    recipe = RangeTest(CPTConfig().with_overrides(sets))
+    _prepare_out(args.out, args.resume, args.overwrite)
+    train(config, recipe, args.out, resume=args.resume)
+    for bits, accuracy in recipe.tried:
+        print(f"{bits:>2} bits: training accuracy {100 * accuracy:6.2f}%")
+    if recipe.b_min is None:
+        raise RunError(
+            f"the range test did not finish in {config.epochs} epoch(s): it needs "
+            f"{recipe.config.b_max - recipe.config.prt_start + 1} x prt_steps steps; "
+            "raise --epochs or lower prt_steps"
+        )
+    why = next(e["why"] for e in read_metrics(args.out) if e.get("event") == "b_min")
+    try:
+        plot = plot_range_test(recipe.tried, recipe.b_min, str(args.out / "prt.png"))
+    except ImportError:
+        plot = "no plot: matplotlib is not installed (qtrain[plot])"
+    print(f"b_min = {recipe.b_min} ({why}) -> {plot}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     run = args.run_dir
     if (run / CONFIG_FILE).exists():
@@ -333,6 +367,7 @@ _COMMANDS = {
     "train": _cmd_train,
     "compare": _cmd_compare,
     "report": _cmd_report,
+    "prt": _cmd_prt,
 }
 
 

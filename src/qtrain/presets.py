@@ -14,7 +14,7 @@ from __future__ import annotations
 from qtrain.api import QuantizedTrainingConfig, register_config_name
 from qtrain.formats import Int
 from qtrain.ops import GemmConfig
-from qtrain.quantizer import MinMax, QuantSpec, Rounding
+from qtrain.quantizer import MinMax, PerChannel, QuantSpec, Rounding
 
 
 def sbm_quantization(
@@ -57,6 +57,21 @@ def sbm_quantization(
         # Saved activations compact all the way: int8 GEMM inputs, ReLU masks, pool indices.
         compact_activations=save_levels,
     )
+
+
+def precision_schedule_quantization(bits: int = 8, grad_bits: int = 8) -> QuantizedTrainingConfig:
+    """The quantizer CPT and FracTrain run (their shared code base, METHODS.md §2–3): SBM's
+    affine unsigned quantizer with weights per output channel (min/max, nearest), activations
+    per tensor (batch mean of per-sample min/max), layer gradients per tensor with stochastic
+    rounding and no bifurcation (one copy of g_l for both backward products); BatchNorm stays
+    float32. Built at ``bits``/``grad_bits``; a schedule sets the bits each step."""
+    unsigned = Int(bits, signed=False)
+    weight = QuantSpec(unsigned, granularity=PerChannel(0), scale=MinMax())
+    activation = QuantSpec(unsigned, scale=MinMax(batch_mean=True), clip_gradient=False)
+    gradient = QuantSpec(Int(grad_bits, signed=False), scale=MinMax(), rounding=Rounding.STOCHASTIC)
+    save_levels = bits <= 8  # the input's int levels are kept for backward while they fit a byte
+    gemm = GemmConfig(activation, weight, gradient, gradient, save_levels)
+    return QuantizedTrainingConfig(gemm, compact_activations=save_levels)
 
 
 register_config_name("sbm8", sbm_quantization)

@@ -149,7 +149,8 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    all_records = sorted(records, key=lambda r: r["step"])
+    all_records = sorted(steps + epochs, key=lambda r: r["step"])
+    events = [r for r in records if r["kind"] == "recipe"]
 
     _plot_curves(steps, epochs, _window(config), run / PLOTS["curves"])
     _plot_single(
@@ -213,6 +214,12 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         lines += [f"![metrics]({PLOTS['metrics']})", ""]
     else:
         lines += ["The recipe reports no metrics.", ""]
+    if events:
+        lines += ["## Recipe decisions", "", "| step | event | values |", "|---|---|---|"]
+        for event in events:
+            values = {k: v for k, v in event.items() if k not in ("kind", "step", "event")}
+            lines.append(f"| {event['step']} | {event['event']} | `{json.dumps(values)}` |")
+        lines.append("")
     lines += [
         "## Cumulative training BitOPs",
         "",

@@ -97,6 +97,8 @@ class Recipe:
       when the model's shape changed: the trainer rebuilds the optimizer, keeping surviving
       state through ``remap_optimizer_state``) → ``sync()`` (agree across ranks);
     - ``metrics()`` whenever the trainer logs (metrics.jsonl, progress bar, report plots);
+      ``events()`` after every step (decisions, into metrics.jsonl); ``finished()`` after
+      every step (True stops the run early);
     - ``on_eval_start(model)`` before each evaluation: a precision to evaluate at;
     - ``state_dict()`` in every checkpoint; ``load_state_dict(state, model)`` on resume and in
       ``load_run``, before the weights load, so structural changes can be replayed first.
@@ -177,6 +179,17 @@ class Recipe:
     def on_eval_start(self, model: nn.Module) -> Precision | dict[str, Precision] | None:
         """The precision to evaluate at (CPT: b_max), or None for the current schedule's."""
         return None
+
+    def events(self) -> list[dict[str, Any]]:
+        """Decisions made since the last call, each a JSON-able dict with an ``"event"`` name
+        (CPT's range-test choice, a PFQ stage switch with the indicator values that caused
+        it). The trainer drains them after every step into metrics.jsonl (``"kind":
+        "recipe"``) and prints them unless quiet."""
+        return []
+
+    def finished(self) -> bool:
+        """True ends the run after this step (e.g. the precision range test run alone)."""
+        return False
 
     def metrics(self) -> dict[str, float]:
         """Named scalars for metrics.jsonl, the progress bar and the report's plots (bits in

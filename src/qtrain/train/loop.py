@@ -180,6 +180,8 @@ class _Trainer:
                     p.epoch_elapsed = time.perf_counter() - epoch_start
                     window_samples += len(y)
                     bar.update(1)
+                    self._write_events()
+                    finished = self.recipe.finished()
                     if p.step % config.log_every == 0:
                         window_loss, window_acc = p.window.means()
                         record = self._record("step", loss=window_loss, acc=window_acc)
@@ -192,12 +194,25 @@ class _Trainer:
                     if p.step % self.steps_per_epoch == 0:
                         self._end_epoch(epoch)
                     if (
-                        config.checkpoint_every and p.step % config.checkpoint_every == 0
-                    ) or p.step == self.total_steps:
+                        (config.checkpoint_every and p.step % config.checkpoint_every == 0)
+                        or p.step == self.total_steps
+                        or finished
+                    ):
                         self._sync_wall()
                         self.save_checkpoint(checkpoint)
+                    if finished:
+                        return
         finally:
             bar.close()
+
+    def _write_events(self) -> None:
+        for event in self.recipe.events():
+            _write_record(self.metrics, {"kind": "recipe", "step": self.progress.step, **event})
+            if not self.config.quiet:
+                from tqdm.auto import tqdm
+
+                text = ", ".join(f"{k}={v}" for k, v in event.items())
+                tqdm.write(f"qtrain: {self.recipe.name}: {text}", file=sys.stderr)
 
     def _end_epoch(self, epoch: int) -> None:
         config, p = self.config, self.progress
