@@ -151,6 +151,8 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     epochs = [r for r in records if r["kind"] == "epoch"]
     all_records = sorted(steps + epochs, key=lambda r: r["step"])
     events = [r for r in records if r["kind"] == "recipe"]
+    # Every step's metrics where the run recorded their changes, else the logged records'.
+    changes = [r for r in records if r["kind"] == "metrics"]
 
     _plot_curves(steps, epochs, _window(config), run / PLOTS["curves"])
     _plot_single(
@@ -160,9 +162,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         run / PLOTS["bitops"],
     )
     _plot_single(all_records, {"params": "parameters"}, "parameters", run / PLOTS["params"])
-    metric_keys = _metric_keys(all_records)
+    metric_keys = _metric_keys(changes or all_records)
     if metric_keys:
-        _plot_metrics(all_records, metric_keys, run / PLOTS["metrics"])
+        _plot_metrics(changes or all_records, metric_keys, run / PLOTS["metrics"])
 
     train = config["train"]
     lines = [

@@ -192,6 +192,14 @@ def test_training_follows_the_cycle_and_costs_less_than_static(tmp_path: Path) -
     assert [r["metrics"]["fw_bits"] for r in steps] == [
         cyclic_bits(t, total, 3, 8, 2) for t in range(total)
     ]
+    # The schedule step by step from the change records (record at step n: the n-th step).
+    changes = {r["step"]: r["metrics"]["fw_bits"] for r in records if r["kind"] == "metrics"}
+    per_step, bits = [], None
+    for step in range(1, total + 1):
+        bits = changes.get(step, bits)
+        per_step.append(bits)
+    assert per_step == [cyclic_bits(t, total, 3, 8, 2) for t in range(total)]
+    assert len(changes) < total
 
 
 def test_resume_mid_cycle_continues_the_same_schedule(tmp_path: Path) -> None:

@@ -132,9 +132,12 @@ class _Trainer:
             kept = [r for r in read_metrics(out) if r["step"] <= self.progress.step]
             text = "".join(json.dumps(r) + "\n" for r in kept)
             _atomic_write(metrics_path, lambda f: f.write(text.encode()))
+            changes = [r["metrics"] for r in kept if r["kind"] == "metrics"]
+            self.last_metrics = changes[-1] if changes else None
         else:
             out.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("")
+            self.last_metrics = None
         _write_json(
             out / CONFIG_FILE,
             {
@@ -181,6 +184,7 @@ class _Trainer:
                     window_samples += len(y)
                     bar.update(1)
                     self._write_events()
+                    self._write_metric_changes()
                     finished = self.recipe.finished()
                     if p.step % config.log_every == 0:
                         window_loss, window_acc = p.window.means()
@@ -204,6 +208,18 @@ class _Trainer:
                         return
         finally:
             bar.close()
+
+    def _write_metric_changes(self) -> None:
+        """The recipe's metrics of every step, written when they change (``"kind":
+        "metrics"``; the record at step n holds those of the n-th step): a precision schedule
+        is in metrics.jsonl step by step without a line per step."""
+        metrics = self.recipe.metrics()
+        if metrics and metrics != self.last_metrics:
+            p = self.progress
+            epoch = p.step / self.steps_per_epoch
+            record = {"kind": "metrics", "step": p.step, "epoch": epoch, "metrics": metrics}
+            _write_record(self.metrics, record)
+            self.last_metrics = metrics
 
     def _write_events(self) -> None:
         for event in self.recipe.events():
