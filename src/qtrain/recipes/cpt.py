@@ -146,11 +146,10 @@ class CPT(Recipe):
         self.tried.append((bits, accuracy))
         self._window = [0, 0]
         self._pending.append({"event": "range_test", "bits": bits, "train_acc": accuracy})
-        last = bits >= config.b_max
-        choice = range_test_choice(self.tried, config.prt_threshold)
-        jumped = len(self.tried) > 1 and choice[1].startswith("first jump")
-        if jumped or last:
-            self.b_min, why = choice
+        # Read after every bit-width: a jump above the threshold is always the newest pair.
+        jumped = len(self.tried) > 1 and accuracy - self.tried[-2][1] > config.prt_threshold
+        if jumped or bits >= config.b_max:
+            self.b_min, why = range_test_choice(self.tried, config.prt_threshold)
             self._pending.append({"event": "b_min", "b_min": self.b_min, "why": why})
         return False
 
