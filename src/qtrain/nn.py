@@ -75,8 +75,8 @@ class _QuantizedGemmModule:
             observers = {"input": RunningMinMax(range_momentum)}
         unknown = sorted(set(observers) - set(OBSERVER_ROLES))
         if unknown:
-            refuse(f"{type(self).__name__}.observers", unknown, f"roles {OBSERVER_ROLES}",
-                   QuantSpecError)  # fmt: skip
+            allowed = f"roles {OBSERVER_ROLES}"
+            refuse(f"{type(self).__name__}.observers", unknown, allowed, QuantSpecError)
         self.observers = nn.ModuleDict(observers)
         self._precision: Precision | None = None
         self._floor: dict[str, float] = {}
