@@ -119,6 +119,7 @@ class Recipe:
                 f"{type(self).__name__} needs a {self.config_class.__name__}, "
                 f"got {type(self.config).__name__}"
             )
+        self._events: list[dict[str, Any]] = []
 
     # ---- model set-up -------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -180,12 +181,17 @@ class Recipe:
         """The precision to evaluate at (CPT: b_max), or None for the current schedule's."""
         return None
 
+    def emit(self, event: str, **values: Any) -> None:
+        """Record a decision for ``events()``: its name and JSON-able values."""
+        self._events.append({"event": event, **values})
+
     def events(self) -> list[dict[str, Any]]:
-        """Decisions made since the last call, each a JSON-able dict with an ``"event"`` name
+        """Decisions made since the last call (``emit``), each a dict with an ``"event"`` name
         (CPT's range-test choice, a PFQ stage switch with the indicator values that caused
         it). The trainer drains them after every step into metrics.jsonl (``"kind":
         "recipe"``) and prints them unless quiet."""
-        return []
+        events, self._events = self._events, []
+        return events
 
     def finished(self) -> bool:
         """True ends the run after this step (e.g. the precision range test run alone)."""

@@ -111,7 +111,6 @@ class CPT(Recipe):
         self.b_min: int | None = None if self.config.b_min == "auto" else self.config.b_min
         self.tried: list[tuple[int, float]] = []  # the range test: (bits, training accuracy)
         self._window = [0, 0]  # correct, count at the bit-width under test
-        self._pending: list[dict[str, Any]] = []
         self._bits = self.config.b_max  # the last scheduled forward bits, for metrics()
         self._steps_per_bits = self.config.prt_steps or 1  # the range test's, set by schedule
 
@@ -145,21 +144,17 @@ class CPT(Recipe):
         accuracy = self._window[0] / max(self._window[1], 1)
         self.tried.append((bits, accuracy))
         self._window = [0, 0]
-        self._pending.append({"event": "range_test", "bits": bits, "train_acc": accuracy})
+        self.emit("range_test", bits=bits, train_acc=accuracy)
         # Read after every bit-width: a jump above the threshold is always the newest pair.
         jumped = len(self.tried) > 1 and accuracy - self.tried[-2][1] > config.prt_threshold
         if jumped or bits >= config.b_max:
             self.b_min, why = range_test_choice(self.tried, config.prt_threshold)
-            self._pending.append({"event": "b_min", "b_min": self.b_min, "why": why})
+            self.emit("b_min", b_min=self.b_min, why=why)
         return False
 
     def on_eval_start(self, model: nn.Module) -> Precision:
         config = self.config
         return Precision(forward=config.eval_bits or config.b_max, backward=config.bw_bits)
-
-    def events(self) -> list[dict[str, Any]]:
-        pending, self._pending = self._pending, []
-        return pending
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {"fw_bits": self._bits, "bw_bits": self.config.bw_bits}

@@ -103,7 +103,6 @@ class PFQ(Recipe):
         self.stage = 0
         self.indicator = PlateauIndicator(self.config.epsilon, self.config.decay)
         self._sum, self._count = 0.0, 0  # the running interval's loss (sum over steps)
-        self._pending: list[dict[str, Any]] = []
         self._warned = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -122,11 +121,11 @@ class PFQ(Recipe):
     def schedule(self, step: int, total_steps: int) -> Precision:
         if step == 0 and total_steps < WINDOW * self.config.interval and not self._warned:
             self._warned = True
-            self._pending.append({
-                "event": "too_short",
-                "why": f"{total_steps} steps < {WINDOW} intervals of {self.config.interval}: "
-                "no stage switch can happen; lower --set interval",
-            })  # fmt: skip
+            why = (
+                f"{total_steps} steps < {WINDOW} intervals of {self.config.interval}: "
+                "no stage switch can happen; lower --set interval"
+            )
+            self.emit("too_short", why=why)
         return self._precision()
 
     def on_step_end(self, step: int, result: StepResult, model: nn.Module, optimizer: Any) -> bool:
@@ -140,14 +139,9 @@ class PFQ(Recipe):
         if values is not None and self.stage + 1 < len(self.config.forward_bits):
             self.stage += 1
             precision = self._precision()
-            self._pending.append({"event": "stage", "stage": self.stage,
-                                  "forward_bits": precision.forward,
-                                  "backward_bits": precision.backward, **values})  # fmt: skip
+            self.emit("stage", stage=self.stage, forward_bits=precision.forward,
+                      backward_bits=precision.backward, **values)  # fmt: skip
         return False
-
-    def events(self) -> list[dict[str, Any]]:
-        pending, self._pending = self._pending, []
-        return pending
 
     def metrics(self) -> dict[str, float]:
         precision = self._precision()
