@@ -11,7 +11,7 @@ from torch import nn
 
 from qtrain import PerChannel, QConv2d, QLinear, QuantSpec, QuantSpecError, formats, quantize
 from qtrain.ops import GemmConfig, Precision
-from qtrain.protocol import QuantizedModule, quantized_layers, set_precision
+from qtrain.protocol import QuantizedModule, is_quantized, quantized_layers, set_precision
 
 INT8 = QuantSpec(formats.INT8)
 UINT8 = QuantSpec(formats.UINT8)
@@ -25,6 +25,7 @@ def _bits(layer: QuantizedModule) -> tuple[float, ...]:
 def test_emulated_layers_follow_the_protocol() -> None:
     model = nn.Sequential(QConv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), QLinear(8, 2), nn.Linear(2, 2))
     assert [name for name, _ in quantized_layers(model)] == ["0", "3"]
+    assert [is_quantized(m) for m in model] == [isinstance(m, QuantizedModule) for m in model]
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from qtrain.nn import (
 from qtrain.observers import ROLES as OBSERVER_ROLES
 from qtrain.observers import Observer, RunningMinMax
 from qtrain.ops import GemmConfig
-from qtrain.protocol import QuantizedModule
+from qtrain.protocol import is_quantized
 from qtrain.quantizer import QuantSpec, QuantSpecError
 from qtrain.validation import check_int, check_number, refuse
 
@@ -202,7 +202,7 @@ def dequantize_(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if not name:
             continue  # the root cannot be replaced in place (quantize_ never swaps it either)
-        if isinstance(module, QuantizedModule):
+        if is_quantized(module):
             _replace(model, name, module.to_float())
         elif isinstance(module, FusedReLU | CompactReLU):
             _replace(model, name, nn.ReLU(module.inplace).train(module.training))

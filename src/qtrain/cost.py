@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from qtrain.protocol import QuantizedModule, RoleBits
+from qtrain.protocol import RoleBits, is_quantized
 
 ROLES = ("forward", "grad_input", "grad_weight")
 
@@ -121,14 +120,12 @@ def _batch_size(module: nn.Module, output: torch.Tensor) -> int:
     return output.shape[0] if batched else 1
 
 
-def _call_parts(
-    module: nn.Module, quantized: bool, macs: int, output: torch.Tensor
-) -> list[tuple[int, RoleBits]]:
+def _call_parts(module: nn.Module, macs: int, output: torch.Tensor) -> list[tuple[int, RoleBits]]:
     """(MACs, role bits) parts of one call: all its MACs at the layer's ``role_bits`` (the
     float precision for a plain layer), or MACs / batch size × n for each ``(n, role bits)``
     of a quantized layer's ``sample_role_bits``."""
     float_bits = _autocast_bits(output.device.type)
-    if not quantized:
+    if not is_quantized(module):
         return [(macs, dict.fromkeys(ROLES, (float_bits, float_bits)))]
     samples: Sequence[tuple[int, RoleBits]] | None = module.sample_role_bits()
     if samples is None:
@@ -152,21 +149,14 @@ class CostMeter:
     def __init__(self, model: nn.Module) -> None:
         self._cost = StepCost()
         self._paused = False
-        # Whether a layer follows the protocol is decided once: the check is slow per call.
         self._handles = [
-            module.register_forward_hook(
-                functools.partial(self._hook, isinstance(module, QuantizedModule))
-            )
+            module.register_forward_hook(self._hook)
             for module in model.modules()
             if isinstance(module, nn.Linear | nn.Conv2d)
         ]
 
     def _hook(
-        self,
-        quantized: bool,
-        module: nn.Module,
-        inputs: tuple[torch.Tensor, ...],
-        output: torch.Tensor,
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
     ) -> None:
         if self._paused:
             return
@@ -176,7 +166,7 @@ class CostMeter:
                 roles.append("grad_input")
             if module.weight.requires_grad:
                 roles.append("grad_weight")
-        for macs, bits in _call_parts(module, quantized, layer_macs(module, output), output):
+        for macs, bits in _call_parts(module, layer_macs(module, output), output):
             for role in roles:
                 self._cost.add(role, macs, *bits[role])
 
@@ -205,7 +195,7 @@ def model_bits(model: nn.Module) -> int:
     total = 0
     counted: set[int] = set()
     for module in model.modules():
-        if isinstance(module, QuantizedModule) and id(module.weight) not in counted:
+        if is_quantized(module) and id(module.weight) not in counted:
             counted.add(id(module.weight))
             total += module.weight_storage_bits()
     for param in model.parameters():

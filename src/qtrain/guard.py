@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtrain.protocol import QuantizedModule
+from qtrain.protocol import is_quantized
 
 POLICIES = ("stop", "skip", "raise-precision")
 
@@ -205,7 +205,7 @@ class NumericalGuard:
         Returns False when the layer is not a quantized layer or is already full precision.
         """
         module = self.model.get_submodule(layer) if layer else self.model
-        if not isinstance(module, QuantizedModule) or not module.raise_floor():
+        if not is_quantized(module) or not module.raise_floor():
             return False
         self.raised[layer] = self.raised.get(layer, 0) + 1
         return True

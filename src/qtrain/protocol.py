@@ -25,6 +25,7 @@ self-compressing conv, a ``BitLinear``) only has to answer them:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -78,9 +79,21 @@ class QuantizedModule(Protocol):
     def set_floor(self, floor: dict[str, float]) -> None: ...
 
 
+@functools.cache
+def _follows_protocol(module_type: type) -> bool:
+    # The protocol's methods are class attributes: one check per class, not per module and
+    # step (a runtime-checkable isinstance looks up every method each time).
+    return issubclass(module_type, QuantizedModule)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` follows the protocol (``isinstance(module, QuantizedModule)``)."""
+    return _follows_protocol(type(module))
+
+
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedModule]]:
     """(name, layer) of every module of ``model`` that follows the protocol, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedModule)]
+    return [(n, m) for n, m in model.named_modules() if is_quantized(m)]
 
 
 def set_precision(model: nn.Module, precision: Precision | dict[str, Precision] | None) -> None:
