@@ -297,3 +297,44 @@ def test_model_bits_of_low_precision_layers_are_values_and_scales():
         + 12 * 8 + 32  # fp8 per tensor
     )  # fmt: skip
     assert model_bits(model) == expected
+
+
+def test_normalisation_layers_are_counted_per_output_element():
+    from qtrain import MinMax, RangeBatchNorm2d, Rounding
+
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    elements = x.numel()  # the output has the input's shape
+    plain = nn.BatchNorm2d(3)
+    cost = _step(plain, x, CostMeter(plain))
+    # Forward: the squares of the variance and the affine; grad-input 2, grad-weight (γ) 1.
+    assert cost.macs == {"forward": 2 * elements, "grad_input": 2 * elements,
+                         "grad_weight": elements}  # fmt: skip
+    assert cost.total_bitops == 5 * elements * 32 * 32
+    assert (cost.norm_macs, cost.norm_bitops) == (5 * elements, cost.total_bitops)
+
+    input_spec = QuantSpec(formats.UINT8, scale=MinMax(batch_mean=True), clip_gradient=False)
+    grad_spec = QuantSpec(formats.Int(6), scale=MinMax(), rounding=Rounding.STOCHASTIC)
+    ranged = RangeBatchNorm2d(3, input_spec=input_spec, grad_spec=grad_spec)
+    cost = _step(ranged, x, CostMeter(ranged))
+    # Range BN: no squares; its quantized input and gradient are the narrow operand.
+    assert cost.macs == {"forward": elements, "grad_input": 2 * elements,
+                         "grad_weight": elements}  # fmt: skip
+    assert cost.bitops == {"forward": elements * 8 * 32, "grad_input": 2 * elements * 6 * 32,
+                           "grad_weight": elements * 6 * 32}  # fmt: skip
+    assert cost.energy_pj == pytest.approx(4 * elements * FP32_MAC)  # a 32-bit coefficient
+    frozen = nn.Sequential(nn.BatchNorm2d(3, affine=False))
+    cost = _step(frozen, x, CostMeter(frozen))
+    assert cost.macs["grad_weight"] == 0
+    # Stored: γ and β at 32 bits (the running statistics are buffers, not the model).
+    assert model_bits(ranged) == 2 * 3 * 32
+    plain.eval()
+    meter = CostMeter(plain)
+    with torch.no_grad():
+        plain(x)
+    assert meter.pop().macs == {"forward": elements, "grad_input": 0, "grad_weight": 0}
+
+
+def test_step_cost_of_a_checkpoint_without_norm_counts_loads():
+    old = StepCost().to_dict()
+    del old["macs_norm"], old["bitops_norm"]
+    assert StepCost.from_dict(old).norm_bitops == 0.0

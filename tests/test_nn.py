@@ -20,6 +20,7 @@ from qtrain import (
     QuantSpec,
     QuantSpecError,
     RangeBatchNorm2d,
+    Rounding,
     formats,
     quantize,
 )
@@ -573,12 +574,54 @@ def test_range_bn_with_a_fused_relu_equals_the_pair_bit_for_bit(batch: int) -> N
         assert torch.equal(fused(x), base(x))
 
 
-def test_fused_relu_is_refused_with_a_grad_spec_and_skipped_by_the_fusion() -> None:
+SR_GRAD_UINT8 = QuantSpec(formats.UINT8, scale=MinMax(), rounding=Rounding.STOCHASTIC)
+BATCH_MEAN_UINT8 = QuantSpec(formats.UINT8, scale=MinMax(batch_mean=True), clip_gradient=False)
+
+
+def test_fused_relu_with_a_grad_spec_quantizes_after_the_mask_as_the_pair_does() -> None:
     from qtrain.nn import fuse_range_bn_relu
 
-    grad_spec = QuantSpec(formats.Int(8), scale=MinMax())
-    model = nn.Sequential(RangeBatchNorm2d(3, grad_spec=grad_spec), nn.ReLU())
-    assert fuse_range_bn_relu(model) == 0 and type(model[1]) is nn.ReLU
-    model[0].fused_relu = True
-    with pytest.raises(ValueError, match="fused_relu cannot be combined with grad_spec"):
-        model(torch.randn(4, 3, 2, 2))
+    torch.manual_seed(0)
+    base = nn.Sequential(RangeBatchNorm2d(3, grad_spec=SR_GRAD_UINT8), nn.ReLU())
+    fused = copy.deepcopy(base)
+    assert fuse_range_bn_relu(fused) == 1 and fused[0].fused_relu
+    x, g = _randn(8, 3, 5, 5, seed=30), _randn(8, 3, 5, 5, seed=31)
+    results = []
+    for model in (base, fused):
+        xb = x.clone().requires_grad_()
+        torch.manual_seed(1)  # the same stochastic rounding of the gradient
+        model(xb).backward(g)
+        results.append((xb.grad, model[0].weight.grad, model[0].bias.grad))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    # The twin: plain autograd ReLU, the gradient at the normalisation's output quantized by
+    # hand with the same seed, a Range BN without specs.
+    plain = RangeBatchNorm2d(3)
+    xp = x.clone().requires_grad_()
+    y = plain(xp)
+    torch.manual_seed(1)
+    plain_grad = quantize(torch.where(y > 0, g, 0.0), SR_GRAD_UINT8)
+    y.backward(plain_grad)
+    assert torch.equal(xp.grad, results[0][0])
+    assert not torch.equal(plain_grad, torch.where(y > 0, g, 0.0))  # it did quantize
+
+
+def test_range_bn_input_observer_keeps_running_ranges_for_eval() -> None:
+    from qtrain.observers import RunningMinMax
+
+    bn = RangeBatchNorm2d(4, input_spec=BATCH_MEAN_UINT8, input_observer=RunningMinMax(0.1))
+    twin = RangeBatchNorm2d(4)
+    batches = [_randn(6, 4, 3, 3, seed=40 + i, shift=0.5) for i in range(3)]
+    for x in batches:  # training: each batch quantized with its own range
+        assert torch.equal(bn(x), twin(quantize(x, BATCH_MEAN_UINT8)))
+    low, high = bn.observers.input.low, bn.observers.input.high
+    per_sample = [(x.flatten(1).amin(1).mean(), x.flatten(1).amax(1).mean()) for x in batches]
+    want_low = per_sample[0][0]
+    for x_low, _ in per_sample[1:]:
+        want_low = 0.1 * want_low + 0.9 * x_low
+    assert torch.allclose(low, want_low.view(1), atol=1e-6)
+    bn.eval(), twin.eval()
+    x = _randn(2, 4, 3, 3, seed=50, scale=3.0)  # eval: the running range, not the batch's
+    qparams = qparams_from_range(low, high, formats.UINT8)
+    assert torch.equal(bn(x), twin(quantize(x, BATCH_MEAN_UINT8, qparams=qparams)))
+    assert set(bn.state_dict()) >= {"observers.input.low", "observers.input.high"}

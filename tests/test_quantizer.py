@@ -223,6 +223,64 @@ def test_stochastic_rounding_is_unbiased(fraction, backend):
     assert abs(float(nearest.double().mean())) > 10 * bound
 
 
+# (low, high, format): the real zero point qmin − low/scale is 63.75, 8.5, 0.43 (4 bits), 52.97.
+AFFINE_RANGES = [
+    (-1.0, 3.0, formats.UINT8),
+    (-0.13, 3.77, formats.UINT8),
+    (-0.5, 17.0, Int(4, signed=False)),
+    (-2.2, 0.9, formats.INT8),
+]
+
+
+def _end_probes(low: float, high: float, step: float) -> torch.Tensor:
+    """Values at, and within a step of, both ends of [low, high], plus zero."""
+    near = torch.tensor([0.0, 0.1, 0.3, 0.49, 0.5, 0.7, 0.95])
+    return torch.cat([low + near * step, high - near * step, torch.zeros(1)])
+
+
+def _mean_of_draws(
+    probes: torch.Tensor, low: float, high: float, spec: QuantSpec, n: int, qparams=None
+):
+    """The mean over n independent stochastic roundings of each probe, quantized in one tensor
+    whose observed range is exactly [low, high] (its first two values)."""
+    x = torch.cat([torch.tensor([low, high]), probes.repeat(n)])
+    y = quantize(x, spec, generator=torch.Generator().manual_seed(5), qparams=qparams)
+    return y[2:].view(n, -1).double().mean(0)
+
+
+@pytest.mark.parametrize("low, high, fmt", AFFINE_RANGES, ids=str)
+def test_stochastic_rounding_is_unbiased_at_and_near_both_ends_of_the_range(
+    low, high, fmt, backend
+):
+    spec = QuantSpec(fmt, scale=MinMax(), rounding=Rounding.STOCHASTIC)
+    qparams = qparams_from_range(torch.tensor([low]), torch.tensor([high]), fmt)
+    step = float(qparams.scale)
+    assert step <= (high - low) / (fmt.qmax - fmt.qmin - 1)  # at most one level lost
+    n = 40_000
+    probes = _end_probes(low, high, step)
+    mean = _mean_of_draws(probes, low, high, spec, n)
+    bound = _unbiased_bound(step, n)
+    assert (mean - probes.double()).abs().max().item() <= bound
+    # The test has teeth: the plain nudged grid (scale (high − low)/steps, zero point rounded)
+    # misses one end and its rounding there is biased far beyond the bound.
+    steps = fmt.qmax - fmt.qmin
+    plain_scale = (high - low) / steps
+    nudged = QParams(
+        torch.tensor([plain_scale]), torch.tensor([float(fmt.qmin - round(low / plain_scale))])
+    )
+    biased = _mean_of_draws(probes, low, high, spec, n, qparams=nudged)
+    assert (biased - probes.double()).abs().max().item() > 10 * bound
+
+
+def test_covering_range_keeps_an_end_at_zero_exact():
+    for low, high in ((0.0, 2.0), (-2.0, 0.0)):
+        qparams = qparams_from_range(torch.tensor([low]), torch.tensor([high]), formats.UINT8)
+        assert float(qparams.scale) == pytest.approx((high - low) / 255)
+        grid = (torch.arange(256.0) - qparams.zero_point) * qparams.scale
+        assert float(grid.min()) == pytest.approx(low) and float(grid.max()) == pytest.approx(high)
+        assert 0.0 in grid
+
+
 def test_stochastic_rounding_error_mean_shrinks_like_one_over_sqrt_n(backend):
     x = _randn(400_000, seed=13, scale=0.5)  # inside the clip range ±4
     g = torch.Generator().manual_seed(4)
@@ -539,9 +597,12 @@ def test_per_tensor_qparams_of_a_non_finite_or_differentiable_range_use_the_tens
         assert torch.equal(one.zero_point.nan_to_num(), two.zero_point[:1].nan_to_num())
         assert torch.equal(one.zero_point.isnan(), two.zero_point[:1].isnan())
     low = torch.tensor([-1.0], requires_grad=True)
-    qparams = qparams_from_range(low, torch.tensor([3.0]), formats.UINT8)
+    high = torch.tensor([3.0], requires_grad=True)
+    qparams = qparams_from_range(low, high, formats.UINT8)
     qparams.scale.sum().backward()  # the range stays differentiable
-    assert low.grad is not None and low.grad.item() != 0.0
+    # [-1, 3] on 255 steps: zero point 64, the covering scale 3/191 is set by the high end.
+    assert qparams.zero_point.item() == 64
+    assert high.grad is not None and high.grad.item() == pytest.approx(1 / 191)
 
 
 def test_nonfinite_values_raise_with_given_qparams():

@@ -39,7 +39,7 @@ from qtrain.observers import ROLES as OBSERVER_ROLES
 from qtrain.observers import Observer, RunningMinMax
 from qtrain.ops import GemmConfig
 from qtrain.protocol import is_quantized
-from qtrain.quantizer import QuantSpec, QuantSpecError
+from qtrain.quantizer import MinMax, QuantSpec, QuantSpecError
 from qtrain.validation import check_int, check_number, refuse
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -55,7 +55,11 @@ class QuantizedTrainingConfig(Config):
         first_last: the GemmConfig of the first and the last conv/linear layer (in module order);
             None gives them ``gemm`` like the rest. ``GemmConfig()`` keeps them full precision.
         range_batchnorm: replace ``nn.BatchNorm2d`` by ``RangeBatchNorm2d``.
-        batchnorm_input_spec / batchnorm_grad_spec: Range BN's optional input/gradient specs.
+        batchnorm_input_spec / batchnorm_grad_spec: Range BN's optional input/gradient specs;
+            a MinMax input spec reads the running range in eval (``RunningMinMax``), as the
+            GEMM layers' inputs do.
+        batchnorm_momentum: Range BN's running statistics, torch's meaning: run ← (1 − m)·run
+            + m·batch; None keeps each replaced BatchNorm's own momentum.
         range_momentum: running input ranges: run ← m·run + (1 − m)·batch.
         range_bn_chunks: Range BN's number of chunks per channel.
         observers: extra observers per role (``"input"``, ``"weight"``, ``"grad_input"``,
@@ -75,6 +79,7 @@ class QuantizedTrainingConfig(Config):
     range_batchnorm: bool = False
     batchnorm_input_spec: QuantSpec | None = None
     batchnorm_grad_spec: QuantSpec | None = None
+    batchnorm_momentum: float | None = None
     range_momentum: float = 0.1
     range_bn_chunks: int = 16
     compact_activations: bool = False
@@ -85,10 +90,21 @@ class QuantizedTrainingConfig(Config):
     def validate(self) -> None:
         what = "QuantizedTrainingConfig."
         check_number(what + "range_momentum", self.range_momentum, QuantSpecError, low=0, high=1)
+        if self.batchnorm_momentum is not None:
+            check_number(
+                what + "batchnorm_momentum", self.batchnorm_momentum, QuantSpecError, low=0, high=1
+            )
         check_int(what + "range_bn_chunks", self.range_bn_chunks, QuantSpecError, low=1)
         unknown = sorted(set(self.observers or {}) - set(OBSERVER_ROLES))
         if unknown:
             refuse(what + "observers", unknown, f"keys among {OBSERVER_ROLES}", QuantSpecError)
+
+    def batchnorm_observer(self) -> Observer | None:
+        """Range BN's input observer: running ranges for a MinMax input spec, else none."""
+        spec = self.batchnorm_input_spec
+        if spec is None or not isinstance(spec.scale, MinMax):
+            return None
+        return RunningMinMax(self.range_momentum)
 
     def build_observers(self) -> dict[str, Observer]:
         """A fresh set of observers for one layer."""
@@ -185,9 +201,11 @@ def _quantize_training(
                 name,
                 RangeBatchNorm2d.from_batchnorm(
                     module,
+                    momentum=config.batchnorm_momentum,
                     num_chunks=config.range_bn_chunks,
                     input_spec=config.batchnorm_input_spec,
                     grad_spec=config.batchnorm_grad_spec,
+                    input_observer=config.batchnorm_observer(),
                 ),
             )
     if config.compact_activations:

@@ -11,6 +11,14 @@ The bits come from the quantized-module protocol (``qtrain.protocol``): a layer'
 and each part is counted at its own bits. Weight storage is each layer's
 ``weight_storage_bits``.
 
+Normalisation layers (BatchNorm, Range BN) are counted too, per element of their output, as
+multiply-accumulates of a value with a per-channel float32 coefficient: forward 1 (the affine
+x·a + b; plain BN 2, its variance squares every value, Range BN's range needs comparisons
+only), grad-input 2 (x̂·k and a·(…) of dx = a·(dy − mean dy − x̂·mean(dy·x̂))), grad-weight 1
+(Σ dy·x̂ for γ; β's Σ dy adds only). The value's bits are Range BN's ``input_spec`` and
+``grad_spec`` bits where it has them, else the input's float bits; the coefficient is 32 bits.
+These MACs enter the per-role totals and are also kept apart (``norm_macs``, ``norm_bitops``).
+
 Energy per MAC (Horowitz, ISSCC 2014, 45 nm, as the SBM poster uses it): one multiply plus one
 add of the wider operand's class — int8: 0.2 + 0.03 pJ, fp16: 1.1 + 0.4 pJ, fp32: 3.7 + 0.9 pJ
 (operands of ≤ 8 bits use the int8 row, ≤ 16 bits the fp16 row, wider the fp32 row).
@@ -33,6 +41,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from qtrain.nn import RangeBatchNorm2d
 from qtrain.protocol import RoleBits, is_quantized
 
 ROLES = ("forward", "grad_input", "grad_weight")
@@ -55,6 +64,8 @@ class StepCost:
     macs: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(ROLES, 0))
     bitops: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
     energy_pj: float = 0.0
+    norm_macs: int = 0  # of the totals: normalisation layers' MACs and BitOPs
+    norm_bitops: float = 0.0
 
     @property
     def total_macs(self) -> int:
@@ -78,6 +89,8 @@ class StepCost:
             self.macs[role] += other.macs[role]
             self.bitops[role] += other.bitops[role]
         self.energy_pj += other.energy_pj
+        self.norm_macs += other.norm_macs
+        self.norm_bitops += other.norm_bitops
         return self
 
     def to_dict(self) -> dict[str, float]:
@@ -87,6 +100,8 @@ class StepCost:
             bitops_total=self.total_bitops,
             bitops_fp32_equiv=self.bitops_fp32,
             energy_pj=self.energy_pj,
+            macs_norm=self.norm_macs,
+            bitops_norm=self.norm_bitops,
         )
         return out
 
@@ -97,6 +112,8 @@ class StepCost:
             cost.macs[role] = int(data[f"macs_{role}"])
             cost.bitops[role] = float(data[f"bitops_{role}"])
         cost.energy_pj = float(data["energy_pj"])
+        cost.norm_macs = int(data.get("macs_norm", 0))  # absent before norms were counted
+        cost.norm_bitops = float(data.get("bitops_norm", 0.0))
         return cost
 
 
@@ -139,8 +156,33 @@ def _call_parts(module: nn.Module, macs: int, output: torch.Tensor) -> list[tupl
     return [(macs // batch * n, bits) for n, bits in samples]
 
 
+# MACs per output element of a normalisation layer, by role (see the module docstring).
+_NORM_MACS = {"forward": 1, "grad_input": 2, "grad_weight": 1}
+
+
+def _norm_parts(module: nn.Module, output: torch.Tensor) -> tuple[dict[str, int], RoleBits]:
+    """MACs per role and operand bits of one normalisation call."""
+    float_bits = float(torch.finfo(output.dtype).bits) if output.is_floating_point() else 32.0
+    macs = {role: per * output.numel() for role, per in _NORM_MACS.items()}
+    input_spec = getattr(module, "input_spec", None)
+    grad_spec = getattr(module, "grad_spec", None)
+    if isinstance(module, RangeBatchNorm2d):  # float32 statistics, no squares
+        float_bits = 32.0
+    elif module.training:
+        macs["forward"] += output.numel()  # the squares of the variance
+    value_bits = input_spec.bits if input_spec is not None else float_bits
+    grad_bits = grad_spec.bits if grad_spec is not None else float_bits
+    bits = {
+        "forward": (value_bits, 32.0),
+        "grad_input": (grad_bits, 32.0),
+        "grad_weight": (grad_bits, 32.0),
+    }
+    return macs, bits
+
+
 class CostMeter:
-    """Counts the cost of every conv/linear call of a model through forward hooks.
+    """Counts the cost of every conv/linear and normalisation call of a model through
+    forward hooks.
 
     Call ``pop()`` after each training step to take the cost since the previous pop; wrap
     evaluation in ``with meter.paused():`` so it is not counted.
@@ -153,6 +195,10 @@ class CostMeter:
             module.register_forward_hook(self._hook)
             for module in model.modules()
             if isinstance(module, nn.Linear | nn.Conv2d)
+        ] + [
+            module.register_forward_hook(self._norm_hook)
+            for module in model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
         ]
 
     def _hook(
@@ -169,6 +215,23 @@ class CostMeter:
         for macs, bits in _call_parts(module, layer_macs(module, output), output):
             for role in roles:
                 self._cost.add(role, macs, *bits[role])
+
+    def _norm_hook(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> None:
+        if self._paused:
+            return
+        roles = ["forward"]
+        if torch.is_grad_enabled() and output.requires_grad:
+            if inputs[0].requires_grad:
+                roles.append("grad_input")
+            if module.weight is not None and module.weight.requires_grad:
+                roles.append("grad_weight")
+        macs, bits = _norm_parts(module, output)
+        for role in roles:
+            self._cost.add(role, macs[role], *bits[role])
+            self._cost.norm_macs += macs[role]
+            self._cost.norm_bitops += macs[role] * bits[role][0] * bits[role][1]
 
     def pop(self) -> StepCost:
         cost, self._cost = self._cost, StepCost()

@@ -309,12 +309,17 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
     Per channel the B·H·W centred values are split into ``num_chunks`` chunks; range = mean of
     chunk maxima − mean of chunk minima; y = (x − μ)/(C(n)·range + eps)·γ + β, n = chunk size.
     ``constant`` replaces C(n) when given. The running "variance" stores (C·range)², so the
-    state_dict keys and their meaning are those of ``nn.BatchNorm2d`` and BN weights load.
-    Optional ``input_spec`` fake-quantizes the input, ``grad_spec`` the gradient of the output.
-    ``fused_relu`` applies a ReLU to the output in the same pass (its backward mask is all the
-    pair keeps besides the input); ``quantize_`` sets it where a ReLU follows in a Sequential,
-    whose ReLU then becomes a ``FusedReLU`` pass-through. Not with ``grad_spec`` (it would
-    quantize the gradient before the ReLU's mask instead of after).
+    state_dict keys and their meaning are those of ``nn.BatchNorm2d`` and BN weights load;
+    ``momentum`` is torch's (the weight of the new batch).
+
+    Optional ``input_spec`` fake-quantizes the input (straight-through), with the qparams of
+    ``input_observer`` where given (e.g. ``RunningMinMax``: a MinMax spec's running range in
+    eval, as the GEMM layers' inputs); ``grad_spec`` quantizes the gradient that reaches the
+    normalisation (SBM runs both at 8 bits). ``fused_relu`` applies a ReLU to the output in
+    the same pass (its backward mask is all the pair keeps besides the input); ``quantize_``
+    sets it where a ReLU follows in a Sequential, whose ReLU then becomes a ``FusedReLU``
+    pass-through. With both, the gradient is quantized after the ReLU's mask, where an unfused
+    pair would quantize it: at the normalisation's output.
     """
 
     fused_relu: bool = False
@@ -330,6 +335,7 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
         constant: float | None = None,
         input_spec: QuantSpec | None = None,
         grad_spec: QuantSpec | None = None,
+        input_observer: Observer | None = None,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -340,19 +346,29 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
             )
         for name, spec in (("input_spec", input_spec), ("grad_spec", grad_spec)):
             check_type(f"RangeBatchNorm2d.{name}", spec, QuantSpec | None, QuantSpecError)
+        check_type(
+            "RangeBatchNorm2d.input_observer", input_observer, Observer | None, QuantSpecError
+        )
         super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
         self.num_chunks = num_chunks
         self.constant = constant
         self.input_spec = input_spec
         self.grad_spec = grad_spec
+        if input_observer is not None:  # state_dict keys as a GEMM layer's: observers.input.*
+            self.observers = nn.ModuleDict({"input": input_observer})
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, **kwargs: Any) -> RangeBatchNorm2d:
-        """A RangeBatchNorm2d sharing ``bn``'s parameters and buffers."""
+    def from_batchnorm(
+        cls, bn: nn.BatchNorm2d, momentum: float | None = None, **kwargs: Any
+    ) -> RangeBatchNorm2d:
+        """A RangeBatchNorm2d sharing ``bn``'s parameters and buffers (``momentum``: None
+        keeps ``bn``'s, torch's 0.1 where ``bn`` has none)."""
+        if momentum is None:
+            momentum = bn.momentum if bn.momentum is not None else 0.1
         new = cls(
             bn.num_features,
             bn.eps,
-            bn.momentum if bn.momentum is not None else 0.1,
+            momentum,
             bn.affine,
             device=bn.running_mean.device,
             **kwargs,
@@ -395,23 +411,30 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
                 f"RangeBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}"
             )
         if self.input_spec is not None:
-            x = quantize(x, self.input_spec)
-        if self.fused_relu and self.grad_spec is not None:
-            raise ValueError("RangeBatchNorm2d: fused_relu cannot be combined with grad_spec")
+            observer = self.observers["input"] if hasattr(self, "observers") else None
+            qparams = None if observer is None else observer.qparams(x, self.input_spec)
+            x = quantize(x, self.input_spec, qparams=qparams)
         if self.training:
             x = x.float()  # statistics in float32 whatever the input dtype (autocast: bf16/fp16)
             y, mean, spread = _RangeNorm.apply(
-                x, self.weight, self.bias, self._chunks(x), self.constant, self.eps, self.fused_relu
+                x,
+                self.weight,
+                self.bias,
+                self._chunks(x),
+                self.constant,
+                self.eps,
+                self.fused_relu,
+                self.grad_spec,
             )
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 self.running_mean.lerp_(mean.detach(), self.momentum)
                 self.running_var.lerp_(spread.detach() ** 2, self.momentum)
-        else:
-            spread = self.running_var.sqrt()
-            y = _affine(x, self.running_mean, spread, self.weight, self.bias, self.eps)
-            if self.fused_relu:
-                y = torch.relu(y)
+            return y
+        spread = self.running_var.sqrt()
+        y = _affine(x, self.running_mean, spread, self.weight, self.bias, self.eps)
+        if self.fused_relu:
+            y = torch.relu(y)
         return quantize_grad(y, self.grad_spec)
 
 
@@ -441,10 +464,12 @@ class _RangeNorm(torch.autograd.Function):
     ∂L/∂μ spreads evenly over the channel; ∂L/∂r = −C·γ·s²·Σg·(x − μ) goes to each run's max
     (+1/K) and min (−1/K) position, found in the forward. Where a run's extreme is tied, its
     first position takes it: a valid subgradient (autograd's amax would split it evenly).
+    ``grad_spec`` quantizes the gradient of the normalisation's output (after a fused ReLU's
+    mask) before it enters the backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, chunks, constant, eps, relu):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, chunks, constant, eps, relu, grad_spec):  # type: ignore[override]
         batch, channels = x.shape[:2]
         x3 = x.reshape(batch, channels, -1)
         impl = kernels.implementation(x.device)
@@ -458,7 +483,7 @@ class _RangeNorm(torch.autograd.Function):
         else:
             y, zeroed = impl.channel_affine(x, scale, shift), None
         ctx.save_for_backward(x, weight, high_index, low_index, mean, spread, zeroed)
-        ctx.constant, ctx.eps = c, eps
+        ctx.constant, ctx.eps, ctx.grad_spec = c, eps, grad_spec
         ctx.mark_non_differentiable(mean, spread)
         return y, mean, spread
 
@@ -468,8 +493,14 @@ class _RangeNorm(torch.autograd.Function):
         s = 1.0 / (spread + ctx.eps)
         gamma = weight if weight is not None else torch.ones_like(s)
         batch, channels = x.shape[:2]
-        grad_x, grad_gamma, grad_beta = kernels.implementation(x.device).range_bn_backward(
-            grad.float().reshape(batch, channels, -1),
+        impl = kernels.implementation(x.device)
+        grad = grad.float()
+        if ctx.grad_spec is not None:
+            if zeroed is not None:  # the fused ReLU's mask first: the gradient BN receives
+                grad, zeroed = impl.masked_zero(grad, zeroed), None
+            grad = quantize(grad, ctx.grad_spec)
+        grad_x, grad_gamma, grad_beta = impl.range_bn_backward(
+            grad.reshape(batch, channels, -1),
             x.reshape(batch, channels, -1),
             mean,
             s,
@@ -480,7 +511,7 @@ class _RangeNorm(torch.autograd.Function):
             zeroed,
         )
         grads_affine = (grad_gamma, grad_beta) if weight is not None else (None, None)
-        return grad_x.view(x.shape), *grads_affine, None, None, None, None
+        return grad_x.view(x.shape), *grads_affine, None, None, None, None, None
 
 
 # ---- compact saved activations -------------------------------------------------------------
@@ -530,8 +561,8 @@ class FusedReLU(nn.ReLU):
 
 
 def fuse_range_bn_relu(model: nn.Module) -> int:
-    """In every ``nn.Sequential`` of ``model``, let each ``RangeBatchNorm2d`` (without a
-    grad_spec) directly followed by a ReLU apply it: set ``fused_relu`` and put a ``FusedReLU``
+    """In every ``nn.Sequential`` of ``model``, let each ``RangeBatchNorm2d`` directly
+    followed by a ReLU apply it: set ``fused_relu`` and put a ``FusedReLU``
     in the ReLU's place. Returns the number of pairs fused. The same results, one pass and one
     saved float tensor fewer per pair."""
     fused = 0
@@ -542,7 +573,6 @@ def fuse_range_bn_relu(model: nn.Module) -> int:
             if (
                 isinstance(bn, RangeBatchNorm2d)
                 and not bn.fused_relu
-                and bn.grad_spec is None
                 and type(relu) in (nn.ReLU, CompactReLU)
             ):
                 bn.fused_relu = True

@@ -28,14 +28,19 @@ def sbm_quantization(
     range_momentum: float = 0.1,
     range_bn_chunks: int = 16,
     nonfinite_gradients: str = "error",
+    quantize_batchnorm: bool = True,
 ) -> QuantizedTrainingConfig:
     """SBM (Banner et al. 2018, METHODS.md §1): every conv/linear's three products quantized.
 
     Weights per-tensor min/max, nearest; activations the batch mean of per-sample min/max
     (running ranges in eval: the input observer), straight-through everywhere; g_l at
     ``grad_bits`` for the grad-input product and, with ``bifurcation``, a ``grad_weight_bits``
-    copy for the grad-weight product. ``nonfinite_gradients="propagate"`` lets an overflowed
-    gradient reach a loss scaler (fp16 autocast) instead of raising.
+    copy for the grad-weight product. With ``range_batchnorm`` and ``quantize_batchnorm``, Range
+    BN's input is quantized as an activation (``bits``) and the gradient reaching it as g_l
+    (``grad_bits``, per tensor), as the authors' code does. One running-statistics rule for
+    the input ranges and Range BN: run ← m·run + (1 − m)·batch, m = ``range_momentum``.
+    ``nonfinite_gradients="propagate"`` lets an overflowed gradient reach a loss scaler (fp16
+    autocast) instead of raising.
     """
     weight = QuantSpec(Int(bits, signed=False), scale=MinMax())
     activation = QuantSpec(
@@ -52,6 +57,9 @@ def sbm_quantization(
     return QuantizedTrainingConfig(
         GemmConfig(activation, weight, grad_input, grad_weight, save_levels),
         range_batchnorm=range_batchnorm,
+        batchnorm_input_spec=activation if quantize_batchnorm else None,
+        batchnorm_grad_spec=grad_input if quantize_batchnorm else None,
+        batchnorm_momentum=1.0 - range_momentum,
         range_momentum=range_momentum,
         range_bn_chunks=range_bn_chunks,
         # Saved activations compact all the way: int8 GEMM inputs, ReLU masks, pool indices.

@@ -94,10 +94,17 @@ class AbsMax:
 
 @dataclasses.dataclass(frozen=True)
 class MinMax:
-    """Affine (GEMMLOWP): scale = (max − min)/(qmax − qmin), integer zero point.
+    """Affine (GEMMLOWP): integer zero point, scale ≈ (max − min)/(qmax − qmin).
 
-    The range is widened to include 0 so that zero is exact. ``batch_mean`` (SBM activations):
-    min/max are the batch means of per-sample minima/maxima (dim 0 indexes samples).
+    The range is widened to include 0 so that zero is exact. Where min < 0 < max the real zero
+    point qmin − min/scale is rarely an integer; of the two integers either side, the one whose
+    smallest covering scale (max(−min/(z − qmin), max/(qmax − z))) is smaller is taken, with that
+    scale. The grid then holds both observed ends, so no value in [min, max] is clamped and
+    stochastic rounding stays unbiased up to both ends; the step is at most 1/(qmax − qmin − 1)
+    wider than (max − min)/(qmax − qmin) (plain nudging to the nearest integer instead shifts
+    the grid by up to half a step and clamps values near one end). ``batch_mean`` (SBM
+    activations): min/max are the batch means of per-sample minima/maxima (dim 0 indexes
+    samples).
     """
 
     batch_mean: bool = False
@@ -424,18 +431,35 @@ def _qparams_on_host(low: float, high: float, int_format: Int) -> tuple[float, f
     rounding). The constants are rounded to float32 as torch rounds Python scalars.
     """
     low, high = min(low, 0.0), max(high, 0.0)
-    steps = _to_f32(int_format.qmax - int_format.qmin)
+    qmin, qmax = int_format.qmin, int_format.qmax
+    steps = _to_f32(qmax - qmin)
     scale = _to_f32(_to_f32(high - low) / steps)
     if math.isinf(scale):
         scale = _to_f32(_to_f32(high / steps) - _to_f32(low / steps))
     scale = min(max(scale, _F32.tiny), _F32.max) if scale > 0 else 1.0
-    qmin, qmax = _to_f32(int_format.qmin), _to_f32(int_format.qmax)
-    zero_point = _to_f32(qmin - round(_to_f32(low / scale)))
-    return scale, min(max(zero_point, qmin), qmax)
+    if low == 0.0 or high == 0.0:  # one end is zero: the plain grid has both ends on it
+        zero_point = _to_f32(qmin - round(_to_f32(low / scale)))
+        return scale, min(max(zero_point, qmin), qmax)
+    best = None
+    for zero_point in _zero_point_candidates(
+        math.floor(_to_f32(qmin - _to_f32(low / scale))), qmin, qmax
+    ):
+        covering = max(_to_f32(-low / (zero_point - qmin)), _to_f32(high / (qmax - zero_point)))
+        if best is None or covering < best[0]:
+            best = (covering, zero_point)
+    covering, zero_point = best
+    return max(covering, _F32.tiny), float(zero_point)
+
+
+def _zero_point_candidates(floor: int, qmin: int, qmax: int) -> tuple[int, int]:
+    """The integer zero points either side of the real one, kept strictly inside the grid
+    (a range with both ends nonzero needs a level on each side of zero)."""
+    return tuple(min(max(z, qmin + 1), qmax - 1) for z in (floor, floor + 1))
 
 
 def qparams_from_range(low: torch.Tensor, high: torch.Tensor, int_format: Int) -> QParams:
-    """Affine (GEMMLOWP) scale and integer zero point for the range [low, high] ∪ {0}."""
+    """Affine (GEMMLOWP) scale and integer zero point for the range [low, high] ∪ {0}: the
+    smallest grid with zero on it that covers the whole range (see ``MinMax``)."""
     return _qparams_of_range(low, high, int_format, _range_on_host(low, high))
 
 
@@ -466,14 +490,28 @@ def _qparams_of_range_tensors(low: torch.Tensor, high: torch.Tensor, int_format:
     """``qparams_from_range`` in tensor ops: any shape, device and autograd."""
     low = low.clamp(max=0.0)
     high = high.clamp(min=0.0)
-    steps = int_format.qmax - int_format.qmin
+    qmin, qmax = int_format.qmin, int_format.qmax
+    steps = qmax - qmin
     scale = (high - low) / steps
     # A range wider than float32's largest value overflows high − low: divide first there.
     scale = _safe_scale(torch.where(torch.isinf(scale), high / steps - low / steps, scale))
-    zero_point = (int_format.qmin - torch.round(low / scale)).clamp(
-        int_format.qmin, int_format.qmax
-    )
-    return QParams(scale, zero_point)
+    plain = (qmin - torch.round(low / scale)).clamp(qmin, qmax)
+    # Both ends nonzero: the better of the two integer zero points either side of the real one,
+    # each with the smallest scale whose grid covers [low, high] (see MinMax).
+    floor = torch.floor(qmin - low / scale)
+    best_scale, best_zero = None, None
+    for candidate in (floor, floor + 1):
+        zero = candidate.clamp(qmin + 1, qmax - 1)
+        covering = torch.maximum(-low / (zero - qmin), high / (qmax - zero))
+        if best_scale is None:
+            best_scale, best_zero = covering, zero
+        else:
+            better = covering < best_scale
+            best_scale = torch.where(better, covering, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    straddles = (low < 0) & (high > 0)
+    scale = torch.where(straddles, best_scale.clamp(min=_F32.tiny), scale)
+    return QParams(scale, torch.where(straddles, best_zero, plain))
 
 
 def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> QParams:

@@ -93,6 +93,26 @@ def test_ablation_switches_change_the_layers() -> None:
     assert not layer.config.save_quantized_input
 
 
+def test_sbm8_quantizes_range_bn_input_and_gradient_unless_switched_off() -> None:
+    model = build_recipe("sbm8").prepare(resnet())
+    bns = [m for m in model.modules() if isinstance(m, RangeBatchNorm2d)]
+    gemm = next(m for m in model.modules() if isinstance(m, QConv2d)).config
+    assert bns and all(bn.input_spec == gemm.input_spec for bn in bns)
+    assert all(bn.grad_spec == gemm.grad_input_spec for bn in bns)  # 8 bits, SR, per tensor
+    assert all(bn.observers.input.momentum == 0.1 for bn in bns)  # running ranges in eval
+    # One running-statistics rule: BN's torch momentum (weight of the new batch) is 1 − m.
+    assert all(bn.momentum == pytest.approx(0.9) for bn in bns)
+    changed = build_recipe("sbm8", {"range_momentum": "0.9"}).prepare(resnet())
+    assert all(
+        bn.momentum == pytest.approx(0.1)
+        for bn in changed.modules()
+        if isinstance(bn, RangeBatchNorm2d)
+    )
+    float_bn = build_recipe("sbm8", {"quantize_batchnorm": "false"}).prepare(resnet())
+    bns = [m for m in float_bn.modules() if isinstance(m, RangeBatchNorm2d)]
+    assert bns and all(bn.input_spec is None and bn.grad_spec is None for bn in bns)
+
+
 def test_cost_meter_reports_sbm8_bitops_per_role() -> None:
     layer = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False))
     build_recipe("sbm8").prepare(layer)

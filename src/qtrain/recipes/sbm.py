@@ -6,7 +6,9 @@ quantized operands: weights (per-tensor min/max, nearest) and activations (batch
 per-sample min/max, running ranges in eval) at ``bits``; the layer gradient g_l at
 ``grad_bits`` with stochastic rounding for the grad-input product g_l·W; and, with
 ``bifurcation``, a separate ``grad_weight_bits`` copy of g_l for the grad-weight product g_lᵀ·x.
-Range BatchNorm replaces BatchNorm. The update stays in fp32 (the optimizer's master weights).
+Range BatchNorm replaces BatchNorm; its input is quantized at ``bits`` and the gradient reaching
+it at ``grad_bits`` (``quantize_batchnorm``), as in the authors' code. The update stays in fp32
+(the optimizer's master weights).
 
 All quantizers are GEMMLOWP-style affine unsigned (zero point nudged to an integer, range
 widened to include 0 so zero is exact) with the straight-through estimator; the activation
@@ -37,10 +39,12 @@ class SBMConfig(RecipeConfig):
     grad_rounding: Literal["stochastic", "nearest"] = "stochastic"  # the paper: SR is essential
     bifurcation: bool = True  # False: the grad-weight product uses the grad_bits copy too
     range_batchnorm: bool = True  # False: plain BatchNorm (the paper: Range BN ≈ BN)
+    quantize_batchnorm: bool = True  # Range BN's input at bits, its gradient at grad_bits
     # Keep the GEMMs' quantized inputs as int levels for backward, ReLU outputs as 1-byte masks and
     # max-pool inputs as their indices only (the same maths, less memory).
     quantize_saved_activations: bool = True
-    range_momentum: float = 0.1  # running ranges: run <- m·run + (1 - m)·batch
+    # Running input ranges and Range BN statistics: run <- m·run + (1 - m)·batch (the authors').
+    range_momentum: float = 0.1
     range_bn_chunks: int = 16
     amp: Amp = "none"  # compose with autocast: "bf16" | "fp16" for the unquantized ops
 
@@ -67,6 +71,7 @@ class SBMConfig(RecipeConfig):
             self.range_momentum,
             self.range_bn_chunks,
             nonfinite_gradients="propagate" if self.amp == "fp16" else "error",
+            quantize_batchnorm=self.quantize_batchnorm,
         )
 
 
