@@ -62,7 +62,27 @@ def channel_statistics(bn: RangeBatchNorm2d, x: torch.Tensor) -> dict[str, list[
     }
     for chunks in CHUNKS:
         stats[f"std_ratio_chunks{chunks}"] = (std / _range_spread(bn, x, chunks)).tolist()
+    stats.update(_chunk_noise(centred, bn.num_chunks))
     return stats
+
+
+def _chunk_noise(centred: torch.Tensor, chunks: int) -> dict[str, list[float]]:
+    """How noisy each spread estimate is: Range BN's spread is the mean of its chunks' ranges
+    (mean of maxima − mean of minima), so the coefficient of variation of the chunk ranges
+    across chunks, per channel, is its relative noise × sqrt(chunks). The same for the
+    standard deviation and the mean absolute deviation of each chunk (about the batch mean).
+    Needs a batch of whole-sample chunks (batch divisible by ``chunks``)."""
+    batch, channels = centred.shape[:2]
+    if batch % chunks:
+        return {}
+    pieces = centred.reshape(chunks, -1, channels, centred[0, 0].numel()).transpose(1, 2)
+    pieces = pieces.reshape(chunks, channels, -1)  # (chunks, C, values of the chunk)
+    estimates = {
+        "range": pieces.amax(2) - pieces.amin(2),
+        "std": pieces.pow(2).mean(2).sqrt(),
+        "mad": pieces.abs().mean(2),
+    }
+    return {f"chunk_cv_{k}": (v.std(0) / v.mean(0)).tolist() for k, v in estimates.items()}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -150,7 +170,8 @@ def main() -> None:
             + " ".join(f"K{k} {last[f'std_ratio_chunks{k}']['mean']:.3f}" for k in CHUNKS)
             + "  "
             f"kurtosis {first['excess_kurtosis']['mean']:.2f} -> "
-            f"{last['excess_kurtosis']['mean']:.2f}"
+            f"{last['excess_kurtosis']['mean']:.2f}  chunk cv "
+            + " ".join(f"{k} {last[f'chunk_cv_{k}']['mean']:.3f}" for k in ("range", "std", "mad"))
         )
     print(f"test_acc {summary['test_acc']:.4f}  final_train_loss {summary['final_train_loss']:.4f}")
 
