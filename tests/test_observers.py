@@ -20,7 +20,7 @@ from qtrain import (
     quantize,
 )
 from qtrain.api import QuantizedTrainingConfig, quantize_
-from qtrain.clipping import cosine_search, magnitude_aware_clip
+from qtrain.clipping import cosine_distance, cosine_optimal_clip, magnitude_aware_clip
 from qtrain.observers import (
     CosineClip,
     GradientClip,
@@ -186,7 +186,8 @@ def test_cosine_clip_searches_every_interval_and_keeps_its_clip_between() -> Non
     spec = QuantSpec(formats.INT8, rounding=Rounding.STOCHASTIC)
     g = heavy_gradient()
     qparams = observer.qparams(g, spec)
-    clip, distance = cosine_search(g, rounding="stochastic")
+    clip = cosine_optimal_clip(g, rounding="stochastic")
+    distance = cosine_distance(g, clip, rounding="stochastic")
     assert float(observer.clip) == pytest.approx(clip)
     assert float(observer.distance) == pytest.approx(distance, rel=1e-4)
     assert float(qparams.scale) == pytest.approx(clip / 127)

@@ -129,49 +129,6 @@ def cosine_distance(
     return 0.0 if norm == 0 else _distance(unit, clip / norm, 2 ** (bits - 1) - 1, rounding)
 
 
-def cosine_search(
-    g: torch.Tensor,
-    bits: int = 8,
-    rounding: RoundingName = "nearest",
-    grid: int = 32,
-    tolerance: float = 1e-3,
-) -> tuple[float, float]:
-    """``cosine_optimal_clip`` with the distance it reaches: (c*, d_c at c*)."""
-    _check_gradient("cosine_optimal_clip", g)
-    check_int("cosine_optimal_clip.bits", bits, ClippingError, low=2, high=16)
-    _check_rounding("cosine_optimal_clip", rounding)
-    check_int("cosine_optimal_clip.grid", grid, ClippingError, low=2)
-    check_number("cosine_optimal_clip.tolerance", tolerance, ClippingError, low=1e-9, high=1)
-    unit, norm = _unit(g.reshape(-1))
-    if norm == 0:
-        return 0.0, 0.0
-    top = float(unit.abs().max())  # max|g|/|g|: the search runs on g/|g| and scales c back
-    qmax = 2 ** (bits - 1) - 1
-    seen: dict[float, float] = {}
-
-    def distance(c: float) -> float:
-        if c not in seen:
-            seen[c] = _distance(unit, c, qmax, rounding)
-        return seen[c]
-
-    # Coarse grid c_k = k·max|g|/grid, k = 1..grid; then golden-section search on the
-    # bracket around the best grid point, down to tolerance·max|g|.
-    cells = [top * k / grid for k in range(1, grid + 1)]
-    best = min(range(grid), key=lambda k: (distance(cells[k]), -k))
-    low = cells[best - 1] if best > 0 else top / grid / 2
-    high = cells[min(best + 1, grid - 1)]
-    left, right = high - GOLDEN * (high - low), low + GOLDEN * (high - low)
-    while high - low > tolerance * top:
-        if distance(left) <= distance(right):
-            high, right = right, left
-            left = high - GOLDEN * (high - low)
-        else:
-            low, left = left, right
-            right = low + GOLDEN * (high - low)
-    clip = min(seen, key=lambda c: (seen[c], -c))  # the best point evaluated; ties: the larger c
-    return min(clip * norm, float(g.detach().abs().max())), seen[clip]
-
-
 def cosine_optimal_clip(
     g: torch.Tensor,
     bits: int = 8,
@@ -196,13 +153,46 @@ def cosine_optimal_clip(
         grid: the coarse grid's points (>= 2).
         tolerance: the refined bracket's width relative to max|g|, in (0, 1].
 
-    Returns 0.0 for an all-zero g (nothing to clip).
+    Returns 0.0 for an all-zero g (nothing to clip); ``cosine_distance(g, c)`` is the
+    distance reached.
 
     >>> g = torch.cat([torch.linspace(-1, 1, 999), torch.tensor([50.0])])  # one outlier
     >>> cosine_optimal_clip(g) < 50.0
     True
     """
-    return cosine_search(g, bits, rounding, grid, tolerance)[0]
+    _check_gradient("cosine_optimal_clip", g)
+    check_int("cosine_optimal_clip.bits", bits, ClippingError, low=2, high=16)
+    _check_rounding("cosine_optimal_clip", rounding)
+    check_int("cosine_optimal_clip.grid", grid, ClippingError, low=2)
+    check_number("cosine_optimal_clip.tolerance", tolerance, ClippingError, low=1e-9, high=1)
+    unit, norm = _unit(g.reshape(-1))
+    if norm == 0:
+        return 0.0
+    top = float(unit.abs().max())  # max|g|/|g|: the search runs on g/|g| and scales c back
+    qmax = 2 ** (bits - 1) - 1
+    seen: dict[float, float] = {}
+
+    def distance(c: float) -> float:
+        if c not in seen:
+            seen[c] = _distance(unit, c, qmax, rounding)
+        return seen[c]
+
+    # Coarse grid c_k = k·max|g|/grid, k = 1..grid; then golden-section search on the
+    # bracket around the best grid point, down to tolerance·max|g|.
+    cells = [top * k / grid for k in range(1, grid + 1)]
+    best = min(range(grid), key=lambda k: (distance(cells[k]), -k))
+    low = cells[best - 1] if best > 0 else top / grid / 2
+    high = cells[min(best + 1, grid - 1)]
+    left, right = high - GOLDEN * (high - low), low + GOLDEN * (high - low)
+    while high - low > tolerance * top:
+        if distance(left) <= distance(right):
+            high, right = right, left
+            left = high - GOLDEN * (high - low)
+        else:
+            low, left = left, right
+            right = low + GOLDEN * (high - low)
+    clip = min(seen, key=lambda c: (seen[c], -c))  # the best point evaluated; ties: the larger c
+    return min(clip * norm, float(g.detach().abs().max()))
 
 
 def lr_scale(d_c: float, alpha: float = 20.0, beta: float = 0.1) -> float:

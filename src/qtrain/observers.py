@@ -34,7 +34,7 @@ from qtrain import kernels
 from qtrain.clipping import (
     check_recurrence,
     cosine_distance,
-    cosine_search,
+    cosine_optimal_clip,
     inverted_t_view,
     magnitude_aware_clip,
 )
@@ -214,7 +214,7 @@ class GradientClip(Observer):
 class CosineClip(GradientClip):
     """Unified INT8's direction-sensitive gradient clipping (Zhu et al. 2020, METHODS.md §4):
     every ``interval`` calls (the paper's 100 iterations), the clip c in (0, max|g|] that
-    minimises the cosine distance d_c between g and ĝ (``qtrain.clipping.cosine_search``,
+    minimises the cosine distance d_c between g and ĝ (``qtrain.clipping.cosine_optimal_clip``,
     in the form of the spec's rounding); the calls between reuse it. d_c at the chosen c is the
     ``distance`` buffer, which the deviation-counteractive lr scaling reads.
 
@@ -235,7 +235,7 @@ class CosineClip(GradientClip):
         if measure or self.clip.numel() != amax.numel():
             bits, rounding = spec.int_format.bits, spec.rounding.value
             found = [
-                cosine_search(x3[:, channel], bits, rounding, self.grid, self.tolerance)[0]
+                cosine_optimal_clip(x3[:, channel], bits, rounding, self.grid, self.tolerance)
                 for channel in range(x3.shape[1])
             ]
             self.clip = torch.tensor(found, dtype=torch.float32, device=x3.device)

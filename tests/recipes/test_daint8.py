@@ -9,16 +9,16 @@ from typing import Any
 
 import pytest
 import torch
+from symmetric_int8 import assert_eight_by_eight_bitops, killed_and_resumed
 from torch import nn
 
 from qtrain import PerChannel, QConv2d, QLinear, QuantSpec, formats, quantize
-from qtrain.cost import CostMeter
 from qtrain.models import build_model
 from qtrain.observers import MagnitudeAwareClip
 from qtrain.quantizer import PerTensor, QParams
 from qtrain.recipes import RecipeConfigError, build_recipe
 from qtrain.recipes.daint8 import DAInt8, DAInt8Config
-from qtrain.train import CHECKPOINT_FILE, TIMING_KEYS, TrainConfig, read_metrics, train
+from qtrain.train import TrainConfig, read_metrics, train
 
 SYNTHETIC = {"shape": [1, 8, 8], "size": 256, "test_size": 64, "num_classes": 4}
 
@@ -96,13 +96,7 @@ def test_config_is_validated_with_clear_errors() -> None:
 
 
 def test_bitops_are_eight_by_eight_products() -> None:
-    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False))
-    build_recipe("daint8").prepare(model)
-    meter = CostMeter(model)
-    model(torch.randn(4, 6)).sum().backward()
-    first, second = 4 * 6 * 5, 4 * 5 * 3
-    assert meter.pop().bitops == {"forward": (first + second) * 64, "grad_input": second * 64,
-                                  "grad_weight": (first + second) * 64}  # fmt: skip
+    assert_eight_by_eight_bitops("daint8")
 
 
 @pytest.mark.parametrize("all_gaussian", ["false", "true"])
@@ -123,26 +117,7 @@ def test_trains_and_records_inverted_t_fractions(tmp_path: Path, all_gaussian: s
 
 
 def test_recurrence_state_survives_resume(tmp_path: Path) -> None:
-    options = dict(checkpoint_every=3, data_kwargs={**SYNTHETIC, "size": 384})
-    daint8 = DAInt8Config(interval=4)
-
-    class Crash(DAInt8):
-        def schedule(self, step: int, total_steps: int) -> None:
-            if step == 7:
-                raise KeyboardInterrupt("simulated kill")
-
-    train(small_config(**options), DAInt8(daint8), tmp_path / "straight")
-    with pytest.raises(KeyboardInterrupt):
-        train(small_config(**options), Crash(daint8), tmp_path / "resumed")
-    saved = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["model"]
-    states = [k for k in saved if k.endswith("grad_weight.state")]
-    assert len(states) == 4 and all(saved[k].numel() > 1 for k in states)  # one per channel
-    train(small_config(**options), DAInt8(daint8), tmp_path / "resumed", resume=True)
-
-    def strip(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
-
-    assert strip(read_metrics(tmp_path / "resumed")) == strip(read_metrics(tmp_path / "straight"))
-    straight = torch.load(tmp_path / "straight" / CHECKPOINT_FILE, weights_only=True)["model"]
-    resumed = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["model"]
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    config = small_config(checkpoint_every=3, data_kwargs={**SYNTHETIC, "size": 384})
+    killed = killed_and_resumed(config, lambda: DAInt8(DAInt8Config(interval=4)), 7, tmp_path)
+    states = [v for k, v in killed.items() if k.endswith("grad_weight.state")]
+    assert len(states) == 4 and all(v.numel() > 1 for v in states)  # one per channel

@@ -10,17 +10,17 @@ from typing import Any
 
 import pytest
 import torch
+from symmetric_int8 import assert_eight_by_eight_bitops, killed_and_resumed
 from torch import nn
 
 from qtrain import QConv2d, QLinear, QuantSpec, RangeBatchNorm2d, Rounding, formats, quantize
-from qtrain.cost import CostMeter
 from qtrain.models import build_model
 from qtrain.observers import CosineClip, GradientClip
 from qtrain.quantizer import Clip, PerTensor
 from qtrain.recipes import RecipeConfigError, build_recipe
 from qtrain.recipes.ui8 import UI8, UI8Config
 from qtrain.report import write_report
-from qtrain.train import CHECKPOINT_FILE, TIMING_KEYS, TrainConfig, read_metrics, train
+from qtrain.train import TrainConfig, read_metrics, train
 from qtrain.train.config import lr_factor
 
 SYNTHETIC = {"shape": [1, 8, 8], "size": 256, "test_size": 64, "num_classes": 4}
@@ -133,14 +133,7 @@ def test_config_is_validated_with_clear_errors() -> None:
 
 
 def test_bitops_are_eight_by_eight_products() -> None:
-    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False))
-    build_recipe("ui8").prepare(model)
-    meter = CostMeter(model)
-    model(torch.randn(4, 6)).sum().backward()
-    cost = meter.pop()
-    first, second = 4 * 6 * 5, 4 * 5 * 3
-    assert cost.bitops == {"forward": (first + second) * 64, "grad_input": second * 64,
-                           "grad_weight": (first + second) * 64}  # fmt: skip
+    assert_eight_by_eight_bitops("ui8")
 
 
 @pytest.mark.parametrize(
@@ -170,28 +163,8 @@ def test_trains_and_records_per_layer_metrics(tmp_path: Path, overrides: dict[st
 
 
 def test_clip_state_survives_resume(tmp_path: Path) -> None:
-    options = dict(checkpoint_every=3, epochs=1, data_kwargs={**SYNTHETIC, "size": 384})
-    ui8 = UI8Config(interval=4)  # searches at steps 0, 4, 8: one before and one after the kill
-
-    class Crash(UI8):
-        def schedule(self, step: int, total_steps: int) -> None:
-            if step == 7:
-                raise KeyboardInterrupt("simulated kill")
-
-    train(small_config(**options), UI8(ui8), tmp_path / "straight")
-    with pytest.raises(KeyboardInterrupt):
-        train(small_config(**options), Crash(ui8), tmp_path / "resumed")
-    interrupted = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)
-    assert interrupted["progress"]["step"] == 6
-    clips = {k: v for k, v in interrupted["model"].items() if k.endswith("grad_input.clip")}
-    assert len(clips) == 4 and all(float(v) > 0 for v in clips.values())
-    train(small_config(**options), UI8(ui8), tmp_path / "resumed", resume=True)
-
-    def strip(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
-
-    assert strip(read_metrics(tmp_path / "resumed")) == strip(read_metrics(tmp_path / "straight"))
-    straight = torch.load(tmp_path / "straight" / CHECKPOINT_FILE, weights_only=True)["model"]
-    resumed = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["model"]
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # Searches at steps 0, 4, 8 of 12: one before and one after the kill at step 7.
+    config = small_config(checkpoint_every=3, epochs=1, data_kwargs={**SYNTHETIC, "size": 384})
+    killed = killed_and_resumed(config, lambda: UI8(UI8Config(interval=4)), 7, tmp_path)
+    clips = [v for k, v in killed.items() if k.endswith("grad_input.clip")]
+    assert len(clips) == 4 and all(float(v) > 0 for v in clips)
