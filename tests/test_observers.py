@@ -3,13 +3,31 @@ layer gradient's two copies in backward); their state lives in state_dict."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qtrain import QConv2d, QLinear, QuantSpec, QuantSpecError, formats, quantize
+from qtrain import (
+    NonFiniteError,
+    PerChannel,
+    QConv2d,
+    QLinear,
+    QuantSpec,
+    QuantSpecError,
+    formats,
+    quantize,
+)
 from qtrain.api import QuantizedTrainingConfig, quantize_
-from qtrain.observers import Observer, RunningMinMax
+from qtrain.clipping import cosine_distance, cosine_optimal_clip, magnitude_aware_clip
+from qtrain.observers import (
+    CosineClip,
+    GradientClip,
+    MagnitudeAwareClip,
+    Observer,
+    RunningMinMax,
+)
 from qtrain.ops import GemmConfig, quantized_linear
 from qtrain.quantizer import AbsMax, Clip, QParams, Rounding
 
@@ -135,3 +153,109 @@ def test_sync_without_a_process_group_changes_nothing() -> None:
     low = observer.low.clone()
     observer.sync()
     assert torch.equal(observer.low, low)
+
+
+# ---- gradient clip observers (Unified INT8, Distribution-adaptive INT8) ----------------------
+
+
+def test_a_lone_grad_input_observer_quantizes_the_one_copy_both_products_use() -> None:
+    x = _randn(6, 8, seed=8).requires_grad_()
+    w = _randn(4, 8, seed=9).requires_grad_()
+    grad = _randn(6, 4, seed=10)
+    config = GemmConfig(grad_input_spec=INT8, grad_weight_spec=INT8)
+    observers = {"grad_input": FixedScale(0.3)}
+    quantized_linear(x, w, None, config, observers=observers).backward(grad)
+    g_hat = quantize(grad, _clip_spec(0.3))
+    assert torch.equal(x.grad, g_hat @ w.detach())
+    assert torch.equal(w.grad, g_hat.t() @ x.detach())
+    assert int(observers["grad_input"].calls) == 1
+    # The first layer of a network (no input gradient) still gets its clipped copy.
+    w.grad = None
+    quantized_linear(x.detach(), w, None, config, observers=observers).backward(grad)
+    assert torch.equal(w.grad, g_hat.t() @ x.detach()) and int(observers["grad_input"].calls) == 2
+
+
+def heavy_gradient(seed: int = 11) -> torch.Tensor:
+    g = _randn(64, 32, seed=seed, scale=1e-3)
+    g[0, :4] = torch.tensor([0.2, -0.1, 0.15, -0.05])  # a few outliers
+    return g
+
+
+def test_cosine_clip_searches_every_interval_and_keeps_its_clip_between() -> None:
+    observer = CosineClip(interval=3)
+    spec = QuantSpec(formats.INT8, rounding=Rounding.STOCHASTIC)
+    g = heavy_gradient()
+    qparams = observer.qparams(g, spec)
+    clip = cosine_optimal_clip(g, rounding="stochastic")
+    distance = cosine_distance(g, clip, rounding="stochastic")
+    assert float(observer.clip) == pytest.approx(clip)
+    assert float(observer.distance) == pytest.approx(distance, rel=1e-4)
+    assert float(qparams.scale) == pytest.approx(clip / 127)
+    # Calls 1 and 2 reuse the clip, whatever g does; call 3 searches again.
+    for _ in range(2):
+        assert float(observer.qparams(10 * g, spec).scale) == pytest.approx(clip / 127)
+    assert float(observer.qparams(10 * g, spec).scale) == pytest.approx(10 * clip / 127, rel=1e-3)
+    assert int(observer.calls) == 4
+    # The chosen clip turns g less than plain absmax does.
+    plain = GradientClip(interval=3)
+    plain.qparams(g, spec)
+    assert float(plain.distance) > distance
+
+
+def test_gradient_clip_refuses_an_unsigned_spec_and_nan_gradients() -> None:
+    with pytest.raises(QuantSpecError, match="signed integer spec"):
+        CosineClip().qparams(heavy_gradient(), UINT8)
+    with pytest.raises(NonFiniteError):
+        GradientClip().qparams(torch.tensor([1.0, math.inf]), INT8)
+    with pytest.raises(QuantSpecError, match="interval must be a positive int"):
+        CosineClip(interval=0)
+    with pytest.raises(QuantSpecError, match="threshold must be a number in"):
+        MagnitudeAwareClip(threshold=1.5)
+    with pytest.raises(QuantSpecError, match=r"k·A in \[0, 1\]"):
+        MagnitudeAwareClip(k=2.0)
+
+
+def conv_gradient(scales: list[float], seed: int = 12) -> torch.Tensor:
+    """A (N, C, H, W) layer gradient: channel 0 Gaussian, channel 1 Laplace, scaled."""
+    torch.manual_seed(seed)
+    gaussian = torch.randn(32, 1, 8, 8)
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((32, 1, 8, 8))
+    return torch.cat([gaussian, laplace], 1) * torch.tensor(scales).view(1, 2, 1, 1)
+
+
+def test_magnitude_aware_clip_per_output_channel_over_calls() -> None:
+    observer = MagnitudeAwareClip(interval=2)
+    spec = QuantSpec(formats.INT8, granularity=PerChannel(1))
+    steps = [
+        conv_gradient([1.0, 1.0], seed=s) * m
+        for s, m in zip((1, 2, 3), (1.0, 3.0, 0.5), strict=True)
+    ]
+    state = None
+    for g in steps:
+        amax = g.abs().amax(dim=(0, 2, 3))
+        state = amax if state is None else magnitude_aware_clip(state, amax)
+        scale = observer.qparams(g, spec).scale
+        assert observer.inverted.tolist() == [0.0, 1.0]  # Gaussian, inverted-T
+        # Gaussian: max|g|; inverted-T: the recurrence s_t = 0.2·s_{t−1} + 0.8·max|g|_t.
+        assert scale.tolist() == pytest.approx([float(amax[0]) / 127, float(state[1]) / 127])
+    assert observer.state.tolist() == pytest.approx(state.tolist())
+    assert observer.inverted_rate.tolist() == [0.0, 1.0]  # over calls 0-1, read at call 2
+    everything_gaussian = MagnitudeAwareClip(all_gaussian=True)
+    for g in steps:
+        scale = everything_gaussian.qparams(g, spec).scale
+    assert scale.tolist() == pytest.approx((steps[-1].abs().amax(dim=(0, 2, 3)) / 127).tolist())
+
+
+def test_gradient_observer_state_survives_a_state_dict_round_trip() -> None:
+    observer = MagnitudeAwareClip()
+    spec = QuantSpec(formats.INT8, granularity=PerChannel(1))
+    observer.qparams(conv_gradient([1.0, 2.0]), spec)
+    fresh = MagnitudeAwareClip()
+    fresh.load_state_dict(observer.state_dict())
+    for name, buffer in observer.named_buffers():
+        assert torch.equal(getattr(fresh, name), buffer), name
+    clip = CosineClip()
+    clip.qparams(heavy_gradient(), INT8)
+    loaded = CosineClip()
+    loaded.load_state_dict(clip.state_dict())
+    assert torch.equal(loaded.clip, clip.clip) and int(loaded.calls) == 1

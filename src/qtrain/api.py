@@ -65,7 +65,9 @@ class QuantizedTrainingConfig(Config):
         observers: extra observers per role (``"input"``, ``"weight"``, ``"grad_input"``,
             ``"grad_weight"``), each a zero-argument factory called once per layer (e.g. a
             clip observer class); every layer's input observer is SBM's running ranges
-            (``RunningMinMax(range_momentum)``) unless this names another.
+            (``RunningMinMax(range_momentum)``) unless this names another. With equal
+            gradient specs, a ``"grad_input"`` observer alone quantizes the one copy of g_l
+            that both backward products use (Unified INT8's clip).
         compact_activations: replace ``nn.ReLU`` by ``CompactReLU`` (a 1-byte mask for
             backward) and ``nn.MaxPool2d`` by ``CompactMaxPool2d`` (indices only), and fuse
             each Range BN with a ReLU that follows it in a Sequential (``fuse_range_bn_relu``):
@@ -247,3 +249,9 @@ def dequantize_(model: nn.Module) -> nn.Module:
 def quantized_modules(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
     """(name, module) of every emulated quantized GEMM layer, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear | QConv2d)]
+
+
+def layer_observers(model: nn.Module, role: str) -> dict[str, Observer]:
+    """Each emulated quantized layer's observer of ``role`` (``"grad_input"``...) by layer
+    name, in module order; layers without one are left out."""
+    return {name: m.observers[role] for name, m in quantized_modules(model) if role in m.observers}

@@ -24,22 +24,36 @@ Roles (``ROLES``): ``input``, ``weight``, ``grad_input`` (g_l for the grad-input
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from qtrain import kernels
+from qtrain.clipping import (
+    check_recurrence,
+    cosine_distance,
+    cosine_optimal_clip,
+    inverted_t_view,
+    magnitude_aware_clip,
+)
+from qtrain.formats import BlockFloat
 from qtrain.quantizer import (
+    _F32,
     MinMax,
     QParams,
     QuantSpec,
     QuantSpecError,
+    _check_finite,
     _CheckedQParams,
+    _finite_only,
     _observed_qparams,
+    canonical_view,
     observe_range,
     qparams_from_range,
 )
-from qtrain.validation import check_number
+from qtrain.validation import check_int, check_number, matches, refuse
 
 ROLES = ("input", "weight", "grad_input", "grad_weight")
 
@@ -128,3 +142,186 @@ class RunningMinMax(Observer):
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum:g}"
+
+
+class GradientClip(Observer):
+    """Symmetric integer quantization of a layer gradient g at a clip value per channel of the
+    spec's granularity: q = round(qmax·clamp(g, −c, c)/c). This base clips at max|g| (plain
+    absmax, the scale the spec's own AbsMax rule gives); subclasses choose c
+    (``clip_values``). Every ``interval`` calls, starting with the first, it measures the
+    cosine distance d_c between g and ĝ (``qtrain.clipping.cosine_distance``, in the form of
+    the spec's rounding) into the ``distance`` buffer, so a run can watch how far its
+    quantized gradients turn.
+
+    Buffers: ``calls`` (calls so far), ``distance`` (d_c at the last measurement; −1
+    before: a NaN would read as a fault to the trainer's checks). For a signed integer spec
+    only (zero point 0).
+
+    >>> import torch
+    >>> from qtrain import QuantSpec, formats
+    >>> observer = GradientClip(interval=10)
+    >>> observer.qparams(torch.tensor([0.5, -2.0]), QuantSpec(formats.INT8)).scale
+    tensor([0.0157])
+    >>> int(observer.calls), float(observer.distance) < 1e-4
+    (1, True)
+    """
+
+    def __init__(self, interval: int = 100) -> None:
+        super().__init__()
+        check_int(f"{type(self).__name__}.interval", interval, QuantSpecError, low=1)
+        self.interval = interval
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("distance", torch.full((), -1.0))  # < 0: not measured yet
+
+    def qparams(self, x: torch.Tensor, spec: QuantSpec) -> QParams | None:
+        int_format = spec.int_format
+        if int_format is None or not int_format.signed or isinstance(spec.format, BlockFloat):
+            raise QuantSpecError(
+                f"{type(self).__name__} clips symmetrically: it needs a signed integer spec "
+                f"(formats.Int(bits)), got {spec}"
+            )
+        if x.numel() == 0:
+            return None
+        x3, _ = canonical_view(x.detach(), spec.granularity)
+        source = _finite_only(x3) if spec.nonfinite == "propagate" else x3
+        amax = kernels.implementation(source.device).absmax(source)
+        if spec.nonfinite == "error":
+            _check_finite(amax, spec)  # NaN/inf in g reaches max|g|
+        measure = int(self.calls) % self.interval == 0
+        with torch.no_grad():
+            clip = self.clip_values(source, amax, spec, measure)
+            if measure:
+                d_c = cosine_distance(
+                    source, clip.view(1, -1, 1), int_format.bits, spec.rounding.value
+                )
+                self.distance.fill_(d_c)
+            self.calls += 1
+        scale = torch.where(clip > 0, clip / int_format.qmax, torch.ones_like(clip))
+        # g was checked (its max|g|) and the scale is finite and > 0: nothing left to check.
+        return _CheckedQParams(scale.clamp(_F32.tiny, _F32.max), torch.zeros_like(scale))
+
+    def clip_values(
+        self, x3: torch.Tensor, amax: torch.Tensor, spec: QuantSpec, measure: bool
+    ) -> torch.Tensor:
+        """The clip value c per channel (shape (C,)) of g's canonical (O, C, I) view;
+        ``amax`` is max|g| per channel, ``measure`` whether this call measures d_c."""
+        return amax
+
+    def extra_repr(self) -> str:
+        return f"interval={self.interval}"
+
+
+class CosineClip(GradientClip):
+    """Unified INT8's direction-sensitive gradient clipping (Zhu et al. 2020, METHODS.md §4):
+    every ``interval`` calls (the paper's 100 iterations), the clip c in (0, max|g|] that
+    minimises the cosine distance d_c between g and ĝ (``qtrain.clipping.cosine_optimal_clip``,
+    in the form of the spec's rounding); the calls between reuse it. d_c at the chosen c is the
+    ``distance`` buffer, which the deviation-counteractive lr scaling reads.
+
+    Buffers: ``clip`` (one c per channel of the spec's granularity; one per tensor as the paper
+    has it), and ``calls``, ``distance`` (``GradientClip``).
+    """
+
+    def __init__(self, interval: int = 100, grid: int = 32, tolerance: float = 1e-3) -> None:
+        super().__init__(interval)
+        check_int("CosineClip.grid", grid, QuantSpecError, low=2)
+        check_number("CosineClip.tolerance", tolerance, QuantSpecError, low=1e-9, high=1)
+        self.grid, self.tolerance = grid, tolerance
+        self.register_lazy_buffer("clip")
+
+    def clip_values(
+        self, x3: torch.Tensor, amax: torch.Tensor, spec: QuantSpec, measure: bool
+    ) -> torch.Tensor:
+        if measure or self.clip.numel() != amax.numel():
+            bits, rounding = spec.int_format.bits, spec.rounding.value
+            found = [
+                cosine_optimal_clip(x3[:, channel], bits, rounding, self.grid, self.tolerance)
+                for channel in range(x3.shape[1])
+            ]
+            self.clip = torch.tensor(found, dtype=torch.float32, device=x3.device)
+        return self.clip
+
+    def extra_repr(self) -> str:
+        return f"interval={self.interval}, grid={self.grid}, tolerance={self.tolerance:g}"
+
+
+class MagnitudeAwareClip(GradientClip):
+    """Distribution-adaptive INT8's clip (Zhao et al. 2021, METHODS.md §5), each call, per
+    channel of the spec's granularity (per output channel for the grad-weight copy of g_l,
+    per tensor for the grad-input copy): a Gaussian channel (P(|g| > σ) > λ,
+    ``qtrain.clipping.inverted_t_channels``) clips at max|g|; an inverted-T channel at
+    s_t = (1 − k·A)·s_{t−1} + A·max|g|_t (``qtrain.clipping.magnitude_aware_clip``).
+
+    The recurrence runs for every channel every call (starting at s_0 = max|g|_0), so a
+    channel that turns inverted-T finds its state current. ``all_gaussian`` treats every
+    channel as Gaussian (the ablation: plain per-channel absmax).
+
+    Buffers: ``state`` (s_t per channel), ``inverted`` (1.0 where the last call classified the
+    channel inverted-T), ``inverted_rate`` (per channel, the fraction of the calls of the last
+    ``interval`` that found it inverted-T; the first call's classification until then),
+    ``inverted_count`` (the running interval's count), and ``calls``, ``distance``
+    (``GradientClip``).
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.3,
+        k: float = 1.0,
+        a: float = 0.8,
+        all_gaussian: bool = False,
+        interval: int = 100,
+    ) -> None:
+        super().__init__(interval)
+        check_recurrence("MagnitudeAwareClip", k, a, QuantSpecError)
+        if not (matches(threshold, float) and 0 < threshold < 1):
+            refuse("MagnitudeAwareClip.threshold", threshold, "a number in (0, 1)", QuantSpecError)
+        self.threshold, self.k, self.a, self.all_gaussian = threshold, k, a, all_gaussian
+        for name in ("state", "inverted", "inverted_count", "inverted_rate"):
+            self.register_lazy_buffer(name)
+
+    def clip_values(
+        self, x3: torch.Tensor, amax: torch.Tensor, spec: QuantSpec, measure: bool
+    ) -> torch.Tensor:
+        if self.all_gaussian:
+            inverted = torch.zeros_like(amax, dtype=torch.bool)
+        else:
+            inverted = inverted_t_view(x3, self.threshold)
+        if self.state.numel() != amax.numel():
+            self.state = amax.clone()
+        else:
+            self.state = magnitude_aware_clip(self.state, amax, self.k, self.a)
+        self.inverted = inverted.float()
+        counted = self.inverted_count.numel() == amax.numel()  # False on the first call only
+        if measure:
+            self.inverted_rate = self.inverted_count / self.interval if counted else self.inverted
+            self.inverted_count = torch.zeros_like(self.inverted)
+        self.inverted_count = self.inverted_count + self.inverted
+        return torch.where(inverted, self.state, amax)
+
+    def extra_repr(self) -> str:
+        return (
+            f"threshold={self.threshold:g}, k={self.k:g}, a={self.a:g}, "
+            f"all_gaussian={self.all_gaussian}, interval={self.interval}"
+        )
+
+
+def observed_values(
+    observers: dict[str, Observer], read: Callable[[Observer], torch.Tensor]
+) -> dict[str, float]:
+    """``{name: float(read(observer))}`` (a buffer's mean) in one host transfer (one device
+    sync), e.g. each layer's d_c; a value not measured yet (negative, or an empty buffer) is
+    left out.
+
+    >>> observed_values({"fc": GradientClip()}, lambda o: o.distance)
+    {}
+    """
+    values = {name: _mean_or_nan(read(observer)) for name, observer in observers.items()}
+    if not values:
+        return {}
+    numbers = torch.stack(list(values.values())).tolist()
+    return {name: x for name, x in zip(values, numbers, strict=True) if x >= 0}
+
+
+def _mean_or_nan(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().float()
+    return values.mean() if values.numel() else values.new_full((), -1.0)

@@ -370,8 +370,16 @@ def _gradient_copies(
     observers: dict[str, Observer] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """g_l quantized for the grad-input and the grad-weight products (None where not needed);
-    stochastic-rounding seeds are drawn in that order, as two ``quantize`` calls draw them."""
+    stochastic-rounding seeds are drawn in that order, as two ``quantize`` calls draw them.
+
+    With equal specs and no grad-weight observer, one quantized copy serves both products
+    (no bifurcation), quantized with the grad-input observer's qparams if there is one."""
     input_spec, weight_spec = config.grad_input_spec, config.grad_weight_spec
+    one_copy = input_spec == weight_spec and (observers is None or "grad_weight" not in observers)
+    if one_copy and observers is not None and "grad_input" in observers and (need_x or need_w):
+        qparams = _observed(observers, "grad_input", grad, input_spec)
+        g = _quantize_operand(grad, input_spec, qparams, False)[0]
+        return (g if need_x else None), (g if need_w else None)
     if observers is not None and ("grad_input" in observers or "grad_weight" in observers):
         g_in = g_w = None
         if need_x:
@@ -381,7 +389,7 @@ def _gradient_copies(
             qparams = _observed(observers, "grad_weight", grad, weight_spec)
             g_w = _quantize_operand(grad, weight_spec, qparams, False)[0]
         return g_in, g_w
-    if need_x and need_w and input_spec == weight_spec:
+    if need_x and need_w and one_copy:
         g_in = _quantize_operand(grad, input_spec, None, False)[0]
         return g_in, g_in  # no bifurcation: both products use the one quantized copy of g_l
     if need_x and need_w and _same_range(input_spec, weight_spec) and grad.numel() > 0:

@@ -11,10 +11,13 @@ which build their configs from the same functions, so the name and the recipe ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from qtrain.api import QuantizedTrainingConfig, register_config_name
 from qtrain.formats import Int
+from qtrain.observers import Observer
 from qtrain.ops import GemmConfig
-from qtrain.quantizer import MinMax, PerChannel, QuantSpec, Rounding
+from qtrain.quantizer import Granularity, MinMax, PerChannel, PerTensor, QuantSpec, Rounding
 
 
 def sbm_quantization(
@@ -80,6 +83,29 @@ def precision_schedule_quantization(bits: int = 8, grad_bits: int = 8) -> Quanti
     save_levels = bits <= 8  # the input's int levels are kept for backward while they fit a byte
     gemm = GemmConfig(activation, weight, gradient, gradient, save_levels)
     return QuantizedTrainingConfig(gemm, compact_activations=save_levels)
+
+
+def symmetric_quantization(
+    bits: int = 8,
+    grad_rounding: Rounding = Rounding.STOCHASTIC,
+    grad_weight_granularity: Granularity | None = None,
+    observers: dict[str, Callable[[], Observer]] | None = None,
+) -> QuantizedTrainingConfig:
+    """The symmetric quantizer of Unified INT8 and Distribution-adaptive INT8 (METHODS.md
+    §4–5) on every conv/linear: q = round(qmax·clamp(x, −c, c)/c). Weights and activations per
+    tensor at c = max|x|, nearest; the layer gradient g_l with ``grad_rounding``, its
+    grad-weight copy at ``grad_weight_granularity`` (None: per tensor; ``PerChannel(1)``: per
+    output channel of g_l, (N, C_out, ...)). ``observers`` choose the gradients' clip values (e.g.
+    ``{"grad_input": CosineClip}``: one clipped copy for both products); without them c =
+    max|g|. BatchNorm stays float32."""
+    signed = Int(bits)
+    forward = QuantSpec(signed)
+    grad_input = QuantSpec(signed, rounding=grad_rounding)
+    granularity = grad_weight_granularity or PerTensor()
+    grad_weight = QuantSpec(signed, granularity=granularity, rounding=grad_rounding)
+    save_levels = bits <= 8  # the input's int levels are kept for backward while they fit a byte
+    gemm = GemmConfig(forward, forward, grad_input, grad_weight, save_levels)
+    return QuantizedTrainingConfig(gemm, compact_activations=save_levels, observers=observers)
 
 
 register_config_name("sbm8", sbm_quantization)

@@ -38,6 +38,17 @@ PLOTS = {
     "params": "params.png",
 }
 
+# What a per-layer metric's figure shows, for the report's caption (others: its name).
+PER_LAYER_CAPTIONS = {
+    "d_c": "Cosine distance d_c = 1 − ⟨g, ĝ⟩/(|g|·|ĝ|) between each layer's gradient g and its "
+    "quantized copy ĝ used for the grad-weight product, measured every `interval` steps",
+    "d_c_grad_input": "Cosine distance d_c of each layer's grad-input copy of the gradient",
+    "clip": "Each layer's gradient clip value c",
+    "lr_scale": "Each layer's learning-rate factor φ(d_c) = max(exp(−α·d_c), β)",
+    "inverted_t": "Fraction of each layer's grad-weight channels classified inverted-T "
+    "(over the steps of the last `interval`)",
+}
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -90,11 +101,38 @@ def _recipe_metrics(record: dict[str, Any]) -> dict[str, float]:
     return record.get("metrics", record.get("bits")) or {}
 
 
-def _metric_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+def _metric_keys(records: Sequence[dict[str, Any]], per_layer: bool = False) -> list[str]:
+    """The names of the records' scalar metrics, or (``per_layer``) of their per-layer dicts."""
     keys: dict[str, None] = {}
     for record in records:
-        keys.update(dict.fromkeys(_recipe_metrics(record)))
+        keys.update(
+            (key, None)
+            for key, value in _recipe_metrics(record).items()
+            if isinstance(value, dict) == per_layer
+        )
     return list(keys)
+
+
+def _plot_per_layer(records: list[dict], key: str, path: Path) -> None:
+    """One line per layer of a per-layer metric over the run, each value held until the next
+    record; a log scale where the layers' values span more than two decades."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for record in records:
+        for layer, value in _recipe_metrics(record).get(key, {}).items():
+            series.setdefault(layer, []).append((record["epoch"], value))
+    for layer, pairs in series.items():
+        ax.step([e for e, _ in pairs], [v for _, v in pairs], where="post", lw=1, label=layer)
+    values = [v for pairs in series.values() for _, v in pairs]
+    if values and min(values) > 0 and max(values) > 100 * min(values):
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.set_title(f"{key} per layer")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
 
 
 def _plot_metrics(records: list[dict], keys: list[str], path: Path) -> None:
@@ -165,6 +203,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     metric_keys = _metric_keys(changes or all_records)
     if metric_keys:
         _plot_metrics(changes or all_records, metric_keys, run / PLOTS["metrics"])
+    layer_plots = {key: f"metrics_{key}.png" for key in _metric_keys(changes, per_layer=True)}
+    for key, name in layer_plots.items():
+        _plot_per_layer(changes, key, run / name)
 
     train = config["train"]
     lines = [
@@ -214,8 +255,11 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     lines += ["## Recipe metrics", ""]
     if metric_keys:
         lines += [f"![metrics]({PLOTS['metrics']})", ""]
-    else:
+    elif not layer_plots:
         lines += ["The recipe reports no metrics.", ""]
+    for key, name in layer_plots.items():
+        about = PER_LAYER_CAPTIONS.get(key, f"`{key}` of each layer")
+        lines += [f"{about}:", "", f"![{key} per layer]({name})", ""]
     if events:
         lines += ["## Recipe decisions", "", "| step | event | values |", "|---|---|---|"]
         for event in events:

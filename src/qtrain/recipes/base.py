@@ -197,9 +197,12 @@ class Recipe:
         """True ends the run after this step (e.g. the precision range test run alone)."""
         return False
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float | dict[str, float]]:
         """Named scalars for metrics.jsonl, the progress bar and the report's plots (bits in
-        use, clip values, the fraction of channels removed...)."""
+        use, clip values, the fraction of channels removed...), or per-layer values as a
+        ``{layer name: value}`` dict: those reach only metrics.jsonl's change records and the
+        report (one figure each, a line per layer), so return summaries that change rarely
+        (say, at a refresh interval) rather than every step."""
         return {}
 
     # ---- resume -----------------------------------------------------------------------------

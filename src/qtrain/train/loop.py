@@ -4,8 +4,9 @@ Each step, in order (``qtrain.recipes.base.Recipe`` documents every hook):
 ``schedule`` sets the step's precision on every quantized layer (the guard's floors stay
 under it) → forward under the recipe's autocast → task loss + ``extra_loss`` → backward →
 ``before_optimizer_step`` → optimizer step → ``on_step_end`` (a changed model shape rebuilds
-the optimizer) → ``sync``. ``metrics()`` goes into every logged record; before each
-evaluation ``on_eval_start`` may set the precision to evaluate at.
+the optimizer) → ``sync``. ``metrics()`` goes into every logged record (its per-layer dicts
+only into the change records); before each evaluation ``on_eval_start`` may set the precision
+to evaluate at.
 
 Every step is guarded against NaN/inf (``qtrain.guard``, docs/RELIABILITY.md): a fault is
 reported with its layer and tensor role, and ``on_nonfinite`` stops the run, skips the step or
@@ -473,7 +474,8 @@ class _Trainer:
             "epoch": p.step / self.steps_per_epoch,
             **fields,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "metrics": self.recipe.metrics(),
+            # Per-layer dicts are in the change records ("kind": "metrics") alone.
+            "metrics": scalar_metrics(self.recipe.metrics()),
             "params": _params(self.model),
             "bitops": p.cost.total_bitops,
             "bitops_fp32": p.cost.bitops_fp32,
@@ -667,6 +669,11 @@ def _progress_bar(total: int, initial: int, quiet: bool) -> Any:
     return tqdm(
         total=total, initial=initial, disable=quiet, unit="step", dynamic_ncols=True, leave=False
     )
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """A recipe's metrics without its per-layer dicts."""
+    return {key: value for key, value in metrics.items() if not isinstance(value, dict)}
 
 
 def _bar_postfix(bar: Any, record: dict[str, Any]) -> None:
