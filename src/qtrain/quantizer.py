@@ -437,7 +437,9 @@ def _qparams_on_host(low: float, high: float, int_format: Int) -> tuple[float, f
     if math.isinf(scale):
         scale = _to_f32(_to_f32(high / steps) - _to_f32(low / steps))
     scale = min(max(scale, _F32.tiny), _F32.max) if scale > 0 else 1.0
-    if low == 0.0 or high == 0.0:  # one end is zero: the plain grid has both ends on it
+    if low == 0.0 or high == 0.0 or qmax - qmin < 2:
+        # One end is zero: the plain grid has both ends on it. Two levels (1 bit): no level
+        # either side of zero to cover both ends with; the plain grid.
         zero_point = _to_f32(qmin - round(_to_f32(low / scale)))
         return scale, min(max(zero_point, qmin), qmax)
     best = None
@@ -496,6 +498,8 @@ def _qparams_of_range_tensors(low: torch.Tensor, high: torch.Tensor, int_format:
     # A range wider than float32's largest value overflows high − low: divide first there.
     scale = _safe_scale(torch.where(torch.isinf(scale), high / steps - low / steps, scale))
     plain = (qmin - torch.round(low / scale)).clamp(qmin, qmax)
+    if steps < 2:  # two levels: no level either side of zero, the plain grid (as on the host)
+        return QParams(scale, plain)
     # Both ends nonzero: the better of the two integer zero points either side of the real one,
     # each with the smallest scale whose grid covers [low, high] (see MinMax).
     floor = torch.floor(qmin - low / scale)

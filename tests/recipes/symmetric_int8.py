@@ -27,6 +27,13 @@ def assert_eight_by_eight_bitops(recipe: str) -> None:
                                   "grad_weight": (first + second) * 64}  # fmt: skip
 
 
+def assert_gemms_eight_by_eight(summary: dict[str, Any]) -> None:
+    """A run's GEMM BitOPs (all but the float32 normalisation layers') are MACs × 8 × 8."""
+    gemm_macs = sum(summary["macs_by_role"].values()) - summary["macs_norm"]
+    assert summary["bitops_train"] - summary["bitops_norm"] == gemm_macs * 64
+    assert summary["bitops_norm"] == summary["macs_norm"] * 32 * 32
+
+
 def killed_and_resumed(
     config: TrainConfig, make: Callable[[], Recipe], kill_at: int, out: Path
 ) -> dict[str, torch.Tensor]:

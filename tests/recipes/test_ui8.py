@@ -10,7 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from symmetric_int8 import assert_eight_by_eight_bitops, killed_and_resumed
+from symmetric_int8 import (
+    assert_eight_by_eight_bitops,
+    assert_gemms_eight_by_eight,
+    killed_and_resumed,
+)
 from torch import nn
 
 from qtrain import QConv2d, QLinear, QuantSpec, RangeBatchNorm2d, Rounding, formats, quantize
@@ -143,7 +147,7 @@ def test_trains_and_records_per_layer_metrics(tmp_path: Path, overrides: dict[st
     config = small_config(epochs=1, data_kwargs={**SYNTHETIC, "size": 640})
     summary = train(config, build_recipe("ui8", {"interval": "6", **overrides}), tmp_path)
     assert summary["test_acc"] >= 0.6  # chance is 25%
-    assert summary["bitops_train"] / summary["bitops_fp32_equiv"] == 64 / 1024  # all 8×8
+    assert_gemms_eight_by_eight(summary)
     records = read_metrics(tmp_path)
     changes = [r for r in records if r["kind"] == "metrics"]
     # The per-layer values change at the searches alone (steps 1, 7, 13, 19 of 20).

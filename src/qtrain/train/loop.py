@@ -505,6 +505,9 @@ class _Trainer:
             "bitops_fp32_equiv": p.cost.bitops_fp32,
             "bitops_by_role": p.cost.bitops,
             "macs_by_role": p.cost.macs,
+            # Of bitops_train and the MACs: the normalisation layers' part.
+            "bitops_norm": p.cost.norm_bitops,
+            "macs_norm": p.cost.norm_macs,
             "energy_pj": p.cost.energy_pj,
             "params_initial": p.params_initial,
             "params_final": _params(self.model),
