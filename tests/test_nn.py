@@ -625,3 +625,60 @@ def test_range_bn_input_observer_keeps_running_ranges_for_eval() -> None:
     qparams = qparams_from_range(low, high, formats.UINT8)
     assert torch.equal(bn(x), twin(quantize(x, BATCH_MEAN_UINT8, qparams=qparams)))
     assert set(bn.state_dict()) >= {"observers.input.low", "observers.input.high"}
+
+
+def _mean_abs_reference(bn: RangeBatchNorm2d, x: torch.Tensor, c: float) -> torch.Tensor:
+    """spread="mean_abs" in plain autograd ops."""
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    spread = (x - mean).abs().mean(dim=(0, 2, 3), keepdim=True) * c
+    y = (x - mean) / (spread + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    return torch.relu(y) if bn.fused_relu else y
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 0.8])
+def test_mean_abs_spread_forward_and_backward_match_autograd(relu: bool, scale: float) -> None:
+    bn = RangeBatchNorm2d(5, spread="mean_abs", constant_scale=scale)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    bn.fused_relu = relu
+    x = _randn(12, 5, 4, 3, seed=60, scale=2.0, shift=0.3)
+    g = _randn(12, 5, 4, 3, seed=61)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = bn(xa)
+    y.backward(g)
+    got = (y.detach(), xa.grad, bn.weight.grad.clone(), bn.bias.grad.clone())
+    bn.weight.grad = bn.bias.grad = None
+    y_ref = _mean_abs_reference(bn, xb, math.sqrt(math.pi / 2) * scale)
+    y_ref.backward(g)
+    want = (y_ref.detach(), xb.grad, bn.weight.grad, bn.bias.grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # The running "variance" is the spread squared: eval normalises by the same spread.
+    spread = (x - x.mean(dim=(0, 2, 3), keepdim=True)).abs().mean(dim=(0, 2, 3))
+    spread = spread * math.sqrt(math.pi / 2) * scale
+    torch.testing.assert_close(bn.running_var, 0.9 * torch.ones(5) + 0.1 * spread**2)
+
+
+def test_mean_abs_spread_is_the_std_on_gaussian_values() -> None:
+    x = _randn(256, 3, 8, 8, seed=62)
+    bn = RangeBatchNorm2d(3, spread="mean_abs", momentum=1.0)
+    bn(x)
+    torch.testing.assert_close(bn.running_var.sqrt(), x.std(dim=(0, 2, 3)), rtol=0.02, atol=0)
+
+
+def test_spread_and_constant_scale_are_validated() -> None:
+    with pytest.raises(QuantSpecError, match="RangeBatchNorm2d.spread must be one of"):
+        RangeBatchNorm2d(3, spread="std")
+    with pytest.raises(QuantSpecError, match="RangeBatchNorm2d.constant_scale must be"):
+        RangeBatchNorm2d(3, constant_scale=0.0)
+
+
+def test_constant_scale_multiplies_the_range_constant() -> None:
+    x = _gaussian_batch(63)
+    plain, scaled = (
+        RangeBatchNorm2d(8, momentum=1.0),
+        RangeBatchNorm2d(8, momentum=1.0, constant_scale=1.25),
+    )
+    plain(x), scaled(x)
+    torch.testing.assert_close(scaled.running_var, plain.running_var * 1.25**2)

@@ -20,6 +20,7 @@ are registered by ``qtrain.presets``, which the package imports, below the recip
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from qtrain.configs import Config
 from qtrain.nn import (
+    SPREADS,
     CompactMaxPool2d,
     CompactReLU,
     FusedReLU,
@@ -62,6 +64,8 @@ class QuantizedTrainingConfig(Config):
             + m·batch; None keeps each replaced BatchNorm's own momentum.
         range_momentum: running input ranges: run ← m·run + (1 − m)·batch.
         range_bn_chunks: Range BN's number of chunks per channel.
+        range_bn_spread / range_bn_constant_scale: Range BN's ``spread`` ("range" or
+            "mean_abs") and ``constant_scale`` (``RangeBatchNorm2d``).
         observers: extra observers per role (``"input"``, ``"weight"``, ``"grad_input"``,
             ``"grad_weight"``), each a zero-argument factory called once per layer (e.g. a
             clip observer class); every layer's input observer is SBM's running ranges
@@ -84,6 +88,8 @@ class QuantizedTrainingConfig(Config):
     batchnorm_momentum: float | None = None
     range_momentum: float = 0.1
     range_bn_chunks: int = 16
+    range_bn_spread: str = "range"
+    range_bn_constant_scale: float = 1.0
     compact_activations: bool = False
     observers: dict[str, Callable[[], Observer]] | None = None
 
@@ -97,6 +103,13 @@ class QuantizedTrainingConfig(Config):
                 what + "batchnorm_momentum", self.batchnorm_momentum, QuantSpecError, low=0, high=1
             )
         check_int(what + "range_bn_chunks", self.range_bn_chunks, QuantSpecError, low=1)
+        if self.range_bn_spread not in SPREADS:
+            refuse(
+                what + "range_bn_spread", self.range_bn_spread, f"one of {SPREADS}", QuantSpecError
+            )
+        scale = self.range_bn_constant_scale
+        if not (0 < scale < math.inf):
+            refuse(what + "range_bn_constant_scale", scale, "a finite number > 0", QuantSpecError)
         unknown = sorted(set(self.observers or {}) - set(OBSERVER_ROLES))
         if unknown:
             refuse(what + "observers", unknown, f"keys among {OBSERVER_ROLES}", QuantSpecError)
@@ -205,6 +218,8 @@ def _quantize_training(
                     module,
                     momentum=config.batchnorm_momentum,
                     num_chunks=config.range_bn_chunks,
+                    spread=config.range_bn_spread,
+                    constant_scale=config.range_bn_constant_scale,
                     input_spec=config.batchnorm_input_spec,
                     grad_spec=config.batchnorm_grad_spec,
                     input_observer=config.batchnorm_observer(),

@@ -298,6 +298,9 @@ def _describe(config: GemmConfig) -> str:
     return "(" + ", ".join(f"{role}={spec or 'float'}" for role, spec in roles) + ")"
 
 
+SPREADS = ("range", "mean_abs")  # RangeBatchNorm2d's spread estimates
+
+
 def range_bn_constant(chunk_size: int) -> float:
     """C(n) of Banner et al.'s code: 0.5·0.35·(1 + sqrt(π·ln 4)) / sqrt(2·ln n)."""
     return 0.5 * 0.35 * (1 + math.sqrt(math.pi * math.log(4))) / math.sqrt(2 * math.log(chunk_size))
@@ -308,7 +311,13 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
 
     Per channel the B·H·W centred values are split into ``num_chunks`` chunks; range = mean of
     chunk maxima − mean of chunk minima; y = (x − μ)/(C(n)·range + eps)·γ + β, n = chunk size.
-    ``constant`` replaces C(n) when given. The running "variance" stores (C·range)², so the
+    ``constant`` replaces C(n) when given; ``constant_scale`` multiplies it (C(n) assumes
+    independent Gaussian values: on a network's activations C(n)·range is off by a factor,
+    docs/RESULTS.md, issue 15). ``spread="mean_abs"`` normalises by c·mean|x − μ| instead,
+    c = sqrt(π/2) (σ for Gaussian values; ``constant`` and ``constant_scale`` apply to c):
+    still no squares or square roots, but every value takes part in the spread and its
+    gradient, where the range reads 2·K extremes per channel. The running "variance" stores
+    (spread)², so the
     state_dict keys and their meaning are those of ``nn.BatchNorm2d`` and BN weights load;
     ``momentum`` is torch's (the weight of the new batch).
 
@@ -333,6 +342,8 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
         *,
         num_chunks: int = 16,
         constant: float | None = None,
+        constant_scale: float = 1.0,
+        spread: str = "range",
         input_spec: QuantSpec | None = None,
         grad_spec: QuantSpec | None = None,
         input_observer: Observer | None = None,
@@ -344,6 +355,13 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
             refuse(
                 "RangeBatchNorm2d.constant", constant, "a finite number > 0 or None", QuantSpecError
             )
+        if not (matches(constant_scale, float) and 0 < constant_scale < math.inf):
+            refuse(
+                "RangeBatchNorm2d.constant_scale", constant_scale, "a finite number > 0",
+                QuantSpecError,
+            )  # fmt: skip
+        if spread not in SPREADS:
+            refuse("RangeBatchNorm2d.spread", spread, f"one of {SPREADS}", QuantSpecError)
         for name, spec in (("input_spec", input_spec), ("grad_spec", grad_spec)):
             check_type(f"RangeBatchNorm2d.{name}", spec, QuantSpec | None, QuantSpecError)
         check_type(
@@ -352,6 +370,8 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
         self.num_chunks = num_chunks
         self.constant = constant
+        self.constant_scale = float(constant_scale)
+        self.spread = spread
         self.input_spec = input_spec
         self.grad_spec = grad_spec
         if input_observer is not None:  # state_dict keys as a GEMM layer's: observers.input.*
@@ -416,12 +436,19 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
             x = quantize(x, self.input_spec, qparams=qparams)
         if self.training:
             x = x.float()  # statistics in float32 whatever the input dtype (autocast: bf16/fp16)
-            y, mean, spread = _RangeNorm.apply(
+            chunks = self._chunks(x)  # also checks there are 2 values per channel
+            if self.spread == "range":
+                constant = self.constant or range_bn_constant(x[:, 0].numel() // chunks)
+                norm, args = _RangeNorm, (chunks,)
+            else:
+                constant = self.constant or math.sqrt(math.pi / 2)
+                norm, args = _MeanAbsNorm, ()
+            y, mean, spread = norm.apply(
                 x,
                 self.weight,
                 self.bias,
-                self._chunks(x),
-                self.constant,
+                *args,
+                constant * self.constant_scale,
                 self.eps,
                 self.fused_relu,
                 self.grad_spec,
@@ -474,7 +501,7 @@ class _RangeNorm(torch.autograd.Function):
         x3 = x.reshape(batch, channels, -1)
         impl = kernels.implementation(x.device)
         sums, rest, highs, high_index, lows, low_index = impl.range_bn_stats(x3, chunks)
-        c = constant or range_bn_constant(x3[:, 0].numel() // chunks)
+        c = constant
         mean = ((sums.sum(0) + rest) / x3[:, 0].numel()).float()
         spread = (highs.mean(0) - lows.mean(0)) * c
         scale, shift = _affine_params(mean, spread, weight, bias, eps)
@@ -494,11 +521,7 @@ class _RangeNorm(torch.autograd.Function):
         gamma = weight if weight is not None else torch.ones_like(s)
         batch, channels = x.shape[:2]
         impl = kernels.implementation(x.device)
-        grad = grad.float()
-        if ctx.grad_spec is not None:
-            if zeroed is not None:  # the fused ReLU's mask first: the gradient BN receives
-                grad, zeroed = impl.masked_zero(grad, zeroed), None
-            grad = quantize(grad, ctx.grad_spec)
+        grad, zeroed = _incoming_grad(grad, zeroed, ctx.grad_spec)
         grad_x, grad_gamma, grad_beta = impl.range_bn_backward(
             grad.reshape(batch, channels, -1),
             x.reshape(batch, channels, -1),
@@ -512,6 +535,69 @@ class _RangeNorm(torch.autograd.Function):
         )
         grads_affine = (grad_gamma, grad_beta) if weight is not None else (None, None)
         return grad_x.view(x.shape), *grads_affine, None, None, None, None, None
+
+
+def _incoming_grad(
+    grad: torch.Tensor, zeroed: torch.Tensor | None, grad_spec: QuantSpec | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradient a normalisation's backward starts from, float32: with ``grad_spec``, a
+    fused ReLU's mask applied first (the gradient the normalisation receives), then
+    quantized; the mask still to apply (None once applied)."""
+    grad = grad.float()
+    if grad_spec is None:
+        return grad, zeroed
+    if zeroed is not None:
+        grad = kernels.implementation(grad.device).masked_zero(grad, zeroed)
+    return quantize(grad, grad_spec), None
+
+
+class _MeanAbsNorm(torch.autograd.Function):
+    """The ``spread="mean_abs"`` normalisation's training forward and backward (x: float32
+    (B, C, H, W)): y = (x − μ)·s·γ + β, s = 1/(c·m + eps), m = mean|x − μ| per channel.
+
+    Backward, with n values per channel, g the incoming gradient and ∂L/∂m = −c·γ·s²·Σg·(x − μ):
+    grad_x = γs·(g − Σg/n) + ∂L/∂m/n·(sign(x − μ) − Σsign/n) (the second term is m's own
+    derivative with μ's through it); grad_gamma = s·Σg·(x − μ), grad_beta = Σg.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, constant, eps, relu, grad_spec):  # type: ignore[override]
+        impl = kernels.implementation(x.device)
+        mean = x.mean(dim=(0, 2, 3))
+        spread = (x - mean.view(1, -1, 1, 1)).abs_().mean(dim=(0, 2, 3)) * constant
+        scale, shift = _affine_params(mean, spread, weight, bias, eps)
+        if relu:
+            y, zeroed = impl.channel_affine_relu(x, scale, shift)
+        else:
+            y, zeroed = impl.channel_affine(x, scale, shift), None
+        ctx.save_for_backward(x, weight, mean, spread, zeroed)
+        ctx.constant, ctx.eps, ctx.grad_spec = constant, eps, grad_spec
+        ctx.mark_non_differentiable(mean, spread)
+        return y, mean, spread
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_spread):  # type: ignore[override]
+        x, weight, mean, spread, zeroed = ctx.saved_tensors
+        grad, zeroed = _incoming_grad(grad, zeroed, ctx.grad_spec)
+        if zeroed is not None:
+            grad = kernels.implementation(grad.device).masked_zero(grad, zeroed)
+        dims, shape = (0, 2, 3), (1, -1, 1, 1)
+        n = x[:, 0].numel()
+        s = 1.0 / (spread + ctx.eps)
+        gamma = weight.detach().float() if weight is not None else torch.ones_like(s)
+        centred = x - mean.view(shape)
+        sum_g = grad.sum(dim=dims, dtype=torch.float64)
+        sum_gx = (grad * centred).sum(dim=dims, dtype=torch.float64)
+        sign = centred.sign_()
+        sum_sign = sign.sum(dim=dims, dtype=torch.float64)
+        slope = (gamma * s).double()
+        grad_m = -ctx.constant * slope * s.double() * sum_gx
+        grad_x = grad * slope.float().view(shape) + (-slope * sum_g / n).float().view(shape)
+        grad_x += (sign - (sum_sign / n).float().view(shape)) * (grad_m / n).float().view(shape)
+        affine = (
+            ((sum_gx * s.double()).float(), sum_g.float()) if weight is not None else (None, None)
+        )
+        return grad_x, *affine, None, None, None, None
 
 
 # ---- compact saved activations -------------------------------------------------------------

@@ -32,6 +32,8 @@ def sbm_quantization(
     range_bn_chunks: int = 16,
     nonfinite_gradients: str = "error",
     quantize_batchnorm: bool = True,
+    range_bn_spread: str = "range",
+    range_bn_constant_scale: float = 1.0,
 ) -> QuantizedTrainingConfig:
     """SBM (Banner et al. 2018, METHODS.md §1): every conv/linear's three products quantized.
 
@@ -65,6 +67,8 @@ def sbm_quantization(
         batchnorm_momentum=1.0 - range_momentum,
         range_momentum=range_momentum,
         range_bn_chunks=range_bn_chunks,
+        range_bn_spread=range_bn_spread,
+        range_bn_constant_scale=range_bn_constant_scale,
         # Saved activations compact all the way: int8 GEMM inputs, ReLU masks, pool indices.
         compact_activations=save_levels,
     )

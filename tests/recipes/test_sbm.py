@@ -108,6 +108,12 @@ def test_sbm8_quantizes_range_bn_input_and_gradient_unless_switched_off() -> Non
         for bn in changed.modules()
         if isinstance(bn, RangeBatchNorm2d)
     )
+    overrides = {"range_bn_spread": "mean_abs", "range_bn_constant_scale": "1.25"}
+    mean_abs = build_recipe("sbm8", overrides).prepare(resnet())
+    bns = [m for m in mean_abs.modules() if isinstance(m, RangeBatchNorm2d)]
+    assert bns and all((bn.spread, bn.constant_scale) == ("mean_abs", 1.25) for bn in bns)
+    with pytest.raises(RecipeConfigError, match="range_bn_spread must be one of range, mean_abs"):
+        build_recipe("sbm8", {"range_bn_spread": "std"})
     float_bn = build_recipe("sbm8", {"quantize_batchnorm": "false"}).prepare(resnet())
     bns = [m for m in float_bn.modules() if isinstance(m, RangeBatchNorm2d)]
     assert bns and all(bn.input_spec is None and bn.grad_spec is None for bn in bns)

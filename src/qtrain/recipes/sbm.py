@@ -46,6 +46,9 @@ class SBMConfig(RecipeConfig):
     # Running input ranges and Range BN statistics: run <- m·run + (1 - m)·batch (the authors').
     range_momentum: float = 0.1
     range_bn_chunks: int = 16
+    # Range BN's spread: the authors' chunked range, or c·mean|x − μ| (RangeBatchNorm2d).
+    range_bn_spread: Literal["range", "mean_abs"] = "range"
+    range_bn_constant_scale: float = 1.0  # multiplies the spread's constant (C(n) or c)
     amp: Amp = "none"  # compose with autocast: "bf16" | "fp16" for the unquantized ops
 
     def validate(self) -> None:
@@ -56,6 +59,10 @@ class SBMConfig(RecipeConfig):
                 check_int(f"{type(self).__name__}.{name}", value, error, low=2, high=16)
         check_number("SBMConfig.range_momentum", self.range_momentum, error, low=0, high=1)
         check_int("SBMConfig.range_bn_chunks", self.range_bn_chunks, error, low=1)
+        check_number(
+            "SBMConfig.range_bn_constant_scale", self.range_bn_constant_scale, error,
+            low=1e-3, high=1e3,
+        )  # fmt: skip
 
     def quantization_config(self) -> QuantizedTrainingConfig:
         # Under fp16 loss scaling an overflowed (inf) gradient must reach the GradScaler, which
@@ -72,6 +79,8 @@ class SBMConfig(RecipeConfig):
             self.range_bn_chunks,
             nonfinite_gradients="propagate" if self.amp == "fp16" else "error",
             quantize_batchnorm=self.quantize_batchnorm,
+            range_bn_spread=self.range_bn_spread,
+            range_bn_constant_scale=self.range_bn_constant_scale,
         )
 
 
