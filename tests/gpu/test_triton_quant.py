@@ -272,3 +272,21 @@ def test_loader_reports_unavailable_without_cuda_or_interpreter(monkeypatch):
     assert triton_quant.load() is None
     with pytest.raises(RuntimeError, match="triton"):
         implementation(torch.device("cpu"), Backend.TRITON)
+
+
+def test_stochastic_rounding_is_unbiased_at_and_near_both_range_ends(impl) -> None:
+    """The affine grid of a range straddling zero holds both ends (``MinMax``); the triton
+    rounding keeps the mean of many draws at x there, as the CPU backends do
+    (tests/test_quantizer.py has the same check with the nudged grid failing it)."""
+    from qtrain.quantizer import qparams_from_range
+
+    low, high, n = -1.0, 3.0, 20_000
+    qparams = qparams_from_range(torch.tensor([low]), torch.tensor([high]), formats.UINT8)
+    step = float(qparams.scale)
+    near = torch.tensor([0.0, 0.1, 0.3, 0.49, 0.7, 0.95])
+    probes = torch.cat([low + near * step, high - near * step])
+    x3 = probes.repeat(n).view(1, 1, -1).to(DEVICE)
+    scale, zero = qparams.scale.to(DEVICE), qparams.zero_point.to(DEVICE)
+    y, _ = impl.fake_quant_int(x3, scale, zero, 0, 255, 2024, False)
+    mean = y.view(n, -1).double().mean(0).cpu()
+    assert (mean - probes.double()).abs().max().item() <= 5 * step / (2 * n**0.5) + step * 2**-24
