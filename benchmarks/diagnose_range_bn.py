@@ -9,6 +9,11 @@ each Range BN layer's training input and records per channel:
 - ``mad_ratio``: the same for a mean-absolute-deviation spread sqrt(π/2)·E|x − μ| (also 1 for
   Gaussian values), to see whether another square-free spread stays nearer 1.
 - ``excess_kurtosis`` of x (0 for Gaussian values), how far the values are from Gaussian.
+- ``chunk_cv_*``: how noisy each spread estimate is from chunk to chunk.
+- ``grad_cosine_*_vs_bn`` and ``grad_peak_to_rms_*``: for the layer's real input and the real
+  gradient at its output, how the gradient at the input under the range (and under the
+  mean-absolute-deviation spread) compares with BatchNorm's: its cosine, and how much it
+  piles onto a few values (peak |grad| / RMS).
 
     python benchmarks/diagnose_range_bn.py --recipe sbm8 --seed 0 \\
         --out benchmarks/results/2026-12-07/range_bn_diagnostics.json
@@ -85,6 +90,46 @@ def _chunk_noise(centred: torch.Tensor, chunks: int) -> dict[str, list[float]]:
     return {f"chunk_cv_{k}": (v.std(0) / v.mean(0)).tolist() for k, v in estimates.items()}
 
 
+def _normalised(kind: str, bn: RangeBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output with a ``kind`` spread ("range": the authors' C(n)·range, "std":
+    BatchNorm's, "mean_abs": sqrt(π/2)·mean|x − μ|), in differentiable torch ops."""
+    mean = x.mean(dim=(0, 2, 3))
+    centred = x - mean.view(1, -1, 1, 1)
+    if kind == "range":
+        _, spread, chunk = bn._batch_range(x)
+        spread = spread * (bn.constant or range_bn_constant(chunk)) * bn.constant_scale
+    elif kind == "std":
+        spread = centred.pow(2).mean(dim=(0, 2, 3)).sqrt()
+    else:
+        spread = centred.abs().mean(dim=(0, 2, 3)) * math.sqrt(math.pi / 2)
+    y = centred / (spread + bn.eps).view(1, -1, 1, 1)
+    y = y * bn.weight.detach().view(1, -1, 1, 1) + bn.bias.detach().view(1, -1, 1, 1)
+    return torch.relu(y) if bn.fused_relu else y
+
+
+def gradient_statistics(
+    bn: RangeBatchNorm2d, x: torch.Tensor, grad: torch.Tensor
+) -> dict[str, list[float]]:
+    """Where the normalisation sends the gradient: for the layer's real input x and the real
+    gradient at its output, the gradient at x under the range, the std (BatchNorm) and the
+    mean-absolute-deviation spreads. Per channel: the cosine of the range's and of the
+    mean-abs gradient with BatchNorm's, and each one's peak |grad| / its RMS."""
+    grads = {}
+    for kind in ("range", "std", "mean_abs"):
+        leaf = x.detach().float().clone().requires_grad_(True)
+        with torch.enable_grad():  # called from a gradient hook, where grad mode is off
+            _normalised(kind, bn, leaf).backward(grad.float())
+        grads[kind] = leaf.grad.transpose(0, 1).reshape(x.shape[1], -1)  # (C, values)
+    stats = {}
+    for kind in ("range", "mean_abs"):
+        cosine = torch.nn.functional.cosine_similarity(grads[kind], grads["std"], dim=1)
+        stats[f"grad_cosine_{kind}_vs_bn"] = cosine.tolist()
+    for kind, g in grads.items():
+        peak = g.abs().amax(1) / g.pow(2).mean(1).sqrt().clamp(min=1e-30)
+        stats[f"grad_peak_to_rms_{kind}"] = peak.tolist()
+    return stats
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
@@ -119,14 +164,23 @@ def main() -> None:
         model.register_forward_pre_hook(counter)
         for name, bn in bns:
 
-            def read(module, inputs, name=name):
+            def read(module, inputs, output, name=name):
                 step = calls["n"] - 1
-                if module.training and step % args.every == 0:
-                    stats = channel_statistics(module, inputs[0])
-                    row = {"step": step, **{k: _summary(v) for k, v in stats.items()}}
-                    readings.setdefault(name, []).append(row)
+                if not (module.training and step % args.every == 0):
+                    return
+                x = inputs[0].detach()
+                stats = channel_statistics(module, x)
+                row = {"step": step, **{k: _summary(v) for k, v in stats.items()}}
+                readings.setdefault(name, []).append(row)
 
-            bn.register_forward_pre_hook(read)
+                def read_gradient(grad, module=module, x=x, row=row):
+                    stats = gradient_statistics(module, x, grad)
+                    row.update({k: _summary(v) for k, v in stats.items()})
+
+                if output.requires_grad:
+                    output.register_hook(read_gradient)
+
+            bn.register_forward_hook(read)
         return model
 
     recipe.prepare = prepare_with_hooks
@@ -173,6 +227,21 @@ def main() -> None:
             f"{last['excess_kurtosis']['mean']:.2f}  chunk cv "
             + " ".join(f"{k} {last[f'chunk_cv_{k}']['mean']:.3f}" for k in ("range", "std", "mad"))
         )
+    for name, rows in readings.items():
+        cosines = [
+            r["grad_cosine_range_vs_bn"]["mean"] for r in rows if "grad_cosine_range_vs_bn" in r
+        ]
+        mad = [
+            r["grad_cosine_mean_abs_vs_bn"]["mean"] for r in rows if "grad_cosine_range_vs_bn" in r
+        ]
+        peaks = [r["grad_peak_to_rms_range"]["mean"] for r in rows if "grad_peak_to_rms_range" in r]
+        bn_peaks = [r["grad_peak_to_rms_std"]["mean"] for r in rows if "grad_peak_to_rms_std" in r]
+        if cosines:
+            print(
+                f"{name:24s} grad cosine with BN: range {statistics.fmean(cosines):.3f} "
+                f"mean_abs {statistics.fmean(mad):.3f}; peak/rms range "
+                f"{statistics.fmean(peaks):.1f} BN {statistics.fmean(bn_peaks):.1f}"
+            )
     print(f"test_acc {summary['test_acc']:.4f}  final_train_loss {summary['final_train_loss']:.4f}")
 
 

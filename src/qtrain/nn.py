@@ -317,9 +317,9 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
     c = sqrt(π/2) (σ for Gaussian values; ``constant`` and ``constant_scale`` apply to c):
     still no squares or square roots, but every value takes part in the spread and its
     gradient, where the range reads 2·K extremes per channel. The running "variance" stores
-    (spread)², so the
-    state_dict keys and their meaning are those of ``nn.BatchNorm2d`` and BN weights load;
-    ``momentum`` is torch's (the weight of the new batch).
+    the spread squared, so the state_dict keys and their meaning are those of
+    ``nn.BatchNorm2d`` and BN weights load; ``momentum`` is torch's (the weight of the new
+    batch).
 
     Optional ``input_spec`` fake-quantizes the input (straight-through), with the qparams of
     ``input_observer`` where given (e.g. ``RunningMinMax``: a MinMax spec's running range in
@@ -374,8 +374,8 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
         self.spread = spread
         self.input_spec = input_spec
         self.grad_spec = grad_spec
-        if input_observer is not None:  # state_dict keys as a GEMM layer's: observers.input.*
-            self.observers = nn.ModuleDict({"input": input_observer})
+        # State_dict keys as a GEMM layer's: observers.input.*
+        self.observers = nn.ModuleDict({} if input_observer is None else {"input": input_observer})
 
     @classmethod
     def from_batchnorm(
@@ -431,7 +431,7 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
                 f"RangeBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}"
             )
         if self.input_spec is not None:
-            observer = self.observers["input"] if hasattr(self, "observers") else None
+            observer = self.observers["input"] if "input" in self.observers else None
             qparams = None if observer is None else observer.qparams(x, self.input_spec)
             x = quantize(x, self.input_spec, qparams=qparams)
         if self.training:
