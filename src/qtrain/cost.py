@@ -180,6 +180,18 @@ def _norm_parts(module: nn.Module, output: torch.Tensor) -> tuple[dict[str, int]
     return macs, bits
 
 
+def _roles(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[str]:
+    """The products a call costs: forward; grad-input where the input needs a gradient,
+    grad-weight where the weight does (neither without autograd)."""
+    roles = ["forward"]
+    if torch.is_grad_enabled():
+        if inputs[0].requires_grad:
+            roles.append("grad_input")
+        if module.weight is not None and module.weight.requires_grad:
+            roles.append("grad_weight")
+    return roles
+
+
 class CostMeter:
     """Counts the cost of every conv/linear and normalisation call of a model through
     forward hooks.
@@ -206,12 +218,7 @@ class CostMeter:
     ) -> None:
         if self._paused:
             return
-        roles = ["forward"]
-        if torch.is_grad_enabled():
-            if inputs[0].requires_grad:
-                roles.append("grad_input")
-            if module.weight.requires_grad:
-                roles.append("grad_weight")
+        roles = _roles(module, inputs)
         for macs, bits in _call_parts(module, layer_macs(module, output), output):
             for role in roles:
                 self._cost.add(role, macs, *bits[role])
@@ -221,12 +228,7 @@ class CostMeter:
     ) -> None:
         if self._paused:
             return
-        roles = ["forward"]
-        if torch.is_grad_enabled() and output.requires_grad:
-            if inputs[0].requires_grad:
-                roles.append("grad_input")
-            if module.weight is not None and module.weight.requires_grad:
-                roles.append("grad_weight")
+        roles = _roles(module, inputs)
         macs, bits = _norm_parts(module, output)
         for role in roles:
             self._cost.add(role, macs[role], *bits[role])
