@@ -2,8 +2,10 @@
 ResNet-9 (width 16, batch 256, 1×28×28), at the shapes the model feeds them.
 
 Rows: ``nn.BatchNorm2d``, ``RangeBatchNorm2d`` on the reference backend (plain PyTorch) and on
-cpu_fused (the fused kernels). Each row's figure is the sum over the layers of the median
-per-layer time; rows are timed in interleaved rounds (see ``bench_quantize.median_times``).
+cpu_fused (the fused kernels), with sbm8's 8-bit input and gradient, and with the mean-abs
+spread (its statistics and backward in torch ops, its affine pass on the backend). Each row's
+figure is the sum over the layers of the median per-layer time; rows are timed in interleaved
+rounds (see ``bench_quantize.median_times``).
 
     python benchmarks/bench_range_bn.py --clock cpu --threads 1   # results/range_bn.json
 
@@ -30,6 +32,7 @@ from bench_train_step import BATCH, CLASSES, INPUT_SHAPE, WIDTH  # the net the s
 from qtrain.kernels import Backend, cpu_fused, use_backend
 from qtrain.models import build_model
 from qtrain.nn import RangeBatchNorm2d
+from qtrain.presets import sbm_quantization
 
 
 def bn_input_shapes() -> list[tuple[int, ...]]:
@@ -42,6 +45,18 @@ def bn_input_shapes() -> list[tuple[int, ...]]:
     with torch.no_grad():
         model(torch.zeros(BATCH, *INPUT_SHAPE))
     return [tuple(shape) for shape in shapes]
+
+
+def _sbm8_range_bn(channels: int, **kwargs: object) -> RangeBatchNorm2d:
+    """Range BN as sbm8 builds it: input and gradient specs, running input ranges."""
+    config = sbm_quantization()
+    return RangeBatchNorm2d(
+        channels,
+        input_spec=config.batchnorm_input_spec,
+        grad_spec=config.batchnorm_grad_spec,
+        input_observer=config.batchnorm_observer(),
+        **kwargs,
+    )
 
 
 def _forward_backward(
@@ -72,6 +87,16 @@ def main() -> None:
         "torch BatchNorm2d": (lambda c: nn.BatchNorm2d(c), Backend.REFERENCE),
         "RangeBatchNorm2d reference": (lambda c: RangeBatchNorm2d(c), Backend.REFERENCE),
         "RangeBatchNorm2d cpu_fused": (lambda c: RangeBatchNorm2d(c), Backend.CPU_FUSED),
+        # sbm8's Range BN: 8-bit input (running ranges) and 8-bit gradient (issue 15).
+        "RangeBatchNorm2d cpu_fused, 8-bit in/grad": (_sbm8_range_bn, Backend.CPU_FUSED),
+        "RangeBatchNorm2d mean_abs, cpu_fused": (
+            lambda c: RangeBatchNorm2d(c, spread="mean_abs"),
+            Backend.CPU_FUSED,
+        ),
+        "RangeBatchNorm2d mean_abs, cpu_fused, 8-bit in/grad": (
+            lambda c: _sbm8_range_bn(c, spread="mean_abs"),
+            Backend.CPU_FUSED,
+        ),
     }
     rows = {
         f"{name} {shape}": _forward_backward(make(shape[1]).train(), backend, shape, layout)
