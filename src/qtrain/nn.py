@@ -431,8 +431,9 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
                 f"RangeBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}"
             )
         if self.input_spec is not None:
-            observer = self.observers["input"] if "input" in self.observers else None
-            qparams = None if observer is None else observer.qparams(x, self.input_spec)
+            qparams = None
+            if "input" in self.observers:
+                qparams = self.observers["input"].qparams(x, self.input_spec)
             x = quantize(x, self.input_spec, qparams=qparams)
         if self.training:
             x = x.float()  # statistics in float32 whatever the input dtype (autocast: bf16/fp16)

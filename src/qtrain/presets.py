@@ -28,7 +28,7 @@ def sbm_quantization(
     bifurcation: bool = True,
     range_batchnorm: bool = True,
     quantize_saved_activations: bool = True,
-    range_momentum: float = 0.1,
+    range_momentum: float = 0.9,
     range_bn_chunks: int = 16,
     nonfinite_gradients: str = "error",
     quantize_batchnorm: bool = True,
@@ -43,7 +43,8 @@ def sbm_quantization(
     copy for the grad-weight product. With ``range_batchnorm`` and ``quantize_batchnorm``, Range
     BN's input is quantized as an activation (``bits``) and the gradient reaching it as g_l
     (``grad_bits``, per tensor), as the authors' code does. One running-statistics rule for
-    the input ranges and Range BN: run ← m·run + (1 − m)·batch, m = ``range_momentum``.
+    the input ranges and Range BN: run ← m·run + (1 − m)·batch, m = ``range_momentum`` (0.9,
+    torch's BatchNorm rule; the authors' code has 0.1: measured in docs/RESULTS.md, issue 15).
     ``nonfinite_gradients="propagate"`` lets an overflowed gradient reach a loss scaler (fp16
     autocast) instead of raising.
     """

@@ -99,13 +99,15 @@ def test_sbm8_quantizes_range_bn_input_and_gradient_unless_switched_off() -> Non
     gemm = next(m for m in model.modules() if isinstance(m, QConv2d)).config
     assert bns and all(bn.input_spec == gemm.input_spec for bn in bns)
     assert all(bn.grad_spec == gemm.grad_input_spec for bn in bns)  # 8 bits, SR, per tensor
-    assert all(bn.observers.input.momentum == 0.1 for bn in bns)  # running ranges in eval
-    # One running-statistics rule: BN's torch momentum (weight of the new batch) is 1 − m.
-    assert all(bn.momentum == pytest.approx(0.9) for bn in bns)
-    changed = build_recipe("sbm8", {"range_momentum": "0.9"}).prepare(resnet())
+    assert all(bn.observers.input.momentum == 0.9 for bn in bns)  # running ranges in eval
+    # One running-statistics rule, torch's: BN's momentum (weight of the new batch) is 1 − m.
+    assert all(bn.momentum == pytest.approx(0.1) for bn in bns)
+    layers = [m for m in model.modules() if isinstance(m, QConv2d)]
+    assert all(layer.observers.input.momentum == 0.9 for layer in layers)
+    authors = build_recipe("sbm8", {"range_momentum": "0.1"}).prepare(resnet())
     assert all(
-        bn.momentum == pytest.approx(0.1)
-        for bn in changed.modules()
+        bn.momentum == pytest.approx(0.9)
+        for bn in authors.modules()
         if isinstance(bn, RangeBatchNorm2d)
     )
     overrides = {"range_bn_spread": "mean_abs", "range_bn_constant_scale": "1.25"}
