@@ -503,19 +503,17 @@ def _qparams_of_range_tensors(low: torch.Tensor, high: torch.Tensor, int_format:
     # Both ends nonzero: the better of the two integer zero points either side of the real one,
     # each with the smallest scale whose grid covers [low, high] (see MinMax).
     floor = torch.floor(qmin - low / scale)
-    best_scale, best_zero = None, None
-    for candidate in (floor, floor + 1):
-        zero = candidate.clamp(qmin + 1, qmax - 1)
-        covering = torch.maximum(-low / (zero - qmin), high / (qmax - zero))
-        if best_scale is None:
-            best_scale, best_zero = covering, zero
-        else:
-            better = covering < best_scale
-            best_scale = torch.where(better, covering, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
+    below, above = (z.clamp(qmin + 1, qmax - 1) for z in (floor, floor + 1))
+    scale_below, scale_above = (
+        torch.maximum(-low / (z - qmin), high / (qmax - z)) for z in (below, above)
+    )
+    take_above = scale_above < scale_below  # a tie keeps the lower one, as on the host
+    covering = torch.where(take_above, scale_above, scale_below).clamp(min=_F32.tiny)
+    zero_point = torch.where(take_above, above, below)
     straddles = (low < 0) & (high > 0)
-    scale = torch.where(straddles, best_scale.clamp(min=_F32.tiny), scale)
-    return QParams(scale, torch.where(straddles, best_zero, plain))
+    return QParams(
+        torch.where(straddles, covering, scale), torch.where(straddles, zero_point, plain)
+    )
 
 
 def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> QParams:
