@@ -30,6 +30,14 @@ def test_config_round_trips_through_json() -> None:
     assert SBMConfig.from_dict(json.loads(config.to_json())) == config
 
 
+def test_a_config_saved_before_range_bn_was_quantized_loads_with_float_range_bn() -> None:
+    saved = SBMConfig().to_dict()
+    assert saved["quantize_batchnorm"] is True
+    del saved["quantize_batchnorm"]  # configs written before issue 15
+    assert SBMConfig.from_dict(saved).quantize_batchnorm is False
+    assert build_recipe("sbm8", {"grad_bits": "8"}).config.quantize_batchnorm is True
+
+
 def test_fields_are_checked_against_their_annotations() -> None:
     config = SBMConfig(range_momentum=0)  # an int for a float field is stored as a float
     assert isinstance(config.range_momentum, float)

@@ -18,7 +18,7 @@ quantizer passes the gradient everywhere as the authors' code does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -51,6 +51,14 @@ class SBMConfig(RecipeConfig):
     range_bn_spread: Literal["range", "mean_abs"] = "range"
     range_bn_constant_scale: float = 1.0  # multiplies the spread's constant (C(n) or c)
     amp: Amp = "none"  # compose with autocast: "bf16" | "fp16" for the unquantized ops
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SBMConfig:
+        # A run saved before Range BN was quantized (issue 15) has no "quantize_batchnorm":
+        # it trained with Range BN in float32, and loads so.
+        if isinstance(data, dict):
+            data = {"quantize_batchnorm": False, **data}
+        return super().from_dict(data)
 
     def validate(self) -> None:
         error = RecipeConfigError
