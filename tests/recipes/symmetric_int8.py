@@ -15,6 +15,17 @@ from qtrain.cost import CostMeter
 from qtrain.recipes import Recipe, build_recipe
 from qtrain.train import CHECKPOINT_FILE, TIMING_KEYS, TrainConfig, read_metrics, train
 
+SYNTHETIC = {"shape": [1, 8, 8], "size": 256, "test_size": 64, "num_classes": 4}
+
+
+def small_config(**changes: Any) -> TrainConfig:
+    """A few steps of the small CNN on synthetic data (2 epochs unless ``changes`` say)."""
+    options: dict[str, Any] = dict(
+        model="cnn", data="synthetic", epochs=2, width=4, batch_size=32, log_every=2,
+        quiet=True, data_kwargs=SYNTHETIC,
+    )  # fmt: skip
+    return TrainConfig(**{**options, **changes})
+
 
 def assert_eight_by_eight_bitops(recipe: str) -> None:
     """Every product of two linear layers costs MACs × 8 × 8 (the first has no grad-input)."""

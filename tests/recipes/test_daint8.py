@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import torch
 from symmetric_int8 import (
+    SYNTHETIC,
     assert_eight_by_eight_bitops,
     assert_gemms_eight_by_eight,
     killed_and_resumed,
 )
+from symmetric_int8 import small_config as shared_small_config
 from torch import nn
 
 from qtrain import PerChannel, QConv2d, QLinear, QuantSpec, formats, quantize
@@ -24,15 +26,9 @@ from qtrain.recipes import RecipeConfigError, build_recipe
 from qtrain.recipes.daint8 import DAInt8, DAInt8Config
 from qtrain.train import TrainConfig, read_metrics, train
 
-SYNTHETIC = {"shape": [1, 8, 8], "size": 256, "test_size": 64, "num_classes": 4}
-
 
 def small_config(**changes: Any) -> TrainConfig:
-    options: dict[str, Any] = dict(
-        model="cnn", data="synthetic", epochs=1, width=4, batch_size=32, log_every=2,
-        quiet=True, data_kwargs=SYNTHETIC,
-    )  # fmt: skip
-    return TrainConfig(**{**options, **changes})
+    return shared_small_config(**{"epochs": 1, **changes})
 
 
 def test_grad_weight_per_output_channel_and_grad_input_per_tensor() -> None:

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import torch
 from symmetric_int8 import (
+    SYNTHETIC,
     assert_eight_by_eight_bitops,
     assert_gemms_eight_by_eight,
     killed_and_resumed,
+    small_config,
 )
 from torch import nn
 
@@ -24,18 +26,8 @@ from qtrain.quantizer import Clip, PerTensor
 from qtrain.recipes import RecipeConfigError, build_recipe
 from qtrain.recipes.ui8 import UI8, UI8Config
 from qtrain.report import write_report
-from qtrain.train import TrainConfig, read_metrics, train
+from qtrain.train import read_metrics, train
 from qtrain.train.config import lr_factor
-
-SYNTHETIC = {"shape": [1, 8, 8], "size": 256, "test_size": 64, "num_classes": 4}
-
-
-def small_config(**changes: Any) -> TrainConfig:
-    options: dict[str, Any] = dict(
-        model="cnn", data="synthetic", epochs=2, width=4, batch_size=32, log_every=2,
-        quiet=True, data_kwargs=SYNTHETIC,
-    )  # fmt: skip
-    return TrainConfig(**{**options, **changes})
 
 
 def resnet() -> nn.Module:
