@@ -24,12 +24,13 @@ from qtrain.clipping import cosine_distance, cosine_optimal_clip, magnitude_awar
 from qtrain.observers import (
     CosineClip,
     GradientClip,
+    LSQStep,
     MagnitudeAwareClip,
     Observer,
     RunningMinMax,
 )
 from qtrain.ops import GemmConfig, quantized_linear
-from qtrain.quantizer import AbsMax, Clip, QParams, Rounding
+from qtrain.quantizer import AbsMax, Clip, LearnedStep, QParams, Rounding
 
 INT8 = QuantSpec(formats.INT8)
 UINT8 = QuantSpec(formats.UINT8)
@@ -259,3 +260,40 @@ def test_gradient_observer_state_survives_a_state_dict_round_trip() -> None:
     loaded = CosineClip()
     loaded.load_state_dict(clip.state_dict())
     assert torch.equal(loaded.clip, clip.clip) and int(loaded.calls) == 1
+
+
+# ---- LSQStep ---------------------------------------------------------------------------------
+
+
+def test_lsq_step_refuses_bad_arguments_and_specs() -> None:
+    with pytest.raises(QuantSpecError, match="LSQStep.signed"):
+        LSQStep(signed="yes")
+    with pytest.raises(QuantSpecError, match="LSQStep.channels"):
+        LSQStep(0)
+    with pytest.raises(QuantSpecError, match="LearnedStep"):
+        LSQStep().fake_quantize(torch.ones(3), QuantSpec(formats.INT8))
+    spec = QuantSpec(formats.Int(4), granularity=PerChannel(0), scale=LearnedStep())
+    with pytest.raises(QuantSpecError, match="3 steps"):
+        LSQStep(3).fake_quantize(torch.ones(5, 2), spec)
+
+
+def test_lsq_step_reports_no_qparams_before_it_has_seen_a_tensor_then_its_step() -> None:
+    observer = LSQStep()
+    spec = QuantSpec(formats.Int(4), scale=LearnedStep())
+    assert observer.qparams(torch.ones(3), spec) is None
+    observer.fake_quantize(torch.tensor([-1.0, 1.0]), spec)
+    qparams = observer.qparams(torch.ones(3), spec)
+    assert torch.equal(qparams.scale, observer.step.detach()) and float(qparams.zero_point) == 0
+
+
+def test_lsq_step_pushed_below_zero_keeps_its_size_and_a_gradient() -> None:
+    observer = LSQStep()
+    spec = QuantSpec(formats.Int(4), scale=LearnedStep())
+    x = torch.tensor([-1.0, 0.3, 2.0])
+    before = observer.fake_quantize(x, spec).detach()
+    with torch.no_grad():
+        observer.step.neg_()
+    after = observer.fake_quantize(x, spec)
+    assert torch.equal(before, after.detach())
+    after.sum().backward()
+    assert observer.step.grad is not None and torch.isfinite(observer.step.grad).all()

@@ -749,18 +749,19 @@ def test_learned_step_gradient_follows_lsq_by_hand():
     spec = QuantSpec(formats.Int(3), scale=LearnedStep())  # Q_N = Q_P = 3
     s = 0.5
     # x/s = [-4.2, -3.0, -1.3, 0.2, 0.75, 2.6, 3.3, 5.0]: clipped below, at −Q_N, inside ×4,
-    # in the band (Q_P, Q_P + 1/2) where round() would still give Q_P, and far above.
+    # in the band (Q_P, Q_P + 1/2) where round() still gives Q_P, and far above.
     x = torch.tensor([-2.1, -1.5, -0.65, 0.1, 0.375, 1.3, 1.65, 2.5], requires_grad=True)
     step = torch.tensor(s, requires_grad=True)
     grad = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0, 1.5, -0.5])
     y = quantize(x, spec, step=step)
     assert torch.allclose(y.detach(), torch.tensor([-3, -3, -1, 0, 1, 3, 3, 3]) * s)
     y.backward(grad)
-    # Esser et al. eq. 3: ∂x̂/∂s = round(v) − v inside (−Q_N, Q_P), −Q_N / Q_P at or beyond.
-    d_step = torch.tensor([-3.0, -3.0, -1 + 1.3, 0 - 0.2, 1 - 0.75, 3 - 2.6, 3.0, 3.0])
+    # torch's form of Esser et al. eq. 3: ∂x̂/∂s = round(v) − v where round(v) is in
+    # [−Q_N, Q_P] (at −Q_N itself and in the band above Q_P too), −Q_N / Q_P beyond.
+    d_step = torch.tensor([-3.0, 0.0, -1 + 1.3, 0 - 0.2, 1 - 0.75, 3 - 2.6, 3 - 3.3, 3.0])
     g_scale = 1 / math.sqrt(8 * 3)  # 1/sqrt(N·Q_P)
     assert math.isclose(float(step.grad), float((grad * d_step).sum()) * g_scale, rel_tol=1e-5)
-    inside = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    inside = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     assert torch.equal(x.grad, grad * inside)
 
 
@@ -771,11 +772,60 @@ def test_learned_step_per_channel_gradient():
     grad = _randn(3, 16, seed=30)
     quantize(x, spec, step=step).backward(grad)
     v = x / step.detach()
-    inside = (v > -7) & (v < 7)
-    d_step = torch.where(inside, torch.round(v) - v, v.clamp(-7, 7))
+    inside = (torch.round(v) >= -7) & (torch.round(v) <= 7)
+    d_step = torch.where(inside, torch.round(v) - v, torch.where(v < 0, -7.0, 7.0))
     expected = (grad * d_step).sum(1, keepdim=True) / math.sqrt(16 * 7)
     assert step.grad.shape == step.shape
     assert torch.allclose(step.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_learned_step_equals_torch_learnable_fake_quantize(bits, seed):
+    # Output, input gradient (bit for bit) and step gradient (to float rounding of the sums)
+    # against torch's own LSQ op, at LSQ's gradient scale 1/sqrt(N·Q_P).
+    spec = QuantSpec(formats.Int(bits), scale=LearnedStep())
+    int_format = spec.int_format
+    x = _randn(4, 7, 5, seed=100 + seed, scale=2.0)
+    x.view(-1)[:3] = torch.tensor([0.0, 1e-30, -1e30])  # a zero, a tiny and a clipped value
+    grad = _randn(4, 7, 5, seed=200 + seed)
+    s = float(x.abs().mean()) * 2 / math.sqrt(int_format.qmax)
+    factor = 1 / math.sqrt(x.numel() * int_format.qmax)
+    ours_x, ours_s = x.clone().requires_grad_(), torch.tensor(s, requires_grad=True)
+    y = quantize(ours_x, spec, step=ours_s)
+    y.backward(grad)
+    theirs_x, theirs_s = x.clone().requires_grad_(), torch.tensor([s], requires_grad=True)
+    y_ref = torch._fake_quantize_learnable_per_tensor_affine(
+        theirs_x, theirs_s, torch.zeros(1), int_format.qmin, int_format.qmax, factor
+    )
+    y_ref.backward(grad)
+    assert torch.equal(y.detach(), y_ref.detach())
+    assert torch.equal(ours_x.grad, theirs_x.grad)
+    torch.testing.assert_close(ours_s.grad.view(1), theirs_s.grad, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 3, 3, 3), 0), ((5, 9), 0), ((4, 6, 2), 1)])
+def test_learned_step_per_channel_equals_torch_learnable_fake_quantize(shape, axis):
+    spec = QuantSpec(formats.Int(4), granularity=PerChannel(axis), scale=LearnedStep())
+    x = _randn(*shape, seed=41, scale=1.5)
+    grad = _randn(*shape, seed=42)
+    channels = shape[axis]
+    steps = torch.linspace(0.05, 0.6, channels)
+    factor = 1 / math.sqrt(x.numel() / channels * 7)
+    ours_x = x.clone().requires_grad_()
+    step_shape = [1] * len(shape)
+    step_shape[axis] = channels
+    ours_s = steps.clone().view(step_shape).requires_grad_()
+    y = quantize(ours_x, spec, step=ours_s)
+    y.backward(grad)
+    theirs_x, theirs_s = x.clone().requires_grad_(), steps.clone().requires_grad_()
+    y_ref = torch._fake_quantize_learnable_per_channel_affine(
+        theirs_x, theirs_s, torch.zeros(channels), axis, -7, 7, factor
+    )
+    y_ref.backward(grad)
+    assert torch.equal(y.detach(), y_ref.detach())
+    assert torch.equal(ours_x.grad, theirs_x.grad)
+    torch.testing.assert_close(ours_s.grad.view(-1), theirs_s.grad, rtol=2e-5, atol=1e-7)
 
 
 def test_learned_step_gradient_whatever_the_layouts_of_input_and_gradient():

@@ -29,8 +29,11 @@ from torch import nn
 from qtrain.configs import Config
 from qtrain.nn import (
     SPREADS,
+    BitLinear,
     CompactMaxPool2d,
     CompactReLU,
+    FakeQuantConv2d,
+    FakeQuantLinear,
     FusedReLU,
     QConv2d,
     QLinear,
@@ -38,10 +41,10 @@ from qtrain.nn import (
     fuse_range_bn_relu,
 )
 from qtrain.observers import ROLES as OBSERVER_ROLES
-from qtrain.observers import Observer, RunningMinMax
+from qtrain.observers import LSQStep, Observer, RunningMinMax
 from qtrain.ops import GemmConfig
 from qtrain.protocol import is_quantized
-from qtrain.quantizer import MinMax, QuantSpec, QuantSpecError
+from qtrain.quantizer import LearnedStep, MinMax, QuantSpec, QuantSpecError, qparams_shape
 from qtrain.validation import check_int, check_number, refuse
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -176,6 +179,81 @@ def except_classifier(model: nn.Module) -> FilterFn:
     return lambda _module, name: name != classifier
 
 
+def except_first_last(model: nn.Module) -> FilterFn:
+    """A ``filter_fn`` that leaves the first and the last conv/linear layer (in module order)
+    out: the input layer and the classifier or language-model head, as BitNet keeps them."""
+    edges = _gemm_edges(model)
+    return lambda _module, name: name not in edges
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeQuantConfig(Config):
+    """Quantization-aware training: every conv/linear becomes a ``FakeQuantLinear`` /
+    ``FakeQuantConv2d`` whose forward runs on fake-quantized input and weight and whose
+    backward is autograd's, at full precision.
+
+    Args:
+        gemm: the input and weight specs (gradient specs must be None).
+        first_last: the GemmConfig of the first and last conv/linear (in module order); None
+            gives them ``gemm``.
+        conv: the GemmConfig of the other convolutions; None gives them ``gemm``.
+        input_norm: linears become ``BitLinear`` (an RMSNorm of the input first, BitNet).
+        range_momentum: running ranges of a MinMax input spec (``RunningMinMax``).
+
+    A ``LearnedStep()`` spec gets an ``LSQStep`` observer per layer: weights one step per scale
+    of the spec's granularity, signed; inputs one step, the grid's sign chosen by the first
+    batch (unsigned after a ReLU).
+    """
+
+    gemm: GemmConfig
+    first_last: GemmConfig | None = None
+    conv: GemmConfig | None = None
+    input_norm: bool = False
+    range_momentum: float = 0.9
+
+    error: ClassVar[type[Exception]] = QuantSpecError
+
+    def validate(self) -> None:
+        for field in ("gemm", "first_last", "conv"):
+            config = getattr(self, field)
+            for spec in ("grad_input_spec", "grad_weight_spec"):
+                if config is not None and getattr(config, spec) is not None:
+                    raise QuantSpecError(
+                        f"FakeQuantConfig.{field}.{spec} must be None: QAT's gradients are "
+                        "full precision"
+                    )
+        check_number(
+            "FakeQuantConfig.range_momentum", self.range_momentum, QuantSpecError, low=0, high=1
+        )
+
+    def build_observers(self, module: nn.Module, gemm: GemmConfig) -> dict[str, Observer]:
+        """A fresh set of observers for ``module`` under ``gemm``."""
+        observers: dict[str, Observer] = {"input": RunningMinMax(self.range_momentum)}
+        if gemm.input_spec is not None and isinstance(gemm.input_spec.scale, LearnedStep):
+            observers["input"] = LSQStep(1, signed="auto")
+        spec = gemm.weight_spec
+        if spec is not None and isinstance(spec.scale, LearnedStep):
+            steps = math.prod(qparams_shape(module.weight, spec.granularity))
+            observers["weight"] = LSQStep(steps, signed=True)
+        return observers
+
+
+def _gemm_edges(model: nn.Module) -> set[str]:
+    """Names of the first and the last conv/linear layer in module order."""
+    names = [name for name, m in model.named_modules() if isinstance(m, _GEMM_TYPES)]
+    return {names[0], names[-1]} if names else set()
+
+
+def _selected(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every submodule ``filter_fn`` accepts (all without one), listed before
+    any is replaced."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and (filter_fn is None or filter_fn(module, name))
+    ]
+
+
 def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -186,11 +264,8 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
 def _quantize_training(
     model: nn.Module, config: QuantizedTrainingConfig, filter_fn: FilterFn | None
 ) -> nn.Module:
-    gemm_names = [name for name, m in model.named_modules() if isinstance(m, _GEMM_TYPES)]
-    edges = {gemm_names[0], gemm_names[-1]} if gemm_names else set()
-    for name, module in list(model.named_modules()):
-        if not name or (filter_fn is not None and not filter_fn(module, name)):
-            continue
+    edges = _gemm_edges(model)
+    for name, module in _selected(model, filter_fn):
         if isinstance(module, QLinear | QConv2d):
             continue
         if isinstance(module, _GEMM_TYPES):
@@ -227,6 +302,28 @@ def _quantize_training(
             )
     if config.compact_activations:
         fuse_range_bn_relu(model)
+    return model
+
+
+@register_handler(FakeQuantConfig)
+def _fake_quantize(
+    model: nn.Module, config: FakeQuantConfig, filter_fn: FilterFn | None
+) -> nn.Module:
+    edges = _gemm_edges(model)
+    for name, module in _selected(model, filter_fn):
+        if is_quantized(module) or not isinstance(module, _GEMM_TYPES):
+            continue
+        gemm = config.gemm
+        if name in edges and config.first_last is not None:
+            gemm = config.first_last
+        elif isinstance(module, nn.Conv2d) and config.conv is not None:
+            gemm = config.conv
+        if isinstance(module, nn.Linear):
+            cls = BitLinear if config.input_norm else FakeQuantLinear
+        else:
+            cls = FakeQuantConv2d
+        observers = config.build_observers(module, gemm)
+        _replace(model, name, cls.from_float(module, gemm, config.range_momentum, observers))
     return model
 
 

@@ -98,6 +98,14 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--on-nonfinite", "on_nonfinite", {"help": "at a NaN/inf, " + _one_of(POLICIES)}),
     ("--check-every", "check_every", {"type": int, "help": "steps between per-layer checks"}),
     ("--data-dir", "data_dir", {}),
+    (
+        "--init",
+        "init",
+        {
+            "metavar": "RUN_DIR",
+            "help": "start from this run's trained weights ({seed}: each seed's)",
+        },
+    ),
     ("--download", "download", {"action": "store_true", "help": "fetch missing data"}),
     ("--no-augment", "augment", {"action": "store_false"}),
     ("--quiet", "quiet", {"action": "store_true", "help": "no progress bar"}),
@@ -261,6 +269,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeded_init(explicit: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The seed, and ``--init`` with ``{seed}`` replaced by it (one source run per seed)."""
+    init = explicit.get("init")
+    return {"seed": seed, **({"init": init.replace("{seed}", str(seed))} if init else {})}
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     explicit = _explicit_train_options(args)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
@@ -288,7 +302,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 raise
             given = " ".join(f"{k}={v}" for k, v in overrides[name].items())
             raise RecipeConfigError(f"recipe {name!r} with --set {given}: {err}") from None
-    configs = {s: _train_config({}, {**explicit, "seed": s}) for s in seeds}
+    configs = {s: _train_config({}, {**explicit, **_seeded_init(explicit, s)}) for s in seeds}
     _prepare_out(args.out, args.resume, args.overwrite)
     run_dirs = []
     total = len(names) * len(seeds)

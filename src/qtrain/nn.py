@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qtrain import kernels
@@ -278,6 +279,105 @@ class QConv2d(_QuantizedGemmModule, nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, config={_describe(self.config)}"
+
+
+class _FakeQuantGemm:
+    """Mixin for QAT's layers (``FakeQuantLinear``, ``FakeQuantConv2d``): the forward product
+    on fake-quantized input and weight, backward by autograd through the quantizers' straight-
+    through estimators — full-precision gradients, zero outside a clip range as
+    ``torch.fake_quantize_*`` has it, learned steps (``LSQStep`` observers) learning. The
+    protocol (bits, schedules, the guard's floor, export) is the emulated layers'; a config
+    with gradient specs is refused, as this layer would ignore them."""
+
+    config: GemmConfig
+    observers: nn.ModuleDict
+    weight: nn.Parameter
+
+    def set_config(self, config: GemmConfig) -> None:
+        given = [f for f in ("grad_input_spec", "grad_weight_spec") if getattr(config, f, None)]
+        if given:
+            raise QuantSpecError(
+                f"{type(self).__name__} quantizes the forward operands only (its gradients are "
+                f"full precision): GemmConfig.{given[0]} must be None"
+            )
+        super().set_config(config)  # type: ignore[misc]
+
+    def _fake_quantize(self, x: torch.Tensor, role: str) -> torch.Tensor:
+        spec = getattr(self.config, f"{role}_spec")
+        if spec is None:
+            return x
+        if role in self.observers:
+            return self.observers[role].fake_quantize(x, spec)
+        return quantize(x, spec)
+
+    def quantized_weight(self) -> QuantizedWeight | None:
+        """The weight as integers: at the learned step for an ``LSQStep`` weight (before the
+        first forward sets it, None), else at the spec's own scale."""
+        spec = self.config.weight_spec
+        if spec is None or spec.int_format is None or isinstance(spec.format, BlockFloat):
+            return None
+        observer = self.observers["weight"] if "weight" in self.observers else None  # noqa: SIM401  (ModuleDict has no get)
+        qparams = None if observer is None else observer.qparams(self.weight, spec)
+        if observer is not None and hasattr(observer, "spec"):
+            if qparams is None:
+                return None
+            spec = observer.spec(spec)
+        nearest = dataclasses.replace(spec, rounding=Rounding.NEAREST)
+        levels, scale, zero_point = quantize_int(self.weight.detach(), nearest, qparams=qparams)
+        int_format = spec.int_format
+        return QuantizedWeight(levels, scale, zero_point, int_format.bits, int_format.signed)
+
+
+class FakeQuantLinear(_FakeQuantGemm, QLinear):
+    """QAT's ``nn.Linear``: y = x̂·Ŵᵀ + b on fake-quantized operands, autograd's backward
+    (``_FakeQuantGemm``).
+
+    >>> from qtrain import QuantSpec, formats
+    >>> layer = FakeQuantLinear(4, 3, config=GemmConfig(weight_spec=QuantSpec(formats.Int(4))))
+    >>> layer.role_bits()["grad_input"]     # full-precision g_l times the 4-bit weight
+    (32.0, 4.0)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._fake_quantize(self.weight, "weight")
+        return F.linear(self._fake_quantize(x, "input"), weight, self.bias)
+
+
+class FakeQuantConv2d(_FakeQuantGemm, QConv2d):
+    """QAT's ``nn.Conv2d`` on fake-quantized operands, autograd's backward (``_FakeQuantGemm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            self._fake_quantize(x, "input"),
+            self._fake_quantize(self.weight, "weight"),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
+
+class BitLinear(FakeQuantLinear):
+    """BitNet b1.58's linear layer (Ma et al. 2024, METHODS.md §7): an RMSNorm of the input
+    (the paper's placement: inside the layer, before the activation quantizer) then
+    ``FakeQuantLinear`` — with ``bitnet_quantization``'s specs, ternary absmean weights and
+    8-bit per-token absmax activations. ``to_float`` gives ``nn.Sequential(norm, linear)``.
+    """
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, *args: Any, **kwargs: Any) -> BitLinear:
+        new = super().from_float(module, *args, **kwargs)
+        new.input_norm = nn.RMSNorm(
+            module.in_features, eps=1e-6, device=module.weight.device
+        ).train(module.training)
+        return new
+
+    def to_float(self) -> nn.Sequential:  # type: ignore[override]
+        return nn.Sequential(self.input_norm, super().to_float()).train(self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_norm(x))
 
 
 def _check_conv(module: nn.Conv2d) -> None:

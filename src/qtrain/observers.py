@@ -24,6 +24,7 @@ Roles (``ROLES``): ``input``, ``weight``, ``grad_input`` (g_l for the grad-input
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -38,9 +39,10 @@ from qtrain.clipping import (
     inverted_t_view,
     magnitude_aware_clip,
 )
-from qtrain.formats import BlockFloat
+from qtrain.formats import BlockFloat, Int
 from qtrain.quantizer import (
     _F32,
+    LearnedStep,
     MinMax,
     QParams,
     QuantSpec,
@@ -49,9 +51,11 @@ from qtrain.quantizer import (
     _CheckedQParams,
     _finite_only,
     _observed_qparams,
+    _safe_scale,
     canonical_view,
     observe_range,
     qparams_from_range,
+    quantize,
 )
 from qtrain.validation import check_int, check_number, matches, refuse
 
@@ -71,6 +75,12 @@ class Observer(nn.Module):
     def qparams(self, x: torch.Tensor, spec: QuantSpec) -> QParams | None:
         """Scale and zero point for ``x`` under ``spec``; None: the spec's rule measures x."""
         return None
+
+    def fake_quantize(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        """``x`` fake-quantized under ``spec`` at this observer's qparams, with autograd's
+        straight-through gradient (zero where a value was clipped): the path of layers whose
+        backward is autograd's own (QAT's ``FakeQuantLinear``)."""
+        return quantize(x, spec, qparams=self.qparams(x, spec))
 
     def sync(self, process_group: Any = None) -> None:
         """Agree across ranks: every floating-point buffer becomes its mean over the ranks,
@@ -303,6 +313,79 @@ class MagnitudeAwareClip(GradientClip):
             f"threshold={self.threshold:g}, k={self.k:g}, a={self.a:g}, "
             f"all_gaussian={self.all_gaussian}, interval={self.interval}"
         )
+
+
+class LSQStep(Observer):
+    """LSQ's learned step size (Esser et al. 2020, METHODS.md §7) for a ``LearnedStep()`` spec.
+
+    ``step`` is a parameter with one value per scale of the spec's granularity (``channels``:
+    1 per tensor, C_out per output channel), set from the first tensor quantized to
+    2·mean|x|/sqrt(Q_P) per scale and learned from then on through ``quantize(x, spec,
+    step=...)``, whose step gradient is scaled by 1/sqrt(N·Q_P) (N values per step).
+    ``signed="auto"`` (activations) lets that first tensor choose the grid and keeps it:
+    unsigned [0, 2^b − 1] when it has no negative value (after a ReLU), signed narrow
+    [−(2^(b−1) − 1), 2^(b−1) − 1] otherwise. Buffers: ``initialised``, ``unsigned``.
+
+    >>> from qtrain import formats
+    >>> observer = LSQStep(signed="auto")
+    >>> spec = QuantSpec(formats.Int(4), scale=LearnedStep())
+    >>> y = observer.fake_quantize(torch.tensor([0.0, 1.0, 2.0, 3.0]), spec)
+    >>> bool(observer.unsigned), round(float(observer.step.detach()), 4)   # 2·1.5/sqrt(15)
+    (True, 0.7746)
+    """
+
+    def __init__(self, channels: int = 1, signed: bool | str = True) -> None:
+        super().__init__()
+        check_int("LSQStep.channels", channels, QuantSpecError, low=1)
+        if signed not in (True, False, "auto"):
+            refuse("LSQStep.signed", signed, "True, False or 'auto'", QuantSpecError)
+        self.auto = signed == "auto"
+        self.step = nn.Parameter(torch.ones(channels))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("unsigned", torch.tensor(signed is False))
+
+    def spec(self, spec: QuantSpec) -> QuantSpec:
+        """``spec`` on this observer's grid (signed or unsigned) with the learned step rule."""
+        int_format = spec.int_format
+        if not isinstance(spec.format, Int) or not isinstance(spec.scale, LearnedStep):
+            raise QuantSpecError(f"LSQStep needs an integer spec with LearnedStep(), got {spec}")
+        signed = not bool(self.unsigned)
+        if int_format.signed == signed:
+            return spec
+        return dataclasses.replace(spec, format=Int(int_format.bits, signed=signed))
+
+    def fake_quantize(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        if not bool(self.initialised) and x.numel():
+            self._initialise(x.detach(), spec)
+        # A step pushed to or below zero by an update keeps its size (and its gradient).
+        return quantize(x, self.spec(spec), step=self.step.abs().clamp_min(_F32.tiny))
+
+    @torch.no_grad()
+    def _initialise(self, x: torch.Tensor, spec: QuantSpec) -> None:
+        if self.auto:
+            self.unsigned.fill_(bool(x.min() >= 0))
+        spec = self.spec(spec)
+        x3, _ = canonical_view(x, spec.granularity)
+        if x3.shape[1] != self.step.numel() and self.step.numel() != 1:
+            raise QuantSpecError(
+                f"LSQStep holds {self.step.numel()} steps; {spec.granularity!r} gives "
+                f"{x3.shape[1]} scales on this tensor"
+            )
+        mean_abs = x3.abs().mean(dim=(0, 2)) if self.step.numel() > 1 else x3.abs().mean()
+        self.step.copy_(_safe_scale(2 * mean_abs / spec.int_format.qmax**0.5).view_as(self.step))
+        self.initialised.fill_(True)
+
+    def qparams(self, x: torch.Tensor, spec: QuantSpec) -> QParams | None:
+        """The learned step as the scale (zero point 0), for export; None before the first
+        tensor has set it."""
+        if not bool(self.initialised):
+            return None
+        step = self.step.detach().abs().clamp_min(_F32.tiny).reshape(-1)
+        return QParams(step, torch.zeros_like(step))
+
+    def extra_repr(self) -> str:
+        signed = "auto" if self.auto else not bool(self.unsigned)
+        return f"channels={self.step.numel()}, signed={signed}"
 
 
 def observed_values(

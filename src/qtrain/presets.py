@@ -13,11 +13,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qtrain.api import QuantizedTrainingConfig, register_config_name
+from qtrain.api import FakeQuantConfig, QuantizedTrainingConfig, register_config_name
 from qtrain.formats import Int
 from qtrain.observers import Observer
 from qtrain.ops import GemmConfig
-from qtrain.quantizer import Granularity, MinMax, PerChannel, PerTensor, QuantSpec, Rounding
+from qtrain.quantizer import (
+    AbsMax,
+    AbsMean,
+    Granularity,
+    LearnedStep,
+    MinMax,
+    PerChannel,
+    PerTensor,
+    PerToken,
+    QuantSpec,
+    Rounding,
+)
 
 
 def sbm_quantization(
@@ -111,6 +122,51 @@ def symmetric_quantization(
     save_levels = bits <= 8  # the input's int levels are kept for backward while they fit a byte
     gemm = GemmConfig(forward, forward, grad_input, grad_weight, save_levels)
     return QuantizedTrainingConfig(gemm, compact_activations=save_levels, observers=observers)
+
+
+def qat_quantization(
+    weight_bits: int = 4,
+    input_bits: int = 8,
+    weight_granularity: Granularity | None = None,
+    learned_step: bool = True,
+    first_last_bits: int | None = 8,
+) -> FakeQuantConfig:
+    """Quantization-aware training (METHODS.md §7): fake-quantized weights (signed, at
+    ``weight_granularity``: default per output channel) and inputs of every conv/linear,
+    full-precision gradients. ``learned_step``: LSQ's learned steps (Esser et al. 2020) for
+    both; else weights at max|w| per scale and inputs at their running min/max (unsigned,
+    affine), straight-through with zero gradient outside the range. ``first_last_bits``: the
+    first and last layer's weight and input bits (LSQ's 8), None: as the rest."""
+    granularity = weight_granularity or PerChannel(0)
+
+    def gemm(w_bits: int, a_bits: int) -> GemmConfig:
+        if learned_step:
+            weight = QuantSpec(Int(w_bits), granularity=granularity, scale=LearnedStep())
+            activation = QuantSpec(Int(a_bits), scale=LearnedStep())
+        else:
+            weight = QuantSpec(Int(w_bits), granularity=granularity, scale=AbsMax())
+            activation = QuantSpec(Int(a_bits, signed=False), scale=MinMax())
+        return GemmConfig(input_spec=activation, weight_spec=weight)
+
+    edges = None if first_last_bits is None else gemm(first_last_bits, first_last_bits)
+    return FakeQuantConfig(gemm(weight_bits, input_bits), first_last=edges)
+
+
+def bitnet_quantization(input_bits: int = 8, input_norm: bool = True) -> FakeQuantConfig:
+    """BitNet b1.58 (Ma et al. 2024, METHODS.md §7): ternary weights W̃ = clamp(round(W/γ), −1,
+    1)·γ, γ = mean|W| (``AbsMean`` on ``Int(2)``), inputs at ``input_bits`` absmax per token
+    (per sample for a conv), the straight-through estimator everywhere (no clip mask: absmean
+    weights beyond ±1.5γ pass their gradient, as BitNet's ``w + (q(w) − w).detach()``), and
+    with ``input_norm`` linears as ``BitLinear`` (an RMSNorm before the activation quantizer).
+    Gradients full precision."""
+    weight = QuantSpec(Int(2), scale=AbsMean(), clip_gradient=False)
+    per_token = QuantSpec(Int(input_bits), granularity=PerToken(), scale=AbsMax())
+    per_sample = QuantSpec(Int(input_bits), granularity=PerChannel(0), scale=AbsMax())
+    return FakeQuantConfig(
+        GemmConfig(input_spec=per_token, weight_spec=weight),
+        conv=GemmConfig(input_spec=per_sample, weight_spec=weight),
+        input_norm=input_norm,
+    )
 
 
 register_config_name("sbm8", sbm_quantization)

@@ -30,6 +30,7 @@ from qtrain.formats import Int, MiniFloat
 from qtrain.quantspec import (  # noqa: F401  (re-exported: the spec types live there)
     _CLIPPING_RULES,
     AbsMax,
+    AbsMean,
     Clip,
     Granularity,
     LearnedStep,
@@ -374,6 +375,8 @@ def _qparams_of_view(x: torch.Tensor, x3: torch.Tensor, spec: QuantSpec) -> QPar
     amax = impl.absmax(source)
     if not propagate:
         _check_finite(amax, spec)
+    if isinstance(rule, AbsMean):
+        return QParams(_safe_scale(source.abs().mean(dim=(0, 2))), zeros)
     if isinstance(spec.format, MiniFloat):
         return QParams(_safe_scale(amax / spec.format.max_value), zeros)
     ratio = amax / spec.int_format.qmax
@@ -553,7 +556,11 @@ class _FakeQuant(torch.autograd.Function):
 
 
 class _LearnedStepQuant(torch.autograd.Function):
-    """LSQ: x̂ = round(clip(x/s, −Q_N, Q_P))·s with the step gradient of Esser et al. (2020)."""
+    """LSQ: x̂ = round(clip(x/s, −Q_N, Q_P))·s with the step gradient of Esser et al. (2020),
+    in torch's form (``torch._fake_quantize_learnable_per_tensor_affine``): v = x·(1/s) is
+    inside where round(v) lies in [−Q_N, Q_P]; there ∂x̂/∂x = 1 and ∂x̂/∂s = (x̂ − x)·(1/s)
+    = round(v) − v; outside ∂x̂/∂x = 0 and ∂x̂/∂s = −Q_N or Q_P. (The paper's eq. 3 puts the
+    bound on v itself: the two differ only for v within half a step beyond a bound.)"""
 
     @staticmethod
     def forward(ctx, x, step, spec, generator):  # type: ignore[override]
@@ -564,16 +571,11 @@ class _LearnedStepQuant(torch.autograd.Function):
         int_format = spec.int_format
         seed = _draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else None
         zero = torch.zeros_like(step_c)
-        y3, _ = kernels.implementation(x3.device).fake_quant_int(
-            x3, step_c, zero, int_format.qmin, int_format.qmax, seed, False
+        y3, inside = kernels.implementation(x3.device).fake_quant_int(
+            x3, step_c, zero, int_format.qmin, int_format.qmax, seed, True
         )
-        v = x3 / step_c.view(1, -1, 1)
-        # Esser et al. eq. 3: inside −Q_N < v < Q_P, ∂x̂/∂s = round(v) − v and ∂x̂/∂x = 1;
-        # at or beyond a bound clip() saturates: ∂x̂/∂s = −Q_N or Q_P and ∂x̂/∂x = 0.
-        inside = (v > int_format.qmin) & (v < int_format.qmax)
-        step_grad = torch.where(
-            inside, y3 / step_c.view(1, -1, 1) - v, v.clamp(int_format.qmin, int_format.qmax)
-        )
+        bound = torch.where(x3 < 0, float(int_format.qmin), float(int_format.qmax))
+        step_grad = torch.where(inside, (y3 - x3) * (1.0 / step_c).view(1, -1, 1), bound)
         if spec.nonfinite == "propagate":  # the step learns from the finite values alone
             step_grad = torch.where(torch.isfinite(x3), step_grad, 0.0)
         y3 = _finish(y3, x3, QParams(step_c, zero), spec, x.dtype)

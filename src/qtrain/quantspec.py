@@ -116,13 +116,20 @@ class LearnedStep:
 
 
 @dataclasses.dataclass(frozen=True)
+class AbsMean:
+    """BitNet b1.58's absmean (Ma et al. 2024): scale = mean|x| per channel, levels
+    round(clamp(x/scale, qmin, qmax)); with ``Int(2)`` (levels −1, 0, +1) the ternary weight.
+    Values beyond qmax·scale saturate."""
+
+
+@dataclasses.dataclass(frozen=True)
 class PowerOfTwo:
     """Symmetric with a power-of-two scale: 2^ceil(log2(max|x| / qmax))."""
 
 
-ScaleRule = AbsMax | MinMax | Clip | LearnedStep | PowerOfTwo
+ScaleRule = AbsMax | MinMax | Clip | LearnedStep | AbsMean | PowerOfTwo
 
-_CLIPPING_RULES = (MinMax, Clip, LearnedStep)  # rules whose range may cut off values
+_CLIPPING_RULES = (MinMax, Clip, LearnedStep, AbsMean)  # rules whose range may cut off values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +182,7 @@ class QuantSpec(Config):
             ("granularity", Granularity,
              "PerTensor(), PerChannel(axis), PerGroup(size) or PerToken()"),
             ("scale", ScaleRule | None,
-             "AbsMax(), MinMax(), Clip(c), LearnedStep(), PowerOfTwo() or None"),
+             "AbsMax(), MinMax(), Clip(c), LearnedStep(), AbsMean(), PowerOfTwo() or None"),
             ("rounding", Rounding, "Rounding.NEAREST or Rounding.STOCHASTIC"),
             ("clip_gradient", bool, "a bool"),
             ("nonfinite", typing.Literal["error", "propagate"], "'error' or 'propagate'"),

@@ -8,7 +8,7 @@ Example:
     1024.0
 """
 
-from qtrain.recipes import amp, cpt, daint8, fp32, lowp_gemm, pfq, sbm, ui8  # noqa: F401  (importing a recipe module registers it)
+from qtrain.recipes import amp, bitnet, cpt, daint8, fp32, lowp_gemm, pfq, qat, sbm, ui8  # noqa: F401  (importing a recipe module registers it)
 from qtrain.recipes.base import (
     RECIPES,
     Recipe,

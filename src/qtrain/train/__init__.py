@@ -42,7 +42,14 @@ from qtrain.train.config import (
     lr_factor,
 )
 from qtrain.train.loop import MAX_STEP_ATTEMPTS, _Trainer, build_optimizer, train
-from qtrain.train.run import DatasetSpec, Run, RunNotFoundError, evaluate, load_run
+from qtrain.train.run import (
+    DatasetSpec,
+    Run,
+    RunNotFoundError,
+    evaluate,
+    init_from_run,
+    load_run,
+)
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -67,6 +74,7 @@ __all__ = [
     "_Trainer",
     "build_optimizer",
     "evaluate",
+    "init_from_run",
     "load_run",
     "lr_factor",
     "read_checkpoint",

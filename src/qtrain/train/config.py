@@ -74,6 +74,8 @@ class TrainConfig(Config):
     ``eval_every`` is epochs (the last epoch is always evaluated). ``width`` is the model's base
     width (None: the model's default); ``train_subset``/``test_subset`` cap the number of
     examples (None: all). ``model_kwargs``/``data_kwargs`` go to ``build_model``/``load_dataset``.
+    ``init`` is another run's directory whose trained weights the model starts from (QAT's
+    fine-tuning of a float model; ``qtrain.train.init_from_run``).
     ``on_nonfinite`` is what a NaN/inf in a step does: ``stop``, ``skip`` the step, or
     ``raise-precision`` of the faulty layer and retry; ``check_every`` is steps between
     per-layer checks (0: none; the loss and the weight gradients are checked every step, and a
@@ -115,6 +117,7 @@ class TrainConfig(Config):
     quiet: bool = False
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     data_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init: str | None = None
 
     error: ClassVar[type[Exception]] = TrainConfigError
     option: ClassVar[str] = "train option"

@@ -60,7 +60,15 @@ from qtrain.train.config import (
     _first_line,
     lr_factor,
 )
-from qtrain.train.run import _Meter, autocast, build, evaluate, restore_model, task_loss
+from qtrain.train.run import (
+    _Meter,
+    autocast,
+    build,
+    evaluate,
+    init_from_run,
+    restore_model,
+    task_loss,
+)
 
 # Attempts of one step: the first, one re-run with every layer checked to locate a fault, and
 # precision raises (each layer at most 3: 4 -> 8 -> 16 bits -> float).
@@ -136,6 +144,12 @@ class _Trainer:
             changes = [r["metrics"] for r in kept if r["kind"] == "metrics"]
             self.last_metrics = changes[-1] if changes else None
         else:
+            if config.init is not None:
+                counts = init_from_run(self.model, config, self.dataset)
+                if not config.quiet:
+                    loaded, fresh = counts["loaded"], counts["fresh"]
+                    message = f"init: {loaded} tensors from {config.init}, {fresh} fresh"
+                    print(message + " (quantizer state)", file=sys.stderr)
             out.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("")
             self.last_metrics = None

@@ -292,3 +292,49 @@ def load_run(run_dir: str | os.PathLike[str], *, device: str | None = None) -> R
     summary_path = path / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return Run(path, config, recipe, model.eval(), DatasetSpec.of(config), data, summary, step)
+
+
+def init_from_run(model: nn.Module, config: TrainConfig, dataset: Dataset) -> dict[str, int]:
+    """Start ``model`` (freshly prepared for ``config``, whose ``init`` names a run directory)
+    from that run's trained weights: QAT's usual workflow, fine-tuning a trained float model.
+
+    Every tensor of the plain architecture (``config.model`` as ``build_model`` makes it:
+    weights, biases, BatchNorm statistics) is copied from the source run's model bit for bit,
+    whatever recipe trained it (its quantized layers keep the plain names). Tensors that only
+    the new recipe has (observers, learned steps, BitLinear's norms) keep their fresh
+    initialisation; a learned step then initialises from the loaded weights at the first
+    step. Global RNG streams are left as they were.
+
+    Returns counts: ``{"loaded": n, "fresh": m}``. Raises ``TrainConfigError`` naming the
+    first tensor the source lacks or holds at another shape (a different model or width).
+    """
+    rng = _rng_state()
+    try:
+        source = load_run(config.init, device=config.device).model.state_dict()
+        with torch.device("meta"):
+            plain = qmodels.build_model(
+                config.model,
+                input_shape=dataset.input_shape,
+                num_classes=dataset.num_classes,
+                width=config.width,
+                **config.model_kwargs,
+            )
+    finally:
+        _set_rng_state(rng)
+    target = model.state_dict()
+    names = list(plain.state_dict())
+    for name in names:
+        if name not in source:
+            raise TrainConfigError(
+                f"init {config.init}: its model has no {name!r}; --init needs a run of the same "
+                f"model ({config.model}, width {config.width})"
+            )
+        if source[name].shape != target[name].shape:
+            raise TrainConfigError(
+                f"init {config.init}: {name!r} has shape {tuple(source[name].shape)} there and "
+                f"{tuple(target[name].shape)} here; --init needs a run of the same model and width"
+            )
+    with torch.no_grad():
+        for name in names:
+            target[name].copy_(source[name])
+    return {"loaded": len(names), "fresh": len(target) - len(names)}
