@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from qtrain import ptq
 from qtrain.data import DATASETS
 from qtrain.guard import POLICIES
 from qtrain.models import MODELS
@@ -39,9 +40,11 @@ from qtrain.train import (
     RunError,
     TrainConfig,
     TrainConfigError,
+    load_run,
     read_metrics,
     train,
 )
+from qtrain.train.checkpoint import _atomic_write, _write_json
 
 
 class UsageError(Exception):
@@ -173,6 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_prt.add_argument("--out", type=Path, required=True, help="run directory (+ prt.png)")
     _add_train_options(p_prt)
+    p_ptq = sub.add_parser(
+        "ptq",
+        help="post-training quantization of a run: calibration, CLE, bias correction",
+        description="Quantize a trained run's model without training and evaluate each "
+        "variant on its test split. --w-bits, --a-bits, --granularity and --observer take "
+        "comma-separated lists (every combination runs); --cle and --bias-correction add "
+        "the variants with them. Writes ptq.json and ptq.md in --out (default RUN_DIR/ptq).",
+    )
+    p_ptq.add_argument("run_dir", type=Path)
+    p_ptq.add_argument("--w-bits", default="8", help="weight bits, e.g. 8 or 8,4")
+    p_ptq.add_argument(
+        "--a-bits", default="none", help="input bits; 'none' (default): weight-only, e.g. 8,none"
+    )
+    p_ptq.add_argument("--granularity", default="per_channel", help="per_channel, per_tensor")
+    p_ptq.add_argument("--observer", default="minmax", help="minmax, percentile, mse")
+    p_ptq.add_argument("--percentile", type=float, default=99.99)
+    p_ptq.add_argument("--calib", type=int, default=8, help="calibration batches (training)")
+    p_ptq.add_argument("--cle", action="store_true", help="add cross-layer equalization")
+    p_ptq.add_argument("--bias-correction", action="store_true", help="add bias correction")
+    p_ptq.add_argument(
+        "--compare-torch", action="store_true", help="add PyTorch's own PTQ (torch.ao, x86)"
+    )
+    p_ptq.add_argument("--out", type=Path, help="output directory (default RUN_DIR/ptq)")
+    p_ptq.add_argument("--quiet", action="store_true", help="no progress bar")
     p_report = sub.add_parser("report", help="write report.md (run) or compare.md (compare dir)")
     p_report.add_argument("run_dir", type=Path)
     return parser
@@ -347,6 +374,42 @@ def _cmd_prt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ptq(args: argparse.Namespace) -> int:
+    def listed(text: str, parse: Any, what: str) -> list[Any]:
+        try:
+            return [parse(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise UsageError(f"{what} expects a comma-separated list, got {text!r}") from None
+
+    a_bits = listed(args.a_bits, lambda t: None if t.lower() == "none" else int(t), "--a-bits")
+    variant_list = ptq.variants(
+        listed(args.w_bits, int, "--w-bits"),
+        a_bits,
+        listed(args.granularity, str, "--granularity"),
+        listed(args.observer, str, "--observer"),
+        args.cle,
+        args.bias_correction,
+    )
+    variant_list = [v.with_changes(percentile=args.percentile) for v in variant_list]
+    run = load_run(args.run_dir, device="cpu")
+    result = ptq.run_ptq(
+        run,
+        variant_list,
+        calib=args.calib,
+        compare_torch=args.compare_torch,
+        progress=not args.quiet,
+        report=None if args.quiet else lambda line: print(line, file=sys.stderr),
+    )
+    out = args.out or args.run_dir / "ptq"
+    out.mkdir(parents=True, exist_ok=True)
+    table = ptq.format_ptq(result)
+    _write_json(out / "ptq.json", result)
+    _atomic_write(out / "ptq.md", lambda f: f.write(table.encode()))
+    print(table)
+    print(f"-> {out / 'ptq.json'}", file=sys.stderr)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     run = args.run_dir
     if (run / CONFIG_FILE).exists():
@@ -382,6 +445,7 @@ _COMMANDS = {
     "compare": _cmd_compare,
     "report": _cmd_report,
     "prt": _cmd_prt,
+    "ptq": _cmd_ptq,
 }
 
 
@@ -394,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         return _COMMANDS[args.command](args)
-    except (UsageError, TrainConfigError, RecipeConfigError) as err:
+    except (UsageError, TrainConfigError, RecipeConfigError, ptq.PTQError) as err:
         _print_error(err)
         return 2
     except RunError as err:

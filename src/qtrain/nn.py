@@ -37,6 +37,7 @@ from qtrain.ops import (
 )
 from qtrain.protocol import QuantizedWeight
 from qtrain.quantizer import (
+    LearnedStep,
     QuantSpec,
     QuantSpecError,
     Rounding,
@@ -138,12 +139,22 @@ class _QuantizedGemmModule:
         return math.ceil(weight.numel() * spec.bits) + 32 * scales
 
     def quantized_weight(self) -> QuantizedWeight | None:
-        """The weight as integer levels with scale and zero point (None: not an integer spec)."""
+        """The weight as integer levels with scale and zero point, as the forward quantizes it:
+        at the weight observer's qparams where it has one (a learned step, a calibrated
+        range), else at the spec's own rule. None: not an integer spec, or an observer that
+        has not set its qparams yet."""
         spec = self.config.weight_spec
         if spec is None or spec.int_format is None or isinstance(spec.format, BlockFloat):
             return None
+        qparams = None
+        if "weight" in self.observers:
+            observer = self.observers["weight"]
+            spec = observer.spec(spec)
+            qparams = observer.qparams(self.weight.detach(), spec)
+            if qparams is None and spec.scale == LearnedStep():
+                return None
         nearest = dataclasses.replace(spec, rounding=Rounding.NEAREST)
-        levels, scale, zero_point = quantize_int(self.weight.detach(), nearest)
+        levels, scale, zero_point = quantize_int(self.weight.detach(), nearest, qparams=qparams)
         int_format = spec.int_format
         return QuantizedWeight(levels, scale, zero_point, int_format.bits, int_format.signed)
 
@@ -309,23 +320,6 @@ class _FakeQuantGemm:
         if role in self.observers:
             return self.observers[role].fake_quantize(x, spec)
         return quantize(x, spec)
-
-    def quantized_weight(self) -> QuantizedWeight | None:
-        """The weight as integers: at the learned step for an ``LSQStep`` weight (before the
-        first forward sets it, None), else at the spec's own scale."""
-        spec = self.config.weight_spec
-        if spec is None or spec.int_format is None or isinstance(spec.format, BlockFloat):
-            return None
-        observer = self.observers["weight"] if "weight" in self.observers else None  # noqa: SIM401  (ModuleDict has no get)
-        qparams = None if observer is None else observer.qparams(self.weight, spec)
-        if observer is not None and hasattr(observer, "spec"):
-            if qparams is None:
-                return None
-            spec = observer.spec(spec)
-        nearest = dataclasses.replace(spec, rounding=Rounding.NEAREST)
-        levels, scale, zero_point = quantize_int(self.weight.detach(), nearest, qparams=qparams)
-        int_format = spec.int_format
-        return QuantizedWeight(levels, scale, zero_point, int_format.bits, int_format.signed)
 
 
 class FakeQuantLinear(_FakeQuantGemm, QLinear):

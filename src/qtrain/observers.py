@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from qtrain import kernels
+from qtrain.calibration import calibration_range, qparams_of
 from qtrain.clipping import (
     check_recurrence,
     cosine_distance,
@@ -44,6 +45,7 @@ from qtrain.quantizer import (
     _F32,
     LearnedStep,
     MinMax,
+    PerTensor,
     QParams,
     QuantSpec,
     QuantSpecError,
@@ -75,6 +77,11 @@ class Observer(nn.Module):
     def qparams(self, x: torch.Tensor, spec: QuantSpec) -> QParams | None:
         """Scale and zero point for ``x`` under ``spec``; None: the spec's rule measures x."""
         return None
+
+    def spec(self, spec: QuantSpec) -> QuantSpec:
+        """The spec this observer quantizes with for a layer configured with ``spec`` (the
+        same; an LSQ input step picks its grid's sign)."""
+        return spec
 
     def fake_quantize(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         """``x`` fake-quantized under ``spec`` at this observer's qparams, with autograd's
@@ -386,6 +393,115 @@ class LSQStep(Observer):
     def extra_repr(self) -> str:
         signed = "auto" if self.auto else not bool(self.unsigned)
         return f"channels={self.step.numel()}, signed={signed}"
+
+
+class CalibratedRange(Observer):
+    """A post-training quantizer's activation range, calibrated on a few batches (PTQ,
+    METHODS.md §7; ``qtrain.ptq``).
+
+    While ``calibrating`` it records every tensor (running min/max, and a random sample of at
+    most ``max_samples`` values for the percentile and MSE searches) and lets the spec's rule
+    quantize it; ``finish()`` then fixes ``low``/``high`` by ``method``
+    (``qtrain.calibration.calibration_range``) and from then on every tensor, in training or
+    eval, is quantized on that range. Per tensor only.
+
+    >>> from qtrain import formats
+    >>> observer = CalibratedRange("minmax")
+    >>> observer.calibrating = True
+    >>> spec = QuantSpec(formats.UINT8)
+    >>> _ = observer.qparams(torch.tensor([0.0, 2.0]), spec)
+    >>> _ = observer.qparams(torch.tensor([1.0, 4.0]), spec)
+    >>> observer.finish()
+    >>> observer.low, observer.high
+    (tensor([0.]), tensor([4.]))
+    """
+
+    def __init__(
+        self, method: str = "minmax", percentile: float = 99.99, max_samples: int = 2**20
+    ) -> None:
+        super().__init__()
+        calibration_range(torch.zeros(1, 1), method, Int(8), percentile)  # checks the arguments
+        check_int("CalibratedRange.max_samples", max_samples, QuantSpecError, low=1)
+        self.method, self.percentile, self.max_samples = method, percentile, max_samples
+        self.calibrating = False
+        self.register_lazy_buffer("low")
+        self.register_lazy_buffer("high")
+        self._samples: list[torch.Tensor] = []
+        self._int_format: Int | None = None
+
+    def qparams(self, x: torch.Tensor, spec: QuantSpec) -> QParams | None:
+        if self.calibrating:
+            self._record(x.detach(), spec)
+            return None
+        if not self.low.numel():
+            raise QuantSpecError(
+                "CalibratedRange has no range yet: run calibration batches with calibrating "
+                "= True, then finish() (qtrain.ptq calibrates)"
+            )
+        return qparams_of(self.low, self.high, spec.int_format)
+
+    def _record(self, x: torch.Tensor, spec: QuantSpec) -> None:
+        if not isinstance(spec.granularity, PerTensor):
+            raise QuantSpecError(f"CalibratedRange is per tensor, got {spec.granularity!r}")
+        values = x.reshape(-1).float()
+        values = values[torch.isfinite(values)]
+        if not values.numel():
+            return
+        low, high = values.min().view(1), values.max().view(1)
+        if self.low.numel():
+            low, high = torch.minimum(low, self.low), torch.maximum(high, self.high)
+        self.low, self.high = low, high
+        if values.numel() > self.max_samples:
+            values = values[
+                torch.randperm(values.numel(), device=values.device)[: self.max_samples]
+            ]
+        self._samples.append(values)
+        self._int_format = spec.int_format
+
+    def finish(self) -> None:
+        """Fix the range from what calibration recorded; stop recording."""
+        self.calibrating = False
+        if not self._samples:
+            raise QuantSpecError("CalibratedRange.finish: no tensor was recorded")
+        if self.method != "minmax":
+            samples = torch.cat(self._samples)
+            if samples.numel() > self.max_samples:
+                keep = torch.randperm(samples.numel(), device=samples.device)[: self.max_samples]
+                samples = samples[keep]
+            low, high = calibration_range(
+                samples.view(1, -1), self.method, self._int_format, self.percentile
+            )
+            self.low, self.high = low, high
+        self._samples = []
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, percentile={self.percentile:g}"
+
+
+class FixedQParams(Observer):
+    """Qparams fixed once, e.g. a post-training quantizer's weight scales
+    (``FixedQParams.calibrated``): buffers ``scale`` and ``zero_point``, one per scale of the
+    spec's granularity (canonical (C,) shapes)."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().reshape(-1).clone())
+        self.register_buffer("zero_point", zero_point.detach().float().reshape(-1).clone())
+
+    @classmethod
+    def calibrated(
+        cls, x: torch.Tensor, spec: QuantSpec, method: str = "minmax", percentile: float = 99.99
+    ) -> FixedQParams:
+        """The qparams ``method`` finds for ``x`` under ``spec``, one per scale (a row of
+        ``canonical_view(x, spec.granularity)``)."""
+        x3, _ = canonical_view(x.detach(), spec.granularity)
+        rows = x3.transpose(0, 1).reshape(x3.shape[1], -1)
+        low, high = calibration_range(rows, method, spec.int_format, percentile)
+        qparams = qparams_of(low, high, spec.int_format)
+        return cls(qparams.scale, qparams.zero_point)
+
+    def qparams(self, x: torch.Tensor, spec: QuantSpec) -> QParams | None:
+        return QParams(self.scale, self.zero_point)
 
 
 def observed_values(
