@@ -2,6 +2,7 @@
 
 from qtrain import formats, presets  # noqa: F401  (presets registers the named configs)
 from qtrain.api import QuantizedTrainingConfig, dequantize_, quantize_
+from qtrain.export import load_quantized
 from qtrain.nn import QConv2d, QLinear, RangeBatchNorm2d
 from qtrain.observers import Observer, RunningMinMax
 from qtrain.ops import GemmConfig, Precision
@@ -61,4 +62,5 @@ __all__ = [
     "quantize",
     "quantize_int",
     "load_run",
+    "load_quantized",
 ]

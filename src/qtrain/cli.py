@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 from qtrain import ptq
 from qtrain.data import DATASETS
+from qtrain.export import FORMATS, export_run
 from qtrain.guard import POLICIES
 from qtrain.models import MODELS
 from qtrain.recipes import RECIPES, Recipe, RecipeConfigError, build_recipe, iter_recipes
@@ -202,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_ptq.add_argument("--quiet", action="store_true", help="no progress bar")
     p_report = sub.add_parser("report", help="write report.md (run) or compare.md (compare dir)")
     p_report.add_argument("run_dir", type=Path)
+    p_export = sub.add_parser(
+        "export",
+        help="write a run's quantized model: integer weights (safetensors) or QDQ ONNX",
+        description="Export the trained model of RUN_DIR at the precision it evaluates at, "
+        "then check the file against it on the run's test inputs (loaded back with "
+        "qtrain.load_quantized, or run in onnxruntime). ONNX needs qtrain[onnx].",
+    )
+    p_export.add_argument("run_dir", type=Path)
+    p_export.add_argument("--format", choices=FORMATS, default="safetensors")
+    p_export.add_argument("--out", type=Path, help="file (default RUN_DIR/model.<format>)")
     return parser
 
 
@@ -422,6 +433,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    exported = export_run(args.run_dir, args.format, args.out)
+    size, fp32 = exported.bytes, exported.fp32_bytes
+    print(f"{exported.path}: {size:,} bytes; fp32 state_dict {fp32:,} bytes ({size / fp32:.1%})")
+    how = "loaded back" if args.format == "safetensors" else "in onnxruntime"
+    print(
+        f"{how}: max |output - trained model's| = {exported.max_abs_diff:.3g} on "
+        f"{exported.checked_inputs} test inputs"
+    )
+    return 0
+
+
 def _write_run_report(run_dir: Path) -> None:
     try:
         write_report(run_dir)
@@ -446,6 +469,7 @@ _COMMANDS = {
     "report": _cmd_report,
     "prt": _cmd_prt,
     "ptq": _cmd_ptq,
+    "export": _cmd_export,
 }
 
 

@@ -240,21 +240,7 @@ class QConv2d(_QuantizedGemmModule, nn.Conv2d):
         _check_conv(module)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        for name in (
-            "in_channels",
-            "out_channels",
-            "kernel_size",
-            "stride",
-            "padding",
-            "dilation",
-            "transposed",
-            "output_padding",
-            "groups",
-            "padding_mode",
-            "_reversed_padding_repeated_twice",
-        ):
-            setattr(new, name, getattr(module, name))
-        new.weight, new.bias = module.weight, module.bias
+        copy_conv_attributes(module, new)
         new._init_quant(config, range_momentum, observers)
         return new.train(module.training)
 
@@ -372,6 +358,26 @@ class BitLinear(FakeQuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.input_norm(x))
+
+
+def copy_conv_attributes(source: nn.Conv2d, target: nn.Module) -> None:
+    """Give ``target`` (a bare conv subclass instance) ``source``'s hyperparameters and its
+    weight and bias parameters (shared, not copied)."""
+    for name in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "transposed",
+        "output_padding",
+        "groups",
+        "padding_mode",
+        "_reversed_padding_repeated_twice",
+    ):
+        setattr(target, name, getattr(source, name))
+    target.weight, target.bias = source.weight, source.bias
 
 
 def _check_conv(module: nn.Conv2d) -> None:
