@@ -202,9 +202,7 @@ class QLinear(_QuantizedGemmModule, nn.Linear):
 
     def to_float(self) -> nn.Linear:
         """The plain ``nn.Linear`` with these parameters."""
-        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
-        plain.weight, plain.bias = self.weight, self.bias
-        return plain.train(self.training)
+        return plain_linear(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_linear(x, self.weight, self.bias, self.config, None, self.observers)
@@ -246,19 +244,7 @@ class QConv2d(_QuantizedGemmModule, nn.Conv2d):
 
     def to_float(self) -> nn.Conv2d:
         """The plain ``nn.Conv2d`` with these parameters."""
-        plain = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.bias is not None,
-            device="meta",
-        )
-        plain.weight, plain.bias = self.weight, self.bias
-        return plain.train(self.training)
+        return plain_conv2d(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_conv2d(
@@ -360,6 +346,32 @@ class BitLinear(FakeQuantLinear):
         return super().forward(self.input_norm(x))
 
 
+def plain_conv2d(module: nn.Conv2d) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` sharing ``module``'s parameters and hyperparameters."""
+    plain = nn.Conv2d(
+        module.in_channels,
+        module.out_channels,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+        module.bias is not None,
+        device="meta",
+    )
+    plain.weight, plain.bias = module.weight, module.bias
+    return plain.train(module.training)
+
+
+def plain_linear(module: nn.Linear) -> nn.Linear:
+    """A plain ``nn.Linear`` sharing ``module``'s parameters."""
+    plain = nn.Linear(
+        module.in_features, module.out_features, module.bias is not None, device="meta"
+    )
+    plain.weight, plain.bias = module.weight, module.bias
+    return plain.train(module.training)
+
+
 def copy_conv_attributes(source: nn.Conv2d, target: nn.Module) -> None:
     """Give ``target`` (a bare conv subclass instance) ``source``'s hyperparameters and its
     weight and bias parameters (shared, not copied)."""
@@ -457,9 +469,11 @@ class RangeBatchNorm2d(nn.BatchNorm2d):
             )
         if not (matches(constant_scale, float) and 0 < constant_scale < math.inf):
             refuse(
-                "RangeBatchNorm2d.constant_scale", constant_scale, "a finite number > 0",
+                "RangeBatchNorm2d.constant_scale",
+                constant_scale,
+                "a finite number > 0",
                 QuantSpecError,
-            )  # fmt: skip
+            )
         if spread not in SPREADS:
             refuse("RangeBatchNorm2d.spread", spread, f"one of {SPREADS}", QuantSpecError)
         for name, spec in (("input_spec", input_spec), ("grad_spec", grad_spec)):

@@ -8,7 +8,19 @@ Example:
     1024.0
 """
 
-from qtrain.recipes import amp, bitnet, cpt, daint8, fp32, lowp_gemm, pfq, qat, sbm, ui8  # noqa: F401  (importing a recipe module registers it)
+from qtrain.recipes import (  # noqa: F401  (importing a recipe module registers it)
+    amp,
+    bitnet,
+    cpt,
+    daint8,
+    fp32,
+    lowp_gemm,
+    pfq,
+    qat,
+    sbm,
+    selfcompress,
+    ui8,
+)
 from qtrain.recipes.base import (
     RECIPES,
     Recipe,
