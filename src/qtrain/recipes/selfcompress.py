@@ -169,10 +169,11 @@ _LAYERS = {nn.Conv2d: SelfCompressingConv2d, nn.Linear: SelfCompressingLinear}
 class SelfCompressConfig(RecipeConfig):
     """Self-compression's parameters; ``gamma`` trades size for accuracy."""
 
-    gamma: float = 0.02  # weight of the size loss Q (bits per original weight)
+    gamma: float = 0.05  # weight of the size loss Q (bits per original weight)
     bits_init: float = 4.0
     exponent_init: float | Literal["auto"] = "auto"
-    bits_lr: float = 0.5  # peak learning rate of b and e (their own group, no weight decay)
+    bits_lr: float = 50.0  # peak learning rate of b (its own group, no weight decay)
+    exponent_lr: float | None = None  # of e (None: the run's lr; no weight decay)
     zero_shift_step: float = 1e-3  # soft-threshold per step on the shifts of dead channels
     remove: bool = True  # False: dead channels stay (zero) in place
 
@@ -181,6 +182,8 @@ class SelfCompressConfig(RecipeConfig):
         check_number("SelfCompressConfig.gamma", self.gamma, error, low=0.0, high=1e6)
         check_number("SelfCompressConfig.bits_init", self.bits_init, error, low=0.0, high=16.0)
         check_number("SelfCompressConfig.bits_lr", self.bits_lr, error, low=0.0, high=1e3)
+        if self.exponent_lr is not None:
+            check_number("SelfCompressConfig.exponent_lr", self.exponent_lr, error, low=0, high=1e3)
         check_number(
             "SelfCompressConfig.zero_shift_step", self.zero_shift_step, error, low=0.0, high=1e3
         )
@@ -220,10 +223,21 @@ class SelfCompress(Recipe):
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        ours = [p for m in _layers(model).values() for p in (m.bits, m.exponent)]
-        ids = {id(p) for p in ours}
+        """b in a group at ``bits_lr``, e at ``exponent_lr`` (None: the run's), both without
+        weight decay; the rest as the run sets it."""
+        layers = _layers(model).values()
+        bits = [m.bits for m in layers]
+        exponents = [m.exponent for m in layers]
+        ids = {id(p) for p in (*bits, *exponents)}
         rest = [p for p in model.parameters() if id(p) not in ids]
-        return [{"params": rest}, {"params": ours, "lr": self.config.bits_lr, "weight_decay": 0.0}]
+        exponent_group: dict[str, Any] = {"params": exponents, "weight_decay": 0.0}
+        if self.config.exponent_lr is not None:
+            exponent_group["lr"] = self.config.exponent_lr
+        return [
+            {"params": rest},
+            {"params": bits, "lr": self.config.bits_lr, "weight_decay": 0.0},
+            exponent_group,
+        ]
 
     # ---- the size loss ----
     def size_bits(self, model: nn.Module) -> torch.Tensor:
