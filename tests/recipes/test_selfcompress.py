@@ -81,7 +81,7 @@ def test_size_loss_counts_bits_times_live_inputs_over_the_original_weights() -> 
 
 
 def test_a_dead_channel_is_removed_once_silent_and_the_outputs_do_not_change() -> None:
-    recipe = SelfCompress(SelfCompressConfig(zero_shift_step=10.0))  # silence in one step
+    recipe = SelfCompress(SelfCompressConfig(zero_shift_step=10.0, bits_lr=0.5))  # silence in one step
     model = recipe.prepare(resnet())
     optimizer = build_optimizer(small_config(), recipe, model)
     x = torch.randn(6, 1, 16, 16)
@@ -160,7 +160,7 @@ def test_a_run_shrinks_resumes_across_a_removal_and_loads_at_its_shape(tmp_path:
     killed = killed_and_resumed(config, make, 10, tmp_path)
     records = read_metrics(tmp_path / "straight")
     steps = [r["step"] for r in records if r.get("event") == "removed"]
-    assert min(steps) < 8 and max(steps) > 10
+    assert min(steps) <= 8 and max(steps) > 10  # record steps count the steps done
     assert killed["4.0.weight"].shape[0] < 16  # the checkpoint holds the compressed shape
     run = load_run(tmp_path / "resumed")
     final = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["model"]

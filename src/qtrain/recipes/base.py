@@ -111,6 +111,10 @@ class Recipe:
     paper: ClassVar[str] = ""
     description: ClassVar[str] = ""
     config_class: ClassVar[type[RecipeConfig]] = RecipeConfig
+    # False: the hooks read or reshape parameters outside the forward pass (a size loss over
+    # learned bits, channel removal), which FSDP2's sharded parameters do not allow; the
+    # trainer then refuses ``--distributed fsdp`` (DDP keeps whole parameters on every rank).
+    shardable: ClassVar[bool] = True
 
     def __init__(self, config: RecipeConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -173,8 +177,16 @@ class Recipe:
         return None
 
     def sync(self, process_group: Any = None) -> None:
-        """Agree on the recipe's data-dependent state across ranks (PFQ's indicator, DFQ's
-        cost statistics); the trainer calls it after every step. Single process: nothing."""
+        """Agree on recipe state across ranks that the trainer does not agree on already; the
+        trainer calls it after every step (``process_group``: the run's; None in a single
+        process, where there is nothing to agree on).
+
+        What the trainer agrees on in its one collective per step (``qtrain.distributed``):
+        the ``StepResult`` that ``on_step_end`` sees is the global batch's (so decisions made
+        from it — PFQ's stage, CPT's range test — are the same on every rank), and every
+        observer's state and persistent floating-point buffer of the model is averaged. A
+        recipe with state of its own drawn from the local batch (statistics not kept in
+        buffers) agrees on it here."""
 
     # ---- evaluation and reporting ---------------------------------------------------------
     def on_eval_start(self, model: nn.Module) -> Precision | dict[str, Precision] | None:
@@ -182,7 +194,11 @@ class Recipe:
         return None
 
     def emit(self, event: str, **values: Any) -> None:
-        """Record a decision for ``events()``: its name and JSON-able values."""
+        """Record a decision for ``events()``: its name and JSON-able values (the trainer adds
+        the step, so ``kind`` and ``step`` are not values' names)."""
+        reserved = sorted({"kind", "step"} & set(values))
+        if reserved:
+            raise ValueError(f"emit({event!r}): {reserved} is set by the trainer, not a value")
         self._events.append({"event": event, **values})
 
     def events(self) -> list[dict[str, Any]]:

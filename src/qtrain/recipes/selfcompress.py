@@ -199,6 +199,9 @@ class SelfCompress(Recipe):
     paper = "Cséfalvay & Imber, Self-Compressing Neural Networks (arXiv 2301.13142, 2023)"
     description = "learned bits and exponent per channel, size loss, channels removed in training"
     config_class = SelfCompressConfig
+    # The size loss reads b outside the forward pass and removals reshape parameters: whole
+    # parameters on every rank (DDP, rebuilt after a removal), not FSDP2's shards.
+    shardable = False
 
     def __init__(self, config: SelfCompressConfig | None = None) -> None:
         super().__init__(config)
@@ -277,7 +280,6 @@ class SelfCompress(Recipe):
             self.removed_total += int(removable.sum())
             self.emit(
                 "removed",
-                step=step,
                 producers=list(group.producers),
                 channels=int(removable.sum()),
                 left=len(keep),
