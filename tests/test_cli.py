@@ -38,7 +38,7 @@ def test_recipes_lists_fp32_with_its_description(capsys: pytest.CaptureFixture[s
     ("argv", "expected"),
     [
         (["--recipe", "nope", *TINY], "unknown recipe 'nope'; choose from: amp-bf16, amp-fp16"),
-        (["--recipe", "fp32", *TINY, "--model", "vgg"], "choose from: cnn, gpt, mlp, resnet9"),
+        (["--recipe", "fp32", *TINY, "--model", "vgg"], "choose from: cnn, gpt, mlp, resnet20"),
         (["--recipe", "fp32", *TINY, "--data", "imagenet"], "choose from: cifar10, fashion-mnist"),
         (["--recipe", "amp-fp16", *TINY, "--set", "bogus=1"], "allowed: ['growth_interval'"),
         (["--recipe", "amp-fp16", *TINY, "--set", "init_scale=big"], "expected a number"),

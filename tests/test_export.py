@@ -190,7 +190,7 @@ def test_files_that_are_not_qtrain_exports_are_refused(tmp_path: Path) -> None:
 def test_export_command_writes_the_file_and_prints_its_size_against_fp32(
     trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "bitnet.safetensors"
+    out = tmp_path / "new-dir" / "bitnet.safetensors"  # a directory that does not exist yet
     code = main(["export", str(trained("bitnet")), "--format", "safetensors", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0 and out.is_file()

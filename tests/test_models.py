@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from qtrain.models import MODELS, ResNet9, build_model
+from qtrain.models import MODELS, BasicBlock, CifarResNet, ResNet9, build_model
 
 IMAGE_SHAPES = [(1, 28, 28), (3, 32, 32)]
 # The only layer types with weights, so a quantizer can swap Linear/Conv2d/BatchNorm2d by type.
@@ -88,12 +88,46 @@ def test_gpt_weight_tying() -> None:
 def test_unknown_model_names_the_choices() -> None:
     with pytest.raises(ValueError, match="model: unknown model 'vgg'.*resnet9.*gpt"):
         build_model("vgg", input_shape=(3, 32, 32), num_classes=10)
-    assert set(MODELS) == {"resnet9", "cnn", "mlp", "gpt"}
+    assert set(MODELS) == {"resnet9", "resnet20", "resnet38", "resnet74", "cnn", "mlp", "gpt"}
 
 
 @pytest.mark.parametrize(
-    ("name", "shape"), [("resnet9", (16,)), ("cnn", (3, 32)), ("gpt", (3, 32, 32))]
+    ("name", "shape"),
+    [("resnet9", (16,)), ("resnet20", (3, 32)), ("cnn", (3, 32)), ("gpt", (3, 32, 32))],
 )
 def test_wrong_input_kind_is_refused(name: str, shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=f"model '{name}' takes"):
         build_model(name, input_shape=shape, num_classes=10)
+
+
+@pytest.mark.parametrize("shape", IMAGE_SHAPES)
+@pytest.mark.parametrize("depth", [20, 38, 74])
+def test_cifar_resnets_output_shape_and_depth(depth: int, shape: tuple[int, int, int]) -> None:
+    model = build_model(f"resnet{depth}", input_shape=shape, num_classes=7, base_channels=2)
+    out = model(torch.randn(2, *shape))
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert weight_layers_only(model)
+    # Depth 6n + 2 counts the weighted layers on the main path: 3×3 convs and the classifier.
+    main_path = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(main_path) + 1 == depth
+    assert sum(isinstance(m, BasicBlock) for m in model.modules()) == (depth - 2) // 2
+
+
+def test_resnet20_parameter_count() -> None:
+    model = build_model("resnet20", input_shape=(3, 32, 32), num_classes=10)
+    convs = 9 * (3 * 16 + 6 * 16 * 16 + 16 * 32 + 5 * 32 * 32 + 32 * 64 + 5 * 64 * 64)
+    shortcuts = 16 * 32 + 32 * 64  # the 1×1 convs where a stage starts
+    batchnorm = 2 * (16 + 6 * 16 + 7 * 32 + 7 * 64)
+    linear = 64 * 10 + 10
+    assert convs + shortcuts + batchnorm + linear == 272_474  # He et al.: 0.27M
+    assert sum(p.numel() for p in model.parameters()) == 272_474
+
+
+def test_cifar_resnet_width_multiplies_the_channels_and_depth_is_checked() -> None:
+    model = build_model("resnet20", input_shape=(1, 28, 28), num_classes=10, width=2)
+    assert isinstance(model, CifarResNet) and model.classifier.in_features == 128
+    assert [stage[0].conv1.out_channels for stage in model.stages] == [32, 64, 128]
+    with pytest.raises(ValueError, match="depth 6n \\+ 2"):
+        CifarResNet(3, 10, depth=21)

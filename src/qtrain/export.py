@@ -738,6 +738,7 @@ def export_run(
         set_precision(run.model, precision)
     _require_integer_weights(run.model, f"run {run.path} (recipe {run.recipe.name})")
     path = Path(out) if out is not None else run.path / f"model{SUFFIXES[format]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
     inputs = run.data.test_x[:check_batch]
     shape, classes = run.data.input_shape, run.data.num_classes
     if format == "safetensors":

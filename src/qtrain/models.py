@@ -1,4 +1,5 @@
-"""Models for the training harness: ResNet-9 (DAWNBench), a small CNN, an MLP, a small GPT.
+"""Models for the training harness: ResNet-9 (DAWNBench), the CIFAR ResNets of He et al. 2016
+(ResNet-20/38/74), a small CNN, an MLP, a small GPT.
 
 Layers with weights are only nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm and
 nn.Embedding, so `quantize_` can swap Linear/Conv2d/BatchNorm2d by type. No model hard-codes
@@ -12,6 +13,7 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GPT", "MODELS", "ResNet9", "build_model"]
+__all__ = ["GPT", "MODELS", "BasicBlock", "CifarResNet", "ResNet9", "build_model"]
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -85,6 +87,85 @@ class ResNet9(nn.Module):
 def _resnet9(input_shape: Sequence[int], num_classes: int, width: int | None = None) -> nn.Module:
     c, _, _ = _image_shape("resnet9", input_shape)
     return ResNet9(c, num_classes, width or 64)
+
+
+class BasicBlock(nn.Module):
+    """He et al. (2016)'s basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
+
+    The shortcut is the identity, or where the shape changes (stride 2, more channels) a
+    strided 1×1 convolution with BatchNorm (option B; FracTrain's and SkipNet's code). DFQ
+    gates these blocks (``qtrain.recipes.dfq``).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(c_out),
+            )
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNets of He et al. (2016, §4.2), as FracTrain and SBM train them.
+
+    A 3×3 stem of c channels, then three stages of n basic blocks with c, 2c, 4c channels
+    (the 2nd and 3rd start with stride 2), global average pooling and a linear classifier:
+    depth 6n + 2 (ResNet-20: n = 3, ResNet-38: 6, ResNet-74: 12), c = 16 in the paper.
+    Convolutions start from He initialisation (fan-out), as the authors' code. Adaptive
+    pooling: any input of at least 4×4 pixels (28×28 and 32×32 alike).
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, depth: int, base_channels: int = 16
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (20, 38, 74...), got {depth}")
+        blocks = (depth - 2) // 6
+        c = base_channels
+        self.stem = conv_bn(in_channels, c)
+        stages, c_in = [], c
+        for index, c_out in enumerate((c, 2 * c, 4 * c)):
+            strides = [1 if index == 0 else 2] + [1] * (blocks - 1)
+            stage = []
+            for stride in strides:
+                stage.append(BasicBlock(c_in, c_out, stride))
+                c_in = c_out
+            stages.append(nn.Sequential(*stage))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(4 * c, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stages(self.stem(x))  # (B, 4c, H/4, W/4)
+        return self.classifier(self.pool(x).flatten(1))
+
+
+def _cifar_resnet(
+    input_shape: Sequence[int],
+    num_classes: int,
+    width: int | None = None,
+    base_channels: int = 16,
+    *,
+    depth: int,
+) -> nn.Module:
+    c, _, _ = _image_shape(f"resnet{depth}", input_shape)
+    return CifarResNet(c, num_classes, depth, base_channels * (width or 1))
 
 
 def _cnn(input_shape: Sequence[int], num_classes: int, width: int | None = None) -> nn.Module:
@@ -228,6 +309,9 @@ def _gpt(
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet9": _resnet9,
+    "resnet20": functools.partial(_cifar_resnet, depth=20),
+    "resnet38": functools.partial(_cifar_resnet, depth=38),
+    "resnet74": functools.partial(_cifar_resnet, depth=74),
     "cnn": _cnn,
     "mlp": _mlp,
     "gpt": _gpt,
@@ -246,12 +330,14 @@ def build_model(
     """Build a model by name.
 
     Args:
-        name: one of `MODELS`: resnet9, cnn, mlp, gpt.
+        name: one of `MODELS`: resnet9, resnet20, resnet38, resnet74, cnn, mlp, gpt.
         input_shape: one example's shape, (C, H, W) for images or (seq_len,) for gpt.
         num_classes: output classes (the vocabulary size for gpt).
-        width: base width — resnet9: channels of the first layer (64); cnn: 32; mlp: hidden
-            units (256); gpt: n_embd (128). None takes the default.
-        **kw: mlp: depth; gpt: n_layer, n_head, block_size (default seq_len), tie_weights.
+        width: base width — resnet9: channels of the first layer (64); resnet20/38/74: a
+            multiplier of the stages' channels (1: 16, 32, 64); cnn: 32; mlp: hidden units
+            (256); gpt: n_embd (128). None takes the default.
+        **kw: resnet20/38/74: base_channels (16, before the width multiplier); mlp: depth;
+            gpt: n_layer, n_head, block_size (default seq_len), tie_weights.
 
     >>> build_model("gpt", input_shape=(16,), num_classes=256, width=32, n_head=2)(
     ...     torch.zeros(1, 16, dtype=torch.long)).shape

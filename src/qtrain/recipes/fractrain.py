@@ -1,0 +1,116 @@
+"""FracTrain — PFQ's stages × DFQ (Fu et al., NeurIPS 2020, §3.3; METHODS.md §3).
+
+DFQ (``qtrain.recipes.dfq``: gates, options, cost regulariser) whose target cp rises by
+stages: stage s aims at ``target_cp + s·target_step``, for ``turning_points + 1`` stages. The
+next stage starts when PFQ's loss-plateau indicator (``qtrain.recipes.pfq.PlateauIndicator``,
+the same ``interval``, ε and decay) says the training loss has flattened, as the authors'
+``train_frac.py`` (CIFAR defaults: target 1.5, step 0.5, 3 turning points; ε = 0.15, decay =
+0.4). The options stay the same in every stage: the indicator schedules the target cost,
+not the bits. After the last turning point the indicator is no longer read.
+
+The indicator reads the task loss (the authors' reads the loss with the cost term added).
+Each switch is a recipe event with the indicator's values; stage and indicator survive resume.
+
+Example:
+    >>> recipe = FracTrain()
+    >>> [recipe.config.target_cp + s * recipe.config.target_step for s in range(4)]
+    [1.5, 2.0, 2.5, 3.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from qtrain.ops import Precision
+from qtrain.recipes.base import RecipeConfigError, StepResult, register_recipe
+from qtrain.recipes.dfq import DFQ, DFQConfig
+from qtrain.recipes.pfq import WINDOW, PFQConfig, PlateauIndicator
+from qtrain.validation import check_int, check_number
+
+
+@dataclasses.dataclass(frozen=True)
+class FracTrainConfig(DFQConfig):
+    """DFQ's parameters (``target_cp``: the first stage's target) and the stages'."""
+
+    target_cp: float = 1.5
+    target_step: float = 0.5  # the target's rise per stage (cp percentage points)
+    turning_points: int = 3  # stage switches at most
+    interval: int = PFQConfig.interval
+    epsilon: float = PFQConfig.epsilon
+    decay: float = PFQConfig.decay
+
+    def validate(self) -> None:
+        super().validate()
+        error = RecipeConfigError
+        check_number("FracTrainConfig.target_step", self.target_step, error, low=0, high=100)
+        check_int("FracTrainConfig.turning_points", self.turning_points, error, low=0)
+        last = self.target_cp + self.turning_points * self.target_step
+        if last > 100:
+            raise error(f"FracTrainConfig: the last stage's target cp {last:g} is above 100")
+        check_int("FracTrainConfig.interval", self.interval, error, low=1)
+        check_number("FracTrainConfig.epsilon", self.epsilon, error, low=0, high=1e9)
+        check_number("FracTrainConfig.decay", self.decay, error, low=0, high=1)
+
+
+@register_recipe
+class FracTrain(DFQ):
+    name = "fractrain"
+    paper = "Fu et al., FracTrain (NeurIPS 2020): PFQ's stages with DFQ's rising target cost"
+    description = "dfq whose target cp rises by target_step at each loss plateau (pfq's indicator)"
+    config_class = FracTrainConfig
+
+    def __init__(self, config: FracTrainConfig | None = None) -> None:
+        super().__init__(config)
+        self.stage = 0
+        self.indicator = PlateauIndicator(self.config.epsilon, self.config.decay)
+        self._sum, self._count_steps = 0.0, 0  # the running interval's task loss
+        self._warned = False
+
+    @property
+    def target_cp(self) -> float:
+        return self.config.target_cp + self.stage * self.config.target_step
+
+    def schedule(self, step: int, total_steps: int) -> Precision:
+        if step == 0 and total_steps < WINDOW * self.config.interval and not self._warned:
+            self._warned = True
+            why = (
+                f"{total_steps} steps < {WINDOW} intervals of {self.config.interval}: "
+                "no stage switch can happen; lower --set interval"
+            )
+            self.emit("too_short", why=why)
+        return super().schedule(step, total_steps)
+
+    def on_step_end(self, step: int, result: StepResult, model: nn.Module, optimizer: Any) -> bool:
+        if self.stage >= self.config.turning_points:
+            return False
+        self._sum += result.loss
+        self._count_steps += 1
+        if self._count_steps < self.config.interval:
+            return False
+        values = self.indicator.add(self._sum / self._count_steps)
+        self._sum, self._count_steps = 0.0, 0
+        if values is not None:
+            self.stage += 1
+            self.emit("stage", stage=self.stage, target_cp=self.target_cp, **values)
+        return False
+
+    def metrics(self) -> dict[str, float | dict[str, float]]:
+        return {**super().metrics(), "stage": self.stage}
+
+    def state_dict(self) -> dict[str, Any]:
+        indicator = self.indicator
+        return {**super().state_dict(), "stage": self.stage, "epsilon": indicator.epsilon,
+                "first": list(indicator.first), "window": list(indicator.window),
+                "sum": self._sum, "count": self._count_steps, "warned": self._warned}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        super().load_state_dict(state, model)
+        self.stage = int(state["stage"])
+        self.indicator = PlateauIndicator(
+            float(state["epsilon"]), self.config.decay, list(state["first"]), list(state["window"])
+        )
+        self._sum, self._count_steps = float(state["sum"]), int(state["count"])
+        self._warned = bool(state["warned"])
