@@ -173,7 +173,7 @@ def test_config_json_round_trip() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"model": "vgg"}, "choose from: cnn, gpt, mlp, resnet9"),
+        ({"model": "vgg"}, "choose from: cnn, gpt, mlp, resnet20"),
         ({"data": "imagenet"}, "choose from: .*fashion-mnist"),
         ({"optimizer": "lion"}, "choose from: sgd, adamw"),
         ({"epochs": 0}, "epochs must be >= 1"),

@@ -17,15 +17,16 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from qtrain import ptq
+from qtrain import distributed, ptq
 from qtrain.data import DATASETS
 from qtrain.export import FORMATS, export_run
 from qtrain.guard import POLICIES
@@ -109,6 +110,19 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
             "metavar": "RUN_DIR",
             "help": "start from this run's trained weights ({seed}: each seed's)",
         },
+    ),
+    (
+        "--distributed",
+        "distributed",
+        {
+            "help": "one process per rank under torchrun (torchrun --nproc-per-node N -m qtrain "
+            "train ...), --batch-size the global batch: " + _one_of(distributed.MODES)
+        },
+    ),
+    (
+        "--sync-batchnorm",
+        "sync_batchnorm",
+        {"action": "store_true", "help": "BatchNorm statistics over the global batch (CUDA)"},
     ),
     ("--download", "download", {"action": "store_true", "help": "fetch missing data"}),
     ("--no-augment", "augment", {"action": "store_false"}),
@@ -251,8 +265,9 @@ def _recipe(name: str, base_config: dict[str, Any] | None, sets: dict[str, str])
     return cls(config.with_overrides(sets) if sets else config)
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty directory unless resuming; with --overwrite remove an old run."""
+def _prepare_out(out: Path, resume: bool, overwrite: bool, remove: bool = True) -> None:
+    """Refuse a non-empty directory unless resuming; with --overwrite remove an old run
+    (``remove=False``: only the checks, as a distributed run's ranks other than 0 do)."""
     if resume or not out.exists() or not any(out.iterdir()):
         return
     if not overwrite:
@@ -260,7 +275,21 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     ours = [out / CONFIG_FILE, out / COMPARE_FILE, *out.glob(f"*/{CONFIG_FILE}")]
     if not any(path.exists() for path in ours):
         raise UsageError(f"{out} does not look like a qtrain run; refusing to delete it")
-    shutil.rmtree(out)
+    if remove:
+        shutil.rmtree(out)
+
+
+@contextlib.contextmanager
+def _processes(config: TrainConfig, out: Path, resume: bool, overwrite: bool) -> Iterator[bool]:
+    """The run's process group (``--distributed``; none for one process) with ``out``
+    prepared by rank 0 once every rank has checked it; yields whether this process reports
+    (rank 0 writes reports and prints; the other ranks only train)."""
+    with distributed.session(config.distributed, config.device) as context:
+        main = context is None or context.is_main
+        _prepare_out(out, resume, overwrite, remove=main)
+        if context is not None:
+            context.barrier()
+        yield main
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -297,8 +326,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(base.get("train", {}), explicit)
     recipe = _recipe(name, base.get("recipe_config") if base.get("recipe") == name else None, sets)
     out = args.out or Path("runs") / f"{name}-{config.model}-{config.data}-s{config.seed}"
-    _prepare_out(out, args.resume, args.overwrite)
-    summary = train(config, recipe, out, resume=args.resume)
+    with _processes(config, out, args.resume, args.overwrite) as main:
+        summary = train(config, recipe, out, resume=args.resume)
+        if not main:
+            return 0
     _write_run_report(out)
     print(
         f"{name} {config.model}/{config.data}: test acc {100 * summary['test_acc']:.2f}%, "
@@ -341,19 +372,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             given = " ".join(f"{k}={v}" for k, v in overrides[name].items())
             raise RecipeConfigError(f"recipe {name!r} with --set {given}: {err}") from None
     configs = {s: _train_config({}, {**explicit, **_seeded_init(explicit, s)}) for s in seeds}
-    _prepare_out(args.out, args.resume, args.overwrite)
     run_dirs = []
     total = len(names) * len(seeds)
-    for name in names:
-        for seed in seeds:
-            run_dir = args.out / f"{name}-s{seed}"
-            run_dirs.append(run_dir)
-            if not configs[seed].quiet:
-                print(f"[{len(run_dirs)}/{total}] {name} seed {seed} -> {run_dir}", file=sys.stderr)
-            # A fresh recipe per run: recipes keep per-run state.
-            recipe = _recipe(name, None, overrides[name])
-            train(configs[seed], recipe, run_dir, resume=args.resume)
-            _write_run_report(run_dir)
+    with _processes(configs[seeds[0]], args.out, args.resume, args.overwrite) as main:
+        for name in names:
+            for seed in seeds:
+                run_dir = args.out / f"{name}-s{seed}"
+                run_dirs.append(run_dir)
+                if not configs[seed].quiet and main:
+                    where = f"{name} seed {seed} -> {run_dir}"
+                    print(f"[{len(run_dirs)}/{total}] {where}", file=sys.stderr)
+                # A fresh recipe per run: recipes keep per-run state.
+                recipe = _recipe(name, None, overrides[name])
+                train(configs[seed], recipe, run_dir, resume=args.resume)
+                if main:
+                    _write_run_report(run_dir)
+        if not main:
+            return 0
     print(format_table(compare_rows(run_dirs)))
     try:
         print(f"-> {write_compare(args.out, run_dirs)}", file=sys.stderr)
@@ -366,8 +401,10 @@ def _cmd_prt(args: argparse.Namespace) -> int:
     config = _train_config({}, _explicit_train_options(args))
     sets = {**dict(args.sets), "b_min": "auto"}
     recipe = RangeTest(CPTConfig().with_overrides(sets))
-    _prepare_out(args.out, args.resume, args.overwrite)
-    train(config, recipe, args.out, resume=args.resume)
+    with _processes(config, args.out, args.resume, args.overwrite) as main:
+        train(config, recipe, args.out, resume=args.resume)
+        if not main:
+            return 0
     for bits, accuracy in recipe.tried:
         print(f"{bits:>2} bits: training accuracy {100 * accuracy:6.2f}%")
     if recipe.b_min is None:
@@ -482,7 +519,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         return _COMMANDS[args.command](args)
-    except (UsageError, TrainConfigError, RecipeConfigError, ptq.PTQError) as err:
+    except (
+        UsageError,
+        TrainConfigError,
+        RecipeConfigError,
+        ptq.PTQError,
+        distributed.DistributedError,
+    ) as err:
         _print_error(err)
         return 2
     except RunError as err:

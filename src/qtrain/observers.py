@@ -89,21 +89,30 @@ class Observer(nn.Module):
         backward is autograd's own (QAT's ``FakeQuantLinear``)."""
         return quantize(x, spec, qparams=self.qparams(x, spec))
 
+    def sync_tensors(self) -> list[torch.Tensor]:
+        """The tensors of this observer whose values the ranks of a data-parallel run agree
+        on (their mean): its non-empty floating-point buffers. A subclass adds state held
+        elsewhere (LSQ's data-initialised step). The trainer averages those of every observer
+        of the model in one collective per step (``qtrain.distributed``)."""
+        return [b for b in self.buffers() if b.is_floating_point() and b.numel()]
+
     def sync(self, process_group: Any = None) -> None:
-        """Agree across ranks: every floating-point buffer becomes its mean over the ranks,
-        in one collective. A no-op unless ``torch.distributed`` is initialised."""
+        """Agree across ranks on this observer alone: every tensor of ``sync_tensors()``
+        becomes its mean over the ranks, in one collective. A no-op unless
+        ``torch.distributed`` is initialised."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        buffers = [b for b in self.buffers() if b.is_floating_point() and b.numel()]
+        buffers = self.sync_tensors()
         if not buffers:
             return
-        flat = torch.cat([b.reshape(-1).float() for b in buffers])
+        flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
         dist.all_reduce(flat, group=process_group)
         flat /= dist.get_world_size(process_group)
-        for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
-            buffer.copy_(part.view_as(buffer))
+        with torch.no_grad():
+            for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+                buffer.copy_(part.view_as(buffer))
 
     def register_lazy_buffer(self, name: str) -> None:
         """An empty buffer that takes its shape from the first value assigned or loaded."""
@@ -381,6 +390,11 @@ class LSQStep(Observer):
         mean_abs = x3.abs().mean(dim=(0, 2)) if self.step.numel() > 1 else x3.abs().mean()
         self.step.copy_(_safe_scale(2 * mean_abs / spec.int_format.qmax**0.5).view_as(self.step))
         self.initialised.fill_(True)
+
+    def sync_tensors(self) -> list[torch.Tensor]:
+        """The step too: each rank sets it from its own first batch (2·mean|x|/sqrt(Q_P));
+        their mean is the step of the global batch. After that the ranks' updates agree."""
+        return [*super().sync_tensors(), self.step]
 
     def qparams(self, x: torch.Tensor, spec: QuantSpec) -> QParams | None:
         """The learned step as the scale (zero point 0), for export; None before the first

@@ -7,7 +7,8 @@ A run writes one directory (DESIGN.md, "Runs and artifacts"): ``config.json``,
 - ``config``: ``TrainConfig``, the learning-rate schedule, the errors a run raises;
 - ``checkpoint``: the run directory's files — atomic writes, checksummed checkpoints, RNG state;
 - ``run``: a run's data and model as every run builds them, its evaluation, ``load_run``;
-- ``loop``: the trainer itself and ``train``.
+- ``loop``: the trainer itself and ``train`` — in one process, or one per rank under torchrun
+  (``TrainConfig.distributed``: DDP or FSDP2; ``qtrain.distributed``, docs/SCALING.md).
 
 Example:
     >>> from qtrain.recipes import build_recipe

@@ -5,7 +5,12 @@
 - ``checkpoint.pt`` — model, optimizer, recipe, guard, RNG streams and progress, written
   atomically with its SHA-256 in ``checkpoint.manifest.json``; loaded only with
   ``torch.load(..., weights_only=True)`` after the checksum matches (``read_checkpoint``);
-- ``summary.json`` — the final figures.
+- ``summary.json`` — the final figures;
+- ``checkpoint.dcp/`` — an FSDP2 run's sharded model and optimizer state
+  (``torch.distributed.checkpoint``, one directory per checkpoint), which the manifest names
+  with a checksum (``sharded_digest``); its ``checkpoint.pt`` holds the model gathered whole.
+
+A distributed run's rank 0 writes every file but the shards (docs/SCALING.md).
 
 Example:
     >>> state = read_checkpoint("runs/example/checkpoint.pt")  # doctest: +SKIP
@@ -89,16 +94,30 @@ def _sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def sharded_digest(directory: Path) -> str:
+    """SHA-256 over a sharded checkpoint directory: each file's name and SHA-256, sorted."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(directory)}\0{_sha256(file)[0]}\n".encode())
+    return digest.hexdigest()
+
+
 def _manifest_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(MANIFEST_FILE)
 
 
 def _write_checkpoint(
-    path: Path, state: dict[str, Any], step: int, previous: dict[str, Any] | None
+    path: Path,
+    state: dict[str, Any],
+    step: int,
+    previous: dict[str, Any] | None,
+    sharded: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``state`` to ``path`` durably, with its checksum in the manifest; return its entry.
 
     ``previous`` is the manifest entry of the file now at ``path`` (None if there is none).
+    ``sharded`` names the sharded checkpoint written with it (an FSDP2 run's directory and
+    its checksum, ``sharded_digest``), which the entry then vouches for too.
     Order: the new file under a temp name, the manifest naming its checksum and the previous
     one, then the rename. A crash at any point leaves a file that the manifest vouches for:
     the previous one before the rename, the new one after.
@@ -106,6 +125,8 @@ def _write_checkpoint(
     tmp = _write_temp(path, lambda f: torch.save(state, f))
     digest, size = _sha256(tmp)
     entry = {"file": path.name, "sha256": digest, "bytes": size, "step": step}
+    if sharded is not None:
+        entry["sharded"] = sharded
     _write_json(_manifest_path(path), {**entry, "previous": previous})
     _commit(tmp, path)
     return entry

@@ -23,6 +23,7 @@ import torch
 from qtrain import data as qdata
 from qtrain import models as qmodels
 from qtrain.configs import Config, from_jsonable
+from qtrain.distributed import MODES
 from qtrain.guard import POLICIES, Fault
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -80,6 +81,10 @@ class TrainConfig(Config):
     ``raise-precision`` of the faulty layer and retry; ``check_every`` is steps between
     per-layer checks (0: none; the loss and the weight gradients are checked every step, and a
     fault they see is located by re-running the step with every layer checked).
+    ``distributed`` is ``none`` (one process), ``ddp`` or ``fsdp`` (FSDP2): one process per rank
+    under torchrun, ``batch_size`` the global batch (``batch_size / world size`` per rank;
+    ``qtrain.distributed``); ``sync_batchnorm`` turns plain BatchNorm layers into SyncBatchNorm
+    (CUDA only).
 
     Example:
         >>> c = TrainConfig(model="cnn", data="synthetic", epochs=2, lr=0.05)
@@ -118,6 +123,8 @@ class TrainConfig(Config):
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     data_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     init: str | None = None
+    distributed: str = "none"
+    sync_batchnorm: bool = False
 
     error: ClassVar[type[Exception]] = TrainConfigError
     option: ClassVar[str] = "train option"
@@ -128,6 +135,7 @@ class TrainConfig(Config):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("on_nonfinite", self.on_nonfinite, POLICIES)
+        _choice("distributed", self.distributed, MODES)
         for name in ("epochs", "batch_size", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -165,6 +173,17 @@ class TrainConfig(Config):
             device_type = None
         if device_type not in ("cpu", "cuda"):
             raise TrainConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.distributed != "none" and self.on_nonfinite != "stop":
+            # Skipping or retrying a step needs every rank to agree on the fault first.
+            raise TrainConfigError(
+                f"on_nonfinite={self.on_nonfinite} is for one process; a distributed run stops "
+                "at a NaN/inf (resume it from its last checkpoint)"
+            )
+        if self.sync_batchnorm and (self.distributed == "none" or device_type != "cuda"):
+            raise TrainConfigError(
+                "sync_batchnorm needs a distributed run on CUDA (torch's SyncBatchNorm has no "
+                "CPU kernel); on the CPU each rank normalises with its own batch statistics"
+            )
 
 
 def _choice(name: str, value: str, choices: Any) -> None:

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,6 @@ def autocast(recipe: Recipe, device: torch.device) -> contextlib.AbstractContext
     return recipe.autocast(device.type) or contextlib.nullcontext()
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module, recipe: Recipe, dataset: Dataset, batch_size: int
 ) -> tuple[float, float]:
@@ -186,19 +186,44 @@ def evaluate(
     in eval mode, under the recipe's autocast. The next training step's schedule sets the
     training precision again.
     """
+    return evaluate_sums(model, recipe, dataset, batch_size).means()
+
+
+def eval_batch_count(dataset: Dataset, batch_size: int) -> int:
+    """How many batches of ``batch_size`` the test split makes (the last may be short)."""
+    return -(-len(dataset.test_y) // batch_size)
+
+
+@torch.no_grad()
+def evaluate_sums(
+    model: nn.Module,
+    recipe: Recipe,
+    dataset: Dataset,
+    batch_size: int,
+    batches: Sequence[int] | None = None,
+    idle: int = 0,
+) -> _Meter:
+    """``evaluate``'s sums over the test batches numbered ``batches`` (None: all): the batches
+    every run evaluates, each as in a single process, whichever rank runs it. ``idle`` more
+    forward passes (of batch 0, not counted) keep the ranks of an FSDP2 run in step: each of
+    its forward passes gathers the parameters from every rank."""
     precision = recipe.on_eval_start(model)
     if precision is not None:
         set_precision(model, precision)
     model.eval()
     total = _Meter()
-    for start in range(0, len(dataset.test_y), batch_size):
+    counted = list(range(eval_batch_count(dataset, batch_size)) if batches is None else batches)
+    for position, index in enumerate([*counted, *[0] * idle]):
+        start = index * batch_size
         x = dataset.test_x[start : start + batch_size]
         y = dataset.test_y[start : start + batch_size]
         with autocast(recipe, dataset.device):
             logits = model(x)
+        if position >= len(counted):
+            continue
         loss, correct = task_loss(logits, y)
         total.add(loss.item(), int(correct.item()), y.numel())
-    return total.means()
+    return total
 
 
 def read_run_config(run_dir: Path) -> tuple[TrainConfig, Recipe]:
