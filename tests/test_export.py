@@ -283,3 +283,18 @@ def test_manifest_names_how_to_build_the_model(exported: Path) -> None:
     assert manifest["train"]["model"] == "cnn" and manifest["input_shape"] == [1, 8, 8]
     assert manifest["num_classes"] == 4
     assert json.loads(json.dumps(manifest)) == manifest
+
+
+def test_a_self_compressed_run_exports_and_loads_at_its_reduced_shape(tmp_path: Path) -> None:
+    sets = {"gamma": 2.0, "bits_lr": 2.0, "zero_shift_step": 10.0}  # removes within a few steps
+    run_dir = tmp_path / "selfcompress"
+    train(tiny_config(epochs=3), build_recipe("selfcompress", sets), run_dir)
+    run = load_run(run_dir)
+    assert run.summary["params_final"] < run.summary["params_initial"]  # channels were removed
+    exported = export_run(run_dir, out=tmp_path / "model.safetensors")
+    assert exported.max_abs_diff == 0.0
+    loaded = qtrain.load_quantized(exported.path)
+    shapes = {name: tuple(t.shape) for name, t in run.model.state_dict().items()}
+    assert {name: tuple(t.shape) for name, t in loaded.state_dict().items()} == shapes
+    with torch.no_grad():
+        assert torch.equal(loaded(run.data.test_x), run.model(run.data.test_x))
