@@ -36,7 +36,8 @@ def test_target_rises_at_each_plateau_until_the_last_turning_point() -> None:
     assert [(e["stage"], e["target_cp"]) for e in stages] == [(1, 2.25), (2, 2.5)]
     assert stages[0]["deltas"] == [0.0] * 4 and stages[0]["epsilon"] == 0.05
     # After the last turning point the indicator is no longer read.
-    assert recipe.indicator.window == [] and recipe.indicator.epsilon == pytest.approx(0.0125)
+    indicator = recipe.plateau.indicator
+    assert indicator.window == [] and indicator.epsilon == pytest.approx(0.0125)
     assert recipe.metrics()["stage"] == 2 and recipe.metrics()["target_cp"] == 2.5
 
 

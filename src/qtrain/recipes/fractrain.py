@@ -27,7 +27,7 @@ from torch import nn
 from qtrain.ops import Precision
 from qtrain.recipes.base import RecipeConfigError, StepResult, register_recipe
 from qtrain.recipes.dfq import DFQ, DFQConfig
-from qtrain.recipes.pfq import WINDOW, PFQConfig, PlateauIndicator
+from qtrain.recipes.pfq import IntervalPlateau, PFQConfig, PlateauIndicator
 from qtrain.validation import check_int, check_number
 
 
@@ -65,33 +65,25 @@ class FracTrain(DFQ):
     def __init__(self, config: FracTrainConfig | None = None) -> None:
         super().__init__(config)
         self.stage = 0
-        self.indicator = PlateauIndicator(self.config.epsilon, self.config.decay)
-        self._sum, self._count_steps = 0.0, 0  # the running interval's task loss
-        self._warned = False
+        config = self.config
+        self.plateau = IntervalPlateau(
+            config.interval, PlateauIndicator(config.epsilon, config.decay)
+        )
 
     @property
     def target_cp(self) -> float:
         return self.config.target_cp + self.stage * self.config.target_step
 
     def schedule(self, step: int, total_steps: int) -> Precision:
-        if step == 0 and total_steps < WINDOW * self.config.interval and not self._warned:
-            self._warned = True
-            why = (
-                f"{total_steps} steps < {WINDOW} intervals of {self.config.interval}: "
-                "no stage switch can happen; lower --set interval"
-            )
+        why = self.plateau.too_short(step, total_steps)
+        if why is not None:
             self.emit("too_short", why=why)
         return super().schedule(step, total_steps)
 
     def on_step_end(self, step: int, result: StepResult, model: nn.Module, optimizer: Any) -> bool:
         if self.stage >= self.config.turning_points:
             return False
-        self._sum += result.loss
-        self._count_steps += 1
-        if self._count_steps < self.config.interval:
-            return False
-        values = self.indicator.add(self._sum / self._count_steps)
-        self._sum, self._count_steps = 0.0, 0
+        values = self.plateau.add(result.loss)
         if values is not None:
             self.stage += 1
             self.emit("stage", stage=self.stage, target_cp=self.target_cp, **values)
@@ -101,16 +93,9 @@ class FracTrain(DFQ):
         return {**super().metrics(), "stage": self.stage}
 
     def state_dict(self) -> dict[str, Any]:
-        indicator = self.indicator
-        return {**super().state_dict(), "stage": self.stage, "epsilon": indicator.epsilon,
-                "first": list(indicator.first), "window": list(indicator.window),
-                "sum": self._sum, "count": self._count_steps, "warned": self._warned}  # fmt: skip
+        return {**super().state_dict(), "stage": self.stage, **self.plateau.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
         super().load_state_dict(state, model)
         self.stage = int(state["stage"])
-        self.indicator = PlateauIndicator(
-            float(state["epsilon"]), self.config.decay, list(state["first"]), list(state["window"])
-        )
-        self._sum, self._count_steps = float(state["sum"]), int(state["count"])
-        self._warned = bool(state["warned"])
+        self.plateau.load_state_dict(state)

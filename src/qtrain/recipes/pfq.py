@@ -65,6 +65,53 @@ class PlateauIndicator:
         return values
 
 
+@dataclasses.dataclass
+class IntervalPlateau:
+    """The indicator as the recipes feed it: the task loss of every step, its mean over each
+    ``interval`` steps to a ``PlateauIndicator``; with its state for resume (PFQ and
+    FracTrain share it)."""
+
+    interval: int
+    indicator: PlateauIndicator
+    loss_sum: float = 0.0  # the running interval's loss (sum over steps)
+    steps: int = 0
+    warned: bool = False
+
+    def too_short(self, step: int, total_steps: int) -> str | None:
+        """Once, at step 0 of a run too short for any switch: why (else None)."""
+        if step != 0 or total_steps >= WINDOW * self.interval or self.warned:
+            return None
+        self.warned = True
+        return (
+            f"{total_steps} steps < {WINDOW} intervals of {self.interval}: "
+            "no stage switch can happen; lower --set interval"
+        )
+
+    def add(self, loss: float) -> dict[str, Any] | None:
+        """A step's loss; the indicator's values when an interval ends on a plateau."""
+        self.loss_sum += loss
+        self.steps += 1
+        if self.steps < self.interval:
+            return None
+        interval_loss = self.loss_sum / self.steps
+        self.loss_sum, self.steps = 0.0, 0
+        return self.indicator.add(interval_loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        indicator = self.indicator
+        return {"epsilon": indicator.epsilon, "first": list(indicator.first),
+                "window": list(indicator.window), "sum": self.loss_sum, "count": self.steps,
+                "warned": self.warned}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.indicator = PlateauIndicator(
+            float(state["epsilon"]), self.indicator.decay, list(state["first"]),
+            list(state["window"]),
+        )  # fmt: skip
+        self.loss_sum, self.steps = float(state["sum"]), int(state["count"])
+        self.warned = bool(state["warned"])
+
+
 @dataclasses.dataclass(frozen=True)
 class PFQConfig(RecipeConfig):
     """PFQ's parameters; the stage lists pair up (forward_bits[i] with backward_bits[i])."""
@@ -101,9 +148,10 @@ class PFQ(Recipe):
     def __init__(self, config: PFQConfig | None = None) -> None:
         super().__init__(config)
         self.stage = 0
-        self.indicator = PlateauIndicator(self.config.epsilon, self.config.decay)
-        self._sum, self._count = 0.0, 0  # the running interval's loss (sum over steps)
-        self._warned = False
+        config = self.config
+        self.plateau = IntervalPlateau(
+            config.interval, PlateauIndicator(config.epsilon, config.decay)
+        )
 
     def prepare(self, model: nn.Module) -> nn.Module:
         config = self.config
@@ -119,23 +167,13 @@ class PFQ(Recipe):
                          backward=config.backward_bits[self.stage])  # fmt: skip
 
     def schedule(self, step: int, total_steps: int) -> Precision:
-        if step == 0 and total_steps < WINDOW * self.config.interval and not self._warned:
-            self._warned = True
-            why = (
-                f"{total_steps} steps < {WINDOW} intervals of {self.config.interval}: "
-                "no stage switch can happen; lower --set interval"
-            )
+        why = self.plateau.too_short(step, total_steps)
+        if why is not None:
             self.emit("too_short", why=why)
         return self._precision()
 
     def on_step_end(self, step: int, result: StepResult, model: nn.Module, optimizer: Any) -> bool:
-        self._sum += result.loss
-        self._count += 1
-        if self._count < self.config.interval:
-            return False
-        interval_loss = self._sum / self._count
-        self._sum, self._count = 0.0, 0
-        values = self.indicator.add(interval_loss)
+        values = self.plateau.add(result.loss)
         if values is not None and self.stage + 1 < len(self.config.forward_bits):
             self.stage += 1
             precision = self._precision()
@@ -148,15 +186,8 @@ class PFQ(Recipe):
         return {"fw_bits": precision.forward, "bw_bits": precision.backward, "stage": self.stage}
 
     def state_dict(self) -> dict[str, Any]:
-        indicator = self.indicator
-        return {"stage": self.stage, "epsilon": indicator.epsilon, "first": list(indicator.first),
-                "window": list(indicator.window), "sum": self._sum, "count": self._count,
-                "warned": self._warned}  # fmt: skip
+        return {"stage": self.stage, **self.plateau.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
         self.stage = int(state["stage"])
-        self.indicator = PlateauIndicator(
-            float(state["epsilon"]), self.config.decay, list(state["first"]), list(state["window"])
-        )
-        self._sum, self._count = float(state["sum"]), int(state["count"])
-        self._warned = bool(state["warned"])
+        self.plateau.load_state_dict(state)
