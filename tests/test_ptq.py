@@ -206,12 +206,19 @@ def test_ptq_command_writes_its_table_and_json(trained_run: Path, tmp_path: Path
             "--calib",
             "2",
             "--quiet",
+            "--save",
+            "safetensors",
             "--out",
             str(out),
         ]
     )
     assert code == 0
     result = json.loads((out / "ptq.json").read_text())
+    saved = sorted(p.name for p in out.glob("*.safetensors"))
+    assert saved == sorted(
+        f"{v['name'].lower().replace(' ', '-')}.safetensors" for v in result["variants"]
+    )
+    assert all(v["files"][0]["max_abs_diff"] == 0.0 for v in result["variants"])
     assert [v["name"] for v in result["variants"]] == [
         "W4A8 per-channel minmax",
         "W4A8 per-channel minmax CLE",
@@ -227,7 +234,9 @@ def test_ptq_command_writes_its_table_and_json(trained_run: Path, tmp_path: Path
         "bias_correction",
         "test_acc",
     }
-    assert "| W4 per-channel minmax CLE |" in (out / "ptq.md").read_text()
+    table = (out / "ptq.md").read_text()
+    assert "| W4 per-channel minmax CLE |" in table
+    assert "| W4 per-channel minmax CLE | w4-per-channel-minmax-cle.safetensors |" in table
     assert main(["ptq", str(trained_run), "--w-bits", "x"]) == 2
     assert main(["ptq", str(tmp_path / "absent")]) == 1
     assert "no run directory" in capsys.readouterr().err

@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a trained run's model without training and evaluate each "
         "variant on its test split. --w-bits, --a-bits, --granularity and --observer take "
         "comma-separated lists (every combination runs); --cle and --bias-correction add "
-        "the variants with them. Writes ptq.json and ptq.md in --out (default RUN_DIR/ptq).",
+        "the variants with them. Writes ptq.json and ptq.md in --out (default RUN_DIR/ptq); "
+        "--save writes each variant's model there too.",
     )
     p_ptq.add_argument("run_dir", type=Path)
     p_ptq.add_argument("--w-bits", default="8", help="weight bits, e.g. 8 or 8,4")
@@ -212,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_ptq.add_argument("--bias-correction", action="store_true", help="add bias correction")
     p_ptq.add_argument(
         "--compare-torch", action="store_true", help="add PyTorch's own PTQ (torch.ao, x86)"
+    )
+    p_ptq.add_argument(
+        "--save",
+        default="",
+        help="also write each variant's model to --out and check it: safetensors, onnx or "
+        "both (comma-separated); load with qtrain.load_quantized",
     )
     p_ptq.add_argument("--out", type=Path, help="output directory (default RUN_DIR/ptq)")
     p_ptq.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -439,6 +446,11 @@ def _cmd_ptq(args: argparse.Namespace) -> int:
         args.bias_correction,
     )
     variant_list = [v.with_changes(percentile=args.percentile) for v in variant_list]
+    save = listed(args.save, str, "--save")
+    for format in save:
+        if format not in FORMATS:
+            raise UsageError(f"--save takes {', '.join(FORMATS)}; got {format!r}")
+    out = args.out or args.run_dir / "ptq"
     run = load_run(args.run_dir, device="cpu")
     result = ptq.run_ptq(
         run,
@@ -447,8 +459,9 @@ def _cmd_ptq(args: argparse.Namespace) -> int:
         compare_torch=args.compare_torch,
         progress=not args.quiet,
         report=None if args.quiet else lambda line: print(line, file=sys.stderr),
+        save=save,
+        out=out,
     )
-    out = args.out or args.run_dir / "ptq"
     out.mkdir(parents=True, exist_ok=True)
     table = ptq.format_ptq(result)
     _write_json(out / "ptq.json", result)
@@ -474,11 +487,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     exported = export_run(args.run_dir, args.format, args.out)
     size, fp32 = exported.bytes, exported.fp32_bytes
     print(f"{exported.path}: {size:,} bytes; fp32 state_dict {fp32:,} bytes ({size / fp32:.1%})")
-    how = "loaded back" if args.format == "safetensors" else "in onnxruntime"
+    how = "loaded back" if args.format == "safetensors" else "in onnxruntime, as written"
     print(
         f"{how}: max |output - trained model's| = {exported.max_abs_diff:.3g} on "
         f"{exported.checked_inputs} test inputs"
     )
+    if exported.optimized_max_abs_diff is not None:
+        print(
+            "in onnxruntime's default session (fused integer kernels): "
+            f"{exported.optimized_max_abs_diff:.3g}"
+        )
     return 0
 
 

@@ -21,7 +21,8 @@ model's.
 ONNX (``save_onnx``, ``pip install qtrain[onnx]``): the model with each quantized layer as
 DequantizeLinear of its int8/uint8 weight initializer and QuantizeLinear/DequantizeLinear of
 its input at the input's static scale (a running range, a learned step), checked against the
-PyTorch model in onnxruntime (``check_onnx``). Layers that measure their input's scale from
+PyTorch model in onnxruntime (``check_onnx``: as written, and in onnxruntime's default session,
+whose fused integer kernels round on their own). Layers that measure their input's scale from
 each batch (BitNet's per-token absmax, ui8/daint8's per-tensor absmax) are refused.
 
 Example:
@@ -225,10 +226,13 @@ def save_quantized(
     recipe: Recipe,
     input_shape: Sequence[int],
     num_classes: int,
+    ptq: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (prepared by ``recipe`` for ``config``'s model, at the precision it is
     to run at) as one safetensors file of integer weights (see the module docstring),
     atomically. ``input_shape`` and ``num_classes`` are the model builder's (the dataset's).
+    ``ptq``: the ``PTQVariant`` (as a dict) that quantized ``model`` after training
+    (``qtrain.ptq``); the loader rebuilds the trained model, then folds and quantizes it so.
 
     Raises ``ExportError`` when no layer has integer weights (fp32, amp: nothing to gain).
 
@@ -277,6 +281,7 @@ def save_quantized(
             "config": recipe.config.to_dict(),
             "state": _json_state(recipe),
         },
+        "ptq": ptq,
         "layers": layers,
         "configs": configs,
     }
@@ -343,9 +348,11 @@ def read_quantized(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
     return manifest, tensors
 
 
-def _build(manifest: dict[str, Any]) -> tuple[nn.Module, Recipe]:
+def _build(manifest: dict[str, Any], keys: set[str]) -> tuple[nn.Module, Recipe]:
     """The model a manifest describes, freshly built and prepared (global RNG untouched), with
-    the recipe's state replayed onto it (the weights not yet loaded)."""
+    the recipe's state replayed onto it and, for a PTQ output, folded and quantized as the
+    variant was (``keys``: the file's tensor names, for the biases bias correction added);
+    the weights not yet loaded."""
     name = manifest["recipe"]["name"]
     if name not in RECIPES:
         raise ExportError(
@@ -364,7 +371,15 @@ def _build(manifest: dict[str, Any]) -> tuple[nn.Module, Recipe]:
             **config.model_kwargs,
         )
         model = recipe.prepare(model)
-    recipe.load_state_dict(manifest["recipe"]["state"], model)  # replays structural changes
+        recipe.load_state_dict(manifest["recipe"]["state"], model)  # replays structural changes
+        if manifest.get("ptq") is not None:
+            from qtrain.ptq import PTQError, PTQVariant, skeleton
+
+            try:
+                variant = PTQVariant.from_dict(manifest["ptq"])
+            except (PTQError, TypeError, ValueError) as err:
+                raise ExportError(f"the file's PTQ variant is not valid: {err}") from None
+            model = skeleton(model, variant, keys)
     return model, recipe
 
 
@@ -384,7 +399,7 @@ def load_quantized(path: str | os.PathLike[str], device: str | torch.device = "c
     """
     path = Path(path)
     manifest, tensors = read_quantized(path)
-    model, _ = _build(manifest)
+    model, _ = _build(manifest, set(tensors))
     weights = {}
     try:
         for name, record in manifest["layers"].items():
@@ -667,13 +682,24 @@ def save_onnx(model: nn.Module, path: str | os.PathLike[str], example: torch.Ten
     return path
 
 
-def check_onnx(path: str | os.PathLike[str], model: nn.Module, inputs: torch.Tensor) -> float:
-    """Max |ONNX Runtime's output − ``model(inputs)``| for the graph at ``path``."""
+def check_onnx(
+    path: str | os.PathLike[str], model: nn.Module, inputs: torch.Tensor, optimized: bool = False
+) -> float:
+    """Max |ONNX Runtime's output − ``model(inputs)``| for the graph at ``path``.
+
+    ``optimized=False`` runs the graph as written (ONNX Runtime's graph optimizations off):
+    its float ops then follow PyTorch's up to float32 summation order. ``optimized=True`` is
+    ONNX Runtime's default session, which fuses DequantizeLinear → Conv/MatMul → (ReLU) →
+    QuantizeLinear into integer kernels (QLinearConv...) that requantize the accumulator with
+    their own rounding: an activation then lands a level apart now and then, and outputs move
+    by about a step (the deployment's numerics, not the graph's)."""
     _require_onnx()
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    if not optimized:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     (output,) = session.run(None, {session.get_inputs()[0].name: inputs.cpu().numpy()})
     with torch.no_grad():
@@ -688,14 +714,16 @@ def check_onnx(path: str | os.PathLike[str], model: nn.Module, inputs: torch.Ten
 class Exported:
     """What ``export_run`` wrote: the file, its size, the float32 size of the plain model's
     parameters and buffers, and the largest output difference from the trained model on
-    ``checked_inputs`` of the run's test inputs (the file loaded back, or run in
-    onnxruntime)."""
+    ``checked_inputs`` of the run's test inputs (the file loaded back, or the ONNX graph run
+    as written in onnxruntime; ``optimized_max_abs_diff``: the same graph in onnxruntime's
+    default, optimized session, see ``check_onnx``)."""
 
     path: Path
     bytes: int
     fp32_bytes: int
     max_abs_diff: float
     checked_inputs: int
+    optimized_max_abs_diff: float | None = None  # ONNX: ONNX Runtime's fused integer kernels
 
 
 def fp32_bytes(config: TrainConfig, input_shape: Sequence[int], num_classes: int) -> int:
@@ -738,20 +766,50 @@ def export_run(
         set_precision(run.model, precision)
     _require_integer_weights(run.model, f"run {run.path} (recipe {run.recipe.name})")
     path = Path(out) if out is not None else run.path / f"model{SUFFIXES[format]}"
+    return write_checked(
+        run.model,
+        path,
+        format,
+        config=run.config,
+        recipe=run.recipe,
+        input_shape=run.data.input_shape,
+        num_classes=run.data.num_classes,
+        inputs=run.data.test_x[:check_batch],
+    )
+
+
+def write_checked(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    format: str,
+    *,
+    config: TrainConfig,
+    recipe: Recipe,
+    input_shape: Sequence[int],
+    num_classes: int,
+    inputs: torch.Tensor,
+    ptq: dict[str, Any] | None = None,
+) -> Exported:
+    """Write ``model`` as ``format`` to ``path`` (``save_quantized`` or ``save_onnx``; the
+    arguments as theirs), then check the file on ``inputs``: loaded back (safetensors) or run
+    in onnxruntime (ONNX) against ``model``. Returns what was written and the check."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose from: {', '.join(FORMATS)}")
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    inputs = run.data.test_x[:check_batch]
-    shape, classes = run.data.input_shape, run.data.num_classes
+    optimized = None
     if format == "safetensors":
         save_quantized(
-            run.model, path, config=run.config, recipe=run.recipe, input_shape=shape,
-            num_classes=classes,
+            model, path, config=config, recipe=recipe, input_shape=input_shape,
+            num_classes=num_classes, ptq=ptq,
         )  # fmt: skip
         with torch.no_grad():
-            diff = (load_quantized(path)(inputs) - run.model(inputs)).abs().max()
+            diff = (load_quantized(path)(inputs) - model(inputs)).abs().max()
         max_abs_diff = float(diff)
     else:
-        save_onnx(run.model, path, inputs)
-        max_abs_diff = check_onnx(path, run.model, inputs)
+        save_onnx(model, path, inputs)
+        max_abs_diff = check_onnx(path, model, inputs)
+        optimized = check_onnx(path, model, inputs, optimized=True)
+    fp32 = fp32_bytes(config, input_shape, num_classes)
     size = path.stat().st_size
-    fp32 = fp32_bytes(run.config, shape, classes)
-    return Exported(path, size, fp32, max_abs_diff, len(inputs))
+    return Exported(path, size, fp32, max_abs_diff, len(inputs), optimized)

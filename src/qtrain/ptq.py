@@ -37,8 +37,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -49,6 +51,7 @@ from torch import nn
 from qtrain.api import QuantizedTrainingConfig, dequantize_, quantize_, quantized_modules
 from qtrain.configs import Config
 from qtrain.data import Dataset
+from qtrain.export import FORMATS, SUFFIXES, ExportError, _require_onnx, write_checked
 from qtrain.formats import Int
 from qtrain.observers import CalibratedRange, FixedQParams
 from qtrain.ops import GemmConfig
@@ -104,6 +107,11 @@ class PTQVariant(Config):
         bits = f"W{self.w_bits}" + (f"A{self.a_bits}" if self.a_bits else "")
         extras = [t for t, on in (("CLE", self.cle), ("bias corr.", self.bias_correction)) if on]
         return " ".join([bits, self.granularity.replace("_", "-"), self.observer, *extras])
+
+    @property
+    def file_stem(self) -> str:
+        """The name as a file name: ``w4a8-per-channel-minmax-cle-bias-corr``."""
+        return self.name.lower().replace(".", "").replace(" ", "-")
 
 
 def variants(
@@ -340,6 +348,22 @@ def ptq_variant(
 
 
 @torch.no_grad()
+def skeleton(model: nn.Module, variant: PTQVariant, keys: Iterable[str]) -> nn.Module:
+    """The structure of ``variant``'s model made from a freshly built run model, its values
+    still to be loaded (``qtrain.load_quantized`` of a PTQ output): float, BatchNorm folded,
+    quantized, and a zero bias on each quantized layer that lacks one where ``keys`` (the
+    saved tensors' names) hold one (bias correction adds them)."""
+    model = dequantize_(model).eval()
+    fold_batchnorm(model)
+    quantize_model(model, variant)
+    keys = set(keys)
+    for name, layer in quantized_modules(model):
+        if layer.bias is None and (f"{name}.bias" if name else "bias") in keys:
+            layer.bias = nn.Parameter(layer.weight.new_zeros(layer.weight.shape[0]))
+    return model
+
+
+@torch.no_grad()
 def torch_ao_ptq(plain: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
     """PyTorch's own post-training quantization of ``plain``: FX graph mode, the x86 backend's
     default qconfig (per-channel int8 weights, histogram-observed uint8 activations),
@@ -364,14 +388,30 @@ def run_ptq(
     compare_torch: bool = False,
     progress: bool = False,
     report: Callable[[str], None] | None = None,
+    save: Sequence[str] = (),
+    out: str | os.PathLike[str] | None = None,
+    check_batch: int = 64,
 ) -> dict[str, Any]:
     """Every variant of ``run`` (a ``qtrain.load_run`` result) evaluated on its test split:
     ``{"run": ..., "fp32": {"test_acc", "test_loss"}, "calib": ..., "variants": [...]}``.
     ``fp32`` is the float, BN-folded version of the run's model; ``compare_torch`` adds
     PyTorch's own PTQ (``torch_ao_ptq``) as a variant named "torch.ao x86 default".
-    ``report`` receives one line per finished variant."""
+    ``report`` receives one line per finished variant.
+
+    ``save``: formats of ``qtrain.export`` ("safetensors", "onnx") in which each variant's
+    model is written to ``out`` as ``<variant.file_stem>.<suffix>`` and checked on
+    ``check_batch`` test inputs (loaded back with ``qtrain.load_quantized``, or run in
+    onnxruntime); each variant's row lists its ``files`` (path, bytes, the fp32 state_dict's
+    bytes, the largest output difference). torch.ao's model is not saved."""
     if not variant_list and not compare_torch:
         raise PTQError("no PTQ variant to run")
+    for format in save:
+        if format not in FORMATS:
+            refuse("save", format, f"one of: {', '.join(FORMATS)}", PTQError)
+    if save and out is None:
+        raise PTQError("save: give the directory to write the models to (out)")
+    if "onnx" in save:
+        _require_onnx()  # before any work
     if run.config.device != "cpu" and compare_torch:
         raise PTQError(
             "torch.ao's quantized kernels run on the CPU: load the run with device='cpu'"
@@ -396,11 +436,12 @@ def run_ptq(
         "variants": [],
     }
     for variant in variant_list:
-        row = {
-            "name": variant.name,
-            **variant.to_dict(),
-            **score(ptq_variant(plain, variant, batches, progress)),
-        }
+        model = ptq_variant(plain, variant, batches, progress)
+        row = {"name": variant.name, **variant.to_dict(), **score(model)}
+        if save:
+            row["files"] = [
+                _save_variant(run, model, variant, format, out, check_batch) for format in save
+            ]
         result["variants"].append(row)
         if report:
             report(f"{row['name']}: {100 * row['test_acc']:.2f}%")
@@ -419,6 +460,29 @@ def run_ptq(
         if report:
             report(f"{row['name']}: {100 * row['test_acc']:.2f}%")
     return result
+
+
+def _save_variant(
+    run: Any, model: nn.Module, variant: PTQVariant, format: str, out: Any, check_batch: int
+) -> dict[str, Any]:
+    path = Path(out) / f"{variant.file_stem}{SUFFIXES[format]}"
+    try:
+        exported = write_checked(
+            model, path, format, config=run.config, recipe=run.recipe,
+            input_shape=run.data.input_shape, num_classes=run.data.num_classes,
+            inputs=run.data.test_x[:check_batch], ptq=variant.to_dict(),
+        )  # fmt: skip
+    except ExportError as err:
+        raise PTQError(f"variant {variant.name!r}: {err}") from None
+    return {
+        "format": format,
+        "path": str(exported.path),
+        "bytes": exported.bytes,
+        "fp32_bytes": exported.fp32_bytes,
+        "max_abs_diff": exported.max_abs_diff,
+        "optimized_max_abs_diff": exported.optimized_max_abs_diff,
+        "checked_inputs": exported.checked_inputs,
+    }
 
 
 def format_ptq(result: dict[str, Any]) -> str:
@@ -441,7 +505,23 @@ def format_ptq(result: dict[str, Any]) -> str:
             f"{'yes' if row['bias_correction'] else 'no'} | {100 * row['test_acc']:.2f} | "
             f"{100 * (row['test_acc'] - fp32):+.2f} |"
         )
+    files = [(row["name"], f) for row in result["variants"] for f in row.get("files", ())]
+    if files:
+        lines += [
+            "",
+            "| variant | file | bytes | of fp32 | max abs diff (checked inputs) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, f in files:
+            lines.append(
+                f"| {name} | {Path(f['path']).name} | {f['bytes']:,} | "
+                f"{f['bytes'] / f['fp32_bytes']:.1%} | {f['max_abs_diff']:.3g} "
+                f"({f['checked_inputs']}, {_CHECKED[f['format']]}) |"
+            )
     return "\n".join(lines) + "\n"
+
+
+_CHECKED = {"safetensors": "loaded back", "onnx": "onnxruntime, graph as written"}
 
 
 def _progress(items: Sequence[Any], what: str, enabled: bool) -> Iterable[Any]:
