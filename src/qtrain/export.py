@@ -692,7 +692,9 @@ def check_onnx(
     ONNX Runtime's default session, which fuses DequantizeLinear → Conv/MatMul → (ReLU) →
     QuantizeLinear into integer kernels (QLinearConv...) that requantize the accumulator with
     their own rounding: an activation then lands a level apart now and then, and outputs move
-    by about a step (the deployment's numerics, not the graph's)."""
+    by about a step (the deployment's numerics, not the graph's). On x86 without VNNI, the
+    fused kernels' u8×s8 products of 8-bit weights can also saturate (a PTQ W8A8 ResNet-9
+    changed 3.4% of its predictions there; docs/RESULTS.md, issue 20)."""
     _require_onnx()
     import onnxruntime
 

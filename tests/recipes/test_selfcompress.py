@@ -53,6 +53,31 @@ def test_bits_learn_through_the_clamp_and_exponents_through_the_scale() -> None:
     assert exponent.grad is not None and float(exponent.grad) != 0.0
 
 
+def test_bits_above_the_cap_keep_the_output_and_gradients_finite() -> None:
+    # A γ = 1.0 ResNet-9 run once threw a b to 137 in one step: 2^(b−1) overflowed fp32 and
+    # b's gradient became NaN. b is used at most bits_max and kept there after each step.
+    w = torch.tensor([[0.9, -0.1, 0.4], [0.9, -0.1, 0.4]])
+    bits = torch.tensor([137.0, 16.0], requires_grad=True)
+    exponent = torch.tensor([-2.0, -2.0], requires_grad=True)
+    q = self_compress_quantize(w, bits, exponent, bits_max=16.0)
+    assert torch.equal(q[0], q[1])  # 137 bits act as 16
+    q.square().sum().backward()
+    assert bits.grad is not None and bool(torch.isfinite(bits.grad).all())
+    assert exponent.grad is not None and bool(torch.isfinite(exponent.grad).all())
+
+    recipe = SelfCompress(SelfCompressConfig(bits_max=8.0))
+    model = recipe.prepare(resnet())
+    layer = model.prep[0]
+    with torch.no_grad():
+        layer.bits[0] = 137.0
+    assert int(layer.channel_bits()[0]) == 8
+    optimizer = build_optimizer(small_config(), recipe, model)
+    recipe.on_step_end(0, None, model, optimizer)
+    assert float(layer.bits.detach()[0]) == 8.0
+    with pytest.raises(RecipeConfigError, match="bits_init"):
+        SelfCompressConfig(bits_init=10.0, bits_max=8.0)
+
+
 def test_every_layer_gets_bits_and_an_exponent_covering_its_range() -> None:
     model = SelfCompress(SelfCompressConfig(bits_init=4)).prepare(resnet())
     layer = model.prep[0]

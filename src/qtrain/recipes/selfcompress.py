@@ -41,13 +41,18 @@ from qtrain.recipes.base import Recipe, RecipeConfig, RecipeConfigError, registe
 from qtrain.validation import check_number
 
 
+BITS_MAX = 16.0  # the default cap on b (``SelfCompressConfig.bits_max``)
+
+
 def self_compress_quantize(
-    weight: torch.Tensor, bits: torch.Tensor, exponent: torch.Tensor
+    weight: torch.Tensor, bits: torch.Tensor, exponent: torch.Tensor, bits_max: float = BITS_MAX
 ) -> torch.Tensor:
-    """q(w, b, e) per output channel (dim 0), b used as max(b, 0); the straight-through
-    estimator for round, so b learns through the clamp's bounds and e through 2^±e."""
+    """q(w, b, e) per output channel (dim 0), b used as min(max(b, 0), bits_max); the
+    straight-through estimator for round, so b learns through the clamp's bounds and e through
+    2^±e. The cap keeps 2^(b−1) finite: b's gradient grows as 2^b while the bounds clip, so a
+    large step could otherwise throw b past fp32's exponent range (inf bounds, NaN gradients)."""
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    b, e = F.relu(bits).view(shape), exponent.view(shape)
+    b, e = bits.clamp(0.0, bits_max).view(shape), exponent.view(shape)
     high = torch.exp2(b - 1)
     clamped = torch.minimum(torch.maximum(torch.exp2(-e) * weight, -high), high - 1)
     return torch.exp2(e) * (clamped + (torch.round(clamped) - clamped).detach())
@@ -61,9 +66,13 @@ class _SelfCompressing:
     bias: nn.Parameter | None
     bits: nn.Parameter
     exponent: nn.Parameter
+    bits_max: float = BITS_MAX
 
-    def _init_self_compressing(self, bits: float, exponent: float | str) -> None:
+    def _init_self_compressing(
+        self, bits: float, exponent: float | str, bits_max: float = BITS_MAX
+    ) -> None:
         channels = self.weight.shape[0]
+        self.bits_max = float(bits_max)
         with torch.no_grad():
             if exponent == "auto":  # the grid of b bits just covers each channel's max|w|
                 amax = self.weight.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
@@ -75,11 +84,11 @@ class _SelfCompressing:
         self.exponent = nn.Parameter(e.to(device))
 
     def quantized_weight_values(self) -> torch.Tensor:
-        return self_compress_quantize(self.weight, self.bits, self.exponent)
+        return self_compress_quantize(self.weight, self.bits, self.exponent, self.bits_max)
 
     def channel_bits(self) -> torch.Tensor:
-        """Bits each output channel's weights are stored in: ceil(max(b, 0))."""
-        return torch.ceil(F.relu(self.bits.detach()))
+        """Bits each output channel's weights are stored in: ceil(min(max(b, 0), bits_max))."""
+        return torch.ceil(self.bits.detach().clamp(0.0, self.bits_max))
 
     # ---- the quantized-module protocol ----
     def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
@@ -126,12 +135,16 @@ class SelfCompressingConv2d(_SelfCompressing, nn.Conv2d):
 
     @classmethod
     def from_float(
-        cls, module: nn.Conv2d, bits: float, exponent: float | str
+        cls,
+        module: nn.Conv2d,
+        bits: float,
+        exponent: float | str,
+        bits_max: float = BITS_MAX,
     ) -> SelfCompressingConv2d:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         copy_conv_attributes(module, new)
-        new._init_self_compressing(bits, exponent)
+        new._init_self_compressing(bits, exponent, bits_max)
         return new.train(module.training)
 
     def to_float(self) -> nn.Conv2d:
@@ -146,13 +159,17 @@ class SelfCompressingLinear(_SelfCompressing, nn.Linear):
 
     @classmethod
     def from_float(
-        cls, module: nn.Linear, bits: float, exponent: float | str
+        cls,
+        module: nn.Linear,
+        bits: float,
+        exponent: float | str,
+        bits_max: float = BITS_MAX,
     ) -> SelfCompressingLinear:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = module.in_features, module.out_features
         new.weight, new.bias = module.weight, module.bias
-        new._init_self_compressing(bits, exponent)
+        new._init_self_compressing(bits, exponent, bits_max)
         return new.train(module.training)
 
     def to_float(self) -> nn.Linear:
@@ -171,6 +188,7 @@ class SelfCompressConfig(RecipeConfig):
 
     gamma: float = 0.05  # weight of the size loss Q (bits per original weight)
     bits_init: float = 4.0
+    bits_max: float = BITS_MAX  # b is used, counted and kept (after each step) at most this
     exponent_init: float | Literal["auto"] = "auto"
     bits_lr: float = 50.0  # peak learning rate of b (its own group, no weight decay)
     exponent_lr: float | None = None  # of e (None: the run's lr; no weight decay)
@@ -180,7 +198,10 @@ class SelfCompressConfig(RecipeConfig):
     def validate(self) -> None:
         error = RecipeConfigError
         check_number("SelfCompressConfig.gamma", self.gamma, error, low=0.0, high=1e6)
-        check_number("SelfCompressConfig.bits_init", self.bits_init, error, low=0.0, high=16.0)
+        check_number("SelfCompressConfig.bits_max", self.bits_max, error, low=1.0, high=32.0)
+        check_number(
+            "SelfCompressConfig.bits_init", self.bits_init, error, low=0.0, high=self.bits_max
+        )
         check_number("SelfCompressConfig.bits_lr", self.bits_lr, error, low=0.0, high=1e3)
         if self.exponent_lr is not None:
             check_number("SelfCompressConfig.exponent_lr", self.exponent_lr, error, low=0, high=1e3)
@@ -218,7 +239,9 @@ class SelfCompress(Recipe):
             layer = _LAYERS.get(type(module))
             if name and layer is not None and getattr(module, "groups", 1) == 1:
                 parent, _, child = name.rpartition(".")
-                new = layer.from_float(module, config.bits_init, config.exponent_init)
+                new = layer.from_float(
+                    module, config.bits_init, config.exponent_init, config.bits_max
+                )
                 setattr(model.get_submodule(parent) if parent else model, child, new)
         self.original_weights = sum(m.weight.numel() for m in _layers(model).values())
         self.groups = channel_groups(model)
@@ -251,7 +274,7 @@ class SelfCompress(Recipe):
         for name, layer in layers.items():
             per_input = math.prod(layer.weight.shape[2:]) if layer.weight.dim() > 2 else 1
             alive = layer.weight.shape[1] - dead_inputs.get(name, 0)
-            total = total + F.relu(layer.bits).sum() * alive * per_input
+            total = total + layer.bits.clamp(0.0, layer.bits_max).sum() * alive * per_input
         return total
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
@@ -261,6 +284,9 @@ class SelfCompress(Recipe):
 
     # ---- dead channels: push their shifts to zero, then remove them ----
     def on_step_end(self, step: int, result: Any, model: nn.Module, optimizer: Any) -> bool:
+        with torch.no_grad():  # b above the cap gets no gradient: keep it at the cap
+            for layer in _layers(model).values():
+                layer.bits.clamp_(max=layer.bits_max)
         changed = False
         for index, group in enumerate(self.groups):
             dead = self._dead(model, group)
