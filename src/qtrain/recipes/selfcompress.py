@@ -40,7 +40,6 @@ from qtrain.protocol import QuantizedWeight
 from qtrain.recipes.base import Recipe, RecipeConfig, RecipeConfigError, register_recipe
 from qtrain.validation import check_number
 
-
 BITS_MAX = 16.0  # the default cap on b (``SelfCompressConfig.bits_max``)
 
 
