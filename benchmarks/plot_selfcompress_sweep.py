@@ -11,7 +11,8 @@ Per run: γ (the run's recipe config), test accuracy, bits per weight at the end
 Q: Σ_channels max(b, 0) · alive fan-in / the original network's weights), bits left as a
 percentage of the float32 network's (Q / 32), weights left (of the original), the model's bits
 as ``summary.json`` counts them (integer bits ceil(b) per weight plus a 32-bit exponent per
-channel, float BatchNorm), training BitOPs / fp32, and the last epoch's time over the first's.
+channel, float BatchNorm), training BitOPs over the fp32 runs' (mean; the same epochs are
+required), and the last epoch's time and BitOPs over the first's.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def read_run(run: Path) -> dict:
         "params_initial": summary["params_initial"],
         "params_final": summary["params_final"],
         "model_bits": summary["model_bits"],
-        "bitops_ratio": summary["bitops_train"] / summary["bitops_fp32_equiv"],
+        "bitops_train": summary["bitops_train"],
+        "epochs": summary["epochs"],
         "epoch_seconds": seconds,
         "last_over_first_epoch": seconds[-1] / seconds[0],
         "bitops_last_over_first_epoch": _epoch_bitops_ratio(epochs),
@@ -75,14 +77,22 @@ def main() -> None:
     parser.add_argument("--fp32", nargs="+", type=Path, required=True)
     parser.add_argument("--png", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--title", default="selfcompress γ sweep")
     args = parser.parse_args()
     rows = sorted((read_run(r) for r in args.runs), key=lambda r: r["gamma"])
-    fp32 = [json.loads((r / "summary.json").read_text())["test_acc"] for r in args.fp32]
+    summaries = [json.loads((r / "summary.json").read_text()) for r in args.fp32]
+    budgets = {s["epochs"] for s in summaries} | {r["epochs"] for r in rows}
+    if len(budgets) != 1:
+        parser.error(f"the runs and the --fp32 runs must train the same epochs, got {budgets}")
+    fp32 = [s["test_acc"] for s in summaries]
     reference = statistics.mean(fp32)
+    fp32_bitops = statistics.mean(s["bitops_train"] for s in summaries)
+    for r in rows:
+        r["bitops_ratio"] = r["bitops_train"] / fp32_bitops
 
     print(
         "| γ | test acc % | Δ vs fp32 | bits/weight | bits left | weights left | "
-        "model bits | BitOPs/fp32 | last/first epoch time | last/first epoch BitOPs |"
+        "model bits | BitOPs / fp32 run | last/first epoch time | last/first epoch BitOPs |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -111,14 +121,14 @@ def main() -> None:
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].legend(loc="lower right")
-    figure.suptitle("selfcompress γ sweep")
+    figure.suptitle(args.title)
     figure.tight_layout()
     args.png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.png, dpi=120)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
-        json.dumps({"fp32": {"runs": [str(r) for r in args.fp32], "test_acc": fp32}, "rows": rows},
-                   indent=2) + "\n"
+        json.dumps({"fp32": {"runs": [str(r) for r in args.fp32], "test_acc": fp32,
+                             "bitops_train": fp32_bitops}, "rows": rows}, indent=2) + "\n"
     )  # fmt: skip
 
 

@@ -149,8 +149,9 @@ def test_regulariser_pushes_the_gates_toward_the_target(monkeypatch: pytest.Monk
         return loss.detach(), bias
 
     costs = torch.tensor(DFQ().option_costs)  # (3,6) (4,6) (4,8) (6,8) (6,12) at w = 4
-    above, toward_cheaper = logit_gradient(0.5)  # every option costs more than 0.5 %
-    below, toward_dearer = logit_gradient(99.0)
+    low, high = DFQConfig().cp_range()
+    above, toward_cheaper = logit_gradient(low)  # a mix of options costs more than the cheapest
+    below, toward_dearer = logit_gradient(high)  # and less than the dearest
     assert above > 0 and below < 0 and torch.allclose(above, -below)
     torch.testing.assert_close(toward_cheaper, -toward_dearer)
     # Descending the gradient moves probability from the dearest option to the cheapest.
@@ -227,6 +228,9 @@ def test_config_is_validated() -> None:
         DFQConfig(forward_bits=(1, 4), backward_bits=(6, 6))
     with pytest.raises(RecipeConfigError, match="target_cp"):
         DFQConfig(target_cp=-1.0)
+    with pytest.raises(RecipeConfigError, match=r"target_cp = 5 is outside .*\[1\.758, 4\.688\]"):
+        DFQConfig(target_cp=5.0)  # all at 6/12 bits with 4-bit weights: 4.69
+    assert DFQConfig().cp_range() == (100 * 54 / 1024 / 3, 100 * 144 / 1024 / 3)
     assert build_recipe("dfq", {"forward_bits": "4,8", "backward_bits": "8,8"}).options == [
         Precision(forward=4, backward=8, weight=4),
         Precision(forward=8, backward=8, weight=4),

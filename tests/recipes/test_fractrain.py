@@ -44,22 +44,25 @@ def test_target_rises_at_each_plateau_until_the_last_turning_point() -> None:
 def test_a_falling_loss_keeps_the_first_target() -> None:
     recipe = FracTrain(FracTrainConfig(interval=1))
     # 0.1 less each step: over five readings 0.4, more than ε = 0.15 of the scale (≤ 2).
-    assert set(_targets(recipe, [2.0 - 0.1 * i for i in range(15)])) == {1.5}
+    assert set(_targets(recipe, [2.0 - 0.1 * i for i in range(15)])) == {2.0}
     assert recipe.events() == []
 
 
-def test_defaults_are_the_authors_and_the_rest_is_dfq() -> None:
+def test_defaults_end_at_the_authors_last_target_and_the_rest_is_dfq() -> None:
     recipe = build_recipe("fractrain")
     assert isinstance(recipe, DFQ)
     config = recipe.config
-    assert (config.target_cp, config.target_step, config.turning_points) == (1.5, 0.5, 3)
+    # The authors' 1.5 first target needs their skip-the-block option: ours start at 2.0.
+    assert (config.target_cp, config.target_step, config.turning_points) == (2.0, 0.5, 2)
     assert (config.interval, config.epsilon, config.decay) == (400, 0.15, 0.4)
     assert config.forward_bits == (3, 4, 4, 6, 6) and config.weight_bits == 4
 
 
 def test_config_is_validated() -> None:
-    with pytest.raises(RecipeConfigError, match="last stage's target cp 101"):
-        FracTrainConfig(target_cp=98.0, target_step=1.0, turning_points=3)
+    with pytest.raises(RecipeConfigError, match=r"last stage's\) = 5 is outside .*4\.688\]"):
+        FracTrainConfig(target_cp=2.0, target_step=1.0, turning_points=3)
+    with pytest.raises(RecipeConfigError, match=r"target_cp = 1.5 is outside .*\[1\.758, "):
+        FracTrainConfig(target_cp=1.5)  # the authors' first target: below every option here
     with pytest.raises(RecipeConfigError, match="interval"):
         FracTrainConfig(interval=0)
     with pytest.raises(RecipeConfigError, match="one length"):
@@ -76,11 +79,12 @@ def test_a_run_too_short_to_switch_says_so() -> None:
 def test_stages_in_a_run_survive_resume(tmp_path: Path) -> None:
     config = small_config(model="resnet20", width=None, model_kwargs={"base_channels": 4},
                           checkpoint_every=4)  # fmt: skip
-    fractrain = FracTrainConfig(interval=1, epsilon=1.0, decay=0.9)  # switches every 5 steps
+    fractrain = FracTrainConfig(target_cp=1.8, target_step=0.4, turning_points=3, interval=1,
+                                epsilon=1.0, decay=0.9)  # switches every 5 steps  # fmt: skip
 
     # Checkpointed at step 8, three readings into the second stage's window; killed at 9.
     killed_and_resumed(config, lambda: FracTrain(fractrain), 9, tmp_path)
     records = read_metrics(tmp_path / "straight")
     switches = [(r["step"], r["target_cp"]) for r in records
                 if r["kind"] == "recipe" and r["event"] == "stage"]  # fmt: skip
-    assert switches == [(5, 2.0), (10, 2.5), (15, 3.0)]
+    assert switches == [(5, 2.2), (10, 2.6), (15, 3.0)]

@@ -278,11 +278,33 @@ class DFQConfig(RecipeConfig):
                 check_int(f"{name}.{field} item", bits, error, low=2, high=16)
         if self.weight_bits is not None:
             check_int(f"{name}.weight_bits", self.weight_bits, error, low=2, high=16)
-        check_number(f"{name}.target_cp", self.target_cp, error, low=0, high=100)
+        self.check_target("target_cp", self.target_cp)
         check_number(f"{name}.beta", self.beta, error, low=0, high=1e9)
         check_number(f"{name}.band", self.band, error, low=0, high=100)
         for field in ("gate_channels", "gate_embedding", "gate_hidden", "metrics_interval"):
             check_int(f"{name}.{field}", getattr(self, field), error, low=1)
+
+    def cp_range(self) -> tuple[float, float]:
+        """The cp the options can reach: every sample at the cheapest option, at the dearest
+        (cp counts an option's three products against three at 32×32 bits: 100·c_k / 3)."""
+        cps = [
+            100 * option_cost(f, b, self.weight_bits) / 3
+            for f, b in zip(self.forward_bits, self.backward_bits, strict=True)
+        ]
+        return min(cps), max(cps)
+
+    def check_target(self, field: str, target: float) -> None:
+        """A target cp the options can reach. Outside, the regulariser's sign never changes and
+        drives every gate to the cheapest (dearest) option until its softmax saturates; in a
+        ``fractrain`` run the gates then no longer follow a later stage's target."""
+        name = type(self).__name__
+        check_number(f"{name}.{field}", target, RecipeConfigError, low=0, high=100)
+        low, high = self.cp_range()
+        if not low <= target <= high:
+            raise RecipeConfigError(
+                f"{name}.{field} = {target:g} is outside the cp these options can reach, "
+                f"[{low:.4g}, {high:.4g}] (every sample at the cheapest option, at the dearest)"
+            )
 
 
 @register_recipe
