@@ -7,12 +7,12 @@ budget) give the reference accuracy (their mean, a dashed line).
     python benchmarks/plot_selfcompress_sweep.py runs/i18/sc-g* --fp32 runs/i19/fp32-s0/fp32-s0 \\
         --png docs/figures/i18_gamma_sweep.png --json benchmarks/results/i18_gamma_sweep.json
 
-Per run: γ (the run's recipe config), test accuracy, bits per weight at the end (the size loss
-Q: Σ_channels max(b, 0) · alive fan-in / the original network's weights), bits left as a
-percentage of the float32 network's (Q / 32), weights left (of the original), the model's bits
-as ``summary.json`` counts them (integer bits ceil(b) per weight plus a 32-bit exponent per
-channel, float BatchNorm), training BitOPs over the fp32 runs' (mean; the same epochs are
-required), and the last epoch's time and BitOPs over the first's.
+Per run: γ (the run's recipe config), test accuracy, bits per weight at the end (the weights'
+storage, ceil(b) bits per weight of each live channel plus a 32-bit exponent per channel, over
+the original network's weight count), bits left as a percentage of the float32 network's
+(that / 32), weights left (of the original), the model's bits as ``summary.json`` counts them
+(the weights' storage plus float BatchNorm), training BitOPs over the fp32 runs' (mean; the
+same epochs are required), and the last epoch's time and BitOPs over the first's.
 """
 
 from __future__ import annotations

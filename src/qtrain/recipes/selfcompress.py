@@ -185,7 +185,7 @@ _LAYERS = {nn.Conv2d: SelfCompressingConv2d, nn.Linear: SelfCompressingLinear}
 class SelfCompressConfig(RecipeConfig):
     """Self-compression's parameters; ``gamma`` trades size for accuracy."""
 
-    gamma: float = 0.05  # weight of the size loss Q (bits per original weight)
+    gamma: float = 0.04  # weight of the size loss Q (bits per original weight); docs/RESULTS.md
     bits_init: float = 4.0
     bits_max: float = BITS_MAX  # b is used, counted and kept (after each step) at most this
     exponent_init: float | Literal["auto"] = "auto"
