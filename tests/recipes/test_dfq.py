@@ -5,6 +5,7 @@ against static quantization at that option, and a run with its metrics and resum
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -228,9 +229,19 @@ def test_config_is_validated() -> None:
         DFQConfig(forward_bits=(1, 4), backward_bits=(6, 6))
     with pytest.raises(RecipeConfigError, match="target_cp"):
         DFQConfig(target_cp=-1.0)
-    with pytest.raises(RecipeConfigError, match=r"target_cp = 5 is outside .*\[1\.758, 4\.688\]"):
-        DFQConfig(target_cp=5.0)  # all at 6/12 bits with 4-bit weights: 4.69
     assert DFQConfig().cp_range() == (100 * 54 / 1024 / 3, 100 * 144 / 1024 / 3)
+
+
+def test_a_target_the_options_cannot_reach_is_warned_of() -> None:
+    # All at 6/12 bits with 4-bit weights: 4.69. Warned (and a run event), not refused, so a
+    # run saved with such a target still loads.
+    with pytest.warns(UserWarning, match=r"target_cp = 5 is outside .*\[1\.758, 4\.688\]"):
+        recipe = DFQ(DFQConfig(target_cp=5.0))
+    (event,) = recipe.events()
+    assert event["event"] == "unreachable_target" and "4.688" in event["why"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert DFQ(DFQConfig(target_cp=3.0)).events() == []
     assert build_recipe("dfq", {"forward_bits": "4,8", "backward_bits": "8,8"}).options == [
         Precision(forward=4, backward=8, weight=4),
         Precision(forward=8, backward=8, weight=4),

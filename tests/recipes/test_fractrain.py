@@ -59,10 +59,13 @@ def test_defaults_end_at_the_authors_last_target_and_the_rest_is_dfq() -> None:
 
 
 def test_config_is_validated() -> None:
-    with pytest.raises(RecipeConfigError, match=r"last stage's\) = 5 is outside .*4\.688\]"):
-        FracTrainConfig(target_cp=2.0, target_step=1.0, turning_points=3)
-    with pytest.raises(RecipeConfigError, match=r"target_cp = 1.5 is outside .*\[1\.758, "):
-        FracTrainConfig(target_cp=1.5)  # the authors' first target: below every option here
+    with pytest.raises(RecipeConfigError, match="last stage's target cp 101"):
+        FracTrainConfig(target_cp=98.0, target_step=1.0, turning_points=3)
+    with pytest.warns(UserWarning, match=r"the last stage's target = 5 is outside .*4\.688\]"):
+        FracTrain(FracTrainConfig(target_cp=2.0, target_step=1.0, turning_points=3))
+    # The authors' first target: below every option here (they can skip a block).
+    with pytest.warns(UserWarning, match=r"first stage's\) = 1.5 is outside .*\[1\.758, "):
+        FracTrain(FracTrainConfig(target_cp=1.5))
     with pytest.raises(RecipeConfigError, match="interval"):
         FracTrainConfig(interval=0)
     with pytest.raises(RecipeConfigError, match="one length"):

@@ -49,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -278,7 +279,7 @@ class DFQConfig(RecipeConfig):
                 check_int(f"{name}.{field} item", bits, error, low=2, high=16)
         if self.weight_bits is not None:
             check_int(f"{name}.weight_bits", self.weight_bits, error, low=2, high=16)
-        self.check_target("target_cp", self.target_cp)
+        check_number(f"{name}.target_cp", self.target_cp, error, low=0, high=100)
         check_number(f"{name}.beta", self.beta, error, low=0, high=1e9)
         check_number(f"{name}.band", self.band, error, low=0, high=100)
         for field in ("gate_channels", "gate_embedding", "gate_hidden", "metrics_interval"):
@@ -293,18 +294,24 @@ class DFQConfig(RecipeConfig):
         ]
         return min(cps), max(cps)
 
-    def check_target(self, field: str, target: float) -> None:
-        """A target cp the options can reach. Outside, the regulariser's sign never changes and
-        drives every gate to the cheapest (dearest) option until its softmax saturates; in a
-        ``fractrain`` run the gates then no longer follow a later stage's target."""
-        name = type(self).__name__
-        check_number(f"{name}.{field}", target, RecipeConfigError, low=0, high=100)
+    def targets(self) -> dict[str, float]:
+        """The target cps a run aims at, by what sets them."""
+        return {"target_cp": self.target_cp}
+
+    def unreachable_targets(self) -> list[str]:
+        """Why each target outside ``cp_range()`` cannot be met. There the regulariser's sign
+        never changes and drives every gate to the cheapest (dearest) option until its softmax
+        saturates; in a ``fractrain`` run the gates then no longer follow a later stage's
+        target (docs/RESULTS.md, issue 21). Warned of, not refused: a run saved with one loads.
+        """
         low, high = self.cp_range()
-        if not low <= target <= high:
-            raise RecipeConfigError(
-                f"{name}.{field} = {target:g} is outside the cp these options can reach, "
-                f"[{low:.4g}, {high:.4g}] (every sample at the cheapest option, at the dearest)"
-            )
+        return [
+            f"{type(self).__name__}: {field} = {target:g} is outside the cp these options can "
+            f"reach, [{low:.4g}, {high:.4g}] (every sample at the cheapest option, at the "
+            "dearest): the gates will saturate on one end"
+            for field, target in self.targets().items()
+            if not low <= target <= high
+        ]
 
 
 @register_recipe
@@ -320,6 +327,9 @@ class DFQ(Recipe):
     def __init__(self, config: DFQConfig | None = None) -> None:
         super().__init__(config)
         config = self.config
+        for why in config.unreachable_targets():
+            warnings.warn(why, UserWarning, stacklevel=2)
+            self.emit("unreachable_target", why=why)
         pairs = list(zip(config.forward_bits, config.backward_bits, strict=True))
         self.options = [
             Precision(forward=f, backward=b, weight=config.weight_bits) for f, b in pairs

@@ -12,9 +12,10 @@ Targets: the authors' CIFAR defaults are 1.5, 2.0, 2.5, 3.0 (target 1.5, step 0.
 points), but their options include skipping a block, which we do not offer: with ours no cost
 below 1.76 is reachable (every sample at 3/6 bits). A first target below it kept the
 regulariser's sign fixed until the gates saturated on the cheapest options, and they then did
-not follow the later, higher targets (docs/RESULTS.md, issue 21). So every stage's target must
-lie in ``cp_range()``, and the defaults are 2.0, 2.5, 3.0 (step 0.5, 2 turning points): the
-authors' last target, reached from a first one the options can meet.
+not follow the later, higher targets (docs/RESULTS.md, issue 21). So a first or last target
+outside ``cp_range()`` is warned of (a run event too), and the defaults are 2.0, 2.5, 3.0
+(step 0.5, 2 turning points): the authors' last target, reached from a first one the options
+can meet.
 
 The indicator reads the task loss (the authors' reads the loss with the cost term added).
 Each switch is a recipe event with the indicator's values; stage and indicator survive resume.
@@ -50,13 +51,18 @@ class FracTrainConfig(DFQConfig):
     epsilon: float = PFQConfig.epsilon
     decay: float = PFQConfig.decay
 
+    def targets(self) -> dict[str, float]:
+        last = self.target_cp + self.turning_points * self.target_step
+        return {"target_cp (the first stage's)": self.target_cp, "the last stage's target": last}
+
     def validate(self) -> None:
         super().validate()
         error = RecipeConfigError
         check_number("FracTrainConfig.target_step", self.target_step, error, low=0, high=100)
         check_int("FracTrainConfig.turning_points", self.turning_points, error, low=0)
         last = self.target_cp + self.turning_points * self.target_step
-        self.check_target("target_cp + turning_points·target_step (the last stage's)", last)
+        if last > 100:
+            raise error(f"FracTrainConfig: the last stage's target cp {last:g} is above 100")
         check_int("FracTrainConfig.interval", self.interval, error, low=1)
         check_number("FracTrainConfig.epsilon", self.epsilon, error, low=0, high=1e9)
         check_number("FracTrainConfig.decay", self.decay, error, low=0, high=1)
