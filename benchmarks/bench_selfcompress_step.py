@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,18 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import qtrain
+from bench_distributed import lscpu
+from bench_quantize import machine_info, write_json
 from qtrain.models import build_model
 from qtrain.recipes import build_recipe
-
-
-def cpu() -> dict[str, str]:
-    """lscpu's model name and flags (the benchmark's machine)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {"model": platform.processor(), "flags": ""}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return {"model": fields.get("Model name", "").strip(), "flags": fields.get("Flags", "").strip()}
 
 
 def stepper(model: nn.Module, recipe, x: torch.Tensor, y: torch.Tensor):
@@ -119,11 +110,12 @@ def main() -> None:
             f"| {run_dir} | {row['gamma']:g} | {100 * row['weights_left']:.1f}% | "
             f"{ms['initial']:.1f} | {ms['compressed']:.1f} | {row['compressed_over_initial']:.2f} |"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps({"cpu": cpu(), "torch": torch.__version__, "threads": args.threads,
-                    "rows": rows}, indent=2) + "\n"
-    )  # fmt: skip
+    write_json(args.json, {
+        "machine": {**machine_info(), "lscpu": lscpu()},
+        "command": " ".join(["python", *sys.argv]),
+        "threads": args.threads,
+        "rows": rows,
+    })  # fmt: skip
 
 
 if __name__ == "__main__":
