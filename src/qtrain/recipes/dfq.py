@@ -285,14 +285,16 @@ class DFQConfig(RecipeConfig):
         for field in ("gate_channels", "gate_embedding", "gate_hidden", "metrics_interval"):
             check_int(f"{name}.{field}", getattr(self, field), error, low=1)
 
+    def option_costs(self) -> list[float]:
+        """c_k of each option (``option_cost``)."""
+        pairs = zip(self.forward_bits, self.backward_bits, strict=True)
+        return [option_cost(f, b, self.weight_bits) for f, b in pairs]
+
     def cp_range(self) -> tuple[float, float]:
         """The cp the options can reach: every sample at the cheapest option, at the dearest
         (cp counts an option's three products against three at 32×32 bits: 100·c_k / 3)."""
-        cps = [
-            100 * option_cost(f, b, self.weight_bits) / 3
-            for f, b in zip(self.forward_bits, self.backward_bits, strict=True)
-        ]
-        return min(cps), max(cps)
+        costs = self.option_costs()
+        return 100 * min(costs) / 3, 100 * max(costs) / 3
 
     def targets(self) -> dict[str, float]:
         """The target cps a run aims at, by what sets them."""
@@ -334,7 +336,7 @@ class DFQ(Recipe):
         self.options = [
             Precision(forward=f, backward=b, weight=config.weight_bits) for f, b in pairs
         ]
-        self.option_costs = [option_cost(f, b, config.weight_bits) for f, b in pairs]
+        self.option_costs = config.option_costs()
         self.option_names = [f"option{k}_fw{f}_bw{b}" for k, (f, b) in enumerate(pairs)]
         # Layers outside the gates that are quantized at all run at the top option.
         self.top = Precision(forward=max(config.forward_bits), backward=max(config.backward_bits),

@@ -22,7 +22,7 @@ Each switch is a recipe event with the indicator's values; stage and indicator s
 
 Example:
     >>> recipe = FracTrain()
-    >>> [recipe.config.target_cp + s * recipe.config.target_step for s in range(3)]
+    >>> [recipe.config.stage_target(s) for s in range(3)]
     [2.0, 2.5, 3.0]
 """
 
@@ -51,8 +51,12 @@ class FracTrainConfig(DFQConfig):
     epsilon: float = PFQConfig.epsilon
     decay: float = PFQConfig.decay
 
+    def stage_target(self, stage: int) -> float:
+        """The target cp of stage ``stage`` (0: the first)."""
+        return self.target_cp + stage * self.target_step
+
     def targets(self) -> dict[str, float]:
-        last = self.target_cp + self.turning_points * self.target_step
+        last = self.stage_target(self.turning_points)
         return {"target_cp (the first stage's)": self.target_cp, "the last stage's target": last}
 
     def validate(self) -> None:
@@ -60,7 +64,7 @@ class FracTrainConfig(DFQConfig):
         error = RecipeConfigError
         check_number("FracTrainConfig.target_step", self.target_step, error, low=0, high=100)
         check_int("FracTrainConfig.turning_points", self.turning_points, error, low=0)
-        last = self.target_cp + self.turning_points * self.target_step
+        last = self.stage_target(self.turning_points)
         if last > 100:
             raise error(f"FracTrainConfig: the last stage's target cp {last:g} is above 100")
         check_int("FracTrainConfig.interval", self.interval, error, low=1)
@@ -85,7 +89,7 @@ class FracTrain(DFQ):
 
     @property
     def target_cp(self) -> float:
-        return self.config.target_cp + self.stage * self.config.target_step
+        return self.config.stage_target(self.stage)
 
     def schedule(self, step: int, total_steps: int) -> Precision:
         why = self.plateau.too_short(step, total_steps)
