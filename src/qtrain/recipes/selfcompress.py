@@ -85,9 +85,13 @@ class _SelfCompressing:
     def quantized_weight_values(self) -> torch.Tensor:
         return self_compress_quantize(self.weight, self.bits, self.exponent, self.bits_max)
 
+    def used_bits(self) -> torch.Tensor:
+        """b as the quantizer and the size loss use it: min(max(b, 0), bits_max) (in the graph)."""
+        return self.bits.clamp(0.0, self.bits_max)
+
     def channel_bits(self) -> torch.Tensor:
-        """Bits each output channel's weights are stored in: ceil(min(max(b, 0), bits_max))."""
-        return torch.ceil(self.bits.detach().clamp(0.0, self.bits_max))
+        """Bits each output channel's weights are stored in: ceil(used b)."""
+        return torch.ceil(self.used_bits().detach())
 
     # ---- the quantized-module protocol ----
     def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
@@ -273,7 +277,7 @@ class SelfCompress(Recipe):
         for name, layer in layers.items():
             per_input = math.prod(layer.weight.shape[2:]) if layer.weight.dim() > 2 else 1
             alive = layer.weight.shape[1] - dead_inputs.get(name, 0)
-            total = total + layer.bits.clamp(0.0, layer.bits_max).sum() * alive * per_input
+            total = total + layer.used_bits().sum() * alive * per_input
         return total
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
