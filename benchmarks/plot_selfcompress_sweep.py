@@ -24,6 +24,8 @@ from pathlib import Path
 
 import matplotlib
 
+from bench_quantize import write_json
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -125,11 +127,11 @@ def main() -> None:
     figure.tight_layout()
     args.png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.png, dpi=120)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps({"fp32": {"runs": [str(r) for r in args.fp32], "test_acc": fp32,
-                             "bitops_train": fp32_bitops}, "rows": rows}, indent=2) + "\n"
-    )  # fmt: skip
+    write_json(args.json, {
+        "fp32": {"runs": [str(r) for r in args.fp32], "test_acc": fp32,
+                 "bitops_train": fp32_bitops},
+        "rows": rows,
+    })  # fmt: skip
 
 
 if __name__ == "__main__":
