@@ -9,15 +9,18 @@
     backward + SGD step on one fixed synthetic batch, for recipes fp32, amp-bf16, int8-gemm
     with the real ``torch._int_mm`` products and with their emulated twin (exact float
     matmuls of the int8 levels), and fp8-gemm (real ``torch._scaled_mm``). Models from
-    ``qtrain.models``: the mlp (784 → 256 → 256 → 10, batch 256) and the small GPT (4 layers,
+    ``qtrain.models``: the mlp (784 → 256 → 256 → 10, batch 256), the small GPT (4 layers,
     n_embd 128, 4 heads, byte vocabulary, batch 8 × 64 tokens; attention, layer norms and
-    embeddings stay float32 under every recipe: only its nn.Linear layers are swapped).
+    embeddings stay float32 under every recipe: only its nn.Linear layers are swapped), and
+    ResNet-9 at widths 16 and 64 on 28×28×1 inputs, batch 256, channels-last (every conv and
+    the classifier swapped; BatchNorm and pooling stay float32).
 
 Rows are timed in interleaved rounds, each timed call after an untimed one, and reported as
 medians (``bench_quantize.median_times``); ratios are to fp32 measured in the same run.
 
     python benchmarks/bench_lowp_gemm.py          # writes benchmarks/results/lowp_gemm.json
     python benchmarks/bench_lowp_gemm.py --smoke  # toy sizes, one round: checks the script
+    python benchmarks/bench_lowp_gemm.py --models resnet9-w16 --recipes fp32,amp-bf16,int8-twin
 """
 
 from __future__ import annotations
@@ -52,14 +55,23 @@ RECIPES: dict[str, tuple[str, dict[str, object]]] = {
     "int8-gemm emulated": ("int8-gemm", {"emulate": True}),
     "fp8-gemm real (torch._scaled_mm)": ("fp8-gemm", {"emulate": False}),
 }
+# --recipes' short names for the rows above
+RECIPE_KEYS = dict(
+    zip(["fp32", "amp-bf16", "int8-real", "int8-twin", "fp8-real"], RECIPES, strict=True)
+)
+RESNET9 = dict(name="resnet9", input_shape=(1, 28, 28), num_classes=10, channels_last=True)
 # name -> (model builder arguments, batch); the smoke run shrinks them.
 MODELS = {
     "mlp": (dict(name="mlp", input_shape=(1, 28, 28), num_classes=10, width=256), 256),
     "gpt": (dict(name="gpt", input_shape=(64,), num_classes=256, width=128, n_head=4), 8),
+    "resnet9-w16": ({**RESNET9, "width": 16}, 256),
+    "resnet9-w64": ({**RESNET9, "width": 64}, 256),
 }
 SMOKE_MODELS = {
     "mlp": (dict(name="mlp", input_shape=(1, 8, 8), num_classes=4, width=16), 16),
     "gpt": (dict(name="gpt", input_shape=(16,), num_classes=32, width=16, n_head=2), 2),
+    "resnet9-w16": ({**RESNET9, "input_shape": (1, 8, 8), "width": 4}, 4),
+    "resnet9-w64": ({**RESNET9, "input_shape": (1, 8, 8), "width": 8}, 4),
 }
 
 
@@ -126,6 +138,8 @@ def step_function(model: nn.Module, recipe: Recipe, kwargs: dict, batch: int) ->
     else:
         inputs = torch.randn(batch, *shape, generator=generator)
         targets = torch.randint(0, classes, (batch,), generator=generator)
+        if kwargs.get("channels_last"):
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
@@ -138,13 +152,18 @@ def step_function(model: nn.Module, recipe: Recipe, kwargs: dict, batch: int) ->
     return step
 
 
-def train_steps(models: dict, rounds: int, clock) -> list[dict[str, object]]:
+def train_steps(
+    models: dict, recipes: dict[str, tuple[str, dict]], rounds: int, clock
+) -> list[dict[str, object]]:
     results = []
     for model_name, (kwargs, batch) in models.items():
         torch.manual_seed(0)
-        base = build_model(**kwargs).train()
+        build = {key: value for key, value in kwargs.items() if key != "channels_last"}
+        base = build_model(**build).train()
+        if kwargs.get("channels_last"):
+            base = base.to(memory_format=torch.channels_last)
         steps, emulated = {}, {}
-        for name, (recipe_name, overrides) in RECIPES.items():
+        for name, (recipe_name, overrides) in recipes.items():
             recipe = build_recipe(recipe_name, overrides)
             model = recipe.prepare(copy.deepcopy(base))
             steps[name] = step_function(model, recipe, kwargs, batch)
@@ -152,7 +171,7 @@ def train_steps(models: dict, rounds: int, clock) -> list[dict[str, object]]:
         for step in steps.values():  # warm-up: allocator, oneDNN primitive caches
             step()
         times = median_times(steps, rounds, clock)
-        fp32 = statistics.median(times["fp32"])
+        fp32 = statistics.median(times["fp32"]) if "fp32" in times else None
         for name, seconds in times.items():
             median = statistics.median(seconds)
             results.append(
@@ -163,28 +182,48 @@ def train_steps(models: dict, rounds: int, clock) -> list[dict[str, object]]:
                     "emulated": emulated[name],
                     "median_ms": round(median * 1e3, 2),
                     "min_ms": round(min(seconds) * 1e3, 2),
-                    "ratio_to_fp32": round(median / fp32, 3),
+                    "ratio_to_fp32": None if fp32 is None else round(median / fp32, 3),
                 }
             )
     return results
+
+
+def _selection(value: str | None, choices: dict, what: str) -> list[str]:
+    if value is None:
+        return list(choices)
+    names = [name.strip() for name in value.split(",")]
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        raise SystemExit(f"--{what}: unknown {unknown}; choose from {', '.join(choices)}")
+    return names
 
 
 def main() -> None:
     parser = timing_parser(__doc__, "lowp_gemm.json")
     parser.set_defaults(rounds=5)
     parser.add_argument("--smoke", action="store_true", help="toy sizes, one round")
+    parser.add_argument("--models", help=f"comma-separated, of {', '.join(MODELS)} (default: all)")
+    parser.add_argument(
+        "--recipes", help=f"comma-separated, of {', '.join(RECIPE_KEYS)} (default: all)"
+    )
+    parser.add_argument("--no-matmul", action="store_true", help="only the training steps")
     args = parser.parse_args()
     clock = set_clock_and_threads(args.clock, args.threads)
     rounds = 1 if args.smoke else max(args.rounds, 5)
     shapes = SMOKE_SHAPES if args.smoke else MATMUL_SHAPES
-    models = SMOKE_MODELS if args.smoke else MODELS
-    matmul = matmuls(shapes, rounds, clock)
-    steps = train_steps(models, rounds, clock)
+    all_models = SMOKE_MODELS if args.smoke else MODELS
+    models = {name: all_models[name] for name in _selection(args.models, MODELS, "models")}
+    keys = _selection(args.recipes, RECIPE_KEYS, "recipes")
+    recipes = {RECIPE_KEYS[key]: RECIPES[RECIPE_KEYS[key]] for key in keys}
+    matmul = [] if args.no_matmul else matmuls(shapes, rounds, clock)
+    steps = train_steps(models, recipes, rounds, clock)
     payload = {
         "machine": {**machine_info(), "lscpu": lscpu()},
         "rounds": rounds,
         "clock": args.clock,
         "smoke": args.smoke,
+        "models": list(models),
+        "recipes": list(recipes),
         "matmul": matmul,
         "train_step": steps,
     }
@@ -195,12 +234,10 @@ def main() -> None:
             f"{row['name']:28} {row['shape']:18} {row['median_ms']:10.2f} "
             f"{row['gflop_per_s']:8.1f} {row['ratio_to_fp32']:7.3f}"
         )
-    print(f"\n{'train step':34} {'model':5} {'median ms':>10} {'÷ fp32':>7}")
+    print(f"\n{'train step':34} {'model':12} {'median ms':>10} {'÷ fp32':>7}")
     for row in steps:
-        print(
-            f"{row['name']:34} {row['model']:5} {row['median_ms']:10.1f} "
-            f"{row['ratio_to_fp32']:7.3f}"
-        )
+        ratio = "" if row["ratio_to_fp32"] is None else f"{row['ratio_to_fp32']:7.3f}"
+        print(f"{row['name']:34} {row['model']:12} {row['median_ms']:10.1f} {ratio}")
     slower = [r for r in matmul if r["name"].startswith("int8") and r["ratio_to_fp32"] < 1]
     if slower:
         print(f"\nint8 torch._int_mm is slower than fp32 at {len(slower)} of {len(matmul) // 4} "

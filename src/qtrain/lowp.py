@@ -1,9 +1,11 @@
-"""Low-precision GEMM training: linear layers whose three products are real int8 or fp8 GEMMs.
+"""Low-precision GEMM training: layers whose three products are real int8 or fp8 GEMMs.
 
 ``quantize_(model, Int8TrainingConfig())`` (or ``Float8TrainingConfig()``) swaps each
-``nn.Linear`` for a ``LowPrecisionLinear`` with the same state_dict keys. For x: (M, K) and
+``nn.Linear`` for a ``LowPrecisionLinear`` and each ``nn.Conv2d`` for a ``LowPrecisionConv2d``
+(``convolutions=False``: linears only), with the same state_dict keys. For x: (M, K) and
 W: (N, K) the layer runs, each product as ``left · rightᵀ`` with the reduction dimension last
-in both operands:
+in both operands (a convolution: x is its im2col matrix, one receptive field per row, and W
+its weight reshaped to (C_out, C·kh·kw)):
 
   forward      y   = x · Wᵀ        left x  (M, K), right W  (N, K)
   grad-input   g_x = g · W         left g  (M, N), right Wᵀ (K, N)
@@ -48,8 +50,8 @@ product, whose reduction runs over the tokens — so every product quantizes its
 (the layer keeps x in float for backward, as bf16 training does), which one spec per operand
 cannot say. The operands also have to stay int8/fp8 levels laid out row-major with the
 reduction dimension last, for ``torch._int_mm``'s int32 accumulator and the scale epilogue
-after it, never dequantized floats; absmax scales never clip, so there is no mask; and only
-linear layers are covered (a convolution would need an im2col int8 GEMM). What is shared: the
+after it, never dequantized floats; absmax scales never clip, so there is no mask; and a
+convolution runs as products on its im2col matrix, not as a conv kernel. What is shared: the
 protocol, ``quantize_``'s registry, the cost meter, the reference's counter hash for
 stochastic rounding, and levels equal to ``quantize_int``'s with a ``PerToken()`` spec.
 
@@ -126,6 +128,8 @@ class Int8TrainingConfig(Config):
             layer's compute dtype).
         gemm: ``Int8Gemm`` on CUDA; None picks TRITON where Triton runs, else INT_MM.
         emulate: the emulated twin (float matmuls, identical results).
+        convolutions: ``quantize_`` swaps ``nn.Conv2d`` layers too (``LowPrecisionConv2d``),
+            not only ``nn.Linear``.
     """
 
     error: ClassVar[type[Exception]] = QuantSpecError
@@ -139,6 +143,7 @@ class Int8TrainingConfig(Config):
     grad_weight: bool = True
     gemm: Int8Gemm | None = None
     emulate: bool = False
+    convolutions: bool = True
 
     def validate(self) -> None:
         _check_bits("Int8TrainingConfig.bits", self.bits)
@@ -154,6 +159,7 @@ class Float8TrainingConfig(Config):
         granularity: ``PerTensor()`` (tensor-wise scales) or ``PerToken()`` (row-wise).
         forward / grad_input / grad_weight: which products run in fp8.
         emulate: the emulated twin (float32 matmuls of the dequantized operands).
+        convolutions: ``quantize_`` swaps ``nn.Conv2d`` layers too (``LowPrecisionConv2d``).
     """
 
     error: ClassVar[type[Exception]] = QuantSpecError
@@ -163,6 +169,7 @@ class Float8TrainingConfig(Config):
     grad_input: bool = True
     grad_weight: bool = True
     emulate: bool = False
+    convolutions: bool = True
 
 
 LowPrecisionConfig = Int8TrainingConfig | Float8TrainingConfig
@@ -394,7 +401,10 @@ def _epilogue(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """float32(acc)·scale_a[:, None]·scale_b[None, :] (+ bias): triton_quant.int8_mm's order."""
+    """float32(acc)·scale_a[:, None]·scale_b[None, :] (+ bias): triton_quant.int8_mm's order.
+    acc·scale_a comes first, so it overflows to inf where |acc|·scale_a passes float32's max
+    even if the product with scale_b would not (operands of absmax ≳ 1e34 with 127-level
+    sums of ~10⁵); float32 F.linear/F.conv2d overflow from about 1e38."""
     out = acc.to(torch.float32) * scale_a.view(-1, 1) * scale_b.view(1, -1)
     if bias is not None:
         out = out + bias.to(torch.float32)
@@ -476,6 +486,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _matrix_backward(
+    ctx, g2: torch.Tensor, x2: torch.Tensor, w2: torch.Tensor, bounds, seeds, group: int = 0
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad of x2, grad of w2) of y2 = x2·w2ᵀ for y2's gradient g2, each product as the plan
+    says; None where autograd needs none. ``seeds``: (2, groups) per-product seeds or None."""
+    plan: _Plan = ctx.plan
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        seed = None if seeds is None else seeds[0, group]
+        grad_x = _product(g2, w2.t(), plan.grad_input, plan, bounds, seed, ctx.compute_dtype)
+    if ctx.needs_input_grad[1]:
+        seed = None if seeds is None else seeds[1, group]
+        grad_w = _product(g2.t(), x2.t(), plan.grad_weight, plan, bounds, seed, ctx.compute_dtype)
+    return grad_x, grad_w
+
+
+def _draw_seeds(ctx, plan: _Plan, device: torch.device, groups: int = 1) -> torch.Tensor | None:
+    """One seed per gradient product and group, drawn in the forward so that
+    torch.manual_seed repeats a run; None without stochastic rounding or gradients."""
+    if plan.stochastic_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return torch.randint(0, 2**62, (2, groups), device=device)
+    return None
+
+
 class _LowPrecisionLinear(torch.autograd.Function):
     """y = x·Wᵀ + b with each of the three products as the plan says (shapes: module docs),
     as a matrix (M, N): ``_apply`` gives it x's leading dims. A view made inside a Function
@@ -486,10 +520,7 @@ class _LowPrecisionLinear(torch.autograd.Function):
         compute_dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         y = _product(x2, weight, plan.forward, plan, bounds, None, compute_dtype, bias)
-        seeds = None
-        if plan.stochastic_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            # One seed per gradient product, drawn here so torch.manual_seed repeats a run.
-            seeds = torch.randint(0, 2**62, (2,), device=x.device)
+        seeds = _draw_seeds(ctx, plan, x.device)
         ctx.save_for_backward(x, weight, bounds, seeds)
         ctx.plan = plan
         ctx.compute_dtype = compute_dtype
@@ -499,22 +530,15 @@ class _LowPrecisionLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight, bounds, seeds = ctx.saved_tensors
-        plan: _Plan = ctx.plan
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            seed = None if seeds is None else seeds[0]
-            grad_x = _product(
-                g2, weight.t(), plan.grad_input, plan, bounds, seed, ctx.compute_dtype
-            )
+        grad_x, grad_w = _matrix_backward(
+            ctx, g2, x.reshape(-1, x.shape[-1]), weight, bounds, seeds
+        )
+        if grad_x is not None:
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            seed = None if seeds is None else seeds[1]
-            x2 = x.reshape(-1, x.shape[-1])
-            grad_w = _product(
-                g2.t(), x2.t(), plan.grad_weight, plan, bounds, seed, ctx.compute_dtype
-            )
+        if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
+        grad_b = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0, dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
@@ -542,39 +566,140 @@ def _apply(x, weight, bias, plan: _Plan, bounds: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-class LowPrecisionLinear(nn.Linear):
-    """``nn.Linear`` with int8 or fp8 GEMMs; the same parameters and state_dict keys.
+# ---- convolutions: the same three products on the im2col matrix -----------------------------
 
-    It follows the quantized-module protocol (``qtrain.protocol``): ``role_bits`` reports the
-    bits of the operands of each product that runs in int8 (fp8: 8×8; a product the config
-    leaves in floating point: ``float_bits`` × ``float_bits``); ``set_precision`` sets int8
-    bit-widths in place (``Precision.forward`` → x and W, ``backward`` → the gradient copies),
-    never below the guard's floor (``raise_floor``: 8 bits); fp8 formats are fixed.
 
-    >>> layer = LowPrecisionLinear(64, 32, config=Float8TrainingConfig(emulate=True))
-    >>> layer(torch.randn(4, 64)).shape
-    torch.Size([4, 32])
-    >>> layer = LowPrecisionLinear(64, 32, config=Int8TrainingConfig())
-    >>> layer.set_precision(Precision(forward=4, backward=6))
-    >>> layer.role_bits()
-    {'forward': (4, 4), 'grad_input': (6, 4), 'grad_weight': (6, 4)}
-    """
+@dataclasses.dataclass(frozen=True)
+class _ConvGeometry:
+    """A 2-D convolution's shape parameters, zero padding explicit (hashable: a Function arg)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        config: LowPrecisionConfig,
-    ) -> None:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def pointwise(self) -> bool:
+        """A 1×1 convolution with stride 1 and no padding: x's pixels are the rows, no im2col."""
+        return self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+            for size, pad, dil, k, stride in zip(
+                (height, width), self.padding, self.dilation, self.kernel, self.stride, strict=True
+            )
+        )
+
+
+def _im2col(x: torch.Tensor, geometry: _ConvGeometry) -> torch.Tensor:
+    """x (B, C, H, W) as the (B·H'·W', C·kh·kw) matrix whose rows are the receptive fields,
+    columns ordered as a weight row (C, kh, kw) is; a view of channels-last x for 1×1 convs."""
+    if geometry.pointwise():
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    cols = F.unfold(x, geometry.kernel, geometry.dilation, geometry.padding, geometry.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _col2im(grad_cols: torch.Tensor, x_shape: torch.Size, geometry: _ConvGeometry) -> torch.Tensor:
+    """The gradient of x from that of its im2col matrix (overlapping fields summed)."""
+    batch, channels, height, width = x_shape
+    if geometry.pointwise():
+        return grad_cols.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    grad = grad_cols.view(batch, -1, grad_cols.shape[1]).transpose(1, 2)
+    return F.fold(
+        grad, (height, width), geometry.kernel, geometry.dilation, geometry.padding, geometry.stride
+    )
+
+
+def _group_slices(total: int, groups: int) -> list[slice]:
+    size = total // groups
+    return [slice(g * size, (g + 1) * size) for g in range(groups)]
+
+
+class _LowPrecisionConv2d(torch.autograd.Function):
+    """A 2-D convolution as matrix products on im2col(x) (rows: output pixels) and W (rows:
+    output channels), per group, each product as the plan says; returns the (B·H'·W', C_out)
+    matrix. It keeps x, not its k²-times larger im2col matrix, and unfolds again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, bounds, geometry):  # type: ignore[override]
+        compute_dtype = _compute_dtype(x)
+        cols = _im2col(x, geometry)
+        w2 = weight.reshape(weight.shape[0], -1)
+        col_groups = _group_slices(cols.shape[1], geometry.groups)
+        out_groups = _group_slices(w2.shape[0], geometry.groups)
+        y = torch.cat(
+            [
+                _product(
+                    cols[:, c],
+                    w2[o],
+                    plan.forward,
+                    plan,
+                    bounds,
+                    None,
+                    compute_dtype,
+                    None if bias is None else bias[o],
+                )
+                for c, o in zip(col_groups, out_groups, strict=True)
+            ],
+            dim=1,
+        )
+        seeds = _draw_seeds(ctx, plan, x.device, geometry.groups)
+        ctx.save_for_backward(x, weight, bounds, seeds)
+        ctx.plan, ctx.geometry = plan, geometry
+        ctx.compute_dtype = compute_dtype
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, bounds, seeds = ctx.saved_tensors
+        geometry: _ConvGeometry = ctx.geometry
+        cols = _im2col(x, geometry)
+        w2 = weight.reshape(weight.shape[0], -1)
+        col_groups = _group_slices(cols.shape[1], geometry.groups)
+        out_groups = _group_slices(w2.shape[0], geometry.groups)
+        grads = [
+            _matrix_backward(ctx, grad_out[:, o], cols[:, c], w2[o], bounds, seeds, group)
+            for group, (c, o) in enumerate(zip(col_groups, out_groups, strict=True))
+        ]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_cols = torch.cat([gx for gx, _ in grads], dim=1)  # type: ignore[misc]
+            grad_x = _col2im(grad_cols, x.shape, geometry).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.cat([gw for _, gw in grads]).view(weight.shape).to(weight.dtype)  # type: ignore[misc]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _apply_conv(x, weight, bias, plan: _Plan, bounds: torch.Tensor, geometry) -> torch.Tensor:
+    batch, _, height, width = x.shape
+    out_height, out_width = geometry.output_size(height, width)
+    y = _LowPrecisionConv2d.apply(x, weight, bias, plan, bounds, geometry)
+    # (B·H'·W', C_out) read as (B, C_out, H', W'): a channels-last tensor, no copy.
+    return y.view(batch, out_height, out_width, -1).permute(0, 3, 1, 2)
+
+
+# ---- the layers --------------------------------------------------------------------------------
+
+
+class _LowPrecisionLayer(nn.Module):
+    """What ``LowPrecisionLinear`` and ``LowPrecisionConv2d`` share: the config and its plan,
+    the bit-widths in force (configured, scheduled, floored) in the ``bounds`` buffer, and the
+    quantized-module protocol's answers. The weight's rows (W reshaped to (C_out, −1)) are the
+    right operand of the forward product."""
+
+    config: LowPrecisionConfig
+    weight: nn.Parameter
+
+    def _init_precision(self, config: LowPrecisionConfig, device) -> None:
         if not isinstance(config, Int8TrainingConfig | Float8TrainingConfig):
             raise QuantSpecError(
                 f"config must be an Int8TrainingConfig or Float8TrainingConfig, got {config!r}"
             )
-        super().__init__(in_features, out_features, bias, device, dtype)
         self.config = config
         self.plan = _Plan.of(config)
         self._precision: Precision | None = None
@@ -582,29 +707,8 @@ class LowPrecisionLinear(nn.Linear):
         # The bits in force per operand (SPEC_FIELDS). Forward reads them from the bounds
         # buffer, which torch.compile does not specialise on: changing them never recompiles.
         self._bits = configured_bits(config)
-        # Not persistent: the state_dict stays nn.Linear's.
+        # Not persistent: the state_dict stays the float layer's.
         self.register_buffer("bounds", initial_bounds(config, device), persistent=False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, config: LowPrecisionConfig) -> LowPrecisionLinear:
-        """A LowPrecisionLinear sharing ``linear``'s parameters."""
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            device="meta",
-            config=config,
-        )
-        layer.weight, layer.bias = linear.weight, linear.bias
-        layer.bounds = initial_bounds(config, linear.weight.device)
-        layer.train(linear.training)
-        return layer
-
-    def to_float(self) -> nn.Linear:
-        """The plain ``nn.Linear`` with these parameters."""
-        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
-        plain.weight, plain.bias = self.weight, self.bias
-        return plain.train(self.training)
 
     # ---- precision: configured, scheduled, floored ------------------------------------------
     def set_precision(self, precision: Precision | None) -> None:
@@ -692,50 +796,245 @@ class LowPrecisionLinear(nn.Linear):
 
     def weight_storage_bits(self) -> int:
         """The weight as deployed for the forward product: its int8 levels at the weight's
-        bits (fp8: 8 bits a value) plus 32-bit scales, one per output row with
+        bits (fp8: 8 bits a value) plus 32-bit scales, one per output row (channel) with
         ``PerToken()``, one for the tensor with ``PerTensor()``; 32 bits a value when the
         forward product runs in floating point."""
         numel = self.weight.numel()
         if self.plan.forward is None:
             return 32 * numel
-        scales = self.out_features if self.plan.rowwise else 1
+        scales = self.weight.shape[0] if self.plan.rowwise else 1
         return numel * self._bits["weight_spec"] + 32 * scales
 
     def quantized_weight(self) -> QuantizedWeight | None:
         """int8: W's levels exactly as the forward product quantizes them (nearest, absmax
-        scale per output row or per tensor, at the weight's bits in force), scale (N, 1) or
-        one value, zero point 0, signed. None for fp8 — its values are e4m3 floats times a
-        scale, not integer levels with a zero point, which ``QuantizedWeight`` stands for —
-        and when the forward product runs in floating point."""
+        scale per output row/channel or per tensor, at the weight's bits in force), in W's
+        shape, scale (C_out, 1, ...) or one value, zero point 0, signed. None for fp8 — its
+        values are e4m3 floats times a scale, not integer levels with a zero point, which
+        ``QuantizedWeight`` stands for — and when the forward product runs in floating point.
+        A grouped convolution's levels are quantized per group exactly so: per output row
+        they are the same; per tensor, one scale per group (shape (groups,) — which export
+        refuses, as it refuses any layout other than per tensor or per channel)."""
         if isinstance(self.config, Float8TrainingConfig) or self.plan.forward is None:
             return None
         operand = self.plan.forward[1]
+        groups = getattr(self, "groups", 1)
+        w2 = self.weight.detach().reshape(self.weight.shape[0], -1)
         with torch.no_grad():
             bound = self.bounds[operand.bound].float()
-            levels, scale = _quantize(self.weight.detach(), operand, bound, None, self.plan)
-        scale = scale.view(-1, 1) if self.plan.rowwise else scale.view(())
+            parts = [
+                _quantize(w2[rows], operand, bound, None, self.plan)
+                for rows in _group_slices(w2.shape[0], groups)
+            ]
+        levels = torch.cat([q for q, _ in parts]).view(self.weight.shape)
+        scale = torch.cat([s for _, s in parts])
+        trailing = (1,) * (self.weight.dim() - 1)
+        if self.plan.rowwise:
+            scale = scale.view(-1, *trailing)
+        elif groups == 1:
+            scale = scale.view(())
         zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
         return QuantizedWeight(levels, scale, zero_point, self._bits["weight_spec"], True)
+
+    def _bits_repr(self) -> str:
+        bits = "/".join(str(self._bits[field]) for field in SPEC_FIELDS)
+        return f"config={self.config}, bits (x/W/g_in/g_W)={bits}"
+
+
+class LowPrecisionLinear(_LowPrecisionLayer, nn.Linear):
+    """``nn.Linear`` with int8 or fp8 GEMMs; the same parameters and state_dict keys.
+
+    It follows the quantized-module protocol (``qtrain.protocol``), so the cost meter,
+    ``dequantize_``, precision schedules and the numerical guard treat it as any quantized
+    layer: ``role_bits`` reports the bits of the operands of each product that runs in int8
+    (fp8: 8×8; a product the config leaves in floating point: ``float_bits`` × ``float_bits``);
+    ``set_precision`` sets int8 bit-widths in place (``Precision.forward`` → x and W,
+    ``backward`` → the gradient copies), never below the guard's floor (``raise_floor``: 8
+    bits); fp8 formats are fixed.
+
+    >>> layer = LowPrecisionLinear(64, 32, config=Float8TrainingConfig(emulate=True))
+    >>> layer(torch.randn(4, 64)).shape
+    torch.Size([4, 32])
+    >>> layer = LowPrecisionLinear(64, 32, config=Int8TrainingConfig())
+    >>> layer.set_precision(Precision(forward=4, backward=6))
+    >>> layer.role_bits()
+    {'forward': (4, 4), 'grad_input': (6, 4), 'grad_weight': (6, 4)}
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        config: LowPrecisionConfig,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self._init_precision(config, device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: LowPrecisionConfig) -> LowPrecisionLinear:
+        """A LowPrecisionLinear sharing ``linear``'s parameters."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device="meta",
+            config=config,
+        )
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.bounds = initial_bounds(config, linear.weight.device)
+        layer.train(linear.training)
+        return layer
+
+    def to_float(self) -> nn.Linear:
+        """The plain ``nn.Linear`` with these parameters."""
+        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _apply(x, self.weight, self.bias, self.plan, self.bounds.float())
 
     def extra_repr(self) -> str:
-        bits = "/".join(str(self._bits[field]) for field in SPEC_FIELDS)
-        return f"{super().extra_repr()}, config={self.config}, bits (x/W/g_in/g_W)={bits}"
+        return f"{nn.Linear.extra_repr(self)}, {self._bits_repr()}"
+
+
+class LowPrecisionConv2d(_LowPrecisionLayer, nn.Conv2d):
+    """``nn.Conv2d`` whose forward, grad-input and grad-weight products are int8 or fp8 GEMMs
+    on the im2col matrix; the same parameters and state_dict keys.
+
+    The convolution is the product im2col(x) · Wᵀ, im2col(x) (B·H'·W', C·kh·kw) holding one
+    receptive field per row and W reshaped to (C_out, C·kh·kw): so the three products and their
+    row-wise scales are ``LowPrecisionLinear``'s — one scale per receptive field and per output
+    channel in the forward, per output pixel and per (c, kh, kw) column of W in the grad-input
+    product (whose result is folded back onto x's pixels in float32), per output channel and
+    per (c, kh, kw) feature in the grad-weight product. Groups run one product set per group;
+    non-zero padding modes and ``padding="same"`` pad x first. The output is channels-last in
+    memory (the product's rows are pixels). The layer keeps x for backward and unfolds it
+    again there: memory as a float conv's, the im2col work twice. 1×1 convolutions with stride
+    1 and no padding skip im2col (a view of channels-last x).
+
+    >>> conv = LowPrecisionConv2d(3, 8, 3, padding=1, config=Int8TrainingConfig())
+    >>> conv(torch.randn(2, 3, 10, 10)).shape
+    torch.Size([2, 8, 10, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        config: LowPrecisionConfig,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        self._init_precision(config, device)
+        # Padding done by F.pad first (a padding mode other than zeros, or "same", which may
+        # be uneven); then the products see zero explicit padding.
+        self._pre_pad = self.padding_mode != "zeros" or isinstance(self.padding, str)
+        self.geometry = _ConvGeometry(
+            kernel=tuple(self.kernel_size),  # type: ignore[arg-type]
+            stride=tuple(self.stride),  # type: ignore[arg-type]
+            padding=(0, 0) if self._pre_pad else tuple(self.padding),  # type: ignore[arg-type]
+            dilation=tuple(self.dilation),  # type: ignore[arg-type]
+            groups=self.groups,
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, config: LowPrecisionConfig) -> LowPrecisionConv2d:
+        """A LowPrecisionConv2d sharing ``conv``'s parameters."""
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,  # type: ignore[arg-type]
+            conv.stride,  # type: ignore[arg-type]
+            conv.padding,  # type: ignore[arg-type]
+            conv.dilation,  # type: ignore[arg-type]
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+            config=config,
+        )
+        layer.weight, layer.bias = conv.weight, conv.bias
+        layer.bounds = initial_bounds(config, conv.weight.device)
+        layer.train(conv.training)
+        return layer
+
+    def to_float(self) -> nn.Conv2d:
+        """The plain ``nn.Conv2d`` with these parameters."""
+        plain = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,  # type: ignore[arg-type]
+            self.stride,  # type: ignore[arg-type]
+            self.padding,  # type: ignore[arg-type]
+            self.dilation,  # type: ignore[arg-type]
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device="meta",
+        )
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"{type(self).__name__} takes a batched (B, C, H, W) input, got shape "
+                f"{list(x.shape)}"
+            )
+        if self._pre_pad:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        return _apply_conv(x, self.weight, self.bias, self.plan, self.bounds.float(), self.geometry)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Conv2d.extra_repr(self)}, {self._bits_repr()}"
+
+
+LOW_PRECISION_LAYERS = (LowPrecisionLinear, LowPrecisionConv2d)
 
 
 @register_handler(Int8TrainingConfig)
 @register_handler(Float8TrainingConfig)
-def _swap_linears(
+def _swap_layers(
     model: nn.Module, config: LowPrecisionConfig, filter_fn: FilterFn | None
 ) -> nn.Module:
-    """Replace every plain ``nn.Linear`` (not subclasses) that ``filter_fn`` accepts."""
+    """Replace every plain ``nn.Linear`` and ``nn.Conv2d`` (not subclasses; convolutions only
+    with ``config.convolutions``) that ``filter_fn`` accepts."""
+    swaps = {nn.Linear: LowPrecisionLinear.from_linear}
+    if config.convolutions:
+        swaps[nn.Conv2d] = LowPrecisionConv2d.from_conv
     for name, module in list(model.named_modules()):
-        if not name or type(module) is not nn.Linear:
+        swap = swaps.get(type(module))  # type: ignore[call-overload]
+        if not name or swap is None:
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LowPrecisionLinear.from_linear(module, config))
+        setattr(model.get_submodule(parent), child, swap(module, config))
     return model

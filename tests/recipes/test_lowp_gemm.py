@@ -15,7 +15,12 @@ from torch import nn
 from qtrain import lowp
 from qtrain.cli import main
 from qtrain.cost import CostMeter
-from qtrain.lowp import Float8TrainingConfig, Int8TrainingConfig, LowPrecisionLinear
+from qtrain.lowp import (
+    Float8TrainingConfig,
+    Int8TrainingConfig,
+    LowPrecisionConv2d,
+    LowPrecisionLinear,
+)
 from qtrain.models import build_model
 from qtrain.ops import Precision
 from qtrain.quantizer import PerTensor, PerToken
@@ -105,8 +110,25 @@ def test_metrics_report_the_bits_in_use() -> None:
     assert fp8.metrics() == {"fw_bits": 8, "grad_bits": 8, "grad_weight_bits": 8}
 
 
-def test_on_a_cnn_only_the_linear_is_swapped_and_convs_count_32_bits() -> None:
+def test_on_a_cnn_every_conv_and_linear_is_swapped_and_counts_8x8_bits() -> None:
     model = build_recipe("int8-gemm").prepare(
+        build_model("cnn", input_shape=(1, 8, 8), num_classes=4, width=2)
+    )
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is LowPrecisionConv2d for m in convs)
+    assert isinstance(model[-1], LowPrecisionLinear)
+    meter = CostMeter(model)
+    F.cross_entropy(model(torch.randn(3, 1, 8, 8)), torch.tensor([0, 1, 2])).backward()
+    cost = meter.pop()
+    # 3 samples; convs 1→2 at 8×8, 2→4 at 4×4, 4→8 at 2×2 pixels (3×3 kernels); head 8→4.
+    gemm_macs = 3 * (2 * 64 * 9 + 4 * 16 * 18 + 8 * 4 * 36 + 8 * 4)
+    norm_macs = 3 * 2 * (2 * 64 + 4 * 16 + 8 * 4)  # BatchNorm in float32: x and its square
+    assert cost.macs["forward"] == gemm_macs + norm_macs
+    assert cost.bitops["forward"] == gemm_macs * 8 * 8 + norm_macs * 32 * 32
+
+
+def test_convolutions_false_swaps_only_the_linear_and_convs_count_32_bits() -> None:
+    model = build_recipe("int8-gemm", {"convolutions": "false"}).prepare(
         build_model("cnn", input_shape=(1, 8, 8), num_classes=4, width=2)
     )
     assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))

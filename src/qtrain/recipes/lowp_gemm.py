@@ -1,7 +1,8 @@
 """``int8-gemm`` and ``fp8-gemm``: training on real low-precision GEMMs (``qtrain.lowp``).
 
-Every ``nn.Linear`` becomes a ``LowPrecisionLinear`` whose three products — forward x·Wᵀ,
-grad-input g·W and grad-weight gᵀ·x — each quantize their two operands afresh with dynamic
+Every ``nn.Linear`` becomes a ``LowPrecisionLinear`` and every ``nn.Conv2d`` a
+``LowPrecisionConv2d`` (its products on the im2col matrix), whose three products — forward
+x·Wᵀ, grad-input g·W and grad-weight gᵀ·x — each quantize their two operands afresh with dynamic
 absmax scales (per row of each operand, ``per_token``, or one per tensor, ``per_tensor``) and
 multiply them in low precision, the scales applied to the int32/float32 result:
 
@@ -13,9 +14,10 @@ multiply them in low precision, the scales applied to the int32/float32 result:
 - ``fp8-gemm``: e4m3 x and W, e5m2 gradients (Micikevicius et al. 2022), products on
   ``torch._scaled_mm``.
 
-The optimizer's master weights, biases and every other op stay in float32. Only ``nn.Linear``
-layers are swapped: on a CNN the convolutions stay float32 ``nn.Conv2d`` and the cost meter
-counts their products at 32×32 bits (use ``sbm8`` & co. to quantize convolutions).
+The optimizer's master weights, biases and every other op (BatchNorm, pooling, the im2col
+unfold and the fold of the grad-input product onto x's pixels) stay in float32.
+``convolutions=false`` swaps only the linears (the convolutions then stay float32
+``nn.Conv2d``, counted at 32×32 bits).
 
 ``emulate``: ``"auto"`` runs the real GEMMs where they are expected to be faster than the
 twin — on CUDA where this torch build runs them (``qtrain.lowp.real_gemm_runs``; fp8 needs
@@ -54,7 +56,12 @@ from qtrain.recipes.base import Recipe, RecipeConfig, RecipeConfigError, registe
 from qtrain.validation import check_int
 
 if TYPE_CHECKING:
-    from qtrain.lowp import Float8TrainingConfig, Int8TrainingConfig, LowPrecisionLinear
+    from qtrain.lowp import (
+        Float8TrainingConfig,
+        Int8TrainingConfig,
+        LowPrecisionConv2d,
+        LowPrecisionLinear,
+    )
 
 
 def _lowp() -> types.ModuleType:
@@ -77,6 +84,7 @@ class Int8GemmConfig(RecipeConfig):
     stochastic_grad: bool = False  # unbiased stochastic rounding of the gradient operands
     granularity: Granularity = "per_token"  # absmax scale per operand row, or per tensor
     emulate: Emulate = "auto"  # "auto": the real GEMM where it is fast, else the exact twin
+    convolutions: bool = True  # False: only the linear layers
 
     def validate(self) -> None:
         for name in ("bits", "grad_bits"):
@@ -90,6 +98,7 @@ class Int8GemmConfig(RecipeConfig):
             stochastic_grad=self.stochastic_grad,
             granularity=_GRANULARITY[self.granularity],
             emulate=emulate,
+            convolutions=self.convolutions,
         )
 
 
@@ -100,20 +109,24 @@ class Fp8GemmConfig(RecipeConfig):
 
     granularity: Granularity = "per_tensor"
     emulate: Emulate = "auto"
+    convolutions: bool = True  # False: only the linear layers
 
     def lowp_config(self, emulate: bool) -> Float8TrainingConfig:
         return _lowp().Float8TrainingConfig(
-            granularity=_GRANULARITY[self.granularity], emulate=emulate
+            granularity=_GRANULARITY[self.granularity],
+            emulate=emulate,
+            convolutions=self.convolutions,
         )
 
 
 class _LowPrecisionGemmRecipe(Recipe):
-    """Swap every ``nn.Linear`` for a ``LowPrecisionLinear``; no schedule, no hooks."""
+    """Swap every ``nn.Linear`` and ``nn.Conv2d`` for its low-precision twin; no schedule,
+    no hooks."""
 
     def __init__(self, config: RecipeConfig | None = None) -> None:
         super().__init__(config)
         self.emulated: bool | None = None  # which path ``prepare`` chose (None: not yet)
-        self._layers: list[LowPrecisionLinear] = []
+        self._layers: list[LowPrecisionLinear | LowPrecisionConv2d] = []
 
     def prepare(self, model: nn.Module) -> nn.Module:
         config = self.config
@@ -126,8 +139,8 @@ class _LowPrecisionGemmRecipe(Recipe):
             emulate = not real
         quantize_(model, config.lowp_config(emulate))
         self.emulated = emulate
-        layer_type = _lowp().LowPrecisionLinear
-        self._layers = [m for m in model.modules() if isinstance(m, layer_type)]
+        layer_types = _lowp().LOW_PRECISION_LAYERS
+        self._layers = [m for m in model.modules() if isinstance(m, layer_types)]
         return model
 
     def metrics(self) -> dict[str, float]:
@@ -147,7 +160,7 @@ class _LowPrecisionGemmRecipe(Recipe):
 class Int8GemmRecipe(_LowPrecisionGemmRecipe):
     name = "int8-gemm"
     paper = "torchao int8 mixed-precision training; Wortsman et al., SwitchBack (NeurIPS 2023)"
-    description = "real int8 GEMMs (torch._int_mm) for every linear layer's three products"
+    description = "real int8 GEMMs (torch._int_mm) for every linear and conv layer's products"
     config_class = Int8GemmConfig
 
 
@@ -155,5 +168,5 @@ class Int8GemmRecipe(_LowPrecisionGemmRecipe):
 class Fp8GemmRecipe(_LowPrecisionGemmRecipe):
     name = "fp8-gemm"
     paper = "Micikevicius et al., FP8 Formats for Deep Learning (2022)"
-    description = "real fp8 GEMMs (torch._scaled_mm; e4m3 x/W, e5m2 grads) for every linear layer"
+    description = "real fp8 GEMMs (torch._scaled_mm; e4m3 x/W, e5m2 grads), linears and convs"
     config_class = Fp8GemmConfig
