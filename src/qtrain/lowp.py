@@ -612,6 +612,11 @@ def _col2im(grad_cols: torch.Tensor, x_shape: torch.Size, geometry: _ConvGeometr
     )
 
 
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat without its copy for one part (a convolution without groups)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def _group_slices(total: int, groups: int) -> list[slice]:
     size = total // groups
     return [slice(g * size, (g + 1) * size) for g in range(groups)]
@@ -629,7 +634,7 @@ class _LowPrecisionConv2d(torch.autograd.Function):
         w2 = weight.reshape(weight.shape[0], -1)
         col_groups = _group_slices(cols.shape[1], geometry.groups)
         out_groups = _group_slices(w2.shape[0], geometry.groups)
-        y = torch.cat(
+        y = _cat(
             [
                 _product(
                     cols[:, c],
@@ -666,10 +671,10 @@ class _LowPrecisionConv2d(torch.autograd.Function):
         ]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_cols = torch.cat([gx for gx, _ in grads], dim=1)  # type: ignore[misc]
+            grad_cols = _cat([gx for gx, _ in grads], dim=1)  # type: ignore[misc]
             grad_x = _col2im(grad_cols, x.shape, geometry).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.cat([gw for _, gw in grads]).view(weight.shape).to(weight.dtype)  # type: ignore[misc]
+            grad_w = _cat([gw for _, gw in grads]).view(weight.shape).to(weight.dtype)  # type: ignore[misc]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None
