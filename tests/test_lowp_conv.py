@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain import kernels
 from qtrain.api import quantize_
 from qtrain.cost import CostMeter
 from qtrain.lowp import (
@@ -269,3 +270,19 @@ def test_training_the_twin_and_the_real_products_gives_the_same_run() -> None:
     (real_losses, real_params), (twin_losses, twin_params) = train(False), train(True)
     assert real_losses == twin_losses
     assert torch.equal(real_params, twin_params)
+
+
+@pytest.mark.parametrize("config", INT8_CONFIGS, ids=repr)
+def test_the_fused_operand_quantizer_equals_the_pytorch_twin_through_the_layers(config) -> None:
+    """Backend AUTO quantizes the operands with cpu_fused's kernel where it builds; the
+    reference backend with ``_quantize_twin``: the same outputs and gradients bit for bit."""
+    if not hasattr(kernels.implementation(torch.device("cpu")), "quantize_rows_int8"):
+        pytest.skip("the cpu_fused extension does not build here: nothing to compare")
+    conv = LowPrecisionConv2d.from_conv(_conv(GEOMETRIES[1]), config)
+    linear = LowPrecisionLinear(7, 5, config=config)
+    x_conv, x_linear = _input(5, True, seed=7), torch.randn(6, 7)
+    fused = [*_run(conv, x_conv), *_run(linear, x_linear)]
+    with kernels.use_backend("reference"):
+        twin = [*_run(conv, x_conv), *_run(linear, x_linear)]
+    for got, want in zip(fused, twin, strict=True):
+        assert torch.equal(got, want)

@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain import kernels
 from qtrain.api import FilterFn, register_handler
 from qtrain.configs import Config
 from qtrain.kernels import reference, triton_quant
@@ -366,7 +367,15 @@ def _quantize_twin(
 def _quantize(
     a: torch.Tensor, operand: _Operand, bound: torch.Tensor, keys: torch.Tensor | None, plan: _Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale): a ≈ q·scale[:, None], q row-major in the operand's dtype, scale (R,) or (1,)."""
+    """(q, scale): a ≈ q·scale[:, None], q row-major in the operand's dtype, scale (R,) or (1,).
+
+    int8 on the CPU: the ``cpu_fused`` kernel where the kernels' backend gives it (one or two
+    passes over a, bit-identical to the twin), else ``_quantize_twin``; on CUDA the Triton
+    kernel unless emulating."""
+    if operand.dtype == torch.int8 and a.device.type == "cpu":
+        fused = getattr(kernels.implementation(a.device), "quantize_rows_int8", None)
+        if fused is not None:
+            return fused(a, bound, plan.rowwise, keys)
     if not _uses_triton(a, plan):
         return _quantize_twin(a, operand.dtype, bound, keys, plan.rowwise)
     scale = None

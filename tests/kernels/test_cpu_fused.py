@@ -8,8 +8,6 @@ it from the cache.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -41,22 +39,6 @@ OTHER_MINIFLOATS = [
 ]
 # Past one chunk per thread (2^15 elements), odd so the last chunk is ragged.
 THREADED_NUMEL = 3 * 2**15 + 17
-
-
-@pytest.fixture(scope="module")
-def fused():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = cpu_fused.load()
-    if module is None:
-        # No compiler: the documented fallback, skip. With a compiler, a failed build is a bug
-        # (a compile error in quant.cpp must fail the suite, not skip it).
-        if shutil.which(os.environ.get("CXX", "c++")) is not None:
-            pytest.fail(
-                f"the cpu_fused extension failed to build: {[str(w.message) for w in caught]}"
-            )
-        pytest.skip("the cpu_fused extension cannot be built here: no C++ compiler")
-    return module
 
 
 def _same(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -233,6 +233,11 @@ def _register_fakes() -> None:
     def _fake_quant_minifloat(x, exponent_bits, mantissa_bits, has_inf, saturate, seed):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("qtrain::quantize_rows_int8")
+    def _quantize_rows_int8(a, bound, rowwise, keys):
+        scales = a.shape[0] if rowwise else 1
+        return a.new_empty(a.shape, dtype=torch.int8), a.new_empty(scales, dtype=torch.float32)
+
 
 # ---- the primitives (reference.py's names and signatures) ----------------------------------
 
@@ -505,6 +510,34 @@ def fake_quant_minifloat(
     return torch.ops.qtrain.fake_quant_minifloat(
         x.contiguous(), exponent_bits, mantissa_bits, has_inf, saturate, _seed64(seed)
     )
+
+
+# ---- qtrain.lowp's GEMM operands ---------------------------------------------------------------
+
+
+def quantize_rows_int8(
+    a: torch.Tensor, bound: torch.Tensor, rowwise: bool, keys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qtrain.lowp._quantize_twin(a, torch.int8, bound, keys, rowwise)`` in one fused pass
+    (two where the amax must be known first): bit-identical levels and scales. A row holding
+    a NaN has a NaN scale and levels 0 there too; the NaN's bits may differ (torch's depend
+    on its reduction path).
+
+    ``a``: a 2-D float32, bfloat16 or float16 CPU tensor (converted to float32 first); a
+    contiguous matrix or the transpose of one is read in place, other strides are copied to
+    contiguous. ``bound``: a tensor of one value in [1, 127] (2^(bits−1) − 1). ``keys``: None
+    for round-to-nearest-even, else lowp's ``_hash_keys`` (two int64) for stochastic rounding
+    with the uniform of each level's flat row-major index. Returns the row-major int8 levels
+    (R, K) and the float32 scales, (R,) when ``rowwise`` else (1,); an empty ``a`` gives scale 1.
+
+    >>> import torch
+    >>> fused = load()  # builds on first use
+    >>> a = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+    >>> q, scale = fused.quantize_rows_int8(a.t().contiguous().t(), torch.tensor(127.0), True)
+    >>> q.tolist(), scale.tolist()
+    ([[64, -127], [127, 0]], [0.007874015718698502, 0.015748031437397003])
+    """
+    return torch.ops.qtrain.quantize_rows_int8(a, bound, rowwise, keys)
 
 
 register_backend(Backend.CPU_FUSED, load, ["cpu"])

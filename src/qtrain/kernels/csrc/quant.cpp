@@ -14,6 +14,10 @@
 // rounding draws its uniform from a hash of (seed, linear index), so no split changes a result.
 // The layer kernels (Range BN, the ReLU masks, the 2×2 max pool) also take channels-last
 // tensors (C innermost), walking memory in order, and return their results in that layout.
+// qtrain.lowp's GEMM-operand quantizer (quantize_rows_int8) takes an (R, K) matrix instead,
+// contiguous or the transpose of a contiguous one, and writes row-major int8 levels (or the
+// same levels as float32, for the emulated product). Its convolutions' im2col and col2im
+// (im2col_nhwc, col2im_nhwc) move channels-last pixels, C floats at a time.
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -1594,6 +1598,425 @@ Tensor dequantize_int(const Tensor& levels3, const Tensor& scale, const Tensor& 
   return out;
 }
 
+// ---- one GEMM operand to int8 levels (qtrain.lowp) ------------------------------------------
+
+// qtrain.lowp's _quantize_twin for int8 levels: a float32 (R, K) operand becomes row-major int8
+// levels (R, K) and a scale per row (rowwise) or one for the whole tensor:
+//   s = amax / bound, FLT_MIN where below it, 1 where amax == 0 (NaN and inf stay);
+//   level = clamp(round(a · (1/s)), −bound, bound), NaN stored as 0;
+// round is nearest-even, or stochastic with the uniform of the level's flat (R, K) index.
+// amax is the largest bit pattern of |a| (reduce_channels), so a row holding a NaN has a NaN
+// scale, the row's largest |NaN| quieted (0x7FC00000 for float('nan') or -nan), and levels 0.
+// torch's NaN bits depend on its reduction path: for float('nan') 0x7FC00000 too in a
+// contiguous operand or per tensor, but 0xFFFFFFFF (its vectorised maximum ORs in all ones) in
+// most rows of a transposed one. Only that a scale is NaN is matched, not its bits.
+//
+// Two layouts are read in place: a contiguous operand, and the transpose of a contiguous
+// matrix (grad-weight's gᵀ and xᵀ), whose row r is column r of the stored (K, R) matrix.
+// Contiguous and rowwise: one read, each row's amax then its levels while the row is in
+// cache. Otherwise a first read for the amax (per-tensor: of the flat memory; transposed and
+// rowwise: the column maxima, streaming the stored rows), then the levels: flat chunks, or
+// for the transpose tiles of kTileRows × kTileCols values turned in a buffer so that each tile
+// row is quantized as a contiguous run of its output row.
+
+constexpr float kTiny = std::numeric_limits<float>::min();  // torch.finfo(float32).tiny
+
+inline float scale_from_amax(uint32_t amax_bits, float bound) {
+  const float amax = float_of(amax_bits);
+  const float scale = amax / bound;
+  if (amax == 0.0f) return 1.0f;
+  return scale < kTiny ? kTiny : scale;
+}
+
+// Levels of x[0, n) into q[0, n); x[k] is element first + k of the flat (R, K) output, and
+// [first, first + n) crosses no multiple of 2^32 (the RNG's high counter word is constant).
+// Level: int8_t, or float for the same levels as float32 values, through int32 as well, so that
+// they equal int8 levels converted (NaN stored as 0, and -0 as +0).
+template <bool Stochastic, class Level>
+void int8_levels_run(const float* __restrict x, Level* __restrict q, int64_t n, int64_t first,
+                     float inverse, float bound, Keys keys) {
+  const uint32_t low0 = static_cast<uint32_t>(first);
+  const uint32_t high = static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32) + keys.key1;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = x[k] * inverse;
+    float rounded;
+    if constexpr (Stochastic) {
+      rounded = round_stochastic(v, (low0 + static_cast<uint32_t>(k)) ^ keys.key0, high);
+    } else {
+      rounded = std::nearbyint(v);  // round half to even, as torch.round
+    }
+    q[k] = static_cast<Level>(to_level<int32_t>(clamp_level(rounded, -bound, bound)));
+  }
+}
+
+// int8_levels_run over any span of the flat output, cut at the multiples of 2^32.
+template <bool Stochastic, class Level>
+void int8_levels(const float* x, Level* q, int64_t n, int64_t first, float inverse, float bound,
+                 Keys keys) {
+  while (n > 0) {
+    const int64_t run = std::min(n, (((first >> 32) + 1) << 32) - first);
+    int8_levels_run<Stochastic>(x, q, run, first, inverse, bound, keys);
+    x += run;
+    q += run;
+    first += run;
+    n -= run;
+  }
+}
+
+// max |x| over x[0, n) as a bit pattern (NaN above inf).
+uint32_t abs_bits_max(const float* x, int64_t n) {
+  int32_t unused_low = 0;
+  int32_t unused_high = 0;
+  uint32_t abs_bits = 0;
+  reduce_run<false>(x, 0, n, &unused_low, &unused_high, &abs_bits);
+  return abs_bits;
+}
+
+template <bool Stochastic, class Level>
+void int8_rows_contiguous(const float* a, Level* q, float* scale, int64_t rows, int64_t cols,
+                          float bound, Keys keys) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* row = a + r * cols;
+      scale[r] = scale_from_amax(abs_bits_max(row, cols), bound);
+      int8_levels<Stochastic>(row, q + r * cols, cols, r * cols, 1.0f / scale[r], bound, keys);
+    }
+  });
+}
+
+// Tiles of the transposed operand: kTileRows output rows (one 64-byte line of each stored row)
+// by kTileCols output columns (one line of each output row).
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileCols = 64;
+
+// Eight floats as one vector of GCC's generic vector extension: the 8 × 8 transpose below is
+// written once and compiles to the target's shuffles (AVX: unpack, shufps, vperm2f128).
+using Float8 = float __attribute__((vector_size(32)));
+
+inline Float8 load8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[i][j] = in[j][i] for the 8 × 8 blocks at `in` and `out`, rows in_stride and out_stride
+// floats apart.
+void transpose8x8(const float* __restrict in, int64_t in_stride, float* __restrict out,
+                  int64_t out_stride) {
+  Float8 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = load8(in + i * in_stride);
+  Float8 pairs[8];  // interleaved pairs of rows (unpacklo / unpackhi)
+  for (int i = 0; i < 8; i += 2) {
+    pairs[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    pairs[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  Float8 quads[8];  // four rows' values of a column, in each 128-bit half
+  for (int i = 0; i < 8; i += 4) {
+    for (int j = 0; j < 2; ++j) {
+      quads[i + 2 * j] = __builtin_shufflevector(pairs[i + j], pairs[i + j + 2], 0, 1, 8, 9, 4, 5,
+                                                 12, 13);
+      quads[i + 2 * j + 1] = __builtin_shufflevector(pairs[i + j], pairs[i + j + 2], 2, 3, 10,
+                                                     11, 6, 7, 14, 15);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    const Float8 low = __builtin_shufflevector(quads[j], quads[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    const Float8 high =
+        __builtin_shufflevector(quads[j], quads[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    std::memcpy(out + j * out_stride, &low, sizeof low);
+    std::memcpy(out + (j + 4) * out_stride, &high, sizeof high);
+  }
+}
+
+// tile[r][k] = stored[k][r] for r < rows, k < cols, stored rows `stride` floats apart: whole
+// tiles by 8 × 8 blocks, the ragged ones at the edges value by value.
+void turn_tile(const float* __restrict stored, int64_t stride, int64_t rows, int64_t cols,
+               float* __restrict tile) {
+  if (rows == kTileRows && cols == kTileCols) {
+    for (int64_t k = 0; k < kTileCols; k += 8) {
+      for (int64_t r = 0; r < kTileRows; r += 8) {
+        transpose8x8(stored + k * stride + r, stride, tile + r * kTileCols + k, kTileCols);
+      }
+    }
+    return;
+  }
+  for (int64_t k = 0; k < cols; ++k) {
+    for (int64_t r = 0; r < rows; ++r) tile[r * kTileCols + k] = stored[k * stride + r];
+  }
+}
+
+// Levels of a = storedᵀ, stored a contiguous (K, R) matrix; threads take bands of kTileCols
+// stored rows, which are contiguous memory.
+template <bool Stochastic, class Level>
+void int8_rows_transposed(const float* stored, Level* q, const float* inverse, int64_t rows,
+                          int64_t cols, float bound, Keys keys) {
+  const int64_t bands = (cols + kTileCols - 1) / kTileCols;
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / (kTileCols * rows));
+  at::parallel_for(0, bands, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float tile[kTileRows * kTileCols];
+    for (int64_t band = begin; band < end; ++band) {
+      const int64_t k0 = band * kTileCols;
+      const int64_t width = std::min(kTileCols, cols - k0);
+      for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+        const int64_t height = std::min(kTileRows, rows - r0);
+        turn_tile(stored + k0 * rows + r0, rows, height, width, tile);
+        for (int64_t r = 0; r < height; ++r) {
+          const int64_t row = r0 + r;
+          int8_levels<Stochastic>(tile + r * kTileCols, q + row * cols + k0, width,
+                                  row * cols + k0, inverse[row], bound, keys);
+        }
+      }
+    }
+  });
+}
+
+// Per-tensor levels of a contiguous operand: flat chunks with the one scale.
+template <bool Stochastic, class Level>
+void int8_flat(const float* a, Level* q, int64_t numel, float inverse, float bound, Keys keys) {
+  parallel_chunks(numel, plan_chunks(numel), [&](int64_t begin, int64_t end, int) {
+    int8_levels<Stochastic>(a + begin, q + begin, end - begin, begin, inverse, bound, keys);
+  });
+}
+
+// (levels, scale) of a 2-D floating-point operand (converted to float32 first, as
+// a.to(torch.float32)); bound: one value in [1, 127]; keys: the two 32-bit hash keys of
+// lowp._hash_keys (int64), for stochastic rounding; levels_dtype: int8, or float32 for the
+// same levels as exact float values (what the emulated product multiplies: writing them
+// directly saves torch's int8 -> float32 conversion, a pass slower than this one). An empty
+// operand has scale 1 (the amax of no values is 0): (R,) ones rowwise, [1] per tensor.
+std::tuple<Tensor, Tensor> quantize_rows_int8(const Tensor& a_in, const Tensor& bound_in,
+                                              bool rowwise, const std::optional<Tensor>& keys_in,
+                                              at::ScalarType levels_dtype) {
+  const char* what = "qtrain::quantize_rows_int8";
+  TORCH_CHECK(levels_dtype == at::kChar || levels_dtype == at::kFloat, what,
+              ": levels_dtype must be int8 or float32, got ", levels_dtype);
+  TORCH_CHECK(a_in.device().is_cpu() && a_in.dim() == 2 && at::isFloatingType(a_in.scalar_type()),
+              what, ": expected a 2-D floating-point CPU tensor");
+  TORCH_CHECK(bound_in.device().is_cpu() && bound_in.numel() == 1, what,
+              ": bound must be a CPU tensor of one value");
+  const float bound = bound_in.item<float>();
+  TORCH_CHECK(bound >= 1.0f && bound <= 127.0f, what, ": bound must be in [1, 127], got ", bound);
+  Keys keys;
+  if (keys_in) {
+    TORCH_CHECK(keys_in->device().is_cpu() && keys_in->scalar_type() == at::kLong &&
+                    keys_in->numel() == 2,
+                what, ": keys must be an int64 CPU tensor of two values");
+    const Tensor pair = keys_in->contiguous();
+    keys.key0 = static_cast<uint32_t>(pair.data_ptr<int64_t>()[0]);
+    keys.key1 = static_cast<uint32_t>(pair.data_ptr<int64_t>()[1]);
+  }
+  Tensor a = a_in.to(at::kFloat);  // no copy for float32; strides kept otherwise
+  const int64_t rows = a.size(0);
+  const int64_t cols = a.size(1);
+  Tensor levels = empty_output({rows, cols}, levels_dtype);
+  Tensor scale = at::empty({rowwise ? rows : 1}, at::kFloat);
+  if (a.numel() == 0) return {levels, scale.fill_(1.0f)};
+  const bool transposed = !a.is_contiguous() && a.t().is_contiguous();
+  const Tensor stored = transposed ? a.t() : a.contiguous();
+  const float* x = stored.data_ptr<float>();
+  float* s = scale.data_ptr<float>();
+  const auto run = [&](auto* q, auto stochastic) {
+    constexpr bool kStochastic = decltype(stochastic)::value;
+    if (rowwise && !transposed) {
+      int8_rows_contiguous<kStochastic>(x, q, s, rows, cols, bound, keys);
+      return;
+    }
+    std::vector<float> inverse(rows);
+    if (rowwise) {  // column maxima of the stored (K, R) matrix
+      const Extremes extremes = reduce_channels<false>(stored.view({cols, rows, 1}), what);
+      for (int64_t r = 0; r < rows; ++r) {
+        s[r] = scale_from_amax(extremes.abs_bits[r], bound);
+        inverse[r] = 1.0f / s[r];
+      }
+    } else {
+      const Extremes extremes = reduce_channels<false>(stored.view({1, 1, rows * cols}), what);
+      s[0] = scale_from_amax(extremes.abs_bits[0], bound);
+      std::fill(inverse.begin(), inverse.end(), 1.0f / s[0]);
+    }
+    if (transposed) {
+      int8_rows_transposed<kStochastic>(x, q, inverse.data(), rows, cols, bound, keys);
+    } else {
+      int8_flat<kStochastic>(x, q, rows * cols, inverse[0], bound, keys);
+    }
+  };
+  with_bool(keys_in.has_value(), [&](auto stochastic) {
+    if (levels_dtype == at::kFloat) {
+      run(levels.data_ptr<float>(), stochastic);
+    } else {
+      run(levels.data_ptr<int8_t>(), stochastic);
+    }
+  });
+  return {levels, scale};
+}
+
+// ---- im2col and its adjoint (qtrain.lowp's convolutions) -----------------------------------
+
+// qtrain.lowp runs a convolution as matrix products on x's im2col matrix, built here from
+// channels-last x (B, H, W, C in memory): row r is output pixel (b, oh, ow) in that order, and
+// its columns (i, j, c) hold, for each kernel offset (i, j), the C channels of input pixel
+// (oh·sh − ph + i·dh, ow·sw − pw + j·dw), zeros where that lies in the padding. (F.unfold orders
+// columns (c, i, j): a weight row must be permuted to (i, j, c) to match.) Each block (i, j) is
+// then one copy of C contiguous floats, and with dilation_w 1 a kernel row's kw blocks are one
+// copy of kw·C, so im2col runs at memory speed; threads take bands of rows.
+//
+// col2im is its adjoint, the gradient of x from that of the matrix: every block added back onto
+// its input pixel, padding dropped. Threads own input rows (b, h) of the channels-last output
+// and gather into them, so no two write one pixel, without atomics. Each pixel's channel vector
+// is 0 + the blocks that read it, added in kernel-offset order (i, j) row-major, whatever the
+// thread count: results are bitwise the same on any number of threads (F.fold sums in its own
+// order, so they agree with it within float32 rounding, not bit for bit).
+
+struct Conv2dGeometry {
+  int64_t batch, channels, height, width;
+  std::array<int64_t, 2> kernel, stride, padding, dilation;
+  std::array<int64_t, 2> out;  // H', W'
+
+  int64_t rows() const { return batch * out[0] * out[1]; }
+  int64_t cols() const { return kernel[0] * kernel[1] * channels; }
+};
+
+std::array<int64_t, 2> pair_arg(const char* what, const char* name, at::IntArrayRef values,
+                                int64_t least) {
+  TORCH_CHECK(values.size() == 2 && values[0] >= least && values[1] >= least, what, ": ", name,
+              " must be two ints >= ", least, ", got ", values);
+  return {values[0], values[1]};
+}
+
+// The parameters checked, each named in its error, and H' = (H + 2p − d·(k − 1) − 1) / s + 1
+// (floor), which must be at least 1, as F.unfold requires.
+Conv2dGeometry conv2d_geometry(const char* what, at::IntArrayRef x_shape, at::IntArrayRef kernel,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation) {
+  Conv2dGeometry g;
+  g.batch = x_shape[0];
+  g.channels = x_shape[1];
+  g.height = x_shape[2];
+  g.width = x_shape[3];
+  g.kernel = pair_arg(what, "kernel", kernel, 1);
+  g.stride = pair_arg(what, "stride", stride, 1);
+  g.padding = pair_arg(what, "padding", padding, 0);
+  g.dilation = pair_arg(what, "dilation", dilation, 1);
+  const std::array<int64_t, 2> size = {g.height, g.width};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t extent = g.dilation[d] * (g.kernel[d] - 1) + 1;
+    const int64_t padded = size[d] + 2 * g.padding[d];
+    TORCH_CHECK(extent <= padded, what, ": the dilated kernel (", extent, ") is larger than the ",
+                d == 0 ? "height" : "width", " with padding (", padded, ")");
+    g.out[d] = (padded - extent) / g.stride[d] + 1;
+  }
+  return g;
+}
+
+// [first, last): the k in [0, n) with 0 <= origin + k·step < size (step > 0).
+inline std::pair<int64_t, int64_t> steps_inside(int64_t origin, int64_t step, int64_t n,
+                                                int64_t size) {
+  const int64_t first = std::min(n, origin >= 0 ? 0 : (step - 1 - origin) / step);
+  const int64_t last = origin >= size ? 0 : (size - 1 - origin) / step + 1;
+  return {first, std::max(first, std::min(n, last))};
+}
+
+// x: a float32 (B, C, H, W) tensor, read as channels-last (other layouts are copied to it
+// first). Returns the row-major (B·H'·W', kh·kw·C) float32 matrix described above; values are
+// copied bit for bit (NaN, inf and -0 included), padding reads +0.
+Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* what = "qtrain::im2col_nhwc";
+  TORCH_CHECK(x_in.device().is_cpu(), what, ": x must be a CPU tensor");
+  TORCH_CHECK(x_in.dim() == 4, what, ": x must be (B, C, H, W), got ", x_in.dim(), " dims");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, what, ": x must be float32, got ",
+              x_in.scalar_type());
+  const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
+  Tensor out = empty_output({g.rows(), g.cols()}, at::kFloat);
+  if (out.numel() == 0) return out;
+  const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const float* x = x_nhwc.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t channels = g.channels, height = g.height, width = g.width;
+  const int64_t kernel_w = g.kernel[1], dilation_w = g.dilation[1];
+  const int64_t row_values = g.cols(), block_row_values = kernel_w * channels;
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / row_values);
+  at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t ow = r % g.out[1];
+      const int64_t oh = r / g.out[1] % g.out[0];
+      const float* image = x + r / (g.out[0] * g.out[1]) * height * width * channels;
+      const int64_t left = ow * g.stride[1] - g.padding[1];  // input column of j = 0
+      const auto [j_begin, j_end] = steps_inside(left, dilation_w, kernel_w, width);
+      // Blocks whose input pixels are adjacent in memory, copied together.
+      const int64_t run = dilation_w == 1 ? std::max<int64_t>(1, j_end - j_begin) : 1;
+      for (int64_t i = 0; i < g.kernel[0]; ++i) {
+        float* block_row = y + r * row_values + i * block_row_values;
+        const int64_t h = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
+        if (h < 0 || h >= height) {
+          std::fill(block_row, block_row + block_row_values, 0.0f);
+          continue;
+        }
+        std::fill(block_row, block_row + j_begin * channels, 0.0f);
+        for (int64_t j = j_begin; j < j_end; j += run) {
+          std::memcpy(block_row + j * channels,
+                      image + (h * width + left + j * dilation_w) * channels,
+                      run * channels * sizeof(float));
+        }
+        std::fill(block_row + j_end * channels, block_row + block_row_values, 0.0f);
+      }
+    }
+  });
+  return out;
+}
+
+inline void add_channels(const float* __restrict block, float* __restrict pixel, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) pixel[c] += block[c];
+}
+
+// cols: the float32 (B·H'·W', kh·kw·C) gradient of im2col_nhwc(x) for an x of x_shape
+// (B, C, H, W). Returns x's float32 gradient (B, C, H, W), channels-last in memory.
+Tensor col2im_nhwc(const Tensor& cols_in, at::IntArrayRef x_shape, at::IntArrayRef kernel,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* what = "qtrain::col2im_nhwc";
+  TORCH_CHECK(x_shape.size() == 4 && *std::min_element(x_shape.begin(), x_shape.end()) >= 0,
+              what, ": x_shape must be four sizes (B, C, H, W), got ", x_shape);
+  const Conv2dGeometry g = conv2d_geometry(what, x_shape, kernel, stride, padding, dilation);
+  TORCH_CHECK(cols_in.device().is_cpu(), what, ": cols must be a CPU tensor");
+  TORCH_CHECK(cols_in.scalar_type() == at::kFloat, what, ": cols must be float32, got ",
+              cols_in.scalar_type());
+  TORCH_CHECK(cols_in.dim() == 2 && cols_in.size(0) == g.rows() && cols_in.size(1) == g.cols(),
+              what, ": cols must be the (B·H'·W', kh·kw·C) = (", g.rows(), ", ", g.cols(),
+              ") matrix of x_shape ", x_shape, ", got ", cols_in.sizes());
+  const int64_t channels = g.channels, height = g.height, width = g.width;
+  Tensor out = empty_output({g.batch, height, width, channels}, at::kFloat);
+  if (out.numel() == 0) return out.permute({0, 3, 1, 2});
+  const Tensor cols = cols_in.contiguous();
+  const float* dy = cols.data_ptr<float>();
+  float* dx = out.data_ptr<float>();
+  const int64_t kernel_w = g.kernel[1], out_h = g.out[0], out_w = g.out[1];
+  const int64_t row_values = g.cols(), pixel_row_values = width * channels;
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / pixel_row_values);
+  at::parallel_for(0, g.batch * height, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {  // input row (b, h)
+      const int64_t b = p / height, h = p % height;
+      float* pixels = dx + p * pixel_row_values;
+      std::fill(pixels, pixels + pixel_row_values, 0.0f);
+      for (int64_t i = 0; i < g.kernel[0]; ++i) {
+        const int64_t top = h + g.padding[0] - i * g.dilation[0];  // oh · sh
+        if (top < 0 || top % g.stride[0] != 0 || top / g.stride[0] >= out_h) continue;
+        const float* out_row = dy + (b * out_h + top / g.stride[0]) * out_w * row_values;
+        for (int64_t j = 0; j < kernel_w; ++j) {
+          const int64_t left = j * g.dilation[1] - g.padding[1];  // input column of ow = 0
+          const auto [ow_begin, ow_end] = steps_inside(left, g.stride[1], out_w, width);
+          const float* block = out_row + (i * kernel_w + j) * channels;
+          for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+            add_channels(block + ow * row_values, pixels + (left + ow * g.stride[1]) * channels,
+                         channels);
+          }
+        }
+      }
+    }
+  });
+  return out.permute({0, 3, 1, 2});
+}
+
 // ---- minifloat rounding ----------------------------------------------------------------------
 
 // Exact 2^n in float32 for integer n in [-126, 127], from the bit pattern.
@@ -1713,6 +2136,15 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
   m.def(
       "fake_quant_minifloat(Tensor x, int exponent_bits, int mantissa_bits, bool has_inf, "
       "bool saturate, int? seed) -> Tensor");
+  m.def(
+      "quantize_rows_int8(Tensor a, Tensor bound, bool rowwise, Tensor? keys, "
+      "ScalarType levels_dtype=int8) -> (Tensor, Tensor)");
+  m.def(
+      "im2col_nhwc(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation) -> "
+      "Tensor");
+  m.def(
+      "col2im_nhwc(Tensor cols, int[4] x_shape, int[2] kernel, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
@@ -1730,4 +2162,7 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("max_pool2x2", &max_pool2x2);
   m.impl("max_pool2x2_backward", &max_pool2x2_backward);
   m.impl("fake_quant_minifloat", &fake_quant_minifloat);
+  m.impl("quantize_rows_int8", &quantize_rows_int8);
+  m.impl("im2col_nhwc", &im2col_nhwc);
+  m.impl("col2im_nhwc", &col2im_nhwc);
 }
