@@ -74,6 +74,7 @@ import dataclasses
 import enum
 import functools
 import math
+import types
 from typing import Any, ClassVar
 
 import torch
@@ -365,17 +366,24 @@ def _quantize_twin(
 
 
 def _quantize(
-    a: torch.Tensor, operand: _Operand, bound: torch.Tensor, keys: torch.Tensor | None, plan: _Plan
+    a: torch.Tensor,
+    operand: _Operand,
+    bound: torch.Tensor,
+    keys: torch.Tensor | None,
+    plan: _Plan,
+    float_levels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale): a ≈ q·scale[:, None], q row-major in the operand's dtype, scale (R,) or (1,).
 
     int8 on the CPU: the ``cpu_fused`` kernel where the kernels' backend gives it (one or two
     passes over a, bit-identical to the twin), else ``_quantize_twin``; on CUDA the Triton
-    kernel unless emulating."""
+    kernel unless emulating. ``float_levels``: the fused kernel may write the int8 levels as
+    float32 values (for the twin's float matmul: no int8 → float32 pass); q is then float32."""
     if operand.dtype == torch.int8 and a.device.type == "cpu":
         fused = getattr(kernels.implementation(a.device), "quantize_rows_int8", None)
         if fused is not None:
-            return fused(a, bound, plan.rowwise, keys)
+            levels_dtype = torch.float32 if float_levels else torch.int8
+            return fused(a, bound, plan.rowwise, keys, levels_dtype=levels_dtype)
     if not _uses_triton(a, plan):
         return _quantize_twin(a, operand.dtype, bound, keys, plan.rowwise)
     scale = None
@@ -477,8 +485,8 @@ def _product(
         return F.linear(a.to(compute_dtype), b.to(compute_dtype), _cast(bias, compute_dtype))
     left, right = operands
     keys = _hash_keys(seed) if seed is not None and left.grad else None
-    qa, scale_a = _quantize(a, left, bounds[left.bound], keys, plan)
-    qb, scale_b = _quantize(b, right, bounds[right.bound], None, plan)
+    qa, scale_a = _quantize(a, left, bounds[left.bound], keys, plan, plan.emulate)
+    qb, scale_b = _quantize(b, right, bounds[right.bound], None, plan, plan.emulate)
     multiply = _int8_product if left.dtype == torch.int8 else _float8_product
     return multiply(qa, qb, scale_a, scale_b, bias, compute_dtype, plan)
 
@@ -601,24 +609,65 @@ class _ConvGeometry:
         )
 
 
-def _im2col(x: torch.Tensor, geometry: _ConvGeometry) -> torch.Tensor:
-    """x (B, C, H, W) as the (B·H'·W', C·kh·kw) matrix whose rows are the receptive fields,
-    columns ordered as a weight row (C, kh, kw) is; a view of channels-last x for 1×1 convs."""
+def _fused_unfolding(x: torch.Tensor, geometry: _ConvGeometry) -> types.ModuleType | None:
+    """cpu_fused, where its channels-last im2col/col2im serve (the kernels' backend gives
+    them, a float32 CPU x, no groups, not a pointwise conv): their matrix is ordered
+    (kh, kw, c) per row, one copy of C floats per kernel offset, not F.unfold's (c, kh, kw)."""
+    if geometry.groups != 1 or geometry.pointwise():
+        return None
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    impl = kernels.implementation(x.device)
+    return impl if hasattr(impl, "im2col_nhwc") else None
+
+
+def _im2col(
+    x: torch.Tensor, geometry: _ConvGeometry, fused: types.ModuleType | None
+) -> torch.Tensor:
+    """x (B, C, H, W) as the (B·H'·W', C·kh·kw) matrix whose rows are the receptive fields:
+    columns (c, kh, kw) as F.unfold orders them, or (kh, kw, c) from ``fused`` (then
+    ``_weight_rows`` orders W's rows so too); a view of channels-last x for 1×1 convs."""
     if geometry.pointwise():
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if fused is not None:
+        g = geometry
+        return fused.im2col_nhwc(x, g.kernel, g.stride, g.padding, g.dilation)
     cols = F.unfold(x, geometry.kernel, geometry.dilation, geometry.padding, geometry.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _col2im(grad_cols: torch.Tensor, x_shape: torch.Size, geometry: _ConvGeometry) -> torch.Tensor:
+def _col2im(
+    grad_cols: torch.Tensor,
+    x_shape: torch.Size,
+    geometry: _ConvGeometry,
+    fused: types.ModuleType | None,
+) -> torch.Tensor:
     """The gradient of x from that of its im2col matrix (overlapping fields summed)."""
     batch, channels, height, width = x_shape
     if geometry.pointwise():
         return grad_cols.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    g = geometry
+    if fused is not None:
+        return fused.col2im_nhwc(
+            grad_cols, list(x_shape), g.kernel, g.stride, g.padding, g.dilation
+        )
     grad = grad_cols.view(batch, -1, grad_cols.shape[1]).transpose(1, 2)
-    return F.fold(
-        grad, (height, width), geometry.kernel, geometry.dilation, geometry.padding, geometry.stride
-    )
+    return F.fold(grad, (height, width), g.kernel, g.dilation, g.padding, g.stride)
+
+
+def _weight_rows(weight: torch.Tensor, fused: types.ModuleType | None) -> torch.Tensor:
+    """W (C_out, C, kh, kw) as rows in the im2col matrix's column order."""
+    if fused is not None:
+        weight = weight.permute(0, 2, 3, 1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _weight_grad(grad_rows: torch.Tensor, weight: torch.Tensor, fused) -> torch.Tensor:
+    """The gradient of W from that of ``_weight_rows(W)``."""
+    if fused is None:
+        return grad_rows.view(weight.shape)
+    out_channels, channels, kh, kw = weight.shape
+    return grad_rows.view(out_channels, kh, kw, channels).permute(0, 3, 1, 2).contiguous()
 
 
 def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -639,8 +688,9 @@ class _LowPrecisionConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, plan, bounds, geometry):  # type: ignore[override]
         compute_dtype = _compute_dtype(x)
-        cols = _im2col(x, geometry)
-        w2 = weight.reshape(weight.shape[0], -1)
+        fused = _fused_unfolding(x, geometry)
+        cols = _im2col(x, geometry, fused)
+        w2 = _weight_rows(weight, fused)
         col_groups = _group_slices(cols.shape[1], geometry.groups)
         out_groups = _group_slices(w2.shape[0], geometry.groups)
         y = _cat(
@@ -662,6 +712,7 @@ class _LowPrecisionConv2d(torch.autograd.Function):
         seeds = _draw_seeds(ctx, plan, x.device, geometry.groups)
         ctx.save_for_backward(x, weight, bounds, seeds)
         ctx.plan, ctx.geometry = plan, geometry
+        ctx.fused_unfolding = fused is not None  # backward unfolds as forward did
         ctx.compute_dtype = compute_dtype
         ctx.has_bias = bias is not None
         return y
@@ -670,8 +721,11 @@ class _LowPrecisionConv2d(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight, bounds, seeds = ctx.saved_tensors
         geometry: _ConvGeometry = ctx.geometry
-        cols = _im2col(x, geometry)
-        w2 = weight.reshape(weight.shape[0], -1)
+        fused = None
+        if ctx.fused_unfolding:
+            fused = kernels.implementation(x.device, kernels.Backend.CPU_FUSED)
+        cols = _im2col(x, geometry, fused)
+        w2 = _weight_rows(weight, fused)
         col_groups = _group_slices(cols.shape[1], geometry.groups)
         out_groups = _group_slices(w2.shape[0], geometry.groups)
         grads = [
@@ -681,9 +735,10 @@ class _LowPrecisionConv2d(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_cols = _cat([gx for gx, _ in grads], dim=1)  # type: ignore[misc]
-            grad_x = _col2im(grad_cols, x.shape, geometry).to(x.dtype)
+            grad_x = _col2im(grad_cols, x.shape, geometry, fused).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _cat([gw for _, gw in grads]).view(weight.shape).to(weight.dtype)  # type: ignore[misc]
+            grad_rows = _cat([gw for _, gw in grads])  # type: ignore[misc]
+            grad_w = _weight_grad(grad_rows, weight, fused).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None
@@ -928,7 +983,10 @@ class LowPrecisionConv2d(_LowPrecisionLayer, nn.Conv2d):
     non-zero padding modes and ``padding="same"`` pad x first. The output is channels-last in
     memory (the product's rows are pixels). The layer keeps x for backward and unfolds it
     again there: memory as a float conv's, the im2col work twice. 1×1 convolutions with stride
-    1 and no padding skip im2col (a view of channels-last x).
+    1 and no padding skip im2col (a view of channels-last x). On the CPU, without groups,
+    cpu_fused's channels-last im2col/col2im build the matrix with (kh, kw, c) columns (W's
+    rows permuted to match: the same sums, so the same integer products); elsewhere F.unfold
+    and F.fold, (c, kh, kw).
 
     >>> conv = LowPrecisionConv2d(3, 8, 3, padding=1, config=Int8TrainingConfig())
     >>> conv(torch.randn(2, 3, 10, 10)).shape

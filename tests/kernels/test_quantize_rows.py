@@ -1,8 +1,9 @@
 """cpu_fused.quantize_rows_int8 against its twin ``qtrain.lowp._quantize_twin`` (int8): the
 same levels and the same scale bits, for nearest and stochastic rounding, per row and per
 tensor, on contiguous operands, transposed ones (grad-weight's gᵀ and xᵀ) and other strides,
-with edge values, low-precision inputs, empty operands, on one or two threads; plus the
-torch.library registration.
+with edge values, low-precision inputs, empty operands, on one or two threads; the same levels
+written as float32 (``levels_dtype``), bit for bit the int8 levels converted, in every one of
+those cases; plus the torch.library registration.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _assert_twin(
     """The fused levels and scale equal the twin's: levels exactly, scales bit for bit where
     they are numbers and NaN where the twin's is. A NaN scale's bits are not compared: torch's
     depend on its reduction path (0xFFFFFFFF from its vectorised maximum in most rows of a
-    transposed operand, the row's |NaN| elsewhere)."""
+    transposed operand, the row's |NaN| elsewhere). The float32 levels are the int8 levels
+    converted, bit for bit (+0 for level 0), with the very same scale bits."""
     levels, scale = fused.quantize_rows_int8(a, bound, rowwise, keys)
     expected_levels, expected_scale = lowp._quantize_twin(a, torch.int8, bound, keys, rowwise)
     assert levels.dtype == torch.int8 and levels.is_contiguous()
@@ -56,6 +58,10 @@ def _assert_twin(
     nan = expected_scale.isnan()
     assert torch.equal(scale.isnan(), nan)
     assert torch.equal(scale[~nan].view(torch.int32), expected_scale[~nan].view(torch.int32))
+    float_levels, float_scale = fused.quantize_rows_int8(a, bound, rowwise, keys, torch.float32)
+    assert float_levels.dtype == torch.float32 and float_levels.is_contiguous()
+    assert torch.equal(float_levels.view(torch.int32), levels.to(torch.float32).view(torch.int32))
+    assert torch.equal(float_scale.view(torch.int32), scale.view(torch.int32))
     return levels, scale
 
 
@@ -138,6 +144,9 @@ def test_empty_operands_give_empty_levels_and_scale_one(fused, shape, layout):
         levels, scale = fused.quantize_rows_int8(a, _bound(8), True, _keys(seed))
         assert levels.shape == shape and levels.dtype == torch.int8
         assert torch.equal(scale, torch.ones(shape[0]))
+        levels, scale = fused.quantize_rows_int8(a, _bound(8), True, _keys(seed), torch.float32)
+        assert levels.shape == shape and levels.dtype == torch.float32
+        assert torch.equal(scale, torch.ones(shape[0]))
         levels, scale = fused.quantize_rows_int8(a, _bound(8), False, _keys(seed))
         assert levels.shape == shape and torch.equal(scale, torch.ones(1))
     if shape == (0, 5):  # the twin's amax(dim=1) takes no rows of 5 (it raises on the others)
@@ -189,6 +198,8 @@ def test_checks_its_arguments(fused):
         fused.quantize_rows_int8(a, torch.ones(2), True, None)
     with pytest.raises(RuntimeError, match="keys"):
         fused.quantize_rows_int8(a, _bound(8), True, torch.ones(2, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="levels_dtype must be int8 or float32"):
+        fused.quantize_rows_int8(a, _bound(8), True, None, torch.int16)
 
 
 def test_op_passes_opcheck_and_compiles_into_one_graph(fused):
@@ -199,6 +210,10 @@ def test_op_passes_opcheck_and_compiles_into_one_graph(fused):
             for k in (None, keys):
                 torch.library.opcheck(
                     torch.ops.qtrain.quantize_rows_int8, (operand, _bound(8), rowwise, k)
+                )
+                torch.library.opcheck(
+                    torch.ops.qtrain.quantize_rows_int8,
+                    (operand, _bound(8), rowwise, k, torch.float32),
                 )
 
     def step(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,10 @@
 Same primitives, signatures and results as ``qtrain.kernels.reference`` — bit-identical, for
 nearest rounding and for stochastic rounding with the same seed — including the ops layer's
 ``fake_quant_int_levels`` (x̂ for the GEMM and the levels to save for backward, in one pass) and
-``dequant_int``; plus ``quant_int_levels`` (levels straight into int8/int16 storage).
+``dequant_int``; plus ``quant_int_levels`` (levels straight into int8/int16 storage), and for
+``qtrain.lowp``'s products ``quantize_rows_int8`` (one GEMM operand's int8 levels and scales)
+and a convolution's channels-last im2col matrix and its adjoint (``im2col_nhwc``,
+``col2im_nhwc``).
 
 ``csrc/quant.cpp`` is compiled on first use, never at import, with ``-O3 -march=native
 -fopenmp`` into ``$QTRAIN_CACHE_DIR`` (default ``~/.cache/qtrain``)``/ext-<key>``; the key hashes
@@ -234,9 +237,22 @@ def _register_fakes() -> None:
         return torch.empty_like(x)
 
     @torch.library.register_fake("qtrain::quantize_rows_int8")
-    def _quantize_rows_int8(a, bound, rowwise, keys):
+    def _quantize_rows_int8(a, bound, rowwise, keys, levels_dtype=torch.int8):
         scales = a.shape[0] if rowwise else 1
-        return a.new_empty(a.shape, dtype=torch.int8), a.new_empty(scales, dtype=torch.float32)
+        return a.new_empty(a.shape, dtype=levels_dtype), a.new_empty(scales, dtype=torch.float32)
+
+    @torch.library.register_fake("qtrain::im2col_nhwc")
+    def _im2col_nhwc(x, kernel, stride, padding, dilation):
+        batch, channels, height, width = x.shape
+        out_h, out_w = conv_output_size((height, width), kernel, stride, padding, dilation)
+        shape = (batch * out_h * out_w, kernel[0] * kernel[1] * channels)
+        return x.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.register_fake("qtrain::col2im_nhwc")
+    def _col2im_nhwc(cols, x_shape, kernel, stride, padding, dilation):
+        return cols.new_empty(x_shape, dtype=torch.float32).contiguous(
+            memory_format=torch.channels_last
+        )
 
 
 # ---- the primitives (reference.py's names and signatures) ----------------------------------
@@ -516,12 +532,21 @@ def fake_quant_minifloat(
 
 
 def quantize_rows_int8(
-    a: torch.Tensor, bound: torch.Tensor, rowwise: bool, keys: torch.Tensor | None = None
+    a: torch.Tensor,
+    bound: torch.Tensor,
+    rowwise: bool,
+    keys: torch.Tensor | None = None,
+    levels_dtype: torch.dtype = torch.int8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``qtrain.lowp._quantize_twin(a, torch.int8, bound, keys, rowwise)`` in one fused pass
     (two where the amax must be known first): bit-identical levels and scales. A row holding
     a NaN has a NaN scale and levels 0 there too; the NaN's bits may differ (torch's depend
     on its reduction path).
+
+    ``levels_dtype=torch.float32`` writes the same levels as float32 values (exact integers in
+    [−bound, bound], +0 for 0), bit-identical to the int8 levels ``.to(torch.float32)`` with the
+    same scales, for the emulated product: torch's int8 → float32 conversion of a large operand
+    takes longer than this whole pass.
 
     ``a``: a 2-D float32, bfloat16 or float16 CPU tensor (converted to float32 first); a
     contiguous matrix or the transpose of one is read in place, other strides are copied to
@@ -537,7 +562,90 @@ def quantize_rows_int8(
     >>> q.tolist(), scale.tolist()
     ([[64, -127], [127, 0]], [0.007874015718698502, 0.015748031437397003])
     """
-    return torch.ops.qtrain.quantize_rows_int8(a, bound, rowwise, keys)
+    return torch.ops.qtrain.quantize_rows_int8(a, bound, rowwise, keys, levels_dtype)
+
+
+# ---- qtrain.lowp's convolutions: im2col and its adjoint ------------------------------------------
+
+IntPair = int | tuple[int, int]
+
+
+def _pair(value: IntPair) -> list[int]:
+    return [value, value] if isinstance(value, int) else list(value)
+
+
+def conv_output_size(
+    size: tuple[int, int], kernel: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair
+) -> tuple[int, int]:
+    """(H', W') of a convolution of an H × W input: (H + 2p − d·(k − 1) − 1) // s + 1 each."""
+    return tuple(  # type: ignore[return-value]
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(
+            size, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), strict=True
+        )
+    )
+
+
+def im2col_nhwc(
+    x: torch.Tensor,
+    kernel: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """x's im2col matrix with channels innermost: the row-major float32 (B·H'·W', kh·kw·C)
+    matrix whose row (b·H' + oh)·W' + ow holds, for each kernel offset (i, j) in row-major
+    order, the C channels of x[b, :, oh·sh − ph + i·dh, ow·sw − pw + j·dw], zeros where that
+    pixel lies in the padding. Pure data movement: values are copied bit for bit (NaN, inf, −0).
+
+    It equals ``F.unfold(x, kernel, dilation, padding, stride)`` — (B, C·kh·kw, L), columns
+    (c, i, j) — with its columns reordered to (i, j, c) and rows (b, l), so a convolution weight
+    (C_out, C, kh, kw) multiplies it as ``weight.permute(0, 2, 3, 1).reshape(C_out, -1)``.
+
+    ``x``: a float32 (B, C, H, W) CPU tensor, fastest channels-last (``torch.channels_last``):
+    each block (i, j) is then one copy of C contiguous floats; other layouts are converted
+    first. ``kernel``, ``stride`` and ``dilation``: positive ints or pairs (h, w); ``padding``:
+    non-negative. Multi-threaded over rows; H' and W' must be at least 1.
+
+    >>> import torch
+    >>> fused = load()  # builds on first use
+    >>> x = torch.arange(8.0).view(1, 2, 2, 2)  # channels 0..3 and 4..7
+    >>> fused.im2col_nhwc(x, (1, 2))  # two rows (oh = 0, 1), blocks j = 0, 1 of both channels
+    tensor([[0., 4., 1., 5.],
+            [2., 6., 3., 7.]])
+    """
+    return torch.ops.qtrain.im2col_nhwc(
+        x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+    )
+
+
+def col2im_nhwc(
+    cols: torch.Tensor,
+    x_shape: tuple[int, int, int, int] | torch.Size,
+    kernel: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """The adjoint of ``im2col_nhwc``: the gradient of x (shape ``x_shape`` = (B, C, H, W))
+    from the gradient ``cols`` (B·H'·W', kh·kw·C) of its im2col matrix, every block summed back
+    onto its input pixel, padding dropped. Returns a float32 (B, C, H, W) tensor in
+    channels-last memory format.
+
+    Equals ``F.fold`` of ``cols`` reordered to F.unfold's layout, within float32 rounding: each
+    pixel sums 0 + its blocks in the order of the rows that hold them (kernel offsets (i, j)
+    descending), while F.fold has its own order. Deterministic: threads own bands of input rows
+    (no atomics), and the result is bitwise the same on any number of threads. ``cols`` must be
+    float32 (a non-contiguous one is copied first).
+
+    >>> import torch
+    >>> fused = load()  # builds on first use
+    >>> fused.col2im_nhwc(torch.ones(3, 2), (1, 1, 1, 4), (1, 2))
+    tensor([[[[1., 2., 2., 1.]]]])
+    """
+    return torch.ops.qtrain.col2im_nhwc(
+        cols, list(x_shape), _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+    )
 
 
 register_backend(Backend.CPU_FUSED, load, ["cpu"])

@@ -43,6 +43,7 @@
 #include <mutex>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -1628,10 +1629,21 @@ inline float scale_from_amax(uint32_t amax_bits, float bound) {
   return scale < kTiny ? kTiny : scale;
 }
 
-// Levels of x[0, n) into q[0, n); x[k] is element first + k of the flat (R, K) output, and
-// [first, first + n) crosses no multiple of 2^32 (the RNG's high counter word is constant).
-// Level: int8_t, or float for the same levels as float32 values, through int32 as well, so that
-// they equal int8 levels converted (NaN stored as 0, and -0 as +0).
+// A clamped level stored as Level: int8_t, or float holding the value that int8 level converts
+// to: NaN stored as 0 in both, and -0 as +0 (-0 + 0 is +0). Not float(int32(level)): with
+// -fno-trapping-math and SSE4.1, GCC rewrites that as truncf(level), which keeps -0.
+template <class Level>
+inline Level int8_level(float level) {
+  if constexpr (std::is_same_v<Level, float>) {
+    return (level == level ? level : 0.0f) + 0.0f;
+  } else {
+    return to_level<int8_t>(level);
+  }
+}
+
+// Levels of x[0, n) into q[0, n) (int8_t or float, see int8_level); x[k] is element first + k
+// of the flat (R, K) output, and [first, first + n) crosses no multiple of 2^32 (the RNG's high
+// counter word is constant).
 template <bool Stochastic, class Level>
 void int8_levels_run(const float* __restrict x, Level* __restrict q, int64_t n, int64_t first,
                      float inverse, float bound, Keys keys) {
@@ -1646,7 +1658,7 @@ void int8_levels_run(const float* __restrict x, Level* __restrict q, int64_t n, 
     } else {
       rounded = std::nearbyint(v);  // round half to even, as torch.round
     }
-    q[k] = static_cast<Level>(to_level<int32_t>(clamp_level(rounded, -bound, bound)));
+    q[k] = int8_level<Level>(clamp_level(rounded, -bound, bound));
   }
 }
 
@@ -1861,11 +1873,14 @@ std::tuple<Tensor, Tensor> quantize_rows_int8(const Tensor& a_in, const Tensor& 
 // copy of kw·C, so im2col runs at memory speed; threads take bands of rows.
 //
 // col2im is its adjoint, the gradient of x from that of the matrix: every block added back onto
-// its input pixel, padding dropped. Threads own input rows (b, h) of the channels-last output
-// and gather into them, so no two write one pixel, without atomics. Each pixel's channel vector
-// is 0 + the blocks that read it, added in kernel-offset order (i, j) row-major, whatever the
-// thread count: results are bitwise the same on any number of threads (F.fold sums in its own
-// order, so they agree with it within float32 rounding, not bit for bit).
+// its input pixel, padding dropped. Threads own bands of input rows (b, h) of the channels-last
+// output (whole images, but for the ends of their bands) so no two write one pixel, without
+// atomics: a band is zeroed, then the matrix rows that reach it are read in order, each adding
+// the kernel rows that land in the band (kw·C values onto kw adjacent pixels when dilation_w
+// is 1). Reading rows in order streams the matrix, and a pixel's channel vector is 0 + its
+// blocks in the order of the rows (b, oh, ow) that hold them (no row holds two), however the
+// rows are cut into bands: results are bitwise the same on any number of threads. (F.fold sums
+// in its own order: the two agree within float32 rounding.)
 
 struct Conv2dGeometry {
   int64_t batch, channels, height, width;
@@ -1883,8 +1898,8 @@ std::array<int64_t, 2> pair_arg(const char* what, const char* name, at::IntArray
   return {values[0], values[1]};
 }
 
-// The parameters checked, each named in its error, and H' = (H + 2p − d·(k − 1) − 1) / s + 1
-// (floor), which must be at least 1, as F.unfold requires.
+// Checks the parameters (each error names its parameter) and computes the output size
+// H' = (H + 2p − d·(k − 1) − 1) / s + 1 (floor), which must be at least 1, as F.unfold requires.
 Conv2dGeometry conv2d_geometry(const char* what, at::IntArrayRef x_shape, at::IntArrayRef kernel,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation) {
@@ -1908,12 +1923,31 @@ Conv2dGeometry conv2d_geometry(const char* what, at::IntArrayRef x_shape, at::In
   return g;
 }
 
-// [first, last): the k in [0, n) with 0 <= origin + k·step < size (step > 0).
-inline std::pair<int64_t, int64_t> steps_inside(int64_t origin, int64_t step, int64_t n,
-                                                int64_t size) {
-  const int64_t first = std::min(n, origin >= 0 ? 0 : (step - 1 - origin) / step);
-  const int64_t last = origin >= size ? 0 : (size - 1 - origin) / step + 1;
-  return {first, std::max(first, std::min(n, last))};
+// For each output column ow, the kernel columns [j_begin, j_end) whose input column
+// ow·sw − pw + j·dw lies inside the image (the others read padding).
+std::vector<std::pair<int64_t, int64_t>> kernel_columns_inside(const Conv2dGeometry& g) {
+  std::vector<std::pair<int64_t, int64_t>> ranges(g.out[1]);
+  const int64_t kernel_w = g.kernel[1], dilation_w = g.dilation[1];
+  for (int64_t ow = 0; ow < g.out[1]; ++ow) {
+    const int64_t left = ow * g.stride[1] - g.padding[1];  // input column of j = 0
+    const int64_t first = std::min(kernel_w, left >= 0 ? 0 : (dilation_w - 1 - left) / dilation_w);
+    const int64_t last = left >= g.width ? 0 : (g.width - 1 - left) / dilation_w + 1;
+    ranges[ow] = {first, std::max(first, std::min(kernel_w, last))};
+  }
+  return ranges;
+}
+
+// Blocks j_begin .. j_end − 1 of a kernel row, in runs whose input pixels are adjacent in
+// memory (all of them when dilation_w is 1, else one at a time): run(j, blocks).
+template <class Run>
+void for_each_block_run(int64_t j_begin, int64_t j_end, int64_t dilation_w, const Run& run) {
+  const int64_t blocks = dilation_w == 1 ? std::max<int64_t>(1, j_end - j_begin) : 1;
+  for (int64_t j = j_begin; j < j_end; j += blocks) run(j, blocks);
+}
+
+inline void copy_channels(const float* __restrict pixel, float* __restrict block, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) block[c] = pixel[c];
 }
 
 // x: a float32 (B, C, H, W) tensor, read as channels-last (other layouts are copied to it
@@ -1935,6 +1969,7 @@ Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef s
   const int64_t channels = g.channels, height = g.height, width = g.width;
   const int64_t kernel_w = g.kernel[1], dilation_w = g.dilation[1];
   const int64_t row_values = g.cols(), block_row_values = kernel_w * channels;
+  const auto columns_inside = kernel_columns_inside(g);
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / row_values);
   at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -1942,9 +1977,7 @@ Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef s
       const int64_t oh = r / g.out[1] % g.out[0];
       const float* image = x + r / (g.out[0] * g.out[1]) * height * width * channels;
       const int64_t left = ow * g.stride[1] - g.padding[1];  // input column of j = 0
-      const auto [j_begin, j_end] = steps_inside(left, dilation_w, kernel_w, width);
-      // Blocks whose input pixels are adjacent in memory, copied together.
-      const int64_t run = dilation_w == 1 ? std::max<int64_t>(1, j_end - j_begin) : 1;
+      const auto [j_begin, j_end] = columns_inside[ow];
       for (int64_t i = 0; i < g.kernel[0]; ++i) {
         float* block_row = y + r * row_values + i * block_row_values;
         const int64_t h = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
@@ -1953,11 +1986,11 @@ Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef s
           continue;
         }
         std::fill(block_row, block_row + j_begin * channels, 0.0f);
-        for (int64_t j = j_begin; j < j_end; j += run) {
-          std::memcpy(block_row + j * channels,
-                      image + (h * width + left + j * dilation_w) * channels,
-                      run * channels * sizeof(float));
-        }
+        const float* pixels = image + h * width * channels;
+        for_each_block_run(j_begin, j_end, dilation_w, [&](int64_t j, int64_t blocks) {
+          copy_channels(pixels + (left + j * dilation_w) * channels, block_row + j * channels,
+                        blocks * channels);
+        });
         std::fill(block_row + j_end * channels, block_row + block_row_values, 0.0f);
       }
     }
@@ -1968,6 +2001,37 @@ Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef s
 inline void add_channels(const float* __restrict block, float* __restrict pixel, int64_t n) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) pixel[c] += block[c];
+}
+
+// Input rows [h_begin, h_end) of image b's gradient (channels-last, at `image`): zeros, then
+// every block of the matrix rows (b, oh, ·) that lands on them, rows in order.
+void col2im_band(const float* dy, float* image, const Conv2dGeometry& g,
+                 const std::vector<std::pair<int64_t, int64_t>>& columns_inside, int64_t b,
+                 int64_t h_begin, int64_t h_end) {
+  const int64_t channels = g.channels, width = g.width, kernel_w = g.kernel[1];
+  const int64_t pixel_row_values = width * channels, row_values = g.cols();
+  std::fill(image + h_begin * pixel_row_values, image + h_end * pixel_row_values, 0.0f);
+  // The output rows oh whose kernel rows reach [h_begin, h_end): oh·sh − ph + i·dh in it.
+  const int64_t reach = h_begin + g.padding[0] - (g.kernel[0] - 1) * g.dilation[0];
+  const int64_t oh_begin = reach <= 0 ? 0 : (reach + g.stride[0] - 1) / g.stride[0];
+  const int64_t oh_end = std::min(g.out[0], (h_end - 1 + g.padding[0]) / g.stride[0] + 1);
+  for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+    for (int64_t ow = 0; ow < g.out[1]; ++ow) {
+      const float* row = dy + ((b * g.out[0] + oh) * g.out[1] + ow) * row_values;
+      const int64_t left = ow * g.stride[1] - g.padding[1];  // input column of j = 0
+      const auto [j_begin, j_end] = columns_inside[ow];
+      for (int64_t i = 0; i < g.kernel[0]; ++i) {
+        const int64_t h = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
+        if (h < h_begin || h >= h_end) continue;
+        const float* block_row = row + i * kernel_w * channels;
+        float* pixels = image + h * pixel_row_values;
+        for_each_block_run(j_begin, j_end, g.dilation[1], [&](int64_t j, int64_t blocks) {
+          add_channels(block_row + j * channels, pixels + (left + j * g.dilation[1]) * channels,
+                       blocks * channels);
+        });
+      }
+    }
+  }
 }
 
 // cols: the float32 (B·H'·W', kh·kw·C) gradient of im2col_nhwc(x) for an x of x_shape
@@ -1984,34 +2048,21 @@ Tensor col2im_nhwc(const Tensor& cols_in, at::IntArrayRef x_shape, at::IntArrayR
   TORCH_CHECK(cols_in.dim() == 2 && cols_in.size(0) == g.rows() && cols_in.size(1) == g.cols(),
               what, ": cols must be the (B·H'·W', kh·kw·C) = (", g.rows(), ", ", g.cols(),
               ") matrix of x_shape ", x_shape, ", got ", cols_in.sizes());
-  const int64_t channels = g.channels, height = g.height, width = g.width;
-  Tensor out = empty_output({g.batch, height, width, channels}, at::kFloat);
+  const int64_t height = g.height, image_values = height * g.width * g.channels;
+  Tensor out = empty_output({g.batch, height, g.width, g.channels}, at::kFloat);
   if (out.numel() == 0) return out.permute({0, 3, 1, 2});
   const Tensor cols = cols_in.contiguous();
   const float* dy = cols.data_ptr<float>();
   float* dx = out.data_ptr<float>();
-  const int64_t kernel_w = g.kernel[1], out_h = g.out[0], out_w = g.out[1];
-  const int64_t row_values = g.cols(), pixel_row_values = width * channels;
-  const int64_t grain = std::max<int64_t>(1, kMinPerThread / pixel_row_values);
+  const auto columns_inside = kernel_columns_inside(g);
+  // Threads own bands of the B·H input rows: whole images, or parts at their bands' ends.
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / (g.width * g.channels));
   at::parallel_for(0, g.batch * height, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {  // input row (b, h)
-      const int64_t b = p / height, h = p % height;
-      float* pixels = dx + p * pixel_row_values;
-      std::fill(pixels, pixels + pixel_row_values, 0.0f);
-      for (int64_t i = 0; i < g.kernel[0]; ++i) {
-        const int64_t top = h + g.padding[0] - i * g.dilation[0];  // oh · sh
-        if (top < 0 || top % g.stride[0] != 0 || top / g.stride[0] >= out_h) continue;
-        const float* out_row = dy + (b * out_h + top / g.stride[0]) * out_w * row_values;
-        for (int64_t j = 0; j < kernel_w; ++j) {
-          const int64_t left = j * g.dilation[1] - g.padding[1];  // input column of ow = 0
-          const auto [ow_begin, ow_end] = steps_inside(left, g.stride[1], out_w, width);
-          const float* block = out_row + (i * kernel_w + j) * channels;
-          for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-            add_channels(block + ow * row_values, pixels + (left + ow * g.stride[1]) * channels,
-                         channels);
-          }
-        }
-      }
+    while (begin < end) {
+      const int64_t b = begin / height, h_begin = begin % height;
+      const int64_t h_end = std::min(height, h_begin + end - begin);
+      col2im_band(dy, dx + b * image_values, g, columns_inside, b, h_begin, h_end);
+      begin += h_end - h_begin;
     }
   });
   return out.permute({0, 3, 1, 2});
