@@ -417,14 +417,21 @@ def _epilogue(
     scale_b: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """float32(acc)·scale_a[:, None]·scale_b[None, :] (+ bias): triton_quant.int8_mm's order.
+    ``overwrite``: a float32 acc may be scaled in place (the caller no longer needs it).
     acc·scale_a comes first, so it overflows to inf where |acc|·scale_a passes float32's max
     even if the product with scale_b would not (operands of absmax ≳ 1e34 with 127-level
     sums of ~10⁵); float32 F.linear/F.conv2d overflow from about 1e38."""
-    out = acc.to(torch.float32) * scale_a.view(-1, 1) * scale_b.view(1, -1)
+    # In place on a tensor of its own — acc's float32 copy, or a float32 acc the caller gives
+    # up (``overwrite``) — the same roundings as out-of-place, without two (M, N) allocations.
+    out = acc.to(torch.float32)
+    if out is acc and not overwrite:
+        out = out.clone()
+    out.mul_(scale_a.view(-1, 1)).mul_(scale_b.view(1, -1))
     if bias is not None:
-        out = out + bias.to(torch.float32)
+        out.add_(bias.to(torch.float32))
     return out.to(out_dtype)
 
 
@@ -434,6 +441,7 @@ def _int8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> tor
         # Exact: integer partial sums below 2^24 (float32) or 2^53 (float64) round nowhere.
         dtype = torch.float32 if k <= _EXACT_FLOAT32_DEPTH else torch.float64
         acc = qa.to(dtype) @ qb.to(dtype).t()
+        return _epilogue(acc, scale_a, scale_b, bias, out_dtype, overwrite=True)
     elif qa.is_cuda and plan.int8_gemm is not Int8Gemm.INT_MM and _triton_runs():
         return triton_quant.int8_mm(qa, qb, scale_a, scale_b, bias, out_dtype)
     else:
