@@ -527,12 +527,14 @@ def _matrix_backward(
     return grad_x, grad_w
 
 
-def _draw_seeds(ctx, plan: _Plan, device: torch.device, groups: int = 1) -> torch.Tensor | None:
-    """One seed per gradient product and group, drawn in the forward so that
-    torch.manual_seed repeats a run; None without stochastic rounding or gradients."""
+def _save_for_backward(ctx, x, weight, bias, plan: _Plan, bounds, compute_dtype, groups=1):
+    """What backward reads: x, W, the bounds, and one seed per gradient product and group
+    (stochastic rounding only; drawn in the forward so that torch.manual_seed repeats a run)."""
+    seeds = None
     if plan.stochastic_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        return torch.randint(0, 2**62, (2, groups), device=device)
-    return None
+        seeds = torch.randint(0, 2**62, (2, groups), device=x.device)
+    ctx.save_for_backward(x, weight, bounds, seeds)
+    ctx.plan, ctx.compute_dtype, ctx.has_bias = plan, compute_dtype, bias is not None
 
 
 class _LowPrecisionLinear(torch.autograd.Function):
@@ -545,11 +547,7 @@ class _LowPrecisionLinear(torch.autograd.Function):
         compute_dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         y = _product(x2, weight, plan.forward, plan, bounds, None, compute_dtype, bias)
-        seeds = _draw_seeds(ctx, plan, x.device)
-        ctx.save_for_backward(x, weight, bounds, seeds)
-        ctx.plan = plan
-        ctx.compute_dtype = compute_dtype
-        ctx.has_bias = bias is not None
+        _save_for_backward(ctx, x, weight, bias, plan, bounds, compute_dtype)
         return y
 
     @staticmethod
@@ -717,12 +715,9 @@ class _LowPrecisionConv2d(torch.autograd.Function):
             ],
             dim=1,
         )
-        seeds = _draw_seeds(ctx, plan, x.device, geometry.groups)
-        ctx.save_for_backward(x, weight, bounds, seeds)
-        ctx.plan, ctx.geometry = plan, geometry
+        _save_for_backward(ctx, x, weight, bias, plan, bounds, compute_dtype, geometry.groups)
+        ctx.geometry = geometry
         ctx.fused_unfolding = fused is not None  # backward unfolds as forward did
-        ctx.compute_dtype = compute_dtype
-        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
@@ -978,6 +973,22 @@ class LowPrecisionLinear(_LowPrecisionLayer, nn.Linear):
         return f"{nn.Linear.extra_repr(self)}, {self._bits_repr()}"
 
 
+def _conv_arguments(conv: nn.Conv2d) -> tuple[Any, ...]:
+    """nn.Conv2d's positional arguments (in, out, kernel, stride, padding, dilation, groups,
+    bias, padding mode) that build a conv of ``conv``'s shape."""
+    return (
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+    )
+
+
 class LowPrecisionConv2d(_LowPrecisionLayer, nn.Conv2d):
     """``nn.Conv2d`` whose forward, grad-input and grad-weight products are int8 or fp8 GEMMs
     on the im2col matrix; the same parameters and state_dict keys.
@@ -1046,19 +1057,7 @@ class LowPrecisionConv2d(_LowPrecisionLayer, nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, config: LowPrecisionConfig) -> LowPrecisionConv2d:
         """A LowPrecisionConv2d sharing ``conv``'s parameters."""
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            device="meta",
-            config=config,
-        )
+        layer = cls(*_conv_arguments(conv), device="meta", config=config)
         layer.weight, layer.bias = conv.weight, conv.bias
         layer.bounds = initial_bounds(config, conv.weight.device)
         layer.train(conv.training)
@@ -1066,18 +1065,7 @@ class LowPrecisionConv2d(_LowPrecisionLayer, nn.Conv2d):
 
     def to_float(self) -> nn.Conv2d:
         """The plain ``nn.Conv2d`` with these parameters."""
-        plain = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,  # type: ignore[arg-type]
-            self.stride,  # type: ignore[arg-type]
-            self.padding,  # type: ignore[arg-type]
-            self.dilation,  # type: ignore[arg-type]
-            self.groups,
-            self.bias is not None,
-            self.padding_mode,
-            device="meta",
-        )
+        plain = nn.Conv2d(*_conv_arguments(self), device="meta")
         plain.weight, plain.bias = self.weight, self.bias
         return plain.train(self.training)
 
