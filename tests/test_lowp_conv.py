@@ -89,6 +89,7 @@ def test_real_int8_products_equal_the_emulated_twin_bit_for_bit(
         assert torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # torch's
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 def test_with_every_product_in_float_it_is_f_conv2d(geometry) -> None:
     conv = _conv(geometry)
