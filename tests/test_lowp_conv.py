@@ -297,6 +297,7 @@ def test_the_fused_kernels_equal_the_pytorch_twin_through_the_layers(config) -> 
             assert torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch's own
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_torch_compile_traces_the_layer_whole(stochastic: bool) -> None:
     """fullgraph: the Function, the fused kernels (torch.library ops with fake impls) and the
