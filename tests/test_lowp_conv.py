@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrain import kernels
-from qtrain.api import quantize_
+from qtrain.api import dequantize_, quantize_
 from qtrain.cost import CostMeter
 from qtrain.lowp import (
     Float8TrainingConfig,
@@ -185,11 +185,20 @@ def test_quantize_swaps_convs_and_linears_and_keeps_the_state_dict() -> None:
     assert any(isinstance(m, LowPrecisionLinear) for m in linears_only.modules())
 
 
-def test_to_float_gives_back_the_same_conv() -> None:
+def test_to_float_and_dequantize_give_back_the_same_conv() -> None:
     layer = LowPrecisionConv2d(3, 4, 3, stride=2, padding=1, groups=1, config=Int8TrainingConfig())
     plain = layer.to_float()
     assert type(plain) is nn.Conv2d and plain.weight is layer.weight and plain.bias is layer.bias
     assert (plain.stride, plain.padding) == ((2, 2), (1, 1))
+    model = quantize_(
+        build_model("resnet9", input_shape=(1, 12, 12), num_classes=4, width=4),
+        Int8TrainingConfig(),
+    )
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    dequantize_(model)
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in layers)
+    assert all(m.weight is w for m, w in zip(layers, weights, strict=True))  # not copies
 
 
 @pytest.mark.parametrize("granularity", [PerToken(), PerTensor()], ids=repr)
