@@ -328,3 +328,18 @@ def test_torch_compile_traces_the_layer_whole(stochastic: bool) -> None:
             assert _snr(got, want) > 25
         else:
             assert torch.equal(got, want)
+
+
+def test_a_float64_layer_keeps_its_dtype() -> None:
+    """Operands are quantized from their float32 values (kernel and twin alike); outputs and
+    gradients come back in float64."""
+    torch.manual_seed(0)
+    conv = LowPrecisionConv2d(2, 3, 3, config=Int8TrainingConfig(emulate=True)).double()
+    y, grad_x, grad_w, _ = _run(
+        conv,
+        torch.randn(2, 2, 6, 6, dtype=torch.float64),
+        torch.ones(2, 3, 4, 4, dtype=torch.float64),
+    )
+    assert y.dtype == grad_x.dtype == grad_w.dtype == torch.float64
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    assert _snr(conv(x).detach(), conv.to_float()(x).detach()) > 35
