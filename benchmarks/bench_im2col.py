@@ -38,10 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from bench_quantize import (
-    machine_info,
     median_times,
-    set_clock_and_threads,
-    timing_parser,
+    run_kernel_rows,
     write_json,
 )
 from qtrain.kernels import cpu_fused
@@ -161,18 +159,9 @@ def benchmark(scale: int, rounds: int, clock: Callable[[], float]) -> list[dict[
 
 
 def main() -> None:
-    parser = timing_parser(__doc__, "im2col.json")
-    parser.set_defaults(threads=1)
-    parser.add_argument("--smoke", action="store_true", help="toy sizes, one round")
-    args = parser.parse_args()
-    clock = set_clock_and_threads(args.clock, args.threads)
-    rounds = 1 if args.smoke else max(args.rounds, 7)
-    results = benchmark(64 if args.smoke else 1, rounds, clock)
+    args, head, results = run_kernel_rows(__doc__, "im2col.json", benchmark, threads=1)
     payload = {
-        "machine": machine_info(),
-        "rounds": rounds,
-        "clock": args.clock,
-        "smoke": args.smoke,
+        **head,
         "geometry": {"kernel": KERNEL, "stride": STRIDE, "padding": PADDING, "dilation": DILATION},
         "torch_rows": {
             "im2col": "F.unfold(x).transpose(1, 2).reshape(-1, C*9), x contiguous",

@@ -115,6 +115,28 @@ def median_times(
     return times
 
 
+def run_kernel_rows(
+    doc: str,
+    out: str,
+    benchmark: Callable[[int, int, Callable[[], float]], list[dict[str, object]]],
+    threads: int | None = None,
+) -> tuple[argparse.Namespace, dict[str, object], list[dict[str, object]]]:
+    """The shared main of the kernel-against-PyTorch benchmarks: the timing options and
+    ``--smoke`` (toy sizes, one round), at least 7 rounds, ``benchmark(shrink, rounds,
+    clock)`` run (shrink: 64 for a smoke run, else 1), and the payload's common head (the
+    machine, rounds, clock, smoke) with its rows. ``threads``: the default of ``--threads``."""
+    parser = timing_parser(doc, out)
+    if threads is not None:
+        parser.set_defaults(threads=threads)
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, one round")
+    args = parser.parse_args()
+    clock = set_clock_and_threads(args.clock, args.threads)
+    rounds = 1 if args.smoke else max(args.rounds, 7)
+    rows = benchmark(64 if args.smoke else 1, rounds, clock)
+    head = {"machine": machine_info(), "rounds": rounds, "clock": args.clock, "smoke": args.smoke}
+    return args, head, rows
+
+
 def write_json(path: Path, payload: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -23,10 +23,8 @@ from collections.abc import Callable
 import torch
 
 from bench_quantize import (
-    machine_info,
     median_times,
-    set_clock_and_threads,
-    timing_parser,
+    run_kernel_rows,
     write_json,
 )
 from qtrain import lowp
@@ -120,17 +118,9 @@ def benchmark(scale: int, rounds: int, clock: Callable[[], float]) -> list[dict[
 
 
 def main() -> None:
-    parser = timing_parser(__doc__, "quantize_rows.json")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes, one round")
-    args = parser.parse_args()
-    clock = set_clock_and_threads(args.clock, args.threads)
-    rounds = 1 if args.smoke else max(args.rounds, 7)
-    results = benchmark(64 if args.smoke else 1, rounds, clock)
+    args, head, results = run_kernel_rows(__doc__, "quantize_rows.json", benchmark)
     payload = {
-        "machine": machine_info(),
-        "rounds": rounds,
-        "clock": args.clock,
-        "smoke": args.smoke,
+        **head,
         "bits": BITS,
         "note": "twin and fused timed in the same interleaved rounds: compare the speedups "
         "(ratios within this run), not absolute times across runs",
