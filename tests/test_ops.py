@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from qtrain import (
@@ -123,6 +123,11 @@ def test_unquantized_conv2d_is_identical_to_f_conv2d(
     channels_last,
     seed,
 ):
+    # torch 2.13's CPU (oneDNN) weight gradient of a channels-last 1×1 convolution with a
+    # stride is wrong for a few channels (e.g. 2 → 1 channels, 8×10 input, stride (1, 2):
+    # relative error ~1 against float64, and not the same twice), which this comparison with
+    # F.conv2d's own gradient would report as ours; found by this test on 2026-12-07.
+    assume(not (channels_last and kernel == (1, 1) and stride != (1, 1)))
     x = _randn(batch, groups * channels_per_group, *size, seed=seed)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

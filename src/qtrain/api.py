@@ -363,6 +363,21 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear | QConv2d)]
 
 
+def use_products(model: nn.Module, products: str) -> int:
+    """Set ``GemmConfig.products`` on every emulated quantized layer (``quantized_modules``),
+    keeping the rest of each layer's configured specs; returns how many layers it set.
+
+    >>> from qtrain.presets import symmetric_quantization
+    >>> model = quantize_(nn.Sequential(nn.Linear(4, 3)), symmetric_quantization(8))
+    >>> use_products(model, "int8-twin"), model[0].config.products
+    (1, 'int8-twin')
+    """
+    modules = quantized_modules(model)
+    for _, module in modules:
+        module.set_config(dataclasses.replace(module.base_config, products=products))
+    return len(modules)
+
+
 def layer_observers(model: nn.Module, role: str) -> dict[str, Observer]:
     """Each emulated quantized layer's observer of ``role`` (``"grad_input"``...) by layer
     name, in module order; layers without one are left out."""

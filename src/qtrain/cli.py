@@ -31,6 +31,7 @@ from qtrain.data import DATASETS
 from qtrain.export import FORMATS, export_run
 from qtrain.guard import POLICIES
 from qtrain.models import MODELS
+from qtrain.ops import PRODUCTS
 from qtrain.recipes import RECIPES, Recipe, RecipeConfigError, build_recipe, iter_recipes
 from qtrain.recipes.cpt import CPTConfig, RangeTest, plot_range_test
 from qtrain.report import COMPARE_FILE, compare_rows, format_table, write_compare, write_report
@@ -123,6 +124,15 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         "--sync-batchnorm",
         "sync_batchnorm",
         {"action": "store_true", "help": "BatchNorm statistics over the global batch (CUDA)"},
+    ),
+    (
+        "--products",
+        "products",
+        {
+            "help": "how quantized layers multiply: float (the emulation), int8 (exact integer "
+            "products where the operands qualify; torch._int_mm on AMX/VNNI CPUs and CUDA), "
+            "int8-twin, int8-real: " + _one_of(PRODUCTS)
+        },
     ),
     ("--download", "download", {"action": "store_true", "help": "fetch missing data"}),
     ("--no-augment", "augment", {"action": "store_false"}),

@@ -43,12 +43,14 @@ from qtrain.quantizer import (
     _observed_qparams,
     _qparams_of_view,
     canonical_view,
+    compute_qparams,
     fake_quantize_with_mask,
     needs_clip_mask,
 )
 from qtrain.validation import check_int
 
 ROLES = ("forward", "grad_input", "grad_weight")
+PRODUCTS = ("float", "int8", "int8-twin", "int8-real")  # GemmConfig.products
 SPEC_FIELDS = ("input_spec", "weight_spec", "grad_input_spec", "grad_weight_spec")
 
 
@@ -100,6 +102,13 @@ class GemmConfig(Config):
         grad_weight_spec: quantization of the copy of g_l for the grad-weight product.
         save_quantized_input: keep the quantized input for backward as integer levels + scale
             (1 byte per value for ≤ 8-bit integer input specs) instead of float32.
+        products: how the products run (``qtrain.int_products``): ``float`` — on the
+            fake-quantized floats (the emulation); ``int8`` — each product whose operands are
+            integer levels of ≤ 8 bits with scales constant along its reduction as an exact
+            integer product, on ``torch._int_mm`` where the device has fast int8 units (CUDA,
+            AMX/VNNI CPUs), else its exact twin; ``int8-twin`` / ``int8-real``: either route
+            forced. The integer routes equal each other bit for bit; they differ from
+            ``float`` in the last bits (float32 sums round, integer ones do not).
     """
 
     input_spec: QuantSpec | None = None
@@ -107,10 +116,15 @@ class GemmConfig(Config):
     grad_input_spec: QuantSpec | None = None
     grad_weight_spec: QuantSpec | None = None
     save_quantized_input: bool = False
+    products: str = "float"
 
     error: ClassVar[type[Exception]] = QuantSpecError
 
     def validate(self) -> None:
+        if self.products not in PRODUCTS:
+            raise QuantSpecError(
+                f"GemmConfig.products must be one of {', '.join(PRODUCTS)}; got {self.products!r}"
+            )
         if self.save_quantized_input:
             spec = self.input_spec
             if spec is None or spec.int_format is None or spec.int_format.bits > 8:
@@ -131,7 +145,7 @@ class GemmConfig(Config):
         save = self.save_quantized_input and (
             spec is not None and spec.int_format is not None and spec.int_format.bits <= 8
         )
-        return GemmConfig(**new, save_quantized_input=save)
+        return dataclasses.replace(self, **new, save_quantized_input=save)
 
     def with_precision(self, precision: Precision | None) -> GemmConfig:
         """Integer specs at the bit-widths ``precision`` sets (the rest unchanged)."""
@@ -304,19 +318,31 @@ class _QuantizedGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, config, input_qparams, conv_args, observers):  # type: ignore[override]
         want_x_mask = ctx.needs_input_grad[0]
+        integer = _IntegerRoute.of(config, x, weight, conv_args)
         if input_qparams is None:
             input_qparams = _observed(observers, "input", x, config.input_spec)
+        if integer is not None and integer.roles & {"forward", "grad_weight"}:
+            input_qparams = _explicit_qparams(x, config.input_spec, input_qparams)
         saved = _SavedInput(
             x, config.input_spec, input_qparams, config.save_quantized_input, want_x_mask
         )
         w_qparams = _observed(observers, "weight", weight, config.weight_spec)
+        if integer is not None and integer.roles & {"forward", "grad_input"}:
+            w_qparams = _explicit_qparams(weight, config.weight_spec, w_qparams)
         w_q, w_mask = _quantize_operand(
             weight, config.weight_spec, w_qparams, ctx.needs_input_grad[1]
         )
-        if conv_args is None:
+        if integer is not None:
+            integer.qparams = {"input": input_qparams, "weight": w_qparams}
+        if integer is not None and "forward" in integer.roles:
+            y = integer.forward(saved.value, w_q, bias, conv_args)
+            if y._base is not None:  # a view of the product matrix: return a tensor of its own
+                y = y.clone()  # (autograd forbids in-place ops on a custom Function's views)
+        elif conv_args is None:
             y = F.linear(saved.value, w_q, bias)
         else:
             y = F.conv2d(saved.value, w_q, bias, *conv_args)
+        ctx.integer = integer
         ctx.config = config
         ctx.observers = observers
         ctx.conv_args = conv_args
@@ -335,11 +361,21 @@ class _QuantizedGemm(torch.autograd.Function):
         config: GemmConfig = ctx.config
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = grad_b = None
-        g_in, g_w = _gradient_copies(grad_out, config, need_x, need_w, ctx.observers)
-        if ctx.conv_args is None:
-            grad_x, grad_w = _linear_grads(g_in, g_w, x_q, w_q)
+        integer: _IntegerRoute | None = ctx.integer
+        if integer is not None and grad_out.dtype == torch.float32:
+            g_in, g_w = integer.gradient_copies(grad_out, config, need_x, need_w, ctx.observers)
+            grad_x, grad_w = integer.backward(g_in, g_w, x_q, w_q, ctx.conv_args)
+            # Products the integer route does not take run on the floats below.
+            g_in = None if grad_x is not None else g_in
+            g_w = None if grad_w is not None else g_w
         else:
-            grad_x, grad_w = _conv_grads(g_in, g_w, x_q, w_q, ctx.conv_args)
+            g_in, g_w = _gradient_copies(grad_out, config, need_x, need_w, ctx.observers)
+        if ctx.conv_args is None:
+            float_x, float_w = _linear_grads(g_in, g_w, x_q, w_q)
+        else:
+            float_x, float_w = _conv_grads(g_in, g_w, x_q, w_q, ctx.conv_args)
+        grad_x = float_x if grad_x is None else grad_x
+        grad_w = float_w if grad_w is None else grad_w
         if ctx.has_bias and ctx.needs_input_grad[2]:
             # The bias gradient is a plain sum of the full-precision g_l, as torch computes it.
             if ctx.conv_args is None:
@@ -351,6 +387,78 @@ class _QuantizedGemm(torch.autograd.Function):
         if grad_w is not None and w_mask is not None:
             grad_w = grad_w * w_mask.to(grad_w.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class _IntegerRoute:
+    """The products of one call that run as exact integer products (``qtrain.int_products``),
+    with the qparams their operands were quantized with."""
+
+    def __init__(self, config: GemmConfig, real: bool, roles: set[str]) -> None:
+        self.config = config
+        self.real = real
+        self.roles = roles
+        self.qparams: dict[str, QParams | None] = {}
+
+    @staticmethod
+    def of(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, conv_args):
+        """The route for this call, or None: float products (``products="float"``, autocast,
+        a tensor that is not float32, no product whose operands qualify)."""
+        if config.products == "float":
+            return None
+        from qtrain import int_products  # qtrain.lowp, which it builds on, imports this module
+
+        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        grad_dim = x.dim() if conv_args is not None else (2 if x.dim() == 2 else None)
+        roles = int_products.product_roles(config, conv_args is not None, grad_dim)
+        if not roles:
+            return None
+        real = bool(int_products.real_route(config.products, x.device))
+        return _IntegerRoute(config, real, roles)
+
+    def operand(self, t: torch.Tensor, role: str, spec: QuantSpec):
+        from qtrain import int_products
+
+        return int_products.integer_values(t, self.qparams[role], spec)
+
+    def forward(self, x_q, w_q, bias, conv_args) -> torch.Tensor:
+        from qtrain import int_products
+
+        config = self.config
+        x = self.operand(x_q, "input", config.input_spec)
+        w = self.operand(w_q, "weight", config.weight_spec)
+        bias = None if bias is None else bias.to(torch.float32)
+        if conv_args is None:
+            return int_products.linear_forward(x, w, bias, self.real)
+        return int_products.conv_forward(x, w, bias, conv_args, self.real)
+
+    def gradient_copies(self, grad, config, need_x, need_w, observers):
+        """``_gradient_copies`` with the copies' qparams kept for the integer products."""
+        return _gradient_copies(grad, config, need_x, need_w, observers, self.qparams)
+
+    def backward(self, g_in, g_w, x_q, w_q, conv_args):
+        """(grad of x, grad of W) for the products this route takes; None for the others."""
+        from qtrain import int_products
+
+        config = self.config
+        grad_x = grad_w = None
+        if g_in is not None and "grad_input" in self.roles:
+            g = self.operand(g_in, "grad_input", config.grad_input_spec)
+            w = self.operand(w_q, "weight", config.weight_spec)
+            if conv_args is None:
+                grad_x = int_products.linear_grad_input(g, w, self.real)
+            else:
+                grad_x = int_products.conv_grad_input(g, w, x_q.shape, conv_args, self.real)
+        if g_w is not None and "grad_weight" in self.roles:
+            g = self.operand(g_w, "grad_weight", config.grad_weight_spec)
+            x = self.operand(x_q, "input", config.input_spec)
+            if conv_args is None:
+                grad_w = int_products.linear_grad_weight(g, x, self.real)
+            else:
+                grad_w = int_products.conv_grad_weight(g, x, w_q, conv_args, self.real)
+        return grad_x, grad_w
 
 
 def _observed(
@@ -368,35 +476,54 @@ def _gradient_copies(
     need_x: bool,
     need_w: bool,
     observers: dict[str, Observer] | None = None,
+    qparams: dict[str, QParams | None] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """g_l quantized for the grad-input and the grad-weight products (None where not needed);
     stochastic-rounding seeds are drawn in that order, as two ``quantize`` calls draw them.
 
     With equal specs and no grad-weight observer, one quantized copy serves both products
-    (no bifurcation), quantized with the grad-input observer's qparams if there is one."""
+    (no bifurcation), quantized with the grad-input observer's qparams if there is one.
+    ``qparams``: a dict to fill with each copy's qparams by role (the integer products need
+    them), which are then computed before quantizing — the same values either way."""
     input_spec, weight_spec = config.grad_input_spec, config.grad_weight_spec
+
+    def quantize(role: str, spec: QuantSpec | None, given: QParams | None) -> torch.Tensor:
+        if qparams is not None:
+            given = qparams[role] = _explicit_qparams(grad, spec, given)
+        return _quantize_operand(grad, spec, given, False)[0]
+
     one_copy = input_spec == weight_spec and (observers is None or "grad_weight" not in observers)
     if one_copy and observers is not None and "grad_input" in observers and (need_x or need_w):
-        qparams = _observed(observers, "grad_input", grad, input_spec)
-        g = _quantize_operand(grad, input_spec, qparams, False)[0]
+        g = quantize("grad_input", input_spec, _observed(observers, "grad_input", grad, input_spec))
+        if qparams is not None:
+            qparams["grad_weight"] = qparams["grad_input"]
         return (g if need_x else None), (g if need_w else None)
     if observers is not None and ("grad_input" in observers or "grad_weight" in observers):
         g_in = g_w = None
         if need_x:
-            qparams = _observed(observers, "grad_input", grad, input_spec)
-            g_in = _quantize_operand(grad, input_spec, qparams, False)[0]
+            given = _observed(observers, "grad_input", grad, input_spec)
+            g_in = quantize("grad_input", input_spec, given)
         if need_w:
-            qparams = _observed(observers, "grad_weight", grad, weight_spec)
-            g_w = _quantize_operand(grad, weight_spec, qparams, False)[0]
+            given = _observed(observers, "grad_weight", grad, weight_spec)
+            g_w = quantize("grad_weight", weight_spec, given)
         return g_in, g_w
     if need_x and need_w and one_copy:
-        g_in = _quantize_operand(grad, input_spec, None, False)[0]
+        g_in = quantize("grad_input", input_spec, None)
+        if qparams is not None:
+            qparams["grad_weight"] = qparams["grad_input"]
         return g_in, g_in  # no bifurcation: both products use the one quantized copy of g_l
     if need_x and need_w and _same_range(input_spec, weight_spec) and grad.numel() > 0:
-        return _copies_of_one_range(grad, (input_spec, weight_spec))
-    g_in = _quantize_operand(grad, input_spec, None, False)[0] if need_x else None
-    g_w = _quantize_operand(grad, weight_spec, None, False)[0] if need_w else None
+        return _copies_of_one_range(grad, (input_spec, weight_spec), qparams)
+    g_in = quantize("grad_input", input_spec, None) if need_x else None
+    g_w = quantize("grad_weight", weight_spec, None) if need_w else None
     return g_in, g_w
+
+
+def _explicit_qparams(x: torch.Tensor, spec: QuantSpec | None, given: QParams | None):
+    """The qparams that quantizing x with ``spec`` uses: ``given``, else the spec's rule's."""
+    if given is not None or spec is None or spec.int_format is None or x.numel() == 0:
+        return given
+    return compute_qparams(x, spec)
 
 
 def _same_range(first: QuantSpec | None, second: QuantSpec | None) -> bool:
@@ -412,7 +539,9 @@ def _same_range(first: QuantSpec | None, second: QuantSpec | None) -> bool:
 
 
 def _copies_of_one_range(
-    x: torch.Tensor, specs: tuple[QuantSpec, QuantSpec]
+    x: torch.Tensor,
+    specs: tuple[QuantSpec, QuantSpec],
+    qparams_out: dict[str, QParams | None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """``fake_quantize_with_mask(x, spec)[0]`` for each of two specs, with x's range read once
     and one stochastic-rounding seed for both: SBM's 8-bit grad-input and 16-bit grad-weight
@@ -422,6 +551,8 @@ def _copies_of_one_range(
     propagate = first.nonfinite == "propagate"
     low, high = _observe_view(x, _finite_only(x3) if propagate else x3, first.scale)
     qparams = _observed_qparams(low, high, first, [spec.int_format for spec in specs])
+    if qparams_out is not None:
+        qparams_out.update(zip(("grad_input", "grad_weight"), qparams, strict=True))
     impl = kernels.implementation(x3.device)
     stochastic = [spec.rounding is Rounding.STOCHASTIC for spec in specs]
     seed = _draw_seed(None) if any(stochastic) else None
@@ -446,6 +577,8 @@ def _linear_grads(g_in, g_w, x_q, w_q):
     # The products in the order torch's mm backward picks (a column-major operand gets the
     # transposed product), so that with every spec None the gradients are F.linear's bit for bit.
     # They run in the gradient's dtype: the forward output's, i.e. the autocast dtype if any.
+    if g_in is None and g_w is None:
+        return None, None
     dtype = (g_in if g_in is not None else g_w).dtype
     x2 = x_q.reshape(-1, x_q.shape[-1]).to(dtype)  # (N, in), as F.linear folds leading dims
     w_q = w_q.to(dtype)

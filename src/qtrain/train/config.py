@@ -25,6 +25,7 @@ from qtrain import models as qmodels
 from qtrain.configs import Config, from_jsonable
 from qtrain.distributed import MODES
 from qtrain.guard import POLICIES, Fault
+from qtrain.ops import PRODUCTS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
@@ -84,7 +85,8 @@ class TrainConfig(Config):
     ``distributed`` is ``none`` (one process), ``ddp`` or ``fsdp`` (FSDP2): one process per rank
     under torchrun, ``batch_size`` the global batch (``batch_size / world size`` per rank;
     ``qtrain.distributed``); ``sync_batchnorm`` turns plain BatchNorm layers into SyncBatchNorm
-    (CUDA only).
+    (CUDA only). ``products`` is how the quantized layers' products run
+    (``qtrain.ops.GemmConfig.products``: ``float``, ``int8``, ``int8-twin``, ``int8-real``).
 
     Example:
         >>> c = TrainConfig(model="cnn", data="synthetic", epochs=2, lr=0.05)
@@ -125,6 +127,7 @@ class TrainConfig(Config):
     init: str | None = None
     distributed: str = "none"
     sync_batchnorm: bool = False
+    products: str = "float"
 
     error: ClassVar[type[Exception]] = TrainConfigError
     option: ClassVar[str] = "train option"
@@ -136,6 +139,7 @@ class TrainConfig(Config):
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("on_nonfinite", self.on_nonfinite, POLICIES)
         _choice("distributed", self.distributed, MODES)
+        _choice("products", self.products, PRODUCTS)
         for name in ("epochs", "batch_size", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -27,6 +27,7 @@ from torch import nn
 
 from qtrain import data as qdata
 from qtrain import models as qmodels
+from qtrain.api import use_products
 from qtrain.data import Dataset
 from qtrain.guard import NumericalGuard
 from qtrain.protocol import set_precision
@@ -121,7 +122,14 @@ def build(config: TrainConfig, recipe: Recipe) -> tuple[Dataset, nn.Module]:
         )
     except (ValueError, TypeError, OSError, KeyError) as err:
         raise TrainConfigError(str(err) or repr(err)) from err
-    return dataset, recipe.prepare(model.to(device)).to(device)
+    model = recipe.prepare(model.to(device)).to(device)
+    if config.products != "float" and not use_products(model, config.products):
+        raise TrainConfigError(
+            f"products={config.products} changes the products of qtrain.ops' quantized layers, "
+            f"and recipe {recipe.name} has none (int8-gemm and fp8-gemm run real low-precision "
+            "products of their own; fp32 and amp none)"
+        )
+    return dataset, model
 
 
 def restore_model(
