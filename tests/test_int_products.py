@@ -128,18 +128,17 @@ def test_products_that_do_not_qualify_equal_the_float_emulation(name, conv) -> N
             return _conv_fn(_with(config, products), geometry)
     else:
         g = torch.Generator().manual_seed(0)
-        tensors = (torch.randn(9, 30, generator=g), torch.randn(7, 30, generator=g), None)
+        tensors = (torch.randn(9, 30, generator=g), torch.randn(7, 30, generator=g))
 
         def fn(products):
             return lambda x, w: quantized_linear(x, w, None, _with(config, products))
 
-        tensors = tensors[:2]
-    route = _IntegerRoute.of(
-        _with(config, "int8-twin"), tensors[0], tensors[1], () if conv else None
-    )
+    conv_args = () if conv else None
+    route = _IntegerRoute.of(_with(config, "int8-twin"), tensors[0], tensors[1], conv_args)
     assert route.roles == EXPECTED_ROLES[name]
-    outputs = dict(zip(("forward", "grad_x", "grad_w", "grad_b"), _grads(fn("int8-twin"), tensors)))
-    floats = dict(zip(("forward", "grad_x", "grad_w", "grad_b"), _grads(fn("float"), tensors)))
+    keys = ("forward", "grad_x", "grad_w", "grad_b")[: len(tensors) + 1]
+    outputs = dict(zip(keys, _grads(fn("int8-twin"), tensors), strict=True))
+    floats = dict(zip(keys, _grads(fn("float"), tensors), strict=True))
     role_of = {"forward": "forward", "grad_x": "grad_input", "grad_w": "grad_weight"}
     for key, value in outputs.items():
         reference = floats[key]
