@@ -21,6 +21,15 @@ medians (``bench_quantize.median_times``); ratios are to fp32 measured in the sa
     python benchmarks/bench_lowp_gemm.py          # writes benchmarks/results/lowp_gemm.json
     python benchmarks/bench_lowp_gemm.py --smoke  # toy sizes, one round: checks the script
     python benchmarks/bench_lowp_gemm.py --models resnet9-w16 --recipes fp32,amp-bf16,int8-twin
+
+(c) the recipes on qtrain.ops' quantized layers with their products on the floats (the
+    emulation) and as exact integer products (``--products``; qtrain.int_products): ui8 (all
+    three products qualify) and sbm8 (forward and grad-input; its 16-bit grad-weight copy
+    stays float), as ``ui8-float``, ``ui8-int8-twin``, ``ui8-int8-real``, ``sbm8-...``:
+
+    python benchmarks/bench_lowp_gemm.py --no-matmul --out benchmarks/results/int_products.json \
+        --recipes fp32,amp-bf16,ui8-float,ui8-int8-twin,ui8-int8-real,sbm8-float,\
+sbm8-int8-twin,sbm8-int8-real
 """
 
 from __future__ import annotations
@@ -42,23 +51,36 @@ from bench_quantize import (
     timing_parser,
     write_json,
 )
+from qtrain.api import use_products
 from qtrain.models import build_model
 from qtrain.recipes import Recipe, build_recipe
 
 MATMUL_SHAPES = [(4096, 1024, 1024), (8192, 576, 64), (2048, 2048, 2048)]  # (M, K, N)
 SMOKE_SHAPES = [(64, 32, 48)]
-# name -> (recipe, overrides)
-RECIPES: dict[str, tuple[str, dict[str, object]]] = {
-    "fp32": ("fp32", {}),
-    "amp-bf16": ("amp-bf16", {}),
-    "int8-gemm real (torch._int_mm)": ("int8-gemm", {"emulate": False}),
-    "int8-gemm emulated": ("int8-gemm", {"emulate": True}),
-    "fp8-gemm real (torch._scaled_mm)": ("fp8-gemm", {"emulate": False}),
+# name -> (recipe, overrides, GemmConfig.products of its qtrain.ops layers)
+RECIPES: dict[str, tuple[str, dict[str, object], str]] = {
+    "fp32": ("fp32", {}, "float"),
+    "amp-bf16": ("amp-bf16", {}, "float"),
+    "int8-gemm real (torch._int_mm)": ("int8-gemm", {"emulate": False}, "float"),
+    "int8-gemm emulated": ("int8-gemm", {"emulate": True}, "float"),
+    "fp8-gemm real (torch._scaled_mm)": ("fp8-gemm", {"emulate": False}, "float"),
+    # qtrain.ops' recipes: the float emulation, and their integer products (int_products)
+    **{
+        f"{recipe} {products}": (recipe, {}, products)
+        for recipe in ("ui8", "sbm8")
+        for products in ("float", "int8-twin", "int8-real")
+    },
 }
 # --recipes' short names for the rows above
 RECIPE_KEYS = dict(
-    zip(["fp32", "amp-bf16", "int8-real", "int8-twin", "fp8-real"], RECIPES, strict=True)
+    zip(
+        ["fp32", "amp-bf16", "int8-real", "int8-twin", "fp8-real"]
+        + [f"{r}-{p}" for r in ("ui8", "sbm8") for p in ("float", "int8-twin", "int8-real")],
+        RECIPES,
+        strict=True,
+    )
 )
+DEFAULT_RECIPES = ["fp32", "amp-bf16", "int8-real", "int8-twin", "fp8-real"]
 RESNET9 = dict(name="resnet9", input_shape=(1, 28, 28), num_classes=10, channels_last=True)
 # name -> (model builder arguments, batch); the smoke run shrinks them.
 MODELS = {
@@ -153,7 +175,7 @@ def step_function(model: nn.Module, recipe: Recipe, kwargs: dict, batch: int) ->
 
 
 def train_steps(
-    models: dict, recipes: dict[str, tuple[str, dict]], rounds: int, clock
+    models: dict, recipes: dict[str, tuple[str, dict, str]], rounds: int, clock
 ) -> list[dict[str, object]]:
     results = []
     for model_name, (kwargs, batch) in models.items():
@@ -163,9 +185,11 @@ def train_steps(
         if kwargs.get("channels_last"):
             base = base.to(memory_format=torch.channels_last)
         steps, emulated = {}, {}
-        for name, (recipe_name, overrides) in recipes.items():
+        for name, (recipe_name, overrides, products) in recipes.items():
             recipe = build_recipe(recipe_name, overrides)
             model = recipe.prepare(copy.deepcopy(base))
+            if products != "float":
+                use_products(model, products)
             steps[name] = step_function(model, recipe, kwargs, batch)
             emulated[name] = getattr(recipe, "emulated", None)
         for step in steps.values():  # warm-up: allocator, oneDNN primitive caches
@@ -188,9 +212,11 @@ def train_steps(
     return results
 
 
-def _selection(value: str | None, choices: dict, what: str) -> list[str]:
+def _selection(
+    value: str | None, choices: dict, what: str, default: list[str] | None = None
+) -> list[str]:
     if value is None:
-        return list(choices)
+        return list(choices) if default is None else default
     names = [name.strip() for name in value.split(",")]
     unknown = [name for name in names if name not in choices]
     if unknown:
@@ -204,7 +230,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="toy sizes, one round")
     parser.add_argument("--models", help=f"comma-separated, of {', '.join(MODELS)} (default: all)")
     parser.add_argument(
-        "--recipes", help=f"comma-separated, of {', '.join(RECIPE_KEYS)} (default: all)"
+        "--recipes",
+        help=f"comma-separated, of {', '.join(RECIPE_KEYS)} "
+        f"(default: {', '.join(DEFAULT_RECIPES)})",
     )
     parser.add_argument("--no-matmul", action="store_true", help="only the training steps")
     args = parser.parse_args()
@@ -213,7 +241,7 @@ def main() -> None:
     shapes = SMOKE_SHAPES if args.smoke else MATMUL_SHAPES
     all_models = SMOKE_MODELS if args.smoke else MODELS
     models = {name: all_models[name] for name in _selection(args.models, MODELS, "models")}
-    keys = _selection(args.recipes, RECIPE_KEYS, "recipes")
+    keys = _selection(args.recipes, RECIPE_KEYS, "recipes", DEFAULT_RECIPES)
     recipes = {RECIPE_KEYS[key]: RECIPES[RECIPE_KEYS[key]] for key in keys}
     matmul = [] if args.no_matmul else matmuls(shapes, rounds, clock)
     steps = train_steps(models, recipes, rounds, clock)
