@@ -30,17 +30,21 @@ from qtrain.train import TrainConfig, TrainConfigError
 QUANTIZERS = {
     "ui8": symmetric_quantization(8).gemm,
     "daint8": symmetric_quantization(8, grad_weight_granularity=PerChannel(1)).gemm,
-    "sbm8": sbm_quantization().gemm,  # affine unsigned; the 16-bit grad-weight copy stays float
+    "sbm8": sbm_quantization().gemm,  # affine unsigned; a 16-bit grad-weight copy of g
     "cpt-6/8": precision_schedule_quantization(6, 8).gemm,  # per-output-channel weights
     "cpt-3/6": precision_schedule_quantization(3, 6).gemm,
+    "dfq-6/12": precision_schedule_quantization(6, 12).gemm,  # 12-bit gradients: two limbs
+    "sym-12": symmetric_quantization(12).gemm,  # every operand in two limbs
 }
 # The products each quantizer's layer runs as integer products (conv and 2-D linear).
 EXPECTED_ROLES = {
     "ui8": {"forward", "grad_input", "grad_weight"},
     "daint8": {"forward", "grad_input", "grad_weight"},
-    "sbm8": {"forward", "grad_input"},
+    "sbm8": {"forward", "grad_input", "grad_weight"},
     "cpt-6/8": {"forward", "grad_weight"},
     "cpt-3/6": {"forward", "grad_weight"},
+    "dfq-6/12": {"forward", "grad_weight"},
+    "sym-12": {"forward", "grad_input", "grad_weight"},
 }
 # (in, out, kernel, stride, padding, dilation, groups) at odd sizes.
 GEOMETRIES = [
@@ -207,10 +211,37 @@ def test_affine_offsets_by_hand() -> None:
     expected = torch.tensor([[-49550 * 0.5 * 0.25], [0.0]])
     for real in (False, True):
         out = int_products.exact_product(
-            a.values, int_products.offsets(a), a.scale,
-            b.values, int_products.offsets(b), b.scale, real,
+            a.values, int_products.offsets(a), a.scale, False,
+            b.values, int_products.offsets(b), b.scale, False, real,
         )  # fmt: skip
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("bits_a, bits_b", [(16, 8), (8, 16), (12, 16), (16, 16), (9, 3)])
+@pytest.mark.parametrize("real", [False, True], ids=["twin", "real"])
+def test_wide_operands_in_two_limbs_give_the_exact_product(bits_a, bits_b, real) -> None:
+    """Unsigned levels of up to 16 bits with zero points anywhere in their range (one per row
+    for a), against the float64 product of q − z: within the epilogue's three roundings."""
+    g = torch.Generator().manual_seed(bits_a * 100 + bits_b)
+
+    def operand(rows: int, bits: int, per_row: bool) -> int_products.IntegerValues:
+        fmt = formats.Int(bits, signed=False)
+        q = torch.randint(0, fmt.qmax + 1, (rows, 300), generator=g).float()
+        z = torch.randint(0, fmt.qmax + 1, (rows if per_row else 1,), generator=g).float()
+        scale = torch.rand(rows if per_row else 1, generator=g) + 0.5
+        return int_products.IntegerValues(q - z.view(-1, 1), scale, z, fmt)
+
+    a, b = operand(7, bits_a, True), operand(5, bits_b, False)
+    out = int_products.exact_product(
+        *int_products._matrix(a, a.values), *int_products._matrix(b, b.values), real
+    )
+    exact = (a.values.double() @ b.values.double().t()) * a.scale.double().view(-1, 1)
+    exact = exact * b.scale.double().view(1, -1)
+    assert ((out.double() - exact).abs() <= 3.0001 * 2.0**-24 * exact.abs()).all()
+    twin = int_products.exact_product(
+        *int_products._matrix(a, a.values), *int_products._matrix(b, b.values), not real
+    )
+    assert torch.equal(out, twin)
 
 
 def test_symmetric_levels_need_no_offset() -> None:
@@ -239,8 +270,8 @@ def test_per_channel_offsets_follow_the_rows() -> None:
     "config, roles",
     [
         (GemmConfig(QuantSpec(formats.Int(8)), QuantSpec(formats.Int(8))), {"forward"}),
-        # 9 bits: no int8 levels
-        (GemmConfig(QuantSpec(formats.Int(9)), QuantSpec(formats.Int(8))), set()),
+        # 12 and 16 bits: two int8 limbs
+        (GemmConfig(QuantSpec(formats.Int(12)), QuantSpec(formats.Int(16))), {"forward"}),
         # a minifloat operand
         (GemmConfig(QuantSpec(formats.FP8_E4M3), QuantSpec(formats.Int(8))), set()),
         # per-input-feature activations: the scale runs along the forward's reduction

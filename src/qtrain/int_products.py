@@ -2,31 +2,33 @@
 
 The emulation (``products="float"``) computes each product of a quantized layer on the
 fake-quantized floats: ``F.linear(x̂, ŵ)`` with x̂ = s_x·(q_x − z_x), summed in float32. Where
-both operands of a product are integer levels of at most 8 bits whose scale and zero point are
-constant along that product's reduction dimension, the product is also
+both operands of a product are integer levels whose scale and zero point are constant along that
+product's reduction dimension, the product is also
 
     s_a·s_b·Σ_k (q_a − z_a)(q_b − z_b)
 
-— one integer matrix product and a scale epilogue. The levels of an 8-bit format span at most
-255 steps, so they fit int8 once shifted: u = (q − z) − d with d = qmin − z + 128 per row of
-scales (d = 0 where q − z already fits int8, as symmetric signed levels do), and
+— integer matrix products and a scale epilogue. The levels of an 8-bit format span at most 255
+steps, so they fit int8 once shifted: u = (q − z) − d with d = qmin − z + 128 per scale (d = 0
+where q − z already fits int8, as symmetric signed levels do), and
 
     Σ_k (u_a + d_a)(u_b + d_b) = u_a·u_bᵀ + d_b·Σ_k u_a + d_a·Σ_k u_b + K·d_a·d_b
 
-— an int8 × int8 → int32 product (``torch._int_mm``) and rank-one corrections, every term an
-exact integer (the corrections in float64, exact below 2^53). This covers the symmetric
-recipes (ui8, daint8) and the affine unsigned ones (sbm8, cpt, pfq, fractrain, dfq) alike.
+— an int8 × int8 → int32 product (``torch._int_mm``) and rank-one corrections. Levels of 9 to
+16 bits (SBM's 16-bit grad-weight copy of g, DFQ's 12-bit gradients) are shifted into int16 and
+split into two int8 limbs, u = 256·h + (l − 128) + 128: their products take two int8 products
+(weighted 256 and 1) instead of one. Every term is an exact integer, summed in float64 (exact
+below 2^53). This covers the symmetric recipes (ui8, daint8) and the affine unsigned ones
+(sbm8, cpt, pfq, fractrain, dfq) alike.
 
-The twin (``products="int8-twin"``) computes the same integers with a float matmul of the
-shifted levels (float32 while K·128² < 2^24, else float64: exact either way), so it equals the
-real product bit for bit on any machine. The emulation sums rounded float products instead:
-its result differs from both in the last bits (docs/RECIPES.md, "int8 products").
+The twin (``products="int8-twin"``) computes the same integers with float matmuls of the limbs
+(float32 while K·128² < 2^24, else float64: exact either way), so it equals the real products
+bit for bit on any machine. The emulation sums rounded float products instead: its results
+differ from both in the last bits.
 
-Which products qualify is decided per call (a schedule may raise an operand past 8 bits):
-``product_roles`` tells for a layer config. Operands at more than 8 bits (sbm8's 16-bit
-grad-weight copy of g), minifloats, per-input-channel scales of W in the grad-input product
-(CPT's per-output-channel weights: the scale runs along that product's reduction), learned
-steps, ``nonfinite="propagate"`` specs, autocast and non-float32 tensors keep the float
+Which products qualify is decided per call (a schedule may change the bits): ``product_roles``
+tells for a layer config. Minifloat operands, scales that run along a product's reduction (CPT's
+per-output-channel weights in the grad-input product, per-feature activations), learned steps,
+``nonfinite="propagate"`` specs, autocast and tensors that are not float32 keep the float
 product.
 
 >>> import torch
@@ -67,11 +69,11 @@ def real_route(products: str, device: torch.device) -> bool | None:
 
 
 def _operand_ok(spec: QuantSpec | None) -> bool:
-    """An integer spec of at most 8 bits whose levels and qparams are finite by construction."""
+    """An integer spec (at most 16 bits) whose levels and qparams are finite by construction."""
     return (
         spec is not None
         and isinstance(spec.format, Int)
-        and spec.format.bits <= 8
+        and spec.format.bits <= 16
         and spec.nonfinite == "error"
         and not isinstance(spec.scale, LearnedStep)
     )
@@ -142,47 +144,84 @@ def integer_values(t: torch.Tensor, qparams: QParams, spec: QuantSpec) -> Intege
 
 
 def offsets(operand: IntegerValues) -> torch.Tensor | None:
-    """d per scale (float64): the shift that brings q − z into int8; None where all are 0."""
+    """d per scale (float64): the shift that brings q − z into int8 (a format of up to 8 bits)
+    or int16 (up to 16 bits: ``wide``); None where all are 0."""
     fmt = operand.format
+    half = 2 ** (15 if wide(operand) else 7)
     low = fmt.qmin - operand.zero_point.to(torch.float64)
     high = fmt.qmax - operand.zero_point.to(torch.float64)
-    fits = (low >= -128) & (high <= 127)
+    fits = (low >= -half) & (high <= half - 1)
     if bool(fits.all()):
         return None
-    return torch.where(fits, 0.0, low + 128)
+    return torch.where(fits, 0.0, low + half)
+
+
+def wide(operand: IntegerValues) -> bool:
+    """Levels of 9–16 bits: two int8 limbs per value (``exact_product``)."""
+    return operand.format.bits > 8
+
+
+def _limbs(
+    values: torch.Tensor, offset: torch.Tensor | None, is_wide: bool
+) -> tuple[list[tuple[torch.Tensor, float]], torch.Tensor | None]:
+    """values − offset as int8-valued limbs with their weights, and the total offset D with
+    values = Σ weight·limb + D. A wide u ∈ [−2^15, 2^15) is 256·h + (l − 128) + 128 with
+    h = ⌊u/256⌋ ∈ [−128, 127] and l − 128 ∈ [−128, 127]."""
+    u = values if offset is None else values - _column(offset, values.dtype)
+    if not is_wide:
+        return [(u, 1.0)], offset
+    high = torch.floor(u * (1.0 / 256))  # exact: |u| < 2^15, a power-of-two scale
+    low = u - 256 * high - 128
+    total = torch.full((1,), 128.0, dtype=torch.float64, device=u.device)
+    return [(high, 256.0), (low, 1.0)], total if offset is None else offset + 128
 
 
 def exact_product(
     a: torch.Tensor,
     a_offset: torch.Tensor | None,
     a_scale: torch.Tensor,
+    a_wide: bool,
     b: torch.Tensor,
     b_offset: torch.Tensor | None,
     b_scale: torch.Tensor,
+    b_wide: bool,
     real: bool,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 (a·bᵀ)·a_scale[:, None]·b_scale[None, :] (+ bias) for a (M, K), b (N, K) of
-    integer values q − z, each product term exact: a − a_offset[:, None] and b − b_offset
-    as int8, multiplied by ``torch._int_mm`` (``real``) or an exact float matmul (the twin),
-    then the rank-one corrections of the offsets (scalars or per row; None: zero)."""
+    integer values q − z, every term exact: each operand less its offset (scalar or per row;
+    None: zero) as int8 limbs (one, or two for a wide operand), each pair of limbs multiplied
+    by ``torch._int_mm`` (``real``) or an exact float matmul (the twin), then the weighted sum
+    and the rank-one corrections of the offsets in float64 (exact below 2^53)."""
     k = a.shape[1]
-    ua = a if a_offset is None else a - _column(a_offset, a.dtype)
-    ub = b if b_offset is None else b - _column(b_offset, b.dtype)
-    if real:
-        acc = _int_mm(ua.to(torch.int8), ub.to(torch.int8))
+    a_limbs, a_total = _limbs(a, a_offset, a_wide)
+    b_limbs, b_total = _limbs(b, b_offset, b_wide)
+    terms = [(wa * wb, _integer_matmul(la, lb, real)) for la, wa in a_limbs for lb, wb in b_limbs]
+    if len(terms) == 1 and a_total is None and b_total is None:
+        acc = terms[0][1]
     else:
-        dtype = torch.float32 if k <= _EXACT_FLOAT32_DEPTH else torch.float64
-        acc = ua.to(dtype) @ ub.to(dtype).t()
-    if a_offset is not None or b_offset is not None:
-        acc = acc.to(torch.float64)
-        if b_offset is not None:
-            acc += ua.sum(1, dtype=torch.float64).view(-1, 1) * b_offset.view(1, -1)
-        if a_offset is not None:
-            acc += a_offset.view(-1, 1) * ub.sum(1, dtype=torch.float64).view(1, -1)
-        if a_offset is not None and b_offset is not None:
-            acc += k * a_offset.view(-1, 1) * b_offset.view(1, -1)
+        acc = sum(weight * term.to(torch.float64) for weight, term in terms)
+        if b_total is not None:
+            acc += _weighted_sums(a_limbs).view(-1, 1) * b_total.view(1, -1)
+        if a_total is not None:
+            acc += a_total.view(-1, 1) * _weighted_sums(b_limbs).view(1, -1)
+        if a_total is not None and b_total is not None:
+            acc += k * a_total.view(-1, 1) * b_total.view(1, -1)
     return lowp._epilogue(acc, a_scale, b_scale, bias, torch.float32, overwrite=True)
+
+
+def _weighted_sums(limbs: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """Σ_k of an operand's rows less its offset, from its limbs (float64, exact)."""
+    return sum(weight * limb.sum(1, dtype=torch.float64) for limb, weight in limbs)
+
+
+def _integer_matmul(a: torch.Tensor, b: torch.Tensor, real: bool) -> torch.Tensor:
+    """a·bᵀ of int8-valued operands, exact: int32 from ``torch._int_mm``, or a float32
+    (K·128² < 2^24) or float64 matmul."""
+    if real:
+        return _int_mm(a.to(torch.int8), b.to(torch.int8))
+    dtype = torch.float32 if a.shape[1] <= _EXACT_FLOAT32_DEPTH else torch.float64
+    return a.to(dtype) @ b.to(dtype).t()
 
 
 def _column(offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -202,8 +241,9 @@ def _int_mm(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
 
 
 def _matrix(operand: IntegerValues, rows: torch.Tensor) -> tuple:
-    """(values, offsets, scales) of a product operand whose values are ``rows``."""
-    return rows, offsets(operand), operand.scale
+    """``exact_product``'s (values, offsets, scales, wide) of an operand whose values are
+    ``rows``."""
+    return rows, offsets(operand), operand.scale, wide(operand)
 
 
 def linear_forward(x, w, bias, real: bool) -> torch.Tensor:
@@ -260,8 +300,8 @@ def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
     ):
         parts.append(
             exact_product(
-                cols[:, c], x_offset, x.scale, w2[o], _part(w_offset, o), _part(w.scale, o),
-                real, None if bias is None else bias[o],
+                cols[:, c], x_offset, x.scale, wide(x), w2[o], _part(w_offset, o),
+                _part(w.scale, o), wide(w), real, None if bias is None else bias[o],
             )
         )  # fmt: skip
     out_height, out_width = geometry.output_size(height, width)
@@ -278,7 +318,9 @@ def conv_grad_input(g, w, x_shape, conv_args, real: bool) -> torch.Tensor:
     w2 = lowp._weight_rows(w.values, fused)
     g_offset, w_offset = offsets(g), offsets(w)
     parts = [
-        exact_product(rows[:, o], g_offset, g.scale, w2[o].t(), w_offset, w.scale, real)
+        exact_product(
+            rows[:, o], g_offset, g.scale, wide(g), w2[o].t(), w_offset, w.scale, wide(w), real
+        )
         for o in lowp._group_slices(w2.shape[0], geometry.groups)
     ]
     return lowp._col2im(lowp._cat(parts, dim=1), x_shape, geometry, fused)
@@ -293,8 +335,8 @@ def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch
     g_offset, x_offset = offsets(g), offsets(x)
     parts = [
         exact_product(
-            rows[:, o].t(), _part(g_offset, o), _part(g.scale, o), cols[:, c].t(), x_offset,
-            x.scale, real,
+            rows[:, o].t(), _part(g_offset, o), _part(g.scale, o), wide(g), cols[:, c].t(),
+            x_offset, x.scale, wide(x), real,
         )
         for c, o in zip(
             lowp._group_slices(cols.shape[1], geometry.groups),
