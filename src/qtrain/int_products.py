@@ -55,6 +55,9 @@ from qtrain.quantspec import LearnedStep
 
 # The twin's float32 matmul is exact while K·128² < 2^24 (shifted levels lie in [−128, 127]).
 _EXACT_FLOAT32_DEPTH = 2**24 // 128**2
+# int32 is exact for two narrow operands while 4·K·255² < 2^31 (the four terms of the shifted
+# product, each at most K·255² in magnitude).
+_INT32_DEPTH = 2**31 // (4 * 255**2)
 
 
 def real_route(products: str, device: torch.device) -> bool | None:
@@ -196,32 +199,44 @@ def exact_product(
     k = a.shape[1]
     a_limbs, a_total = _limbs(a, a_offset, a_wide)
     b_limbs, b_total = _limbs(b, b_offset, b_wide)
-    terms = [(wa * wb, _integer_matmul(la, lb, real)) for la, wa in a_limbs for lb, wb in b_limbs]
-    if len(terms) == 1 and a_total is None and b_total is None:
-        acc = terms[0][1]
-    else:
-        acc = sum(weight * term.to(torch.float64) for weight, term in terms)
-        if b_total is not None:
-            acc += _weighted_sums(a_limbs).view(-1, 1) * b_total.view(1, -1)
-        if a_total is not None:
-            acc += a_total.view(-1, 1) * _weighted_sums(b_limbs).view(1, -1)
-        if a_total is not None and b_total is not None:
-            acc += k * a_total.view(-1, 1) * b_total.view(1, -1)
+    # int32 holds every partial sum of two 8-bit operands' terms (|q − z| ≤ 255) up to this K.
+    dtype = torch.int32 if not (a_wide or b_wide) and k <= _INT32_DEPTH else torch.float64
+    terms = [
+        (int(wa * wb), _integer_matmul(la, lb, real, dtype))
+        for la, wa in a_limbs
+        for lb, wb in b_limbs
+    ]
+    acc = terms[0][1] if terms[0][0] == 1 else terms[0][0] * terms[0][1]
+    for weight, term in terms[1:]:
+        acc = acc + weight * term
+    if b_total is not None:
+        acc = acc + _weighted_sums(a_limbs, dtype).view(-1, 1) * b_total.to(dtype).view(1, -1)
+    if a_total is not None:
+        acc = acc + a_total.to(dtype).view(-1, 1) * _weighted_sums(b_limbs, dtype).view(1, -1)
+    if a_total is not None and b_total is not None:
+        acc = acc + (k * a_total.view(-1, 1) * b_total.view(1, -1)).to(dtype)
     return lowp._epilogue(acc, a_scale, b_scale, bias, torch.float32, overwrite=True)
 
 
-def _weighted_sums(limbs: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """Σ_k of an operand's rows less its offset, from its limbs (float64, exact)."""
-    return sum(weight * limb.sum(1, dtype=torch.float64) for limb, weight in limbs)
+def _weighted_sums(limbs: list[tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
+    """Σ_k of an operand's rows less its offset, from its limbs (exact in ``dtype``)."""
+    return sum(int(weight) * limb.sum(1, dtype=dtype) for limb, weight in limbs)
 
 
-def _integer_matmul(a: torch.Tensor, b: torch.Tensor, real: bool) -> torch.Tensor:
-    """a·bᵀ of int8-valued operands, exact: int32 from ``torch._int_mm``, or a float32
-    (K·128² < 2^24) or float64 matmul."""
+def _integer_matmul(a: torch.Tensor, b: torch.Tensor, real: bool, dtype) -> torch.Tensor:
+    """a·bᵀ of int8-valued operands, exact, in ``dtype`` (int32 or float64): ``torch._int_mm``,
+    or float32 matmuls (exact while K·128² < 2^24) over slices of K summed in float64."""
     if real:
-        return _int_mm(a.to(torch.int8), b.to(torch.int8))
-    dtype = torch.float32 if a.shape[1] <= _EXACT_FLOAT32_DEPTH else torch.float64
-    return a.to(dtype) @ b.to(dtype).t()
+        return _int_mm(a.to(torch.int8), b.to(torch.int8)).to(dtype)
+    k = a.shape[1]
+    if k <= _EXACT_FLOAT32_DEPTH:
+        return (a.to(torch.float32) @ b.to(torch.float32).t()).to(dtype)
+    acc = None
+    for start in range(0, k, _EXACT_FLOAT32_DEPTH):
+        part = slice(start, start + _EXACT_FLOAT32_DEPTH)
+        product = (a[:, part].to(torch.float32) @ b[:, part].to(torch.float32).t()).double()
+        acc = product if acc is None else acc.add_(product)
+    return acc.to(dtype)
 
 
 def _column(offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
