@@ -343,3 +343,21 @@ def test_a_float64_layer_keeps_its_dtype() -> None:
     assert y.dtype == grad_x.dtype == grad_w.dtype == torch.float64
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
     assert _snr(conv(x).detach(), conv.to_float()(x).detach()) > 35
+
+
+@pytest.mark.parametrize("module", ["qtrain.lowp_conv", "qtrain.lowp", "qtrain.int_products"])
+def test_each_module_imports_first_in_a_fresh_interpreter(module) -> None:
+    """qtrain.lowp and qtrain.lowp_conv import each other: either may come first, and the
+    quantize_ handler that swaps convolutions is registered either way."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import {module}\n"
+        "from torch import nn\n"
+        "from qtrain.api import quantize_\n"
+        "from qtrain.lowp import Int8TrainingConfig, LowPrecisionConv2d\n"
+        "model = quantize_(nn.Sequential(nn.Conv2d(1, 2, 3)), Int8TrainingConfig())\n"
+        "assert isinstance(model[0], LowPrecisionConv2d)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -48,7 +48,7 @@ import dataclasses
 
 import torch
 
-from qtrain import lowp
+from qtrain import im2col, lowp
 from qtrain.formats import Int
 from qtrain.quantizer import PerChannel, PerTensor, QParams, QuantSpec
 from qtrain.quantspec import LearnedStep
@@ -282,9 +282,9 @@ def linear_grad_weight(g, x, real: bool) -> torch.Tensor:
     return exact_product(*_matrix(g, g2), *_matrix(x, x2), real)
 
 
-def _geometry(weight: torch.Tensor, conv_args) -> lowp._ConvGeometry:
+def _geometry(weight: torch.Tensor, conv_args) -> im2col.ConvGeometry:
     stride, padding, dilation, groups = conv_args
-    return lowp._ConvGeometry(
+    return im2col.ConvGeometry(
         tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation), groups
     )
 
@@ -303,14 +303,14 @@ def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
     """conv2d(x̂, ŵ) + b through x̂'s im2col matrix, per group; a channels-last result."""
     geometry = _geometry(w.values, conv_args)
     batch, _, height, width = x.values.shape
-    fused = lowp._fused_unfolding(x.values, geometry)
-    cols = lowp._im2col(x.values, geometry, fused)
-    w2 = lowp._weight_rows(w.values, fused)
+    fused = im2col.fused_unfolding(x.values, geometry)
+    cols = im2col.im2col(x.values, geometry, fused)
+    w2 = im2col.weight_rows(w.values, fused)
     x_offset, w_offset = offsets(x), offsets(w)
     parts = []
     for c, o in zip(
-        lowp._group_slices(cols.shape[1], geometry.groups),
-        lowp._group_slices(w2.shape[0], geometry.groups),
+        im2col.group_slices(cols.shape[1], geometry.groups),
+        im2col.group_slices(w2.shape[0], geometry.groups),
         strict=True,
     ):
         parts.append(
@@ -320,7 +320,7 @@ def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
             )
         )  # fmt: skip
     out_height, out_width = geometry.output_size(height, width)
-    y = lowp._cat(parts, dim=1)
+    y = im2col.cat(parts, dim=1)
     return y.view(batch, out_height, out_width, -1).permute(0, 3, 1, 2)
 
 
@@ -328,24 +328,24 @@ def conv_grad_input(g, w, x_shape, conv_args, real: bool) -> torch.Tensor:
     """The gradient of the convolution's input: ĝ's rows times ŵ's rows, folded back."""
     geometry = _geometry(w.values, conv_args)
     probe = torch.empty(0, dtype=torch.float32, device=g.values.device)
-    fused = lowp._fused_unfolding(probe, geometry)
+    fused = im2col.fused_unfolding(probe, geometry)
     rows = _grad_rows(g)
-    w2 = lowp._weight_rows(w.values, fused)
+    w2 = im2col.weight_rows(w.values, fused)
     g_offset, w_offset = offsets(g), offsets(w)
     parts = [
         exact_product(
             rows[:, o], g_offset, g.scale, wide(g), w2[o].t(), w_offset, w.scale, wide(w), real
         )
-        for o in lowp._group_slices(w2.shape[0], geometry.groups)
+        for o in im2col.group_slices(w2.shape[0], geometry.groups)
     ]
-    return lowp._col2im(lowp._cat(parts, dim=1), x_shape, geometry, fused)
+    return im2col.col2im(im2col.cat(parts, dim=1), x_shape, geometry, fused)
 
 
 def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch.Tensor:
     """The gradient of W: ĝ's rows (transposed) times x̂'s im2col matrix (transposed)."""
     geometry = _geometry(weight, conv_args)
-    fused = lowp._fused_unfolding(x.values, geometry)
-    cols = lowp._im2col(x.values, geometry, fused)
+    fused = im2col.fused_unfolding(x.values, geometry)
+    cols = im2col.im2col(x.values, geometry, fused)
     rows = _grad_rows(g)
     g_offset, x_offset = offsets(g), offsets(x)
     parts = [
@@ -354,9 +354,9 @@ def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch
             x_offset, x.scale, wide(x), real,
         )
         for c, o in zip(
-            lowp._group_slices(cols.shape[1], geometry.groups),
-            lowp._group_slices(rows.shape[1], geometry.groups),
+            im2col.group_slices(cols.shape[1], geometry.groups),
+            im2col.group_slices(rows.shape[1], geometry.groups),
             strict=True,
         )
     ]  # fmt: skip
-    return lowp._weight_grad(lowp._cat(parts), weight, fused)
+    return im2col.weight_grad(im2col.cat(parts), weight, fused)
