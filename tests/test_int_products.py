@@ -17,7 +17,8 @@ from torch import nn
 
 from qtrain import QuantSpec, formats, int_products, lowp
 from qtrain.api import quantize_, use_products
-from qtrain.ops import GemmConfig, _IntegerRoute, quantized_conv2d, quantized_linear
+from qtrain.int_products import IntegerRoute
+from qtrain.ops import GemmConfig, quantized_conv2d, quantized_linear
 from qtrain.presets import (
     precision_schedule_quantization,
     sbm_quantization,
@@ -138,7 +139,7 @@ def test_products_that_do_not_qualify_equal_the_float_emulation(name, conv) -> N
             return lambda x, w: quantized_linear(x, w, None, _with(config, products))
 
     conv_args = () if conv else None
-    route = _IntegerRoute.of(_with(config, "int8-twin"), tensors[0], tensors[1], conv_args)
+    route = IntegerRoute.of(_with(config, "int8-twin"), tensors[0], tensors[1], conv_args)
     assert route.roles == EXPECTED_ROLES[name]
     keys = ("forward", "grad_x", "grad_w", "grad_b")[: len(tensors) + 1]
     outputs = dict(zip(keys, _grads(fn("int8-twin"), tensors), strict=True))
@@ -297,10 +298,10 @@ def test_which_products_qualify(config, roles) -> None:
 def test_float_products_autocast_and_other_dtypes_take_the_float_route() -> None:
     config = _with(QUANTIZERS["ui8"], "int8-real")
     x, w = torch.randn(4, 8), torch.randn(3, 8)
-    assert _IntegerRoute.of(_with(config, "float"), x, w, None) is None
-    assert _IntegerRoute.of(config, x.double(), w.double(), None) is None
+    assert IntegerRoute.of(_with(config, "float"), x, w, None) is None
+    assert IntegerRoute.of(config, x.double(), w.double(), None) is None
     with torch.autocast("cpu", torch.bfloat16):
-        assert _IntegerRoute.of(config, x, w, None) is None
+        assert IntegerRoute.of(config, x, w, None) is None
         y = quantized_linear(x, w, None, config)
         assert torch.equal(y, quantized_linear(x, w, None, _with(config, "float")))
 
@@ -309,10 +310,10 @@ def test_float_products_autocast_and_other_dtypes_take_the_float_route() -> None
 def test_int8_picks_the_real_product_where_the_cpu_has_int8_units(monkeypatch, has_dot) -> None:
     monkeypatch.setattr(lowp, "cpu_has_int8_dot", lambda: has_dot)
     x, w = torch.randn(4, 8), torch.randn(3, 8)
-    route = _IntegerRoute.of(_with(QUANTIZERS["ui8"], "int8"), x, w, None)
+    route = IntegerRoute.of(_with(QUANTIZERS["ui8"], "int8"), x, w, None)
     assert route.real is has_dot
-    assert _IntegerRoute.of(_with(QUANTIZERS["ui8"], "int8-twin"), x, w, None).real is False
-    assert _IntegerRoute.of(_with(QUANTIZERS["ui8"], "int8-real"), x, w, None).real is True
+    assert IntegerRoute.of(_with(QUANTIZERS["ui8"], "int8-twin"), x, w, None).real is False
+    assert IntegerRoute.of(_with(QUANTIZERS["ui8"], "int8-real"), x, w, None).real is True
 
 
 @pytest.mark.parametrize(

@@ -360,3 +360,67 @@ def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch
         )
     ]  # fmt: skip
     return im2col.weight_grad(im2col.cat(parts), weight, fused)
+
+
+# ---- the route of one call ------------------------------------------------------------------
+
+
+class IntegerRoute:
+    """The products of one call of ``qtrain.ops``' quantized GEMM that run as exact integer
+    products, and the qparams their operands were quantized with (``qparams`` by role: the
+    op fills it in the forward, and ``ops._gradient_copies`` for the gradient copies)."""
+
+    def __init__(self, config, real: bool, roles: set[str]) -> None:
+        self.config = config
+        self.real = real
+        self.roles = roles
+        self.qparams: dict[str, QParams | None] = {}
+
+    @staticmethod
+    def of(config, x: torch.Tensor, weight: torch.Tensor, conv_args) -> IntegerRoute | None:
+        """The route for a call of ``qtrain.ops``' quantized GEMM with ``config`` (a
+        ``GemmConfig``), or None: float products (``products="float"``, autocast, a tensor
+        that is not float32, no product whose operands qualify)."""
+        if config.products == "float":
+            return None
+        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        grad_dim = x.dim() if conv_args is not None else (2 if x.dim() == 2 else None)
+        roles = product_roles(config, conv_args is not None, grad_dim)
+        if not roles:
+            return None
+        return IntegerRoute(config, bool(real_route(config.products, x.device)), roles)
+
+    def operand(self, t: torch.Tensor, role: str, spec: QuantSpec) -> IntegerValues:
+        return integer_values(t, self.qparams[role], spec)
+
+    def forward(self, x_q, w_q, bias, conv_args) -> torch.Tensor:
+        config = self.config
+        x = self.operand(x_q, "input", config.input_spec)
+        w = self.operand(w_q, "weight", config.weight_spec)
+        bias = None if bias is None else bias.to(torch.float32)
+        if conv_args is None:
+            return linear_forward(x, w, bias, self.real)
+        return conv_forward(x, w, bias, conv_args, self.real)
+
+    def backward(self, g_in, g_w, x_q, w_q, conv_args):
+        """(grad of x, grad of W) for the products this route takes; None for the others."""
+        config = self.config
+        grad_x = grad_w = None
+        if g_in is not None and "grad_input" in self.roles:
+            g = self.operand(g_in, "grad_input", config.grad_input_spec)
+            w = self.operand(w_q, "weight", config.weight_spec)
+            if conv_args is None:
+                grad_x = linear_grad_input(g, w, self.real)
+            else:
+                grad_x = conv_grad_input(g, w, x_q.shape, conv_args, self.real)
+        if g_w is not None and "grad_weight" in self.roles:
+            g = self.operand(g_w, "grad_weight", config.grad_weight_spec)
+            x = self.operand(x_q, "input", config.input_spec)
+            if conv_args is None:
+                grad_w = linear_grad_weight(g, x, self.real)
+            else:
+                grad_w = conv_grad_weight(g, x, w_q, conv_args, self.real)
+        return grad_x, grad_w

@@ -318,7 +318,7 @@ class _QuantizedGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, config, input_qparams, conv_args, observers):  # type: ignore[override]
         want_x_mask = ctx.needs_input_grad[0]
-        integer = _IntegerRoute.of(config, x, weight, conv_args)
+        integer = _integer_route(config, x, weight, conv_args)
         if input_qparams is None:
             input_qparams = _observed(observers, "input", x, config.input_spec)
         if integer is not None and integer.roles & {"forward", "grad_weight"}:
@@ -361,9 +361,10 @@ class _QuantizedGemm(torch.autograd.Function):
         config: GemmConfig = ctx.config
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = grad_b = None
-        integer: _IntegerRoute | None = ctx.integer
+        integer = ctx.integer
         if integer is not None and grad_out.dtype == torch.float32:
-            g_in, g_w = integer.gradient_copies(grad_out, config, need_x, need_w, ctx.observers)
+            observers, qparams = ctx.observers, integer.qparams  # filled with the copies' qparams
+            g_in, g_w = _gradient_copies(grad_out, config, need_x, need_w, observers, qparams)
             grad_x, grad_w = integer.backward(g_in, g_w, x_q, w_q, ctx.conv_args)
             # Products the integer route does not take run on the floats below.
             g_in = None if grad_x is not None else g_in
@@ -389,76 +390,13 @@ class _QuantizedGemm(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-class _IntegerRoute:
-    """The products of one call that run as exact integer products (``qtrain.int_products``),
-    with the qparams their operands were quantized with."""
+def _integer_route(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, conv_args):
+    """The call's ``int_products.IntegerRoute`` (None: every product on the floats)."""
+    if config.products == "float":
+        return None
+    from qtrain import int_products  # it builds on qtrain.lowp, which imports this module
 
-    def __init__(self, config: GemmConfig, real: bool, roles: set[str]) -> None:
-        self.config = config
-        self.real = real
-        self.roles = roles
-        self.qparams: dict[str, QParams | None] = {}
-
-    @staticmethod
-    def of(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, conv_args):
-        """The route for this call, or None: float products (``products="float"``, autocast,
-        a tensor that is not float32, no product whose operands qualify)."""
-        if config.products == "float":
-            return None
-        from qtrain import int_products  # qtrain.lowp, which it builds on, imports this module
-
-        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0:
-            return None
-        if torch.is_autocast_enabled(x.device.type):
-            return None
-        grad_dim = x.dim() if conv_args is not None else (2 if x.dim() == 2 else None)
-        roles = int_products.product_roles(config, conv_args is not None, grad_dim)
-        if not roles:
-            return None
-        real = bool(int_products.real_route(config.products, x.device))
-        return _IntegerRoute(config, real, roles)
-
-    def operand(self, t: torch.Tensor, role: str, spec: QuantSpec):
-        from qtrain import int_products
-
-        return int_products.integer_values(t, self.qparams[role], spec)
-
-    def forward(self, x_q, w_q, bias, conv_args) -> torch.Tensor:
-        from qtrain import int_products
-
-        config = self.config
-        x = self.operand(x_q, "input", config.input_spec)
-        w = self.operand(w_q, "weight", config.weight_spec)
-        bias = None if bias is None else bias.to(torch.float32)
-        if conv_args is None:
-            return int_products.linear_forward(x, w, bias, self.real)
-        return int_products.conv_forward(x, w, bias, conv_args, self.real)
-
-    def gradient_copies(self, grad, config, need_x, need_w, observers):
-        """``_gradient_copies`` with the copies' qparams kept for the integer products."""
-        return _gradient_copies(grad, config, need_x, need_w, observers, self.qparams)
-
-    def backward(self, g_in, g_w, x_q, w_q, conv_args):
-        """(grad of x, grad of W) for the products this route takes; None for the others."""
-        from qtrain import int_products
-
-        config = self.config
-        grad_x = grad_w = None
-        if g_in is not None and "grad_input" in self.roles:
-            g = self.operand(g_in, "grad_input", config.grad_input_spec)
-            w = self.operand(w_q, "weight", config.weight_spec)
-            if conv_args is None:
-                grad_x = int_products.linear_grad_input(g, w, self.real)
-            else:
-                grad_x = int_products.conv_grad_input(g, w, x_q.shape, conv_args, self.real)
-        if g_w is not None and "grad_weight" in self.roles:
-            g = self.operand(g_w, "grad_weight", config.grad_weight_spec)
-            x = self.operand(x_q, "input", config.input_spec)
-            if conv_args is None:
-                grad_w = int_products.linear_grad_weight(g, x, self.real)
-            else:
-                grad_w = int_products.conv_grad_weight(g, x, w_q, conv_args, self.real)
-        return grad_x, grad_w
+    return int_products.IntegerRoute.of(config, x, weight, conv_args)
 
 
 def _observed(
