@@ -439,6 +439,11 @@ def test_the_cli_runs_a_recipe_on_integer_products(tmp_path) -> None:
     argv += ["--train-subset", "64", "--test-subset", "32", "--products", "int8-twin"]
     assert main([*argv, "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "config.json").read_text())["train"]["products"] == "int8-twin"
+    summary = json.loads((out / "summary.json").read_text())
+    every = ["forward", "grad_input", "grad_weight"]
+    assert summary["integer_products"] and all(
+        roles == every for roles in summary["integer_products"].values()
+    )
     assert main([*argv[:-1], "int4", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     assert not (tmp_path / "bad").exists()
 

@@ -362,6 +362,31 @@ def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch
     return im2col.weight_grad(im2col.cat(parts), weight, fused)
 
 
+def integer_product_roles(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Per quantized layer of ``qtrain.ops`` (``QLinear``, ``QConv2d``) whose config asks for
+    integer products, the products that qualify at its bits in force (for a linear, on 2-d
+    inputs); empty where every product runs on floats.
+
+    >>> from torch import nn
+    >>> from qtrain.api import quantize_, use_products
+    >>> from qtrain.presets import sbm_quantization
+    >>> model = quantize_(nn.Sequential(nn.Linear(4, 3)), sbm_quantization())
+    >>> integer_product_roles(model), use_products(model, "int8")
+    ({}, 1)
+    >>> integer_product_roles(model)
+    {'0': ['forward', 'grad_input', 'grad_weight']}
+    """
+    from qtrain.api import quantized_modules
+
+    roles = {}
+    for name, module in quantized_modules(model):
+        conv = isinstance(module, torch.nn.Conv2d)
+        found = product_roles(module.config, conv, 4 if conv else 2)
+        if found:
+            roles[name] = sorted(found)
+    return roles
+
+
 # ---- the route of one call ------------------------------------------------------------------
 
 

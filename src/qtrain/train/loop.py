@@ -812,7 +812,17 @@ class _Trainer:
             "peak_memory_bytes": peak,
             "peak_memory_source": source,
             "device": str(self.device),
+            # Which products of each quantized layer ran as exact integer products (--products)
+            "integer_products": _integer_products(self.model, self.config.products),
         }
+
+
+def _integer_products(model: nn.Module, products: str) -> dict[str, list[str]]:
+    if products == "float":
+        return {}
+    from qtrain.int_products import integer_product_roles  # it loads qtrain.lowp
+
+    return integer_product_roles(model)
 
 
 # ---- optimizer ----------------------------------------------------------------------------
