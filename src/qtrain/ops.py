@@ -104,11 +104,12 @@ class GemmConfig(Config):
             (1 byte per value for ≤ 8-bit integer input specs) instead of float32.
         products: how the products run (``qtrain.int_products``): ``float`` — on the
             fake-quantized floats (the emulation); ``int8`` — each product whose operands are
-            integer levels of ≤ 8 bits with scales constant along its reduction as an exact
-            integer product, on ``torch._int_mm`` where the device has fast int8 units (CUDA,
-            AMX/VNNI CPUs), else its exact twin; ``int8-twin`` / ``int8-real``: either route
-            forced. The integer routes equal each other bit for bit; they differ from
-            ``float`` in the last bits (float32 sums round, integer ones do not).
+            integer levels with scales constant along its reduction as exact int8 products
+            (levels of 9–16 bits as two int8 limbs), on ``torch._int_mm`` where the device has
+            fast int8 units (CUDA, AMX/VNNI CPUs), else their exact twin; ``int8-twin`` /
+            ``int8-real``: either route forced. The integer routes equal each other bit for
+            bit; they differ from ``float`` in the last bits (float32 sums round, integer ones
+            do not).
     """
 
     input_spec: QuantSpec | None = None
