@@ -135,7 +135,8 @@ class IntegerValues:
 
 def integer_values(t: torch.Tensor, qparams: QParams, spec: QuantSpec) -> IntegerValues:
     """q − z of a fake-quantized tensor t = (q − z)·s, read back exactly: t/s is within a few
-    ulps of an integer of at most 255 in magnitude. Per-channel qparams follow the spec's axis."""
+    ulps of an integer of at most 65535 in magnitude (16 bits). Per-channel qparams follow the
+    spec's axis."""
     scale = qparams.scale.to(torch.float32)
     if scale.numel() == 1:
         view = scale.reshape(())
