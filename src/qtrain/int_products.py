@@ -377,10 +377,10 @@ def integer_product_roles(model: torch.nn.Module) -> dict[str, list[str]]:
     >>> integer_product_roles(model)
     {'0': ['forward', 'grad_input', 'grad_weight']}
     """
-    from qtrain.api import quantized_modules
+    from qtrain.api import ops_product_modules
 
     roles = {}
-    for name, module in quantized_modules(model):
+    for name, module in ops_product_modules(model):
         conv = isinstance(module, torch.nn.Conv2d)
         found = product_roles(module.config, conv, 4 if conv else 2)
         if found:

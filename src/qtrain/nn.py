@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,9 @@ class _QuantizedGemmModule:
 
     config: GemmConfig
     range_momentum: float
+    # Whether the products run through qtrain.ops' quantized GEMM, so that
+    # GemmConfig.products (exact integer products) applies to them.
+    runs_ops_products: ClassVar[bool] = True
 
     def _init_quant(
         self,
@@ -273,6 +276,7 @@ class _FakeQuantGemm:
     with gradient specs is refused, as this layer would ignore them."""
 
     config: GemmConfig
+    runs_ops_products: ClassVar[bool] = False  # F.linear/F.conv2d on fake-quantized floats
     observers: nn.ModuleDict
     weight: nn.Parameter
 
