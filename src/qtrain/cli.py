@@ -130,8 +130,8 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         "products",
         {
             "help": "how quantized layers multiply: float (the emulation), int8 (exact integer "
-            "products where the operands qualify; torch._int_mm on AMX/VNNI CPUs and CUDA), "
-            "int8-twin, int8-real: " + _one_of(PRODUCTS)
+            "products where the operands qualify: torch._int_mm on AMX/VNNI CPUs and CUDA, "
+            "else the exact twin); int8-twin and int8-real force a route; " + _one_of(PRODUCTS)
         },
     ),
     ("--download", "download", {"action": "store_true", "help": "fetch missing data"}),
