@@ -228,7 +228,7 @@ def _integer_matmul(a: torch.Tensor, b: torch.Tensor, real: bool, dtype) -> torc
     """a·bᵀ of int8-valued operands, exact, in ``dtype`` (int32 or float64): ``torch._int_mm``,
     or float32 matmuls (exact while K·128² < 2^24) over slices of K summed in float64."""
     if real:
-        return _int_mm(a.to(torch.int8), b.to(torch.int8)).to(dtype)
+        return lowp._int_mm(a.to(torch.int8), b.to(torch.int8)).to(dtype)
     k = a.shape[1]
     if k <= _EXACT_FLOAT32_DEPTH:
         return (a.to(torch.float32) @ b.to(torch.float32).t()).to(dtype)
@@ -242,15 +242,6 @@ def _integer_matmul(a: torch.Tensor, b: torch.Tensor, real: bool, dtype) -> torc
 
 def _column(offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return offset.to(dtype).view(-1, 1)
-
-
-def _int_mm(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
-    """qa · qbᵀ in int32 by ``torch._int_mm``, zero-padded to the shapes it takes."""
-    (m, k), n = qa.shape, qb.shape[0]
-    padded_k = lowp._round_up(k)
-    qa = lowp._pad(qa.contiguous(), max(m, lowp._INT_MM_MIN_ROWS), padded_k)
-    qb = lowp._pad(qb.contiguous(), lowp._round_up(n), padded_k)
-    return torch._int_mm(qa, qb.t())[:m, :n]
 
 
 # ---- the three products of a linear layer and of a convolution --------------------------------

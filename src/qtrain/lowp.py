@@ -434,7 +434,7 @@ def _epilogue(
 
 
 def _int8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> torch.Tensor:
-    (m, k), n = qa.shape, qb.shape[0]
+    k = qa.shape[1]
     if plan.emulate:
         # Exact: integer partial sums below 2^24 (float32) or 2^53 (float64) round nowhere.
         dtype = torch.float32 if k <= _EXACT_FLOAT32_DEPTH else torch.float64
@@ -443,12 +443,19 @@ def _int8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> tor
     elif qa.is_cuda and plan.int8_gemm is not Int8Gemm.INT_MM and _triton_runs():
         return triton_quant.int8_mm(qa, qb, scale_a, scale_b, bias, out_dtype)
     else:
-        padded_k = _round_up(k)
-        qa = _pad(qa, max(m, _INT_MM_MIN_ROWS), padded_k)
-        qb = _pad(qb, _round_up(n), padded_k)
-        # qbᵀ is column-major: the layout cuBLASLt's int8 kernels take without a copy.
-        acc = torch._int_mm(qa, qb.t())[:m, :n]
+        acc = _int_mm(qa, qb)
     return _epilogue(acc, scale_a, scale_b, bias, out_dtype)
+
+
+def _int_mm(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+    """qa · qbᵀ in int32 by ``torch._int_mm`` for int8 qa (M, K), qb (N, K), zero-padded to
+    the shapes it takes (also ``qtrain.int_products``' real route)."""
+    (m, k), n = qa.shape, qb.shape[0]
+    padded_k = _round_up(k)
+    qa = _pad(qa.contiguous(), max(m, _INT_MM_MIN_ROWS), padded_k)
+    qb = _pad(qb.contiguous(), _round_up(n), padded_k)
+    # qbᵀ is column-major: the layout cuBLASLt's int8 kernels take without a copy.
+    return torch._int_mm(qa, qb.t())[:m, :n]
 
 
 def _float8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> torch.Tensor:
