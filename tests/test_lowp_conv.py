@@ -361,3 +361,93 @@ def test_each_module_imports_first_in_a_fresh_interpreter(module) -> None:
         "assert isinstance(model[0], LowPrecisionConv2d)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- the CPU's int8 route: quantized im2col rows, products in pieces ----------------------------
+
+
+def _fused_or_skip():
+    fused = kernels.implementation(torch.device("cpu"))
+    if not hasattr(fused, "im2col_int8"):
+        pytest.skip("the cpu_fused extension does not build here: no int8 route")
+    return fused
+
+
+@pytest.mark.parametrize("config", INT8_CONFIGS[::2], ids=repr)
+def test_the_cpu_int8_route_never_builds_the_float_im2col_matrix(config, monkeypatch) -> None:
+    """A row-wise int8 conv on a float32 CPU input takes the route on quantized im2col rows:
+    im2col_nhwc (the float32 matrix) is never called, im2col_int8 is."""
+    fused = _fused_or_skip()
+    calls: list[str] = []
+    for name in ("im2col_nhwc", "im2col_int8"):
+        original = getattr(fused, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(fused, name, spy)
+    conv = LowPrecisionConv2d.from_conv(_conv(GEOMETRIES[1]), config)
+    _run(conv, _input(5, True, seed=2))
+    assert "im2col_int8" in calls and "im2col_nhwc" not in calls
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[3]], ids=str)
+def test_pieces_and_depth_splits_do_not_change_a_bit(geometry, emulate: bool, monkeypatch) -> None:
+    """The products run in pieces of rows (forward, grad-weight) or images (grad-input) of
+    about _PIECE_BYTES, and grad-weight's depth in pieces of at most INT32_DEPTH rows summed
+    exactly: pieces of one row or image, and depth pieces of 5 rows, give the same bits."""
+    _fused_or_skip()
+    from qtrain import lowp_conv
+
+    config = Int8TrainingConfig(stochastic_grad=True, emulate=emulate)
+    conv = LowPrecisionConv2d.from_conv(_conv(geometry), config)
+    x = _input(geometry[0], True, seed=4)
+    whole = _run(conv, x)
+    monkeypatch.setattr(lowp_conv, "_PIECE_BYTES", 1)
+    monkeypatch.setattr(lowp_conv, "INT32_DEPTH", 5)
+    monkeypatch.setattr(lowp_conv, "_EXACT_FLOAT32_DEPTH", 5)
+    for got, want in zip(_run(conv, x), whole, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_levels_product_is_exact_beyond_int32s_depth() -> None:
+    """A reduction deeper than INT32_DEPTH with every level at ±127 passes 2^31: the real
+    product sums int32 pieces in int64, the twin multiplies in float64; both exact."""
+    from qtrain.lowp import INT32_DEPTH, levels_product
+
+    k = INT32_DEPTH + 3
+    qa = torch.full((2, k), 127, dtype=torch.int8)
+    qa[1, ::2] = -127
+    qb = torch.full((3, k), 127, dtype=torch.int8)
+    want = qa.long() @ qb.long().t()
+    assert want.abs().max() > 2**31
+    real, twin = levels_product(qa, qb, emulate=False), levels_product(qa, qb, emulate=True)
+    assert real.dtype == torch.int64 and torch.equal(real, want)
+    assert torch.equal(twin, want.double())
+
+
+def test_int_mm_equals_the_int64_product_on_every_layout() -> None:
+    """torch 2.13's CPU torch._int_mm is wrong for K = 1 (N ≥ 2) and for size-1 dimensions
+    with unusual strides; lowp._int_mm pads and copies around both."""
+    from qtrain.lowp import _int_mm
+
+    generator = torch.Generator().manual_seed(0)
+
+    def levels(rows: int, cols: int) -> torch.Tensor:
+        return torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=generator)
+
+    def layouts(rows: int, cols: int):
+        yield levels(rows, cols)
+        yield levels(cols, rows).t()
+        yield levels(rows, 2 * cols + 3)[:, 1 : cols + 1]
+        if rows == 1:
+            yield levels(1, cols).as_strided((1, cols), (1, 1))
+        if cols == 1:
+            yield levels(rows, 1).as_strided((rows, 1), (1, 1))
+
+    for m, k, n in [(1, 1, 3), (5, 1, 2), (1, 9, 4), (3, 2, 1), (17, 33, 17), (2, 297, 9)]:
+        for a in layouts(m, k):
+            for b in layouts(n, k):
+                assert torch.equal(_int_mm(a, b).long(), a.long() @ b.long().t())

@@ -421,7 +421,12 @@ def _epilogue(
     ``overwrite``: a float32 acc may be scaled in place (the caller no longer needs it).
     acc·scale_a comes first, so it overflows to inf where |acc|·scale_a passes float32's max
     even if the product with scale_b would not (operands of absmax ≳ 1e34 with 127-level
-    sums of ~10⁵); float32 F.linear/F.conv2d overflow from about 1e38."""
+    sums of ~10⁵); float32 F.linear/F.conv2d overflow from about 1e38. On the CPU, cpu_fused's
+    ``int8_epilogue`` does the same roundings in one pass."""
+    fused = _fused_epilogue(acc)
+    if fused is not None:
+        out = fused(acc, scale_a, scale_b, _cast(bias, torch.float32))
+        return out.to(out_dtype)
     # In place on a tensor of its own — acc's float32 copy, or a float32 acc the caller gives
     # up (``overwrite``) — the same roundings as out-of-place, without two (M, N) allocations.
     out = acc.to(torch.float32)
@@ -433,29 +438,71 @@ def _epilogue(
     return out.to(out_dtype)
 
 
+def _fused_epilogue(acc: torch.Tensor):
+    """cpu_fused's ``int8_epilogue`` where it serves ``acc`` (a CPU matrix, unit column
+    stride), else None."""
+    if acc.device.type != "cpu" or acc.dim() != 2 or (acc.shape[1] > 1 and acc.stride(1) != 1):
+        return None
+    return getattr(kernels.implementation(acc.device), "int8_epilogue", None)
+
+
 def _int8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> torch.Tensor:
-    k = qa.shape[1]
-    if plan.emulate:
-        # Exact: integer partial sums below 2^24 (float32) or 2^53 (float64) round nowhere.
-        dtype = torch.float32 if k <= _EXACT_FLOAT32_DEPTH else torch.float64
-        acc = qa.to(dtype) @ qb.to(dtype).t()
-        return _epilogue(acc, scale_a, scale_b, bias, out_dtype, overwrite=True)
-    elif qa.is_cuda and plan.int8_gemm is not Int8Gemm.INT_MM and _triton_runs():
+    triton = qa.is_cuda and not plan.emulate and plan.int8_gemm is not Int8Gemm.INT_MM
+    if triton and qa.shape[1] <= INT32_DEPTH and _triton_runs():
         return triton_quant.int8_mm(qa, qb, scale_a, scale_b, bias, out_dtype)
-    else:
-        acc = _int_mm(qa, qb)
-    return _epilogue(acc, scale_a, scale_b, bias, out_dtype)
+    acc = levels_product(qa, qb, plan.emulate)
+    return _epilogue(acc, scale_a, scale_b, bias, out_dtype, overwrite=True)
+
+
+# int32 holds a sum of K products of two int8 levels (|q| ≤ 127) exactly while K·127² < 2^31.
+INT32_DEPTH = (2**31 - 1) // 127**2
+
+
+def levels_product(qa: torch.Tensor, qb: torch.Tensor, emulate: bool) -> torch.Tensor:
+    """qa · qbᵀ of int8-valued levels qa (M, K), qb (N, K), exact: ``torch._int_mm`` in int32
+    (depths beyond ``INT32_DEPTH`` in pieces, summed in int64), or with ``emulate`` the twin's
+    float matmul (float32 while every partial sum stays below 2^24, else float64). The same
+    integers either way, so the same float32 once converted."""
+    k = qa.shape[1]
+    if emulate:
+        dtype = torch.float32 if k <= _EXACT_FLOAT32_DEPTH else torch.float64
+        return qa.to(dtype) @ qb.to(dtype).t()
+    if k <= INT32_DEPTH:
+        return _int_mm(qa, qb)
+    acc = None
+    for start in range(0, k, INT32_DEPTH):
+        part = slice(start, start + INT32_DEPTH)
+        piece = _int_mm(qa[:, part], qb[:, part]).to(torch.int64)
+        acc = piece if acc is None else acc.add_(piece)
+    return acc
 
 
 def _int_mm(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
-    """qa · qbᵀ in int32 by ``torch._int_mm`` for int8 qa (M, K), qb (N, K), zero-padded to
-    the shapes it takes (also ``qtrain.int_products``' real route)."""
+    """qa · qbᵀ in int32 by ``torch._int_mm`` for int8 qa (M, K), qb (N, K); on CUDA
+    zero-padded to the shapes cuBLASLt takes (also ``qtrain.int_products``' real route). The
+    CPU's takes any shape and row- or column-major operands (qbᵀ is passed as the view it is)
+    but returns wrong values (torch 2.13) for K = 1 with N ≥ 2, padded here to K = 2 with
+    zeros, and for operands whose size-1 dimensions have unusual strides (a (1, K) row with
+    strides (1, 1)), copied here to row-major first."""
+    if qa.device.type == "cpu":
+        if qa.shape[1] == 1:
+            qa, qb = F.pad(qa, (0, 1)), F.pad(qb, (0, 1))
+        return torch._int_mm(_plain_layout(qa), _plain_layout(qb.t()))
     (m, k), n = qa.shape, qb.shape[0]
     padded_k = _round_up(k)
     qa = _pad(qa.contiguous(), max(m, _INT_MM_MIN_ROWS), padded_k)
     qb = _pad(qb.contiguous(), _round_up(n), padded_k)
     # qbᵀ is column-major: the layout cuBLASLt's int8 kernels take without a copy.
     return torch._int_mm(qa, qb.t())[:m, :n]
+
+
+def _plain_layout(m: torch.Tensor) -> torch.Tensor:
+    """m (R, C) itself if row-major with strides (C, 1) or column-major with (1, R) (both sizes
+    above 1), else a row-major copy."""
+    rows, cols = m.shape
+    if m.stride() == (cols, 1) or (rows > 1 and cols > 1 and m.stride() == (1, rows)):
+        return m
+    return torch.empty((rows, cols), dtype=m.dtype, device=m.device).copy_(m)
 
 
 def _float8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> torch.Tensor:

@@ -6,6 +6,7 @@ and convolutions. ``qtrain.lowp`` re-exports what is public here.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -15,17 +16,22 @@ from torch import nn
 from qtrain import im2col, kernels
 from qtrain.api import FilterFn, register_handler
 from qtrain.lowp import (
+    _EXACT_FLOAT32_DEPTH,
+    INT32_DEPTH,
     Float8TrainingConfig,
     Int8TrainingConfig,
     LowPrecisionConfig,
     LowPrecisionLinear,
     _compute_dtype,
+    _hash_keys,
     _LowPrecisionLayer,
     _matrix_backward,
     _Plan,
     _product,
+    _quantize,
     _save_for_backward,
     initial_bounds,
+    levels_product,
 )
 
 
@@ -38,6 +44,12 @@ class _LowPrecisionConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan, bounds, geometry):  # type: ignore[override]
         compute_dtype = _compute_dtype(x)
         fused = im2col.fused_unfolding(x, geometry)
+        ctx.int8_rows = _int8_rows(fused, plan) if x.numel() and weight.numel() else None
+        if ctx.int8_rows is not None:
+            y = _forward_int8_rows(ctx.int8_rows, x, weight, bias, plan, bounds, geometry)
+            _save_for_backward(ctx, x, weight, bias, plan, bounds, compute_dtype)
+            ctx.geometry, ctx.fused_unfolding = geometry, True
+            return y.to(compute_dtype)
         cols = im2col.im2col(x, geometry, fused)
         w2 = im2col.weight_rows(weight, fused)
         col_groups = im2col.group_slices(cols.shape[1], geometry.groups)
@@ -67,6 +79,8 @@ class _LowPrecisionConv2d(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight, bounds, seeds = ctx.saved_tensors
         geometry: im2col.ConvGeometry = ctx.geometry
+        if ctx.int8_rows is not None:
+            return _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds)
         fused = None
         if ctx.fused_unfolding:
             fused = kernels.implementation(x.device, kernels.Backend.CPU_FUSED)
@@ -88,6 +102,108 @@ class _LowPrecisionConv2d(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+# ---- the CPU's int8 route: im2col rows quantized in cache, products in pieces -----------------
+
+# The pieces of the chunked products: about this many bytes of int8 im2col levels (forward,
+# grad-weight) or of the grad-input product's int32 result, so that a piece stays in cache
+# between the product and its epilogue.
+_PIECE_BYTES = 4 << 20
+
+
+def _int8_rows(fused, plan: _Plan):
+    """cpu_fused, where the int8 route on quantized im2col rows serves: the kernels unfold x
+    (a float32 CPU x, no groups, not pointwise) and every product is int8 with row-wise
+    scales; else None (the im2col matrix in float32, then ``_product``)."""
+    if fused is None or not hasattr(fused, "im2col_int8") or not plan.rowwise:
+        return None
+    products = (plan.forward, plan.grad_input, plan.grad_weight)
+    if any(operands is None or operands[0].dtype != torch.int8 for operands in products):
+        return None
+    return fused
+
+
+def _geometry_args(geometry: im2col.ConvGeometry) -> tuple:
+    return geometry.kernel, geometry.stride, geometry.padding, geometry.dilation
+
+
+def _pieces(total: int, unit: int, unit_bytes: int, most: int | None = None) -> list[slice]:
+    """[0, total) in slices of whole units (of ``unit`` rows, ``unit_bytes`` bytes each) of
+    about ``_PIECE_BYTES``, at most ``most`` rows."""
+    units = max(1, _PIECE_BYTES // max(1, unit_bytes))
+    if most is not None:
+        units = max(1, min(units, most // unit))
+    step = units * unit
+    return [slice(start, min(total, start + step)) for start in range(0, total, step)]
+
+
+def _forward_int8_rows(fused, x, weight, bias, plan: _Plan, bounds, geometry) -> torch.Tensor:
+    """y (B·H'·W', C_out) float32: per piece of rows, their im2col levels with a scale per row
+    (built in cache, never as a float matrix), the exact product with W's levels, the
+    epilogue into y's rows. Bitwise the im2col route's result."""
+    left, right = plan.forward
+    w2 = im2col.weight_rows(weight, fused)
+    qw, scale_w = _quantize(w2, right, bounds[right.bound], None, plan)
+    batch, _, height, width = x.shape
+    rows, cols = batch * math.prod(geometry.output_size(height, width)), qw.shape[1]
+    y = torch.empty(rows, qw.shape[0], dtype=torch.float32, device=x.device)
+    bias32 = None if bias is None else bias.to(torch.float32)
+    for piece in _pieces(rows, 1, cols):
+        qx, scale_x = fused.im2col_int8(
+            x, *_geometry_args(geometry), rows=(piece.start, piece.stop), bound=bounds[left.bound]
+        )
+        acc = levels_product(qx, qw, plan.emulate)
+        fused.int8_epilogue(acc, scale_x, scale_w, bias32, out=y[piece])
+    return y
+
+
+def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
+    """The gradients of x, W and the bias on the int8 route: g's levels per output pixel
+    times W's per (i, j, c) column, scaled and folded back onto x's pixels a piece of images at
+    a time (grad-input); g's levels per output channel times x's im2col levels per column,
+    built a piece of rows at a time and summed exactly (grad-weight)."""
+    fused, plan, geometry = ctx.int8_rows, ctx.plan, ctx.geometry
+    g2 = grad_out.to(torch.float32)
+    w2 = im2col.weight_rows(weight, fused)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        left, right = plan.grad_input
+        keys = _hash_keys(seeds[0, 0]) if seeds is not None else None
+        qg, scale_g = _quantize(g2, left, bounds[left.bound], keys, plan)
+        qw, scale_w = _quantize(w2.t(), right, bounds[right.bound], None, plan)
+        grad_x = torch.empty_like(x, dtype=torch.float32, memory_format=torch.channels_last)
+        per_image = qg.shape[0] // x.shape[0]
+        for piece in _pieces(qg.shape[0], per_image, per_image * qw.shape[0] * 4):
+            acc = levels_product(qg[piece], qw, plan.emulate)
+            fused.col2im_int8_epilogue(
+                acc, scale_g[piece], scale_w, grad_x, *_geometry_args(geometry),
+                image_begin=piece.start // per_image,
+            )  # fmt: skip
+        grad_x = grad_x.to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        left, right = plan.grad_weight
+        keys = _hash_keys(seeds[1, 0]) if seeds is not None else None
+        qg_t, scale_g = _quantize(g2.t(), left, bounds[left.bound], keys, plan)
+        args = _geometry_args(geometry)
+        scale_cols = fused.im2col_column_scales(x, *args, bound=bounds[right.bound])
+        acc = None
+        cols = w2.shape[1]
+        # Depth pieces whose products are exact: int32 (real), float32 (the twin).
+        depth = _EXACT_FLOAT32_DEPTH if plan.emulate else INT32_DEPTH
+        for piece in _pieces(qg_t.shape[1], 1, cols, most=depth):
+            qx, _ = fused.im2col_int8(
+                x, *args, rows=(piece.start, piece.stop), bound=bounds[right.bound],
+                column_scale=scale_cols,
+            )  # fmt: skip
+            part = levels_product(qg_t[:, piece], qx.t(), plan.emulate)
+            part = part.to(torch.float64 if plan.emulate else torch.int64)
+            acc = part if acc is None else acc.add_(part)
+        grad_rows = fused.int8_epilogue(acc, scale_g, scale_cols)
+        grad_w = im2col.weight_grad(grad_rows, weight, fused).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
+    return grad_x, grad_w, grad_b, None, None, None
 
 
 def _apply_conv(x, weight, bias, plan: _Plan, bounds: torch.Tensor, geometry) -> torch.Tensor:

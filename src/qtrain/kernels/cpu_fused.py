@@ -254,6 +254,29 @@ def _register_fakes() -> None:
             memory_format=torch.channels_last
         )
 
+    @torch.library.register_fake("qtrain::im2col_int8")
+    def _im2col_int8(x, kernel, stride, padding, dilation, row_begin, row_end, bound, column):
+        _, channels, _, _ = x.shape
+        rows, cols = row_end - row_begin, kernel[0] * kernel[1] * channels
+        scales = cols if column is not None else rows
+        return x.new_empty((rows, cols), dtype=torch.int8), x.new_empty(scales)
+
+    @torch.library.register_fake("qtrain::im2col_column_scales")
+    def _im2col_column_scales(x, kernel, stride, padding, dilation, bound):
+        return x.new_empty(kernel[0] * kernel[1] * x.shape[1], dtype=torch.float32)
+
+    @torch.library.register_fake("qtrain::int8_epilogue")
+    def _int8_epilogue(acc, scale_a, scale_b, bias):
+        return acc.new_empty(acc.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("qtrain::int8_epilogue_out")
+    def _int8_epilogue_out(acc, scale_a, scale_b, bias, out) -> None:
+        return None
+
+    @torch.library.register_fake("qtrain::col2im_int8_epilogue")
+    def _col2im_int8_epilogue(acc, scale_a, scale_b, grad_x, *geometry) -> None:
+        return None
+
 
 # ---- the primitives (reference.py's names and signatures) ----------------------------------
 
@@ -646,6 +669,110 @@ def col2im_nhwc(
     return torch.ops.qtrain.col2im_nhwc(
         cols, list(x_shape), _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
     )
+
+
+# ---- qtrain.lowp's int8 convolutions: quantized im2col rows and fused epilogues ------------------
+
+
+def im2col_int8(
+    x: torch.Tensor,
+    kernel: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    rows: tuple[int, int] | None = None,
+    bound: torch.Tensor,
+    column_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 levels of rows ``rows`` = [begin, end) (default: all) of ``im2col_nhwc(x, ...)``,
+    without building the float32 matrix: each row is built in a buffer and quantized while in
+    cache. Without ``column_scale``: a scale per row from its absmax — bitwise
+    ``quantize_rows_int8(im2col_nhwc(x)[begin:end], bound, True)``; with ``column_scale`` (one
+    float32 scale per column, e.g. ``im2col_column_scales``): those, as ``quantize_rows_int8``
+    gives the transposed matrix, transposed back (and a copy of the scales is returned). Nearest
+    rounding. Returns (row-major int8 levels, scales).
+
+    >>> import torch
+    >>> fused = load()  # builds on first use
+    >>> x = torch.tensor([[[[1.0, -2.0, 0.5]]]])  # (1, 1, 1, 3)
+    >>> q, scale = fused.im2col_int8(x, (1, 2), bound=torch.tensor(127.0))
+    >>> q.tolist(), scale.tolist()
+    ([[64, -127], [-127, 32]], [0.015748031437397003, 0.015748031437397003])
+    """
+    if rows is None:
+        batch, _, height, width = x.shape
+        out_h, out_w = conv_output_size((height, width), kernel, stride, padding, dilation)
+        rows = (0, batch * out_h * out_w)
+    return torch.ops.qtrain.im2col_int8(
+        x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), *rows, bound,
+        column_scale,
+    )  # fmt: skip
+
+
+def im2col_column_scales(
+    x: torch.Tensor,
+    kernel: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    bound: torch.Tensor,
+) -> torch.Tensor:
+    """The absmax scale of each column of ``im2col_nhwc(x, ...)`` (absmax / bound, at least the
+    smallest normal float, 1 for an all-zero column, NaN where the column holds a NaN):
+    bitwise the scales of ``quantize_rows_int8(im2col_nhwc(x).t(), bound, True)``, read
+    straight from x."""
+    return torch.ops.qtrain.im2col_column_scales(
+        x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), bound
+    )
+
+
+def int8_epilogue(
+    acc: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32(acc)·scale_a[:, None]·scale_b[None, :] (+ bias), rounded in that order — bitwise
+    ``qtrain.lowp._epilogue`` — in one pass. ``acc``: an int32, int64, float32 or float64
+    (M, N) matrix with unit column stride (rows may be apart: a slice of a padded product);
+    the scales: (M,) and (N,) float32, or one value each; ``bias``: (N,) float32. ``out``: a
+    float32 (M, N) matrix with unit column stride to write (e.g. rows of a larger result).
+
+    >>> import torch
+    >>> fused = load()  # builds on first use
+    >>> acc = torch.tensor([[2, -4]], dtype=torch.int32)
+    >>> fused.int8_epilogue(acc, torch.tensor([0.5]), torch.tensor([1.0, 0.25]))
+    tensor([[ 1.0000, -0.5000]])
+    """
+    if out is None:
+        return torch.ops.qtrain.int8_epilogue(acc, scale_a, scale_b, bias)
+    torch.ops.qtrain.int8_epilogue_out(acc, scale_a, scale_b, bias, out)
+    return out
+
+
+def col2im_int8_epilogue(
+    acc: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    grad_x: torch.Tensor,
+    kernel: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    image_begin: int = 0,
+) -> None:
+    """Set images [image_begin, image_begin + n) of ``grad_x`` (float32 (B, C, H, W),
+    channels-last) to ``col2im_nhwc(int8_epilogue(acc, scale_a, scale_b))`` of those images —
+    bitwise — in one pass: ``acc`` is the (n·H'·W', kh·kw·C) grad-input product of their im2col
+    rows (int32, int64, float32 or float64, unit column stride)."""
+    torch.ops.qtrain.col2im_int8_epilogue(
+        acc, scale_a, scale_b, grad_x, _pair(kernel), _pair(stride), _pair(padding),
+        _pair(dilation), image_begin,
+    )  # fmt: skip
 
 
 register_backend(Backend.CPU_FUSED, load, ["cpu"])

@@ -1950,50 +1950,60 @@ inline void copy_channels(const float* __restrict pixel, float* __restrict block
   for (int64_t c = 0; c < n; ++c) block[c] = pixel[c];
 }
 
+// Row r = (b, oh, ow) of the im2col matrix of channels-last x (at `x`) into `row`
+// (g.cols() floats): each kernel row's blocks copied, zeros where they read padding.
+void im2col_row(const float* x, const Conv2dGeometry& g,
+                const std::vector<std::pair<int64_t, int64_t>>& columns_inside, int64_t r,
+                float* __restrict row) {
+  const int64_t channels = g.channels, height = g.height, width = g.width;
+  const int64_t block_row_values = g.kernel[1] * channels;
+  const int64_t ow = r % g.out[1];
+  const int64_t oh = r / g.out[1] % g.out[0];
+  const float* image = x + r / (g.out[0] * g.out[1]) * height * width * channels;
+  const int64_t left = ow * g.stride[1] - g.padding[1];  // input column of j = 0
+  const auto [j_begin, j_end] = columns_inside[ow];
+  for (int64_t i = 0; i < g.kernel[0]; ++i) {
+    float* block_row = row + i * block_row_values;
+    const int64_t h = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
+    if (h < 0 || h >= height) {
+      std::fill(block_row, block_row + block_row_values, 0.0f);
+      continue;
+    }
+    std::fill(block_row, block_row + j_begin * channels, 0.0f);
+    const float* pixels = image + h * width * channels;
+    for_each_block_run(j_begin, j_end, g.dilation[1], [&](int64_t j, int64_t blocks) {
+      copy_channels(pixels + (left + j * g.dilation[1]) * channels, block_row + j * channels,
+                    blocks * channels);
+    });
+    std::fill(block_row + j_end * channels, block_row + block_row_values, 0.0f);
+  }
+}
+
+// The checks every op taking a convolution's x makes: a float32 (B, C, H, W) CPU tensor.
+void check_conv_input(const Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), what, ": x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 4, what, ": x must be (B, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, what, ": x must be float32, got ", x.scalar_type());
+}
+
 // x: a float32 (B, C, H, W) tensor, read as channels-last (other layouts are copied to it
 // first). Returns the row-major (B·H'·W', kh·kw·C) float32 matrix described above; values are
 // copied bit for bit (NaN, inf and -0 included), padding reads +0.
 Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation) {
   const char* what = "qtrain::im2col_nhwc";
-  TORCH_CHECK(x_in.device().is_cpu(), what, ": x must be a CPU tensor");
-  TORCH_CHECK(x_in.dim() == 4, what, ": x must be (B, C, H, W), got ", x_in.dim(), " dims");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, what, ": x must be float32, got ",
-              x_in.scalar_type());
+  check_conv_input(x_in, what);
   const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
   Tensor out = empty_output({g.rows(), g.cols()}, at::kFloat);
   if (out.numel() == 0) return out;
   const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const float* x = x_nhwc.data_ptr<float>();
   float* y = out.data_ptr<float>();
-  const int64_t channels = g.channels, height = g.height, width = g.width;
-  const int64_t kernel_w = g.kernel[1], dilation_w = g.dilation[1];
-  const int64_t row_values = g.cols(), block_row_values = kernel_w * channels;
+  const int64_t row_values = g.cols();
   const auto columns_inside = kernel_columns_inside(g);
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / row_values);
   at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t ow = r % g.out[1];
-      const int64_t oh = r / g.out[1] % g.out[0];
-      const float* image = x + r / (g.out[0] * g.out[1]) * height * width * channels;
-      const int64_t left = ow * g.stride[1] - g.padding[1];  // input column of j = 0
-      const auto [j_begin, j_end] = columns_inside[ow];
-      for (int64_t i = 0; i < g.kernel[0]; ++i) {
-        float* block_row = y + r * row_values + i * block_row_values;
-        const int64_t h = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
-        if (h < 0 || h >= height) {
-          std::fill(block_row, block_row + block_row_values, 0.0f);
-          continue;
-        }
-        std::fill(block_row, block_row + j_begin * channels, 0.0f);
-        const float* pixels = image + h * width * channels;
-        for_each_block_run(j_begin, j_end, dilation_w, [&](int64_t j, int64_t blocks) {
-          copy_channels(pixels + (left + j * dilation_w) * channels, block_row + j * channels,
-                        blocks * channels);
-        });
-        std::fill(block_row + j_end * channels, block_row + block_row_values, 0.0f);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) im2col_row(x, g, columns_inside, r, y + r * row_values);
   });
   return out;
 }
@@ -2005,11 +2015,14 @@ inline void add_channels(const float* __restrict block, float* __restrict pixel,
 
 // Input rows [h_begin, h_end) of image b's gradient (channels-last, at `image`): zeros, then
 // every block of the matrix rows (b, oh, ·) that lands on them, rows in order.
-void col2im_band(const float* dy, float* image, const Conv2dGeometry& g,
+// add_run(row, col, pixels, n) adds values col .. col + n − 1 of matrix row `row` (the global
+// row index (b·H' + oh)·W' + ow) onto the n floats at `pixels`.
+template <class AddRun>
+void col2im_band(const AddRun& add_run, float* image, const Conv2dGeometry& g,
                  const std::vector<std::pair<int64_t, int64_t>>& columns_inside, int64_t b,
                  int64_t h_begin, int64_t h_end) {
   const int64_t channels = g.channels, width = g.width, kernel_w = g.kernel[1];
-  const int64_t pixel_row_values = width * channels, row_values = g.cols();
+  const int64_t pixel_row_values = width * channels;
   std::fill(image + h_begin * pixel_row_values, image + h_end * pixel_row_values, 0.0f);
   // The output rows oh whose kernel rows reach [h_begin, h_end): oh·sh − ph + i·dh in it.
   const int64_t reach = h_begin + g.padding[0] - (g.kernel[0] - 1) * g.dilation[0];
@@ -2017,17 +2030,17 @@ void col2im_band(const float* dy, float* image, const Conv2dGeometry& g,
   const int64_t oh_end = std::min(g.out[0], (h_end - 1 + g.padding[0]) / g.stride[0] + 1);
   for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
     for (int64_t ow = 0; ow < g.out[1]; ++ow) {
-      const float* row = dy + ((b * g.out[0] + oh) * g.out[1] + ow) * row_values;
+      const int64_t row = (b * g.out[0] + oh) * g.out[1] + ow;
       const int64_t left = ow * g.stride[1] - g.padding[1];  // input column of j = 0
       const auto [j_begin, j_end] = columns_inside[ow];
       for (int64_t i = 0; i < g.kernel[0]; ++i) {
         const int64_t h = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
         if (h < h_begin || h >= h_end) continue;
-        const float* block_row = row + i * kernel_w * channels;
+        const int64_t block_row = i * kernel_w * channels;
         float* pixels = image + h * pixel_row_values;
         for_each_block_run(j_begin, j_end, g.dilation[1], [&](int64_t j, int64_t blocks) {
-          add_channels(block_row + j * channels, pixels + (left + j * g.dilation[1]) * channels,
-                       blocks * channels);
+          add_run(row, block_row + j * channels, pixels + (left + j * g.dilation[1]) * channels,
+                  blocks * channels);
         });
       }
     }
@@ -2054,6 +2067,10 @@ Tensor col2im_nhwc(const Tensor& cols_in, at::IntArrayRef x_shape, at::IntArrayR
   const Tensor cols = cols_in.contiguous();
   const float* dy = cols.data_ptr<float>();
   float* dx = out.data_ptr<float>();
+  const int64_t row_values = g.cols();
+  const auto add_run = [&](int64_t row, int64_t col, float* pixels, int64_t n) {
+    add_channels(dy + row * row_values + col, pixels, n);
+  };
   const auto columns_inside = kernel_columns_inside(g);
   // Threads own bands of the B·H input rows: whole images, or parts at their bands' ends.
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / (g.width * g.channels));
@@ -2061,11 +2078,316 @@ Tensor col2im_nhwc(const Tensor& cols_in, at::IntArrayRef x_shape, at::IntArrayR
     while (begin < end) {
       const int64_t b = begin / height, h_begin = begin % height;
       const int64_t h_end = std::min(height, h_begin + end - begin);
-      col2im_band(dy, dx + b * image_values, g, columns_inside, b, h_begin, h_end);
+      col2im_band(add_run, dx + b * image_values, g, columns_inside, b, h_begin, h_end);
       begin += h_end - h_begin;
     }
   });
   return out.permute({0, 3, 1, 2});
+}
+
+// ---- qtrain.lowp's int8 convolutions: quantized im2col rows, fused epilogues --------------------
+
+// The products of LowPrecisionConv2d on the CPU never build the float32 im2col matrix (k²
+// times x): the forward and grad-weight operands come as int8 levels of its rows, each built
+// in a buffer of the thread's and quantized while in cache; the grad-input product's int32
+// result is scaled and folded back onto x's pixels in one pass (col2im's order, so bitwise
+// col2im_nhwc of the scaled matrix); the others' scaled in one pass. Levels and scales are
+// bitwise those of quantize_rows_int8 on the float32 matrix (nearest rounding).
+
+// Levels of x[0, n) with a scale per column: round(x[k]·inverse[k]) clamped to ±bound.
+void int8_levels_columns(const float* __restrict x, int8_t* __restrict q, int64_t n,
+                         const float* __restrict inverse, float bound) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float rounded = std::nearbyint(x[k] * inverse[k]);
+    q[k] = int8_level<int8_t>(clamp_level(rounded, -bound, bound));
+  }
+}
+
+float bound_value(const Tensor& bound_in, const char* what) {
+  TORCH_CHECK(bound_in.device().is_cpu() && bound_in.numel() == 1, what,
+              ": bound must be a CPU tensor of one value");
+  const float bound = bound_in.item<float>();
+  TORCH_CHECK(bound >= 1.0f && bound <= 127.0f, what, ": bound must be in [1, 127], got ", bound);
+  return bound;
+}
+
+// Rows [row_begin, row_end) of im2col_nhwc(x) as int8 levels (row-major) and their scales:
+// without column_scale, a scale per row from its absmax (quantize_rows_int8(rows, bound, true));
+// with column_scale ((kh·kw·C,) float32), those scales per column (quantize_rows_int8 of the
+// matrix's transpose with those scales, transposed back); then the scales returned are a copy.
+std::tuple<Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayRef kernel,
+                                       at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t row_begin,
+                                       int64_t row_end, const Tensor& bound_in,
+                                       const std::optional<Tensor>& column_scale_in) {
+  const char* what = "qtrain::im2col_int8";
+  check_conv_input(x_in, what);
+  const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
+  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= g.rows(), what,
+              ": rows must satisfy 0 <= row_begin <= row_end <= ", g.rows(), ", got [",
+              row_begin, ", ", row_end, ")");
+  const float bound = bound_value(bound_in, what);
+  const int64_t rows = row_end - row_begin, cols = g.cols();
+  std::vector<float> inverse;
+  Tensor scale;
+  if (column_scale_in) {
+    TORCH_CHECK(column_scale_in->device().is_cpu() &&
+                    column_scale_in->scalar_type() == at::kFloat &&
+                    column_scale_in->numel() == cols,
+                what, ": column_scale must be a float32 CPU tensor of kh·kw·C = ", cols,
+                " values");
+    scale = column_scale_in->contiguous().clone();
+    const float* s = scale.data_ptr<float>();
+    inverse.resize(cols);
+    for (int64_t k = 0; k < cols; ++k) inverse[k] = 1.0f / s[k];
+  } else {
+    scale = at::empty({rows}, at::kFloat);
+  }
+  Tensor levels = empty_output({rows, cols}, at::kChar);
+  if (levels.numel() == 0) return {levels, scale};
+  const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const float* x = x_nhwc.data_ptr<float>();
+  int8_t* q = levels.data_ptr<int8_t>();
+  float* s = scale.data_ptr<float>();
+  const auto columns_inside = kernel_columns_inside(g);
+  at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
+    std::vector<float> row(cols);
+    for (int64_t r = b; r < e; ++r) {
+      im2col_row(x, g, columns_inside, row_begin + r, row.data());
+      if (column_scale_in) {
+        int8_levels_columns(row.data(), q + r * cols, cols, inverse.data(), bound);
+      } else {
+        s[r] = scale_from_amax(abs_bits_max(row.data(), cols), bound);
+        int8_levels<false>(row.data(), q + r * cols, cols, 0, 1.0f / s[r], bound, Keys{});
+      }
+    }
+  });
+  return {levels, scale};
+}
+
+// The scale of each column of im2col_nhwc(x) from its absmax (quantize_rows_int8 of the
+// matrix's transpose, rowwise): column (i, j, c) holds channel c of the input pixels that
+// kernel offset (i, j) reaches, and padding's zeros. Read straight from x, kw times: for each
+// input row h and kernel column j, the channel maxima over the pixels that j reaches in that
+// row; merged into every (i, j) whose kernel row i reaches h. Threads take whole images and
+// keep their own maxima, merged at the end.
+Tensor im2col_column_scales(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation,
+                            const Tensor& bound_in) {
+  const char* what = "qtrain::im2col_column_scales";
+  check_conv_input(x_in, what);
+  const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
+  const float bound = bound_value(bound_in, what);
+  const int64_t cols = g.cols(), channels = g.channels, kernel_w = g.kernel[1];
+  const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const float* x = x_nhwc.data_ptr<float>();
+  // Kernel column j reaches input columns (ow·sw − pw + j·dw) for ow in [first[j], last[j]).
+  const auto columns_inside = kernel_columns_inside(g);
+  std::vector<int64_t> first(kernel_w, g.out[1]), last(kernel_w, 0);
+  for (int64_t ow = 0; ow < g.out[1]; ++ow) {
+    for (int64_t j = columns_inside[ow].first; j < columns_inside[ow].second; ++j) {
+      first[j] = std::min(first[j], ow);
+      last[j] = std::max(last[j], ow + 1);
+    }
+  }
+  // Kernel row i reaches input row h where h = oh·sh − ph + i·dh for some oh in [0, H').
+  const auto row_reaches = [&](int64_t i, int64_t h) {
+    const int64_t offset = h + g.padding[0] - i * g.dilation[0];
+    return offset >= 0 && offset % g.stride[0] == 0 && offset / g.stride[0] < g.out[0];
+  };
+  const int chunks = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(g.batch, at::get_num_threads())));
+  std::vector<std::vector<uint32_t>> maxima(chunks, std::vector<uint32_t>(cols, 0));
+  const int64_t per_chunk = (g.batch + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<uint32_t> row_maxima(kernel_w * channels);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      uint32_t* m = maxima[chunk].data();
+      const int64_t b_end = std::min(g.batch, (chunk + 1) * per_chunk);
+      for (int64_t b = chunk * per_chunk; b < b_end; ++b) {
+        for (int64_t h = 0; h < g.height; ++h) {
+          const float* pixels = x + (b * g.height + h) * g.width * channels;
+          for (int64_t j = 0; j < kernel_w; ++j) {
+            uint32_t* __restrict column = row_maxima.data() + j * channels;
+            std::fill(column, column + channels, 0u);
+            for (int64_t ow = first[j]; ow < last[j]; ++ow) {
+              const float* __restrict pixel =
+                  pixels + (ow * g.stride[1] - g.padding[1] + j * g.dilation[1]) * channels;
+#pragma omp simd
+              for (int64_t c = 0; c < channels; ++c) {
+                column[c] = std::max(column[c], abs_bits_of(pixel[c]));
+              }
+            }
+          }
+          for (int64_t i = 0; i < g.kernel[0]; ++i) {
+            if (!row_reaches(i, h)) continue;
+            uint32_t* __restrict out = m + i * kernel_w * channels;
+            const uint32_t* __restrict in = row_maxima.data();
+#pragma omp simd
+            for (int64_t k = 0; k < kernel_w * channels; ++k) out[k] = std::max(out[k], in[k]);
+          }
+        }
+      }
+    }
+  });
+  Tensor scale = at::empty({cols}, at::kFloat);
+  float* s = scale.data_ptr<float>();
+  for (int64_t k = 0; k < cols; ++k) {
+    uint32_t amax = 0;
+    for (const auto& m : maxima) amax = std::max(amax, m[k]);
+    s[k] = scale_from_amax(amax, bound);
+  }
+  return scale;
+}
+
+// An accumulator's value as float32, rounded to nearest even as torch's .to(torch.float32).
+template <class Acc>
+inline float acc_float(Acc v) {
+  return static_cast<float>(v);
+}
+
+// Calls f(pointer) with acc's data as its C++ type: int32 (torch._int_mm), int64 (summed
+// int32 pieces), float32 or float64 (the emulated twin's exact float products).
+template <class F>
+void with_acc(const Tensor& acc, const char* what, const F& f) {
+  switch (acc.scalar_type()) {
+    case at::kInt: return f(acc.data_ptr<int32_t>());
+    case at::kLong: return f(acc.data_ptr<int64_t>());
+    case at::kFloat: return f(acc.data_ptr<float>());
+    case at::kDouble: return f(acc.data_ptr<double>());
+    default:
+      TORCH_CHECK(false, what, ": acc must be int32, int64, float32 or float64, got ",
+                  acc.scalar_type());
+  }
+}
+
+// A (rows, cols) matrix whose rows may be apart (a slice of a wider one): its row stride.
+int64_t row_stride(const Tensor& m, int64_t rows, int64_t cols, const char* name,
+                   const char* what) {
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == rows && m.size(1) == cols, what, ": ", name,
+              " must be (", rows, ", ", cols, "), got ", m.sizes());
+  TORCH_CHECK(m.device().is_cpu() && (cols <= 1 || m.stride(1) == 1) &&
+                  (rows <= 1 || m.stride(0) >= cols),
+              what, ": ", name, " must be a CPU matrix with unit column stride");
+  return rows <= 1 ? cols : m.stride(0);
+}
+
+// The per-row or per-column scales of an epilogue: `count` float32 values, or one (broadcast).
+const float* scales_of(const Tensor& scale, int64_t count, const char* name, const char* what,
+                       std::vector<float>& storage) {
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat &&
+                  (scale.numel() == count || scale.numel() == 1),
+              what, ": ", name, " must hold ", count, " float32 values (or one), got ",
+              scale.numel(), " of ", scale.scalar_type());
+  const Tensor flat = scale.contiguous();
+  storage.assign(count, 0.0f);
+  const float* values = flat.data_ptr<float>();
+  for (int64_t k = 0; k < count; ++k) storage[k] = values[scale.numel() == 1 ? 0 : k];
+  return storage.data();
+}
+
+// out[m, n] = float32(acc[m, n])·scale_a[m]·scale_b[n] (+ bias[n]), in that order: lowp's
+// epilogue (acc.to(float32), then mul_ by scale_a, by scale_b, add_ bias) in one pass.
+void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& scale_b,
+                       const std::optional<Tensor>& bias, const Tensor& out) {
+  const char* what = "qtrain::int8_epilogue_out";
+  TORCH_CHECK(acc.dim() == 2, what, ": acc must be a matrix, got ", acc.dim(), " dims");
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  TORCH_CHECK(out.scalar_type() == at::kFloat, what, ": out must be float32");
+  const int64_t acc_stride = row_stride(acc, rows, cols, "acc", what);
+  const int64_t out_stride = row_stride(out, rows, cols, "out", what);
+  std::vector<float> a_storage, b_storage, bias_storage;
+  const float* sa = scales_of(scale_a, rows, "scale_a", what, a_storage);
+  const float* sb = scales_of(scale_b, cols, "scale_b", what, b_storage);
+  const float* bias_values = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == cols, what,
+                ": bias must hold ", cols, " float32 values");
+    bias_values = scales_of(*bias, cols, "bias", what, bias_storage);
+  }
+  if (acc.numel() == 0) return;
+  float* y = out.data_ptr<float>();
+  with_acc(acc, what, [&](const auto* a) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        const auto* __restrict in = a + m * acc_stride;
+        float* __restrict row = y + m * out_stride;
+        const float scale = sa[m];
+        if (bias_values != nullptr) {
+#pragma omp simd
+          for (int64_t n = 0; n < cols; ++n) {
+            row[n] = acc_float(in[n]) * scale * sb[n] + bias_values[n];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t n = 0; n < cols; ++n) row[n] = acc_float(in[n]) * scale * sb[n];
+        }
+      }
+    });
+  });
+}
+
+Tensor int8_epilogue(const Tensor& acc, const Tensor& scale_a, const Tensor& scale_b,
+                     const std::optional<Tensor>& bias) {
+  TORCH_CHECK(acc.dim() == 2, "qtrain::int8_epilogue: acc must be a matrix, got ", acc.dim(),
+              " dims");
+  Tensor out = empty_output({acc.size(0), acc.size(1)}, at::kFloat);
+  int8_epilogue_out(acc, scale_a, scale_b, bias, out);
+  return out;
+}
+
+// The grad-input product's epilogue and col2im in one pass: images [image_begin, image_begin +
+// acc.size(0) / (H'·W')) of grad_x (a float32 (B, C, H, W) channels-last tensor) set to
+// col2im_nhwc(int8_epilogue(acc, scale_a, scale_b)) — the gradient of x from the
+// (B'·H'·W', kh·kw·C) gradient of those images' im2col rows — bitwise.
+void col2im_int8_epilogue(const Tensor& acc, const Tensor& scale_a, const Tensor& scale_b,
+                          const Tensor& grad_x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation,
+                          int64_t image_begin) {
+  const char* what = "qtrain::col2im_int8_epilogue";
+  TORCH_CHECK(grad_x.dim() == 4 && grad_x.scalar_type() == at::kFloat &&
+                  grad_x.device().is_cpu() &&
+                  grad_x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              what, ": grad_x must be a float32 (B, C, H, W) channels-last CPU tensor");
+  const Conv2dGeometry g =
+      conv2d_geometry(what, grad_x.sizes(), kernel, stride, padding, dilation);
+  const int64_t per_image = g.out[0] * g.out[1], cols = g.cols();
+  TORCH_CHECK(acc.dim() == 2 && acc.size(1) == cols && acc.size(0) % per_image == 0, what,
+              ": acc must be (images·H'·W', kh·kw·C) = (n·", per_image, ", ", cols, "), got ",
+              acc.sizes());
+  const int64_t images = acc.size(0) / per_image;
+  TORCH_CHECK(0 <= image_begin && image_begin + images <= g.batch, what,
+              ": images [", image_begin, ", ", image_begin + images, ") outside the batch of ",
+              g.batch);
+  const int64_t acc_stride = row_stride(acc, acc.size(0), cols, "acc", what);
+  std::vector<float> a_storage, b_storage;
+  const float* sa = scales_of(scale_a, acc.size(0), "scale_a", what, a_storage);
+  const float* sb = scales_of(scale_b, cols, "scale_b", what, b_storage);
+  if (grad_x.numel() == 0 || images == 0) return;
+  const int64_t height = g.height, image_values = height * g.width * g.channels;
+  float* dx = grad_x.data_ptr<float>();
+  const auto columns_inside = kernel_columns_inside(g);
+  const int64_t first_row = image_begin * per_image;
+  with_acc(acc, what, [&](const auto* a) {
+    const auto add_run = [&](int64_t row, int64_t col, float* __restrict pixels, int64_t n) {
+      const int64_t local = row - first_row;
+      const auto* __restrict in = a + local * acc_stride + col;
+      const float* __restrict column_scale = sb + col;
+      const float scale = sa[local];
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) pixels[c] += acc_float(in[c]) * scale * column_scale[c];
+    };
+    const int64_t grain = std::max<int64_t>(1, kMinPerThread / (g.width * g.channels));
+    at::parallel_for(0, images * height, grain, [&](int64_t begin, int64_t end) {
+      while (begin < end) {
+        const int64_t b = image_begin + begin / height, h_begin = begin % height;
+        const int64_t h_end = std::min(height, h_begin + end - begin);
+        col2im_band(add_run, dx + b * image_values, g, columns_inside, b, h_begin, h_end);
+        begin += h_end - h_begin;
+      }
+    });
+  });
 }
 
 // ---- minifloat rounding ----------------------------------------------------------------------
@@ -2196,6 +2518,19 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
   m.def(
       "col2im_nhwc(Tensor cols, int[4] x_shape, int[2] kernel, int[2] stride, int[2] padding, "
       "int[2] dilation) -> Tensor");
+  m.def(
+      "im2col_int8(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
+      "int row_begin, int row_end, Tensor bound, Tensor? column_scale) -> (Tensor, Tensor)");
+  m.def(
+      "im2col_column_scales(Tensor x, int[2] kernel, int[2] stride, int[2] padding, "
+      "int[2] dilation, Tensor bound) -> Tensor");
+  m.def("int8_epilogue(Tensor acc, Tensor scale_a, Tensor scale_b, Tensor? bias) -> Tensor");
+  m.def(
+      "int8_epilogue_out(Tensor acc, Tensor scale_a, Tensor scale_b, Tensor? bias, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "col2im_int8_epilogue(Tensor acc, Tensor scale_a, Tensor scale_b, Tensor(a!) grad_x, "
+      "int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, int image_begin) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
@@ -2216,4 +2551,9 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("quantize_rows_int8", &quantize_rows_int8);
   m.impl("im2col_nhwc", &im2col_nhwc);
   m.impl("col2im_nhwc", &col2im_nhwc);
+  m.impl("im2col_int8", &im2col_int8);
+  m.impl("im2col_column_scales", &im2col_column_scales);
+  m.impl("int8_epilogue", &int8_epilogue);
+  m.impl("int8_epilogue_out", &int8_epilogue_out);
+  m.impl("col2im_int8_epilogue", &col2im_int8_epilogue);
 }
