@@ -396,8 +396,9 @@ def test_the_cpu_int8_route_never_builds_the_float_im2col_matrix(config, monkeyp
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[3]], ids=str)
 def test_pieces_and_depth_splits_do_not_change_a_bit(geometry, emulate: bool, monkeypatch) -> None:
     """The products run in pieces of rows (forward, grad-weight) or images (grad-input) of
-    about _PIECE_BYTES, and grad-weight's depth in pieces of at most INT32_DEPTH rows summed
-    exactly: pieces of one row or image, and depth pieces of 5 rows, give the same bits."""
+    about _PIECE_BYTES (_DEPTH_PIECE_BYTES), and grad-weight's depth in pieces of at most
+    INT32_DEPTH rows, summed exactly (int64 beyond it): pieces of one row or image, and depth
+    pieces of 5 rows, give the same bits."""
     _fused_or_skip()
     from qtrain import lowp_conv
 
@@ -406,6 +407,7 @@ def test_pieces_and_depth_splits_do_not_change_a_bit(geometry, emulate: bool, mo
     x = _input(geometry[0], True, seed=4)
     whole = _run(conv, x)
     monkeypatch.setattr(lowp_conv, "_PIECE_BYTES", 1)
+    monkeypatch.setattr(lowp_conv, "_DEPTH_PIECE_BYTES", 1)
     monkeypatch.setattr(lowp_conv, "INT32_DEPTH", 5)
     monkeypatch.setattr(lowp_conv, "_EXACT_FLOAT32_DEPTH", 5)
     for got, want in zip(_run(conv, x), whole, strict=True):

@@ -106,10 +106,12 @@ class _LowPrecisionConv2d(torch.autograd.Function):
 
 # ---- the CPU's int8 route: im2col rows quantized in cache, products in pieces -----------------
 
-# The pieces of the chunked products: about this many bytes of int8 im2col levels (forward,
-# grad-weight) or of the grad-input product's int32 result, so that a piece stays in cache
-# between the product and its epilogue.
+# The pieces of the chunked products: about this many bytes of a piece's int8 operand rows and
+# int32 product (forward, grad-input), so that a piece stays in cache between its product and
+# its epilogue, and no product allocates fresh pages (their faults cost as much as the
+# product); grad-weight sums its pieces' (C_out, kh·kw·C) products, so its pieces are deeper.
 _PIECE_BYTES = 4 << 20
+_DEPTH_PIECE_BYTES = 32 << 20
 
 
 def _int8_rows(fused, plan: _Plan):
@@ -128,10 +130,12 @@ def _geometry_args(geometry: im2col.ConvGeometry) -> tuple:
     return geometry.kernel, geometry.stride, geometry.padding, geometry.dilation
 
 
-def _pieces(total: int, unit: int, unit_bytes: int, most: int | None = None) -> list[slice]:
+def _pieces(
+    total: int, unit: int, unit_bytes: int, most: int | None = None, budget: int | None = None
+) -> list[slice]:
     """[0, total) in slices of whole units (of ``unit`` rows, ``unit_bytes`` bytes each) of
-    about ``_PIECE_BYTES``, at most ``most`` rows."""
-    units = max(1, _PIECE_BYTES // max(1, unit_bytes))
+    about ``budget`` bytes (default ``_PIECE_BYTES``), at most ``most`` rows."""
+    units = max(1, (budget or _PIECE_BYTES) // max(1, unit_bytes))
     if most is not None:
         units = max(1, min(units, most // unit))
     step = units * unit
@@ -143,13 +147,14 @@ def _forward_int8_rows(fused, x, weight, bias, plan: _Plan, bounds, geometry) ->
     (built in cache, never as a float matrix), the exact product with W's levels, the
     epilogue into y's rows. Bitwise the im2col route's result."""
     left, right = plan.forward
+    x = x.contiguous(memory_format=torch.channels_last)  # once, not per piece
     w2 = im2col.weight_rows(weight, fused)
     qw, scale_w = _quantize(w2, right, bounds[right.bound], None, plan)
     batch, _, height, width = x.shape
     rows, cols = batch * math.prod(geometry.output_size(height, width)), qw.shape[1]
     y = torch.empty(rows, qw.shape[0], dtype=torch.float32, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32)
-    for piece in _pieces(rows, 1, cols):
+    for piece in _pieces(rows, 1, cols + 4 * qw.shape[0]):  # int8 levels in, int32 out
         qx, scale_x = fused.im2col_int8(
             x, *_geometry_args(geometry), rows=(piece.start, piece.stop), bound=bounds[left.bound]
         )
@@ -164,6 +169,7 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
     a time (grad-input); g's levels per output channel times x's im2col levels per column,
     built a piece of rows at a time and summed exactly (grad-weight)."""
     fused, plan, geometry = ctx.int8_rows, ctx.plan, ctx.geometry
+    x_rows = x.contiguous(memory_format=torch.channels_last)  # read per piece: convert once
     g2 = grad_out.to(torch.float32)
     w2 = im2col.weight_rows(weight, fused)
     grad_x = grad_w = grad_b = None
@@ -174,7 +180,8 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         qw, scale_w = _quantize(w2.t(), right, bounds[right.bound], None, plan)
         grad_x = torch.empty_like(x, dtype=torch.float32, memory_format=torch.channels_last)
         per_image = qg.shape[0] // x.shape[0]
-        for piece in _pieces(qg.shape[0], per_image, per_image * qw.shape[0] * 4):
+        image_bytes = per_image * (qg.shape[1] + 4 * qw.shape[0])  # int8 g rows in, int32 out
+        for piece in _pieces(qg.shape[0], per_image, image_bytes):
             acc = levels_product(qg[piece], qw, plan.emulate)
             fused.col2im_int8_epilogue(
                 acc, scale_g[piece], scale_w, grad_x, *_geometry_args(geometry),
@@ -186,18 +193,22 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         keys = _hash_keys(seeds[1, 0]) if seeds is not None else None
         qg_t, scale_g = _quantize(g2.t(), left, bounds[left.bound], keys, plan)
         args = _geometry_args(geometry)
-        scale_cols = fused.im2col_column_scales(x, *args, bound=bounds[right.bound])
+        scale_cols = fused.im2col_column_scales(x_rows, *args, bound=bounds[right.bound])
         acc = None
         cols = w2.shape[1]
-        # Depth pieces whose products are exact: int32 (real), float32 (the twin).
-        depth = _EXACT_FLOAT32_DEPTH if plan.emulate else INT32_DEPTH
-        for piece in _pieces(qg_t.shape[1], 1, cols, most=depth):
+        # Depth pieces whose products are exact: int32 (real), float32 (the twin); their sum
+        # in int32 while the whole depth fits it, else in int64 (the twin: float64).
+        depth = qg_t.shape[1]
+        if plan.emulate:
+            most, sum_dtype = _EXACT_FLOAT32_DEPTH, torch.float64
+        else:
+            most, sum_dtype = INT32_DEPTH, torch.int32 if depth <= INT32_DEPTH else torch.int64
+        for piece in _pieces(depth, 1, cols, most=most, budget=_DEPTH_PIECE_BYTES):
             qx, _ = fused.im2col_int8(
-                x, *args, rows=(piece.start, piece.stop), bound=bounds[right.bound],
+                x_rows, *args, rows=(piece.start, piece.stop), bound=bounds[right.bound],
                 column_scale=scale_cols,
             )  # fmt: skip
-            part = levels_product(qg_t[:, piece], qx.t(), plan.emulate)
-            part = part.to(torch.float64 if plan.emulate else torch.int64)
+            part = levels_product(qg_t[:, piece], qx.t(), plan.emulate).to(sum_dtype)
             acc = part if acc is None else acc.add_(part)
         grad_rows = fused.int8_epilogue(acc, scale_g, scale_cols)
         grad_w = im2col.weight_grad(grad_rows, weight, fused).to(weight.dtype)
