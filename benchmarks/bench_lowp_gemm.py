@@ -63,6 +63,8 @@ RECIPES: dict[str, tuple[str, dict[str, object], str]] = {
     "amp-bf16": ("amp-bf16", {}, "float"),
     "int8-gemm real (torch._int_mm)": ("int8-gemm", {"emulate": False}, "float"),
     "int8-gemm emulated": ("int8-gemm", {"emulate": True}, "float"),
+    # the same int8 products with autocast bf16 around them (BatchNorm, activations in bf16)
+    "int8-gemm real, amp bf16": ("int8-gemm", {"emulate": False, "amp": "bf16"}, "float"),
     "fp8-gemm real (torch._scaled_mm)": ("fp8-gemm", {"emulate": False}, "float"),
     # qtrain.ops' recipes: the float emulation, and their integer products (int_products)
     **{
@@ -74,7 +76,7 @@ RECIPES: dict[str, tuple[str, dict[str, object], str]] = {
 # --recipes' short names for the rows above
 RECIPE_KEYS = dict(
     zip(
-        ["fp32", "amp-bf16", "int8-real", "int8-twin", "fp8-real"]
+        ["fp32", "amp-bf16", "int8-real", "int8-twin", "int8-real-bf16", "fp8-real"]
         + [f"{r}-{p}" for r in ("ui8", "sbm8") for p in ("float", "int8-twin", "int8-real")],
         RECIPES,
         strict=True,

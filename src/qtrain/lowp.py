@@ -458,17 +458,21 @@ def _int8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> tor
 INT32_DEPTH = (2**31 - 1) // 127**2
 
 
-def levels_product(qa: torch.Tensor, qb: torch.Tensor, emulate: bool) -> torch.Tensor:
+def levels_product(
+    qa: torch.Tensor, qb: torch.Tensor, emulate: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """qa · qbᵀ of int8-valued levels qa (M, K), qb (N, K), exact: ``torch._int_mm`` in int32
     (depths beyond ``INT32_DEPTH`` in pieces, summed in int64), or with ``emulate`` the twin's
     float matmul (float32 while every partial sum stays below 2^24, else float64). The same
-    integers either way, so the same float32 once converted."""
+    integers either way, so the same float32 once converted. ``out``: a contiguous int32
+    (M, N) buffer the CPU's int32 product may write (a loop of pieces then allocates once)."""
     k = qa.shape[1]
     if emulate:
         dtype = torch.float32 if k <= _EXACT_FLOAT32_DEPTH else torch.float64
-        return qa.to(dtype) @ qb.to(dtype).t()
+        with torch.autocast(qa.device.type, enabled=False):  # exact: never a bf16 matmul
+            return qa.to(dtype) @ qb.to(dtype).t()
     if k <= INT32_DEPTH:
-        return _int_mm(qa, qb)
+        return _int_mm(qa, qb, out)
     acc = None
     for start in range(0, k, INT32_DEPTH):
         part = slice(start, start + INT32_DEPTH)
@@ -477,17 +481,20 @@ def levels_product(qa: torch.Tensor, qb: torch.Tensor, emulate: bool) -> torch.T
     return acc
 
 
-def _int_mm(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+def _int_mm(qa: torch.Tensor, qb: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """qa · qbᵀ in int32 by ``torch._int_mm`` for int8 qa (M, K), qb (N, K); on CUDA
     zero-padded to the shapes cuBLASLt takes (also ``qtrain.int_products``' real route). The
     CPU's takes any shape and row- or column-major operands (qbᵀ is passed as the view it is)
     but returns wrong values (torch 2.13) for K = 1 with N ≥ 2, padded here to K = 2 with
     zeros, and for operands whose size-1 dimensions have unusual strides (a (1, K) row with
-    strides (1, 1)), copied here to row-major first."""
+    strides (1, 1)), copied here to row-major first. ``out`` (CPU): the int32 result's buffer."""
     if qa.device.type == "cpu":
         if qa.shape[1] == 1:
             qa, qb = F.pad(qa, (0, 1)), F.pad(qb, (0, 1))
-        return torch._int_mm(_plain_layout(qa), _plain_layout(qb.t()))
+        qa, qb_t = _plain_layout(qa), _plain_layout(qb.t())
+        if out is None:
+            return torch._int_mm(qa, qb_t)
+        return torch._int_mm(qa, qb_t, out=out)
     (m, k), n = qa.shape, qb.shape[0]
     padded_k = _round_up(k)
     qa = _pad(qa.contiguous(), max(m, _INT_MM_MIN_ROWS), padded_k)

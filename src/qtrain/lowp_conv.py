@@ -30,6 +30,7 @@ from qtrain.lowp import (
     _product,
     _quantize,
     _save_for_backward,
+    _scale_from_amax,
     initial_bounds,
     levels_product,
 )
@@ -43,13 +44,15 @@ class _LowPrecisionConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, plan, bounds, geometry):  # type: ignore[override]
         compute_dtype = _compute_dtype(x)
-        fused = im2col.fused_unfolding(x, geometry)
-        ctx.int8_rows = _int8_rows(fused, plan) if x.numel() and weight.numel() else None
+        ctx.int8_rows = _int8_rows(x, weight, plan, geometry)
         if ctx.int8_rows is not None:
-            y = _forward_int8_rows(ctx.int8_rows, x, weight, bias, plan, bounds, geometry)
+            y, ctx.column_amax = _forward_int8_rows(
+                ctx.int8_rows, x, weight, bias, plan, bounds, geometry, ctx.needs_input_grad[1]
+            )
             _save_for_backward(ctx, x, weight, bias, plan, bounds, compute_dtype)
             ctx.geometry, ctx.fused_unfolding = geometry, True
             return y.to(compute_dtype)
+        fused = im2col.fused_unfolding(x, geometry)
         cols = im2col.im2col(x, geometry, fused)
         w2 = im2col.weight_rows(weight, fused)
         col_groups = im2col.group_slices(cols.shape[1], geometry.groups)
@@ -114,11 +117,17 @@ _PIECE_BYTES = 4 << 20
 _DEPTH_PIECE_BYTES = 32 << 20
 
 
-def _int8_rows(fused, plan: _Plan):
-    """cpu_fused, where the int8 route on quantized im2col rows serves: the kernels unfold x
-    (a float32 CPU x, no groups, not pointwise) and every product is int8 with row-wise
-    scales; else None (the im2col matrix in float32, then ``_product``)."""
-    if fused is None or not hasattr(fused, "im2col_int8") or not plan.rowwise:
+def _int8_rows(x: torch.Tensor, weight: torch.Tensor, plan: _Plan, geometry):
+    """cpu_fused, where the int8 route on quantized im2col rows serves: a CPU x in float32,
+    bfloat16 or float16 (autocast's activations: converted to float32 once), no groups, not
+    pointwise, every product int8 with row-wise scales, the kernels built; else None (the
+    im2col matrix in float, then ``_product``)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if geometry.groups != 1 or geometry.pointwise() or not x.numel() or not weight.numel():
+        return None
+    fused = kernels.implementation(x.device)
+    if not hasattr(fused, "im2col_int8") or not plan.rowwise:
         return None
     products = (plan.forward, plan.grad_input, plan.grad_weight)
     if any(operands is None or operands[0].dtype != torch.int8 for operands in products):
@@ -142,25 +151,54 @@ def _pieces(
     return [slice(start, min(total, start + step)) for start in range(0, total, step)]
 
 
-def _forward_int8_rows(fused, x, weight, bias, plan: _Plan, bounds, geometry) -> torch.Tensor:
+def _rows_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels read it, float32 channels-last: converted once per call, not once per
+    piece (im2col_int8 converts what it is given)."""
+    return x.to(torch.float32).contiguous(memory_format=torch.channels_last)
+
+
+def _product_buffer(pieces: list[slice], columns: int, plan: _Plan, device) -> torch.Tensor | None:
+    """One int32 buffer for the pieces' products (the largest piece's rows), so that a loop of
+    pieces allocates once; None for the twin (float products) and for a single piece."""
+    if plan.emulate or len(pieces) < 2:
+        return None
+    rows = max(piece.stop - piece.start for piece in pieces)
+    return torch.empty(rows, columns, dtype=torch.int32, device=device)
+
+
+def _rows_of(buffer: torch.Tensor | None, piece: slice) -> torch.Tensor | None:
+    return None if buffer is None else buffer[: piece.stop - piece.start]
+
+
+def _forward_int8_rows(
+    fused, x, weight, bias, plan: _Plan, bounds, geometry, column_amax: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y (B·H'·W', C_out) float32: per piece of rows, their im2col levels with a scale per row
     (built in cache, never as a float matrix), the exact product with W's levels, the
-    epilogue into y's rows. Bitwise the im2col route's result."""
+    epilogue into y's rows. Bitwise the im2col route's result. With ``column_amax``, also the
+    im2col matrix's column absmax (float32 bits in int32) from the same rows: grad-weight's
+    scales of x, without reading x again in backward."""
     left, right = plan.forward
-    x = x.contiguous(memory_format=torch.channels_last)  # once, not per piece
+    x = _rows_input(x)
     w2 = im2col.weight_rows(weight, fused)
     qw, scale_w = _quantize(w2, right, bounds[right.bound], None, plan)
     batch, _, height, width = x.shape
     rows, cols = batch * math.prod(geometry.output_size(height, width)), qw.shape[1]
     y = torch.empty(rows, qw.shape[0], dtype=torch.float32, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32)
-    for piece in _pieces(rows, 1, cols + 4 * qw.shape[0]):  # int8 levels in, int32 out
-        qx, scale_x = fused.im2col_int8(
-            x, *_geometry_args(geometry), rows=(piece.start, piece.stop), bound=bounds[left.bound]
-        )
-        acc = levels_product(qx, qw, plan.emulate)
+    pieces = _pieces(rows, 1, cols + 4 * qw.shape[0])  # int8 levels in, int32 out
+    buffer = _product_buffer(pieces, qw.shape[0], plan, x.device)
+    amax = None
+    for piece in pieces:
+        qx, scale_x, piece_amax = fused.im2col_int8(
+            x, *_geometry_args(geometry), rows=(piece.start, piece.stop), bound=bounds[left.bound],
+            column_amax=column_amax,
+        )  # fmt: skip
+        if column_amax:  # bit patterns of non-negative floats: ordered as the floats
+            amax = piece_amax if amax is None else torch.maximum(amax, piece_amax)
+        acc = levels_product(qx, qw, plan.emulate, _rows_of(buffer, piece))
         fused.int8_epilogue(acc, scale_x, scale_w, bias32, out=y[piece])
-    return y
+    return y, amax
 
 
 def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
@@ -169,7 +207,7 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
     a time (grad-input); g's levels per output channel times x's im2col levels per column,
     built a piece of rows at a time and summed exactly (grad-weight)."""
     fused, plan, geometry = ctx.int8_rows, ctx.plan, ctx.geometry
-    x_rows = x.contiguous(memory_format=torch.channels_last)  # read per piece: convert once
+    x_rows = _rows_input(x)
     g2 = grad_out.to(torch.float32)
     w2 = im2col.weight_rows(weight, fused)
     grad_x = grad_w = grad_b = None
@@ -181,8 +219,10 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         grad_x = torch.empty_like(x, dtype=torch.float32, memory_format=torch.channels_last)
         per_image = qg.shape[0] // x.shape[0]
         image_bytes = per_image * (qg.shape[1] + 4 * qw.shape[0])  # int8 g rows in, int32 out
-        for piece in _pieces(qg.shape[0], per_image, image_bytes):
-            acc = levels_product(qg[piece], qw, plan.emulate)
+        pieces = _pieces(qg.shape[0], per_image, image_bytes)
+        buffer = _product_buffer(pieces, qw.shape[0], plan, x.device)
+        for piece in pieces:
+            acc = levels_product(qg[piece], qw, plan.emulate, _rows_of(buffer, piece))
             fused.col2im_int8_epilogue(
                 acc, scale_g[piece], scale_w, grad_x, *_geometry_args(geometry),
                 image_begin=piece.start // per_image,
@@ -193,7 +233,8 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         keys = _hash_keys(seeds[1, 0]) if seeds is not None else None
         qg_t, scale_g = _quantize(g2.t(), left, bounds[left.bound], keys, plan)
         args = _geometry_args(geometry)
-        scale_cols = fused.im2col_column_scales(x_rows, *args, bound=bounds[right.bound])
+        # x's column scales from the forward's rows (bitwise im2col_column_scales(x)'s)
+        scale_cols = _scale_from_amax(ctx.column_amax.view(torch.float32), bounds[right.bound])
         acc = None
         cols = w2.shape[1]
         # Depth pieces whose products are exact: int32 (real), float32 (the twin); their sum

@@ -79,6 +79,29 @@ def test_column_scales_and_levels_are_those_of_the_transposed_matrix(fused, geom
             _assert_bitwise(returned, scale)
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES[::3], ids=str)
+def test_column_amax_over_pieces_gives_the_column_scales(fused, geometry):
+    """The forward's rows give backward its column scales: the maximum over pieces of
+    im2col_int8's column absmax, scaled as lowp does, is im2col_column_scales bit for bit."""
+    for channels in CHANNELS:
+        x = _images(3, channels, 7, 9, seed=channels).contiguous(memory_format=torch.channels_last)
+        if channels == 3:
+            x[1, 2, 3, 4] = NAN
+        bound = _bound(BOUNDS[channels % 2])
+        rows = fused.im2col_nhwc(x, *geometry).shape[0]
+        amax = None
+        for begin, end in [(0, rows // 3), (rows // 3, rows // 2), (rows // 2, rows)]:
+            q, scale, piece = fused.im2col_int8(
+                x, *geometry, rows=(begin, end), bound=bound, column_amax=True
+            )
+            assert piece.dtype == torch.int32 and (piece >= 0).all()
+            amax = piece if amax is None else torch.maximum(amax, piece)
+        got = lowp._scale_from_amax(amax.view(torch.float32), bound)
+        want = fused.im2col_column_scales(x, *geometry, bound=bound)
+        assert torch.equal(got.isnan(), want.isnan())
+        _assert_bitwise(got[~got.isnan()], want[~want.isnan()])
+
+
 def test_non_finite_values_and_zeros_quantize_as_the_composition(fused):
     x = _images(2, 5, 6, 7, seed=11)
     x[0, 1, 2, 3] = NAN
@@ -228,6 +251,7 @@ def test_ops_pass_opcheck(fused):
         scale = fused.im2col_column_scales(x, *geometry, bound=bound)
         torch.library.opcheck(torch.ops.qtrain.im2col_int8, (x, *args, 0, 5, bound, None))
         torch.library.opcheck(torch.ops.qtrain.im2col_int8, (x, *args, 2, 9, bound, scale))
+        torch.library.opcheck(torch.ops.qtrain.im2col_int8, (x, *args, 1, 7, bound, None, True))
         torch.library.opcheck(torch.ops.qtrain.im2col_column_scales, (x, *args, bound))
         q, row_scale = fused.im2col_int8(x, *geometry, bound=bound)
         acc = q.to(torch.int32)

@@ -255,11 +255,15 @@ def _register_fakes() -> None:
         )
 
     @torch.library.register_fake("qtrain::im2col_int8")
-    def _im2col_int8(x, kernel, stride, padding, dilation, row_begin, row_end, bound, column):
+    def _im2col_int8(
+        x, kernel, stride, padding, dilation, row_begin, row_end, bound, column, amax=False
+    ):
         _, channels, _, _ = x.shape
         rows, cols = row_end - row_begin, kernel[0] * kernel[1] * channels
         scales = cols if column is not None else rows
-        return x.new_empty((rows, cols), dtype=torch.int8), x.new_empty(scales)
+        levels = x.new_empty((rows, cols), dtype=torch.int8)
+        amax_bits = x.new_empty(cols if amax else 0, dtype=torch.int32)
+        return levels, x.new_empty(scales, dtype=torch.float32), amax_bits
 
     @torch.library.register_fake("qtrain::im2col_column_scales")
     def _im2col_column_scales(x, kernel, stride, padding, dilation, bound):
@@ -684,14 +688,18 @@ def im2col_int8(
     rows: tuple[int, int] | None = None,
     bound: torch.Tensor,
     column_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    column_amax: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """int8 levels of rows ``rows`` = [begin, end) (default: all) of ``im2col_nhwc(x, ...)``,
     without building the float32 matrix: each row is built in a buffer and quantized while in
     cache. Without ``column_scale``: a scale per row from its absmax — bitwise
     ``quantize_rows_int8(im2col_nhwc(x)[begin:end], bound, True)``; with ``column_scale`` (one
     float32 scale per column, e.g. ``im2col_column_scales``): those, as ``quantize_rows_int8``
     gives the transposed matrix, transposed back (and a copy of the scales is returned). Nearest
-    rounding. Returns (row-major int8 levels, scales).
+    rounding. Returns (row-major int8 levels, scales); with ``column_amax`` also each column's
+    absmax over these rows as float32 bit patterns in an int32 (K,) tensor (``.view(
+    torch.float32)`` reads them; the maximum over pieces is the matrix's: what
+    ``im2col_column_scales`` scales).
 
     >>> import torch
     >>> fused = load()  # builds on first use
@@ -704,10 +712,11 @@ def im2col_int8(
         batch, _, height, width = x.shape
         out_h, out_w = conv_output_size((height, width), kernel, stride, padding, dilation)
         rows = (0, batch * out_h * out_w)
-    return torch.ops.qtrain.im2col_int8(
+    levels, scale, amax = torch.ops.qtrain.im2col_int8(
         x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), *rows, bound,
-        column_scale,
+        column_scale, column_amax,
     )  # fmt: skip
+    return (levels, scale, amax) if column_amax else (levels, scale)
 
 
 def im2col_column_scales(

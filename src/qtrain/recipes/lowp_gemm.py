@@ -15,7 +15,11 @@ multiply them in low precision, the scales applied to the int32/float32 result:
   ``torch._scaled_mm``.
 
 The optimizer's master weights, biases and every other op (BatchNorm, pooling, the im2col
-unfold and the fold of the grad-input product onto x's pixels) stay in float32.
+unfold and the fold of the grad-input product onto x's pixels) stay in float32 — unless
+``int8-gemm``'s ``amp`` is ``"bf16"``: then autocast runs those ops in bfloat16 (as
+``amp-bf16`` does) around the int8 products, whose operands are quantized from the bfloat16
+activations and whose float32 results are rounded to bfloat16 (torchao's int8 mixed-precision
+training is used this way); the products themselves are the same int8 products.
 ``convolutions=false`` swaps only the linears (the convolutions then stay float32
 ``nn.Conv2d``, counted at 32×32 bits).
 
@@ -52,7 +56,7 @@ from torch import nn
 
 from qtrain.api import quantize_
 from qtrain.quantizer import PerTensor, PerToken
-from qtrain.recipes.base import Recipe, RecipeConfig, RecipeConfigError, register_recipe
+from qtrain.recipes.base import Amp, Recipe, RecipeConfig, RecipeConfigError, register_recipe
 from qtrain.validation import check_int
 
 if TYPE_CHECKING:
@@ -85,6 +89,9 @@ class Int8GemmConfig(RecipeConfig):
     granularity: Granularity = "per_token"  # absmax scale per operand row, or per tensor
     emulate: Emulate = "auto"  # "auto": the real GEMM where it is fast, else the exact twin
     convolutions: bool = True  # False: only the linear layers
+    # "bf16": autocast around the int8 products — BatchNorm, activations and the unswapped ops
+    # in bfloat16, the layers' outputs and x's gradients too (torchao's int8 training runs so)
+    amp: Amp = "none"
 
     def validate(self) -> None:
         for name in ("bits", "grad_bits"):

@@ -2116,11 +2116,14 @@ float bound_value(const Tensor& bound_in, const char* what) {
 // without column_scale, a scale per row from its absmax (quantize_rows_int8(rows, bound, true));
 // with column_scale ((kh·kw·C,) float32), those scales per column (quantize_rows_int8 of the
 // matrix's transpose with those scales, transposed back); then the scales returned are a copy.
-std::tuple<Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayRef kernel,
-                                       at::IntArrayRef stride, at::IntArrayRef padding,
-                                       at::IntArrayRef dilation, int64_t row_begin,
-                                       int64_t row_end, const Tensor& bound_in,
-                                       const std::optional<Tensor>& column_scale_in) {
+// column_amax: also each column's absmax over these rows, as float32 bit patterns in int32
+// (NaN above inf; empty otherwise) — the forward's rows give backward its column scales.
+std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayRef kernel,
+                                               at::IntArrayRef stride, at::IntArrayRef padding,
+                                               at::IntArrayRef dilation, int64_t row_begin,
+                                               int64_t row_end, const Tensor& bound_in,
+                                               const std::optional<Tensor>& column_scale_in,
+                                               bool column_amax) {
   const char* what = "qtrain::im2col_int8";
   check_conv_input(x_in, what);
   const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
@@ -2145,16 +2148,27 @@ std::tuple<Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayRef kerne
     scale = at::empty({rows}, at::kFloat);
   }
   Tensor levels = empty_output({rows, cols}, at::kChar);
-  if (levels.numel() == 0) return {levels, scale};
+  Tensor amax = at::zeros({column_amax ? cols : 0}, at::kInt);
+  if (levels.numel() == 0) return {levels, scale, amax};
   const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const float* x = x_nhwc.data_ptr<float>();
   int8_t* q = levels.data_ptr<int8_t>();
   float* s = scale.data_ptr<float>();
+  uint32_t* column_max = column_amax ? reinterpret_cast<uint32_t*>(amax.data_ptr<int32_t>())
+                                     : nullptr;
+  std::mutex merge;
   const auto columns_inside = kernel_columns_inside(g);
   at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
     std::vector<float> row(cols);
+    std::vector<uint32_t> maxima(column_amax ? cols : 0, 0u);
     for (int64_t r = b; r < e; ++r) {
       im2col_row(x, g, columns_inside, row_begin + r, row.data());
+      if (column_amax) {
+        uint32_t* __restrict m = maxima.data();
+        const float* __restrict values = row.data();
+#pragma omp simd
+        for (int64_t k = 0; k < cols; ++k) m[k] = std::max(m[k], abs_bits_of(values[k]));
+      }
       if (column_scale_in) {
         int8_levels_columns(row.data(), q + r * cols, cols, inverse.data(), bound);
       } else {
@@ -2162,8 +2176,12 @@ std::tuple<Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayRef kerne
         int8_levels<false>(row.data(), q + r * cols, cols, 0, 1.0f / s[r], bound, Keys{});
       }
     }
+    if (column_amax) {
+      const std::lock_guard<std::mutex> lock(merge);
+      for (int64_t k = 0; k < cols; ++k) column_max[k] = std::max(column_max[k], maxima[k]);
+    }
   });
-  return {levels, scale};
+  return {levels, scale, amax};
 }
 
 // The scale of each column of im2col_nhwc(x) from its absmax (quantize_rows_int8 of the
@@ -2520,7 +2538,8 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "int[2] dilation) -> Tensor");
   m.def(
       "im2col_int8(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
-      "int row_begin, int row_end, Tensor bound, Tensor? column_scale) -> (Tensor, Tensor)");
+      "int row_begin, int row_end, Tensor bound, Tensor? column_scale, bool column_amax=False) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "im2col_column_scales(Tensor x, int[2] kernel, int[2] stride, int[2] padding, "
       "int[2] dilation, Tensor bound) -> Tensor");
