@@ -453,3 +453,48 @@ def test_int_mm_equals_the_int64_product_on_every_layout() -> None:
         for a in layouts(m, k):
             for b in layouts(n, k):
                 assert torch.equal(_int_mm(a, b).long(), a.long() @ b.long().t())
+
+
+def test_under_autocast_bf16_the_int8_route_takes_bf16_activations(monkeypatch) -> None:
+    """int8-gemm with amp=bf16: a bfloat16 activation goes through the int8 route (no float
+    im2col matrix), the output is bfloat16, x's gradient too; the real products equal the
+    twin bit for bit, and the results stay within bf16 rounding of the float32 layer's."""
+    fused = _fused_or_skip()
+    calls: list[str] = []
+    original = fused.im2col_nhwc
+    monkeypatch.setattr(
+        fused, "im2col_nhwc", lambda *a, **k: calls.append("nhwc") or original(*a, **k)
+    )
+    conv = _conv(GEOMETRIES[0])
+    x = _input(3, True, seed=5).bfloat16()
+    results = []
+    for emulate in (False, True):
+        layer = LowPrecisionConv2d.from_conv(conv, Int8TrainingConfig(emulate=emulate))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_run(layer, x))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    y, grad_x, grad_w, _ = results[0]
+    assert y.dtype == grad_x.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
+    assert not calls
+    reference = _run(LowPrecisionConv2d.from_conv(conv, Int8TrainingConfig()), x.float())
+    assert _snr(y.float(), reference[0]) > 40  # bf16 output rounding: ~2^-9 relative
+    # g reaches backward rounded to bf16 (autograd casts it to y's dtype): close, not equal
+    assert _snr(grad_w, reference[2]) > 30 and _snr(grad_x.float(), reference[1]) > 30
+
+
+def test_the_int8_gemm_recipe_composes_with_autocast_bf16() -> None:
+    from qtrain.recipes import build_recipe
+
+    recipe = build_recipe("int8-gemm", {"amp": "bf16", "emulate": "true"})
+    model = recipe.prepare(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 25, 3))
+    )  # fmt: skip
+    context = recipe.autocast("cpu")
+    assert context is not None and context.fast_dtype == torch.bfloat16
+    with context:
+        logits = model(torch.randn(6, 1, 5, 5))
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())

@@ -47,8 +47,9 @@ class _LowPrecisionConv2d(torch.autograd.Function):
         ctx.int8_rows = _int8_rows(x, weight, plan, geometry)
         if ctx.int8_rows is not None:
             y, ctx.column_amax = _forward_int8_rows(
-                ctx.int8_rows, x, weight, bias, plan, bounds, geometry, ctx.needs_input_grad[1]
-            )
+                ctx.int8_rows, x, weight, bias, plan, bounds, geometry, compute_dtype,
+                ctx.needs_input_grad[1],
+            )  # fmt: skip
             _save_for_backward(ctx, x, weight, bias, plan, bounds, compute_dtype)
             ctx.geometry, ctx.fused_unfolding = geometry, True
             return y.to(compute_dtype)
@@ -152,9 +153,11 @@ def _pieces(
 
 
 def _rows_input(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels read it, float32 channels-last: converted once per call, not once per
-    piece (im2col_int8 converts what it is given)."""
-    return x.to(torch.float32).contiguous(memory_format=torch.channels_last)
+    """x as the kernels read it: float32 or bfloat16 (widened exactly in the kernel), channels-
+    last; converted once per call, not once per piece (im2col_int8 converts what it gets)."""
+    if x.dtype != torch.bfloat16:
+        x = x.to(torch.float32)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _product_buffer(pieces: list[slice], columns: int, plan: _Plan, device) -> torch.Tensor | None:
@@ -171,9 +174,9 @@ def _rows_of(buffer: torch.Tensor | None, piece: slice) -> torch.Tensor | None:
 
 
 def _forward_int8_rows(
-    fused, x, weight, bias, plan: _Plan, bounds, geometry, column_amax: bool
+    fused, x, weight, bias, plan: _Plan, bounds, geometry, compute_dtype, column_amax: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y (B·H'·W', C_out) float32: per piece of rows, their im2col levels with a scale per row
+    """y (B·H'·W', C_out): per piece of rows, their im2col levels with a scale per row
     (built in cache, never as a float matrix), the exact product with W's levels, the
     epilogue into y's rows. Bitwise the im2col route's result. With ``column_amax``, also the
     im2col matrix's column absmax (float32 bits in int32) from the same rows: grad-weight's
@@ -184,7 +187,10 @@ def _forward_int8_rows(
     qw, scale_w = _quantize(w2, right, bounds[right.bound], None, plan)
     batch, _, height, width = x.shape
     rows, cols = batch * math.prod(geometry.output_size(height, width)), qw.shape[1]
-    y = torch.empty(rows, qw.shape[0], dtype=torch.float32, device=x.device)
+    # Written in the compute dtype: float32, or bfloat16 under autocast (rounded from float32,
+    # as .to() rounds); others (float16) converted by the caller.
+    out_dtype = compute_dtype if compute_dtype == torch.bfloat16 else torch.float32
+    y = torch.empty(rows, qw.shape[0], dtype=out_dtype, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32)
     pieces = _pieces(rows, 1, cols + 4 * qw.shape[0])  # int8 levels in, int32 out
     buffer = _product_buffer(pieces, qw.shape[0], plan, x.device)

@@ -128,6 +128,30 @@ def test_non_finite_values_and_zeros_quantize_as_the_composition(fused):
         assert torch.equal(q, want_q.t())
 
 
+def test_a_bfloat16_x_is_its_float32_widening_and_a_bfloat16_out_its_rounding(fused):
+    x = _images(2, 5, 6, 7, seed=12).bfloat16().contiguous(memory_format=torch.channels_last)
+    wide = x.float()
+    bound = _bound(127.0)
+    for geometry in [(3, 1, 1, 1), (2, 2, 0, 1)]:
+        for column in (False, True):
+            scale = fused.im2col_column_scales(wide, *geometry, bound=bound) if column else None
+            got = fused.im2col_int8(x, *geometry, bound=bound, column_scale=scale, column_amax=True)
+            want = fused.im2col_int8(
+                wide, *geometry, bound=bound, column_scale=scale, column_amax=True
+            )
+            for a, b in zip(got, want, strict=True):
+                assert torch.equal(a, b)
+    generator = torch.Generator().manual_seed(8)
+    acc = torch.randint(-(2**24), 2**24, (9, 6), dtype=torch.int32, generator=generator)
+    scale_a, scale_b = torch.rand(9, generator=generator), torch.rand(6, generator=generator)
+    bias = torch.randn(6, generator=generator)
+    for b in (None, bias):
+        out = torch.empty(9, 6, dtype=torch.bfloat16)
+        fused.int8_epilogue(acc, scale_a, scale_b, b, out=out)
+        want = fused.int8_epilogue(acc, scale_a, scale_b, b).bfloat16()
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
 def test_an_all_zero_input_has_scale_one(fused):
     x = torch.zeros(2, 3, 5, 5)
     q, scale = fused.im2col_int8(x, 3, 1, 1, bound=_bound(127.0))
@@ -212,7 +236,7 @@ def test_one_and_two_threads_give_the_same_bits(fused):
 def test_the_kernels_check_their_arguments(fused):
     x = torch.ones(1, 2, 5, 5)
     bound = _bound(127.0)
-    with pytest.raises(RuntimeError, match="x must be float32"):
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
         fused.im2col_int8(x.double(), 3, bound=bound)
     with pytest.raises(RuntimeError, match=r"rows must satisfy 0 <= row_begin <= row_end <= 9"):
         fused.im2col_int8(x, 3, rows=(0, 10), bound=bound)
@@ -229,7 +253,7 @@ def test_the_kernels_check_their_arguments(fused):
         fused.int8_epilogue(acc, torch.ones(9), torch.ones(17))
     with pytest.raises(RuntimeError, match="unit column stride"):
         fused.int8_epilogue(acc.t(), torch.ones(18), torch.ones(9))
-    with pytest.raises(RuntimeError, match="out must be float32"):
+    with pytest.raises(RuntimeError, match="out must be float32 or bfloat16"):
         fused.int8_epilogue(acc, torch.ones(9), torch.ones(18), out=torch.empty(9, 18).double())
     grad = torch.empty(1, 2, 5, 5).contiguous(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="grad_x must be a float32 .* channels-last"):

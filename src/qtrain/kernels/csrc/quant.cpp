@@ -1945,21 +1945,24 @@ void for_each_block_run(int64_t j_begin, int64_t j_end, int64_t dilation_w, cons
   for (int64_t j = j_begin; j < j_end; j += blocks) run(j, blocks);
 }
 
-inline void copy_channels(const float* __restrict pixel, float* __restrict block, int64_t n) {
+// n values of a pixel run into a block of the float32 row (a bfloat16 x widened exactly).
+template <class T>
+inline void copy_channels(const T* __restrict pixel, float* __restrict block, int64_t n) {
 #pragma omp simd
-  for (int64_t c = 0; c < n; ++c) block[c] = pixel[c];
+  for (int64_t c = 0; c < n; ++c) block[c] = static_cast<float>(pixel[c]);
 }
 
 // Row r = (b, oh, ow) of the im2col matrix of channels-last x (at `x`) into `row`
 // (g.cols() floats): each kernel row's blocks copied, zeros where they read padding.
-void im2col_row(const float* x, const Conv2dGeometry& g,
+template <class T>
+void im2col_row(const T* x, const Conv2dGeometry& g,
                 const std::vector<std::pair<int64_t, int64_t>>& columns_inside, int64_t r,
                 float* __restrict row) {
   const int64_t channels = g.channels, height = g.height, width = g.width;
   const int64_t block_row_values = g.kernel[1] * channels;
   const int64_t ow = r % g.out[1];
   const int64_t oh = r / g.out[1] % g.out[0];
-  const float* image = x + r / (g.out[0] * g.out[1]) * height * width * channels;
+  const T* image = x + r / (g.out[0] * g.out[1]) * height * width * channels;
   const int64_t left = ow * g.stride[1] - g.padding[1];  // input column of j = 0
   const auto [j_begin, j_end] = columns_inside[ow];
   for (int64_t i = 0; i < g.kernel[0]; ++i) {
@@ -1970,7 +1973,7 @@ void im2col_row(const float* x, const Conv2dGeometry& g,
       continue;
     }
     std::fill(block_row, block_row + j_begin * channels, 0.0f);
-    const float* pixels = image + h * width * channels;
+    const T* pixels = image + h * width * channels;
     for_each_block_run(j_begin, j_end, g.dilation[1], [&](int64_t j, int64_t blocks) {
       copy_channels(pixels + (left + j * g.dilation[1]) * channels, block_row + j * channels,
                     blocks * channels);
@@ -2125,7 +2128,10 @@ std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayR
                                                const std::optional<Tensor>& column_scale_in,
                                                bool column_amax) {
   const char* what = "qtrain::im2col_int8";
-  check_conv_input(x_in, what);
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, what,
+              ": x must be a (B, C, H, W) CPU tensor");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, what,
+              ": x must be float32 or bfloat16, got ", x_in.scalar_type());
   const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
   TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= g.rows(), what,
               ": rows must satisfy 0 <= row_begin <= row_end <= ", g.rows(), ", got [",
@@ -2151,13 +2157,13 @@ std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayR
   Tensor amax = at::zeros({column_amax ? cols : 0}, at::kInt);
   if (levels.numel() == 0) return {levels, scale, amax};
   const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const float* x = x_nhwc.data_ptr<float>();
   int8_t* q = levels.data_ptr<int8_t>();
   float* s = scale.data_ptr<float>();
   uint32_t* column_max = column_amax ? reinterpret_cast<uint32_t*>(amax.data_ptr<int32_t>())
                                      : nullptr;
   std::mutex merge;
   const auto columns_inside = kernel_columns_inside(g);
+  const auto build = [&](const auto* x) {
   at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
     std::vector<float> row(cols);
     std::vector<uint32_t> maxima(column_amax ? cols : 0, 0u);
@@ -2181,6 +2187,12 @@ std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayR
       for (int64_t k = 0; k < cols; ++k) column_max[k] = std::max(column_max[k], maxima[k]);
     }
   });
+  };
+  if (x_nhwc.scalar_type() == at::kBFloat16) {
+    build(x_nhwc.data_ptr<at::BFloat16>());
+  } else {
+    build(x_nhwc.data_ptr<float>());
+  }
   return {levels, scale, amax};
 }
 
@@ -2312,7 +2324,8 @@ void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& s
   const char* what = "qtrain::int8_epilogue_out";
   TORCH_CHECK(acc.dim() == 2, what, ": acc must be a matrix, got ", acc.dim(), " dims");
   const int64_t rows = acc.size(0), cols = acc.size(1);
-  TORCH_CHECK(out.scalar_type() == at::kFloat, what, ": out must be float32");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16, what,
+              ": out must be float32 or bfloat16");
   const int64_t acc_stride = row_stride(acc, rows, cols, "acc", what);
   const int64_t out_stride = row_stride(out, rows, cols, "out", what);
   std::vector<float> a_storage, b_storage, bias_storage;
@@ -2325,24 +2338,34 @@ void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& s
     bias_values = scales_of(*bias, cols, "bias", what, bias_storage);
   }
   if (acc.numel() == 0) return;
-  float* y = out.data_ptr<float>();
-  with_acc(acc, what, [&](const auto* a) {
+  // The float32 result, then (a bfloat16 out) rounded to nearest even as torch's .to() does.
+  const auto run = [&](const auto* a, auto* y) {
+    using Out = std::remove_pointer_t<decltype(y)>;
     at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
         const auto* __restrict in = a + m * acc_stride;
-        float* __restrict row = y + m * out_stride;
+        Out* __restrict row = y + m * out_stride;
         const float scale = sa[m];
         if (bias_values != nullptr) {
 #pragma omp simd
           for (int64_t n = 0; n < cols; ++n) {
-            row[n] = acc_float(in[n]) * scale * sb[n] + bias_values[n];
+            row[n] = static_cast<Out>(acc_float(in[n]) * scale * sb[n] + bias_values[n]);
           }
         } else {
 #pragma omp simd
-          for (int64_t n = 0; n < cols; ++n) row[n] = acc_float(in[n]) * scale * sb[n];
+          for (int64_t n = 0; n < cols; ++n) {
+            row[n] = static_cast<Out>(acc_float(in[n]) * scale * sb[n]);
+          }
         }
       }
     });
+  };
+  with_acc(acc, what, [&](const auto* a) {
+    if (out.scalar_type() == at::kBFloat16) {
+      run(a, out.data_ptr<at::BFloat16>());
+    } else {
+      run(a, out.data_ptr<float>());
+    }
   });
 }
 
