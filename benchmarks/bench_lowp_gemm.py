@@ -8,7 +8,8 @@
 (b) training step — zero_grad + forward (under the recipe's autocast) + cross-entropy +
     backward + SGD step on one fixed synthetic batch, for recipes fp32, amp-bf16, int8-gemm
     with the real ``torch._int_mm`` products and with their emulated twin (exact float
-    matmuls of the int8 levels), and fp8-gemm (real ``torch._scaled_mm``). Models from
+    matmuls of the int8 levels), int8-gemm's real products under autocast bf16
+    (``int8-real-bf16``: ``--set amp=bf16``), and fp8-gemm (real ``torch._scaled_mm``). Models from
     ``qtrain.models``: the mlp (784 → 256 → 256 → 10, batch 256), the small GPT (4 layers,
     n_embd 128, 4 heads, byte vocabulary, batch 8 × 64 tokens; attention, layer norms and
     embeddings stay float32 under every recipe: only its nn.Linear layers are swapped), and

@@ -480,3 +480,23 @@ def test_outputs_take_in_place_ops(conv) -> None:
     F.relu(y, inplace=True).sum().backward()
     assert torch.equal(y.detach(), expected)
     assert w.grad is not None
+
+
+@pytest.mark.parametrize("name", ["sbm8", "daint8", "cpt-3/6", "sym-12"])
+@pytest.mark.parametrize("real", [False, True], ids=["twin", "real"])
+def test_conv_pieces_do_not_change_a_bit(name, real, monkeypatch) -> None:
+    """Convolutions without groups run their products in pieces (rows, images, depth) of
+    about _PIECE_BYTES / _DEPTH_PIECE_BYTES, grad-weight's depth at most _INT32_DEPTH rows,
+    summed exactly: pieces of one row or image and depth pieces of 7 rows give the same bits."""
+    from qtrain import int_products
+
+    products = "int8-real" if real else "int8-twin"
+    geometry = (5, 7, 3, 2, 1, 1, 1)
+    tensors = _conv_tensors(geometry, channels_last=True, seed=3)
+    fn = _conv_fn(_with(QUANTIZERS[name], products), geometry)
+    whole = _grads(fn, tensors)
+    monkeypatch.setattr(int_products, "_PIECE_BYTES", 1)
+    monkeypatch.setattr(int_products, "_DEPTH_PIECE_BYTES", 1)
+    monkeypatch.setattr(int_products, "_INT32_DEPTH", 7)
+    for got, want in zip(_grads(fn, tensors), whole, strict=True):
+        assert torch.equal(got, want)

@@ -114,3 +114,16 @@ def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
 def group_slices(total: int, groups: int) -> list[slice]:
     size = total // groups
     return [slice(g * size, (g + 1) * size) for g in range(groups)]
+
+
+def pieces(
+    total: int, unit: int, unit_bytes: int, budget: int, most: int | None = None
+) -> list[slice]:
+    """[0, total) as slices of whole units (``unit`` rows of ``unit_bytes`` bytes each) of about
+    ``budget`` bytes, at most ``most`` rows: the pieces a product runs in, so that each piece's
+    operands and result stay in cache and a loop of them reuses memory."""
+    units = max(1, budget // max(1, unit_bytes))
+    if most is not None:
+        units = max(1, min(units, most // unit))
+    step = units * unit
+    return [slice(start, min(total, start + step)) for start in range(0, total, step)]

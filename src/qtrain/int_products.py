@@ -193,10 +193,26 @@ def exact_product(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 (a·bᵀ)·a_scale[:, None]·b_scale[None, :] (+ bias) for a (M, K), b (N, K) of
-    integer values q − z, every term exact: each operand less its offset (scalar or per row;
-    None: zero) as int8 limbs (one, or two for a wide operand), each pair of limbs multiplied
-    by ``torch._int_mm`` (``real``) or an exact float matmul (the twin), then the weighted sum
-    and the rank-one corrections of the offsets in float64 (exact below 2^53)."""
+    integer values q − z: ``exact_acc``'s integers, then the scale epilogue."""
+    acc = exact_acc(a, a_offset, a_wide, b, b_offset, b_wide, real)
+    return lowp._epilogue(acc, a_scale, b_scale, bias, torch.float32, overwrite=True)
+
+
+def exact_acc(
+    a: torch.Tensor,
+    a_offset: torch.Tensor | None,
+    a_wide: bool,
+    b: torch.Tensor,
+    b_offset: torch.Tensor | None,
+    b_wide: bool,
+    real: bool,
+) -> torch.Tensor:
+    """a·bᵀ for a (M, K), b (N, K) of integer values q − z, exact (int32 where it holds every
+    partial sum, else float64): each operand less its offset (scalar or per row; None: zero)
+    as int8 limbs (one, or two for a wide operand), each pair of limbs multiplied by
+    ``torch._int_mm`` (``real``) or an exact float matmul (the twin), then the weighted sum and
+    the rank-one corrections of the offsets (exact below 2^53). Linear in the reduction: the
+    accs of pieces of K sum to the whole one."""
     k = a.shape[1]
     a_limbs, a_total = _limbs(a, a_offset, a_wide)
     b_limbs, b_total = _limbs(b, b_offset, b_wide)
@@ -216,7 +232,7 @@ def exact_product(
         acc = acc + a_total.to(dtype).view(-1, 1) * _weighted_sums(b_limbs, dtype).view(1, -1)
     if a_total is not None and b_total is not None:
         acc = acc + (k * a_total.view(-1, 1) * b_total.view(1, -1)).to(dtype)
-    return lowp._epilogue(acc, a_scale, b_scale, bias, torch.float32, overwrite=True)
+    return acc
 
 
 def _weighted_sums(limbs: list[tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
@@ -291,14 +307,38 @@ def _grad_rows(g: IntegerValues) -> torch.Tensor:
     return g.values.permute(0, 2, 3, 1).reshape(-1, g.values.shape[1])
 
 
+# Convolutions without groups on the CPU (cpu_fused's channels-last im2col) run each product in
+# pieces — rows of the im2col matrix (forward), whole images (grad-input), depth (grad-weight)
+# — so that a piece's float values, int8 limbs and products stay in cache and no product
+# allocates fresh pages; the same integers, so the same bits as one product over everything.
+_PIECE_BYTES = 4 << 20
+_DEPTH_PIECE_BYTES = 32 << 20
+
+
+def _values_nhwc(operand: IntegerValues) -> torch.Tensor:
+    """An operand's values channels-last, converted once (the kernels read them per piece)."""
+    return operand.values.contiguous(memory_format=torch.channels_last)
+
+
 def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
     """conv2d(x̂, ŵ) + b through x̂'s im2col matrix, per group; a channels-last result."""
     geometry = _geometry(w.values, conv_args)
     batch, _, height, width = x.values.shape
+    out_height, out_width = geometry.output_size(height, width)
     fused = im2col.fused_unfolding(x.values, geometry)
-    cols = im2col.im2col(x.values, geometry, fused)
     w2 = im2col.weight_rows(w.values, fused)
     x_offset, w_offset = offsets(x), offsets(w)
+    if fused is not None:  # in pieces of rows
+        values = _values_nhwc(x)
+        args = (geometry.kernel, geometry.stride, geometry.padding, geometry.dilation)
+        y = torch.empty(batch * out_height * out_width, w2.shape[0], device=x.values.device)
+        for piece in im2col.pieces(y.shape[0], 1, 4 * (w2.shape[1] + y.shape[1]), _PIECE_BYTES):
+            cols = fused.im2col_nhwc(values, *args, rows=(piece.start, piece.stop))
+            y[piece] = exact_product(
+                cols, x_offset, x.scale, wide(x), w2, w_offset, w.scale, wide(w), real, bias
+            )
+        return y.view(batch, out_height, out_width, -1).permute(0, 3, 1, 2)
+    cols = im2col.im2col(x.values, geometry, fused)
     parts = []
     for c, o in zip(
         im2col.group_slices(cols.shape[1], geometry.groups),
@@ -311,7 +351,6 @@ def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
                 _part(w.scale, o), wide(w), real, None if bias is None else bias[o],
             )
         )  # fmt: skip
-    out_height, out_width = geometry.output_size(height, width)
     y = im2col.cat(parts, dim=1)
     return y.view(batch, out_height, out_width, -1).permute(0, 3, 1, 2)
 
@@ -324,6 +363,20 @@ def conv_grad_input(g, w, x_shape, conv_args, real: bool) -> torch.Tensor:
     rows = _grad_rows(g)
     w2 = im2col.weight_rows(w.values, fused)
     g_offset, w_offset = offsets(g), offsets(w)
+    if fused is not None and geometry.groups == 1 and not geometry.pointwise():
+        batch, channels, height, width = x_shape
+        grad_x = torch.empty(x_shape, device=g.values.device, memory_format=torch.channels_last)
+        per_image = rows.shape[0] // batch
+        image_bytes = 4 * per_image * (rows.shape[1] + w2.shape[1])
+        for piece in im2col.pieces(rows.shape[0], per_image, image_bytes, _PIECE_BYTES):
+            first, last = piece.start // per_image, piece.stop // per_image
+            grad_cols = exact_product(
+                rows[piece], g_offset, g.scale, wide(g), w2.t(), w_offset, w.scale, wide(w), real
+            )
+            grad_x[first:last] = im2col.col2im(
+                grad_cols, (last - first, channels, height, width), geometry, fused
+            )
+        return grad_x
     parts = [
         exact_product(
             rows[:, o], g_offset, g.scale, wide(g), w2[o].t(), w_offset, w.scale, wide(w), real
@@ -337,9 +390,25 @@ def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch
     """The gradient of W: ĝ's rows (transposed) times x̂'s im2col matrix (transposed)."""
     geometry = _geometry(weight, conv_args)
     fused = im2col.fused_unfolding(x.values, geometry)
-    cols = im2col.im2col(x.values, geometry, fused)
     rows = _grad_rows(g)
     g_offset, x_offset = offsets(g), offsets(x)
+    if fused is not None:  # in pieces of depth, their integers summed exactly in float64
+        values = _values_nhwc(x)
+        args = (geometry.kernel, geometry.stride, geometry.padding, geometry.dilation)
+        columns = im2col.weight_rows(weight, fused).shape[1]
+        acc = None
+        depth_pieces = im2col.pieces(
+            rows.shape[0], 1, 4 * columns, _DEPTH_PIECE_BYTES, most=_INT32_DEPTH
+        )
+        for piece in depth_pieces:
+            cols = fused.im2col_nhwc(values, *args, rows=(piece.start, piece.stop))
+            part = exact_acc(
+                rows[piece].t(), g_offset, wide(g), cols.t(), x_offset, wide(x), real
+            ).to(torch.float64)
+            acc = part if acc is None else acc.add_(part)
+        grad_rows = lowp._epilogue(acc, g.scale, x.scale, None, torch.float32, overwrite=True)
+        return im2col.weight_grad(grad_rows, weight, fused)
+    cols = im2col.im2col(x.values, geometry, fused)
     parts = [
         exact_product(
             rows[:, o].t(), _part(g_offset, o), _part(g.scale, o), wide(g), cols[:, c].t(),

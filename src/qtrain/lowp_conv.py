@@ -140,18 +140,6 @@ def _geometry_args(geometry: im2col.ConvGeometry) -> tuple:
     return geometry.kernel, geometry.stride, geometry.padding, geometry.dilation
 
 
-def _pieces(
-    total: int, unit: int, unit_bytes: int, most: int | None = None, budget: int | None = None
-) -> list[slice]:
-    """[0, total) in slices of whole units (of ``unit`` rows, ``unit_bytes`` bytes each) of
-    about ``budget`` bytes (default ``_PIECE_BYTES``), at most ``most`` rows."""
-    units = max(1, (budget or _PIECE_BYTES) // max(1, unit_bytes))
-    if most is not None:
-        units = max(1, min(units, most // unit))
-    step = units * unit
-    return [slice(start, min(total, start + step)) for start in range(0, total, step)]
-
-
 def _rows_input(x: torch.Tensor) -> torch.Tensor:
     """x as the kernels read it: float32 or bfloat16 (widened exactly in the kernel), channels-
     last; converted once per call, not once per piece (im2col_int8 converts what it gets)."""
@@ -192,7 +180,8 @@ def _forward_int8_rows(
     out_dtype = compute_dtype if compute_dtype == torch.bfloat16 else torch.float32
     y = torch.empty(rows, qw.shape[0], dtype=out_dtype, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32)
-    pieces = _pieces(rows, 1, cols + 4 * qw.shape[0])  # int8 levels in, int32 out
+    # int8 levels in, int32 out
+    pieces = im2col.pieces(rows, 1, cols + 4 * qw.shape[0], _PIECE_BYTES)
     buffer = _product_buffer(pieces, qw.shape[0], plan, x.device)
     amax = None
     for piece in pieces:
@@ -225,7 +214,7 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         grad_x = torch.empty_like(x, dtype=torch.float32, memory_format=torch.channels_last)
         per_image = qg.shape[0] // x.shape[0]
         image_bytes = per_image * (qg.shape[1] + 4 * qw.shape[0])  # int8 g rows in, int32 out
-        pieces = _pieces(qg.shape[0], per_image, image_bytes)
+        pieces = im2col.pieces(qg.shape[0], per_image, image_bytes, _PIECE_BYTES)
         buffer = _product_buffer(pieces, qw.shape[0], plan, x.device)
         for piece in pieces:
             acc = levels_product(qg[piece], qw, plan.emulate, _rows_of(buffer, piece))
@@ -250,7 +239,7 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
             most, sum_dtype = _EXACT_FLOAT32_DEPTH, torch.float64
         else:
             most, sum_dtype = INT32_DEPTH, torch.int32 if depth <= INT32_DEPTH else torch.int64
-        for piece in _pieces(depth, 1, cols, most=most, budget=_DEPTH_PIECE_BYTES):
+        for piece in im2col.pieces(depth, 1, cols, _DEPTH_PIECE_BYTES, most):
             qx, _ = fused.im2col_int8(
                 x_rows, *args, rows=(piece.start, piece.stop), bound=bounds[right.bound],
                 column_scale=scale_cols,

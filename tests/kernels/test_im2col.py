@@ -120,6 +120,17 @@ def test_im2col_and_col2im_at_the_edges_of_the_geometry(fused, size, geometry):
     )
 
 
+def test_im2col_rows_are_the_rows_of_the_whole_matrix(fused):
+    x = _images(3, 5, 7, 9, seed=4).contiguous(memory_format=torch.channels_last)
+    for geometry in [(3, 1, 1, 1), (3, 2, 1, 1), ((2, 3), (2, 1), (0, 1), 2)]:
+        whole = fused.im2col_nhwc(x, *geometry)
+        rows = whole.shape[0]
+        for begin, end in [(0, rows), (0, 1), (rows // 3, rows // 2 + 1), (rows, rows)]:
+            _assert_bitwise(fused.im2col_nhwc(x, *geometry, rows=(begin, end)), whole[begin:end])
+    with pytest.raises(RuntimeError, match="rows must satisfy 0 <= row_begin <= row_end"):
+        fused.im2col_nhwc(x, 3, 1, 1, 1, rows=(5, 4))
+
+
 def test_im2col_copies_non_finite_values_and_signed_zeros(fused):
     x = _images(2, 3, 7, 9, seed=2)
     x.view(-1)[::5] = NAN

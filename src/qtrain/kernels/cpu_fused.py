@@ -242,10 +242,11 @@ def _register_fakes() -> None:
         return a.new_empty(a.shape, dtype=levels_dtype), a.new_empty(scales, dtype=torch.float32)
 
     @torch.library.register_fake("qtrain::im2col_nhwc")
-    def _im2col_nhwc(x, kernel, stride, padding, dilation):
+    def _im2col_nhwc(x, kernel, stride, padding, dilation, row_begin=0, row_end=None):
         batch, channels, height, width = x.shape
         out_h, out_w = conv_output_size((height, width), kernel, stride, padding, dilation)
-        shape = (batch * out_h * out_w, kernel[0] * kernel[1] * channels)
+        rows = (batch * out_h * out_w if row_end is None else row_end) - row_begin
+        shape = (rows, kernel[0] * kernel[1] * channels)
         return x.new_empty(shape, dtype=torch.float32)
 
     @torch.library.register_fake("qtrain::col2im_nhwc")
@@ -619,6 +620,8 @@ def im2col_nhwc(
     stride: IntPair = 1,
     padding: IntPair = 0,
     dilation: IntPair = 1,
+    *,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """x's im2col matrix with channels innermost: the row-major float32 (B·H'·W', kh·kw·C)
     matrix whose row (b·H' + oh)·W' + ow holds, for each kernel offset (i, j) in row-major
@@ -632,7 +635,8 @@ def im2col_nhwc(
     ``x``: a float32 (B, C, H, W) CPU tensor, fastest channels-last (``torch.channels_last``):
     each block (i, j) is then one copy of C contiguous floats; other layouts are converted
     first. ``kernel``, ``stride`` and ``dilation``: positive ints or pairs (h, w); ``padding``:
-    non-negative. Multi-threaded over rows; H' and W' must be at least 1.
+    non-negative. Multi-threaded over rows; H' and W' must be at least 1. ``rows`` = (begin,
+    end): only those rows of the matrix (for products run in pieces).
 
     >>> import torch
     >>> fused = load()  # builds on first use
@@ -641,8 +645,9 @@ def im2col_nhwc(
     tensor([[0., 4., 1., 5.],
             [2., 6., 3., 7.]])
     """
+    begin, end = (0, None) if rows is None else rows
     return torch.ops.qtrain.im2col_nhwc(
-        x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+        x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), begin, end
     )
 
 

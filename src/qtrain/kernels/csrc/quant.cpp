@@ -1992,12 +1992,18 @@ void check_conv_input(const Tensor& x, const char* what) {
 // x: a float32 (B, C, H, W) tensor, read as channels-last (other layouts are copied to it
 // first). Returns the row-major (B·H'·W', kh·kw·C) float32 matrix described above; values are
 // copied bit for bit (NaN, inf and -0 included), padding reads +0.
+// rows [row_begin, row_end) only (row_end None: to the last), for products run in pieces.
 Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
-                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t row_begin,
+                   std::optional<int64_t> row_end_in) {
   const char* what = "qtrain::im2col_nhwc";
   check_conv_input(x_in, what);
   const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
-  Tensor out = empty_output({g.rows(), g.cols()}, at::kFloat);
+  const int64_t row_end = row_end_in.value_or(g.rows());
+  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= g.rows(), what,
+              ": rows must satisfy 0 <= row_begin <= row_end <= ", g.rows(), ", got [",
+              row_begin, ", ", row_end, ")");
+  Tensor out = empty_output({row_end - row_begin, g.cols()}, at::kFloat);
   if (out.numel() == 0) return out;
   const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const float* x = x_nhwc.data_ptr<float>();
@@ -2005,8 +2011,10 @@ Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef s
   const int64_t row_values = g.cols();
   const auto columns_inside = kernel_columns_inside(g);
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / row_values);
-  at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) im2col_row(x, g, columns_inside, r, y + r * row_values);
+  at::parallel_for(0, row_end - row_begin, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      im2col_row(x, g, columns_inside, row_begin + r, y + r * row_values);
+    }
   });
   return out;
 }
@@ -2554,8 +2562,8 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "quantize_rows_int8(Tensor a, Tensor bound, bool rowwise, Tensor? keys, "
       "ScalarType levels_dtype=int8) -> (Tensor, Tensor)");
   m.def(
-      "im2col_nhwc(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation) -> "
-      "Tensor");
+      "im2col_nhwc(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
+      "int row_begin=0, int? row_end=None) -> Tensor");
   m.def(
       "col2im_nhwc(Tensor cols, int[4] x_shape, int[2] kernel, int[2] stride, int[2] padding, "
       "int[2] dilation) -> Tensor");
