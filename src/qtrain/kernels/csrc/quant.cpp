@@ -2105,6 +2105,16 @@ Tensor col2im_nhwc(const Tensor& cols_in, at::IntArrayRef x_shape, at::IntArrayR
 // col2im_nhwc of the scaled matrix); the others' scaled in one pass. Levels and scales are
 // bitwise those of quantize_rows_int8 on the float32 matrix (nearest rounding).
 
+// maxima[k] = max(maxima[k], |x[k]|'s bits) for k < n (NaN above inf), vectorised.
+inline void fold_abs_bits(const float* __restrict x, uint32_t* __restrict maxima, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t magnitude = abs_bits_of(x[k]);
+    const uint32_t current = maxima[k];
+    maxima[k] = magnitude > current ? magnitude : current;
+  }
+}
+
 // Levels of x[0, n) with a scale per column: round(x[k]·inverse[k]) clamped to ±bound.
 void int8_levels_columns(const float* __restrict x, int8_t* __restrict q, int64_t n,
                          const float* __restrict inverse, float bound) {
@@ -2177,12 +2187,7 @@ std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayR
     std::vector<uint32_t> maxima(column_amax ? cols : 0, 0u);
     for (int64_t r = b; r < e; ++r) {
       im2col_row(x, g, columns_inside, row_begin + r, row.data());
-      if (column_amax) {
-        uint32_t* __restrict m = maxima.data();
-        const float* __restrict values = row.data();
-#pragma omp simd
-        for (int64_t k = 0; k < cols; ++k) m[k] = std::max(m[k], abs_bits_of(values[k]));
-      }
+      if (column_amax) fold_abs_bits(row.data(), maxima.data(), cols);
       if (column_scale_in) {
         int8_levels_columns(row.data(), q + r * cols, cols, inverse.data(), bound);
       } else {
@@ -2252,10 +2257,7 @@ Tensor im2col_column_scales(const Tensor& x_in, at::IntArrayRef kernel, at::IntA
             for (int64_t ow = first[j]; ow < last[j]; ++ow) {
               const float* __restrict pixel =
                   pixels + (ow * g.stride[1] - g.padding[1] + j * g.dilation[1]) * channels;
-#pragma omp simd
-              for (int64_t c = 0; c < channels; ++c) {
-                column[c] = std::max(column[c], abs_bits_of(pixel[c]));
-              }
+              fold_abs_bits(pixel, column, channels);
             }
           }
           for (int64_t i = 0; i < g.kernel[0]; ++i) {
@@ -2263,7 +2265,10 @@ Tensor im2col_column_scales(const Tensor& x_in, at::IntArrayRef kernel, at::IntA
             uint32_t* __restrict out = m + i * kernel_w * channels;
             const uint32_t* __restrict in = row_maxima.data();
 #pragma omp simd
-            for (int64_t k = 0; k < kernel_w * channels; ++k) out[k] = std::max(out[k], in[k]);
+            for (int64_t k = 0; k < kernel_w * channels; ++k) {
+              const uint32_t a = out[k], b = in[k];  // values: std::max's references do not
+              out[k] = a > b ? a : b;                 // vectorise (see reduce_columns)
+            }
           }
         }
       }
