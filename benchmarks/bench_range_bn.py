@@ -31,8 +31,8 @@ from bench_quantize import (
 from bench_train_step import BATCH, CLASSES, INPUT_SHAPE, WIDTH  # the net the step times
 from qtrain.kernels import Backend, cpu_fused, use_backend
 from qtrain.models import build_model
-from qtrain.nn import RangeBatchNorm2d
 from qtrain.presets import sbm_quantization
+from qtrain.range_bn import RangeBatchNorm2d
 
 
 def bn_input_shapes() -> list[tuple[int, ...]]:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from bench_quantize import machine_info
-from qtrain.nn import RangeBatchNorm2d, range_bn_constant
+from qtrain.range_bn import RangeBatchNorm2d, range_bn_constant
 from qtrain.recipes import build_recipe
 from qtrain.train import TrainConfig, train
 

@@ -3,7 +3,7 @@
 from qtrain import formats, presets  # noqa: F401  (presets registers the named configs)
 from qtrain.api import QuantizedTrainingConfig, dequantize_, quantize_
 from qtrain.export import load_quantized
-from qtrain.nn import QConv2d, QLinear, RangeBatchNorm2d
+from qtrain.nn import QConv2d, QLinear
 from qtrain.observers import Observer, RunningMinMax
 from qtrain.ops import GemmConfig, Precision
 from qtrain.protocol import QuantizedModule, QuantizedWeight
@@ -26,6 +26,7 @@ from qtrain.quantizer import (
     quantize,
     quantize_int,
 )
+from qtrain.range_bn import RangeBatchNorm2d
 from qtrain.train import load_run
 
 __version__ = "0.1.0"

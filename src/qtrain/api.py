@@ -26,25 +26,15 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from qtrain.compact import CompactMaxPool2d, CompactReLU, FusedReLU, fuse_range_bn_relu
 from qtrain.configs import Config
-from qtrain.nn import (
-    SPREADS,
-    BitLinear,
-    CompactMaxPool2d,
-    CompactReLU,
-    FakeQuantConv2d,
-    FakeQuantLinear,
-    FusedReLU,
-    QConv2d,
-    QLinear,
-    RangeBatchNorm2d,
-    fuse_range_bn_relu,
-)
+from qtrain.nn import BitLinear, FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear
 from qtrain.observers import ROLES as OBSERVER_ROLES
 from qtrain.observers import LSQStep, Observer, RunningMinMax
 from qtrain.ops import GemmConfig
 from qtrain.protocol import is_quantized
 from qtrain.quantizer import LearnedStep, MinMax, QuantSpec, QuantSpecError, qparams_shape
+from qtrain.range_bn import SPREADS, RangeBatchNorm2d
 from qtrain.validation import check_int, check_number, refuse
 
 FilterFn = Callable[[nn.Module, str], bool]

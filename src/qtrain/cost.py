@@ -41,8 +41,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from qtrain.nn import RangeBatchNorm2d
 from qtrain.protocol import RoleBits, is_quantized
+from qtrain.range_bn import RangeBatchNorm2d
 
 ROLES = ("forward", "grad_input", "grad_weight")
 

@@ -132,7 +132,8 @@ class _Group:
 
 
 class _Tracer(torch.fx.Tracer):
-    """Keeps the layers the walk knows as single nodes, subclasses (qtrain.nn) included."""
+    """Keeps the layers the walk knows as single nodes, subclasses (qtrain.nn, qtrain.range_bn,
+    qtrain.compact) included."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, _LEAVES) or super().is_leaf_module(module, qualified_name)

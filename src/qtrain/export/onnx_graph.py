@@ -20,9 +20,9 @@ from torch import nn
 
 from qtrain.export.packing import ExportError, _gemm_config, _granularity, _require_integer_weights
 from qtrain.formats import BlockFloat, Int
-from qtrain.nn import RangeBatchNorm2d, _affine_params
 from qtrain.protocol import QuantizedWeight, is_quantized
 from qtrain.quantizer import PerTensor, QParams, QuantSpec
+from qtrain.range_bn import RangeBatchNorm2d, _affine_params
 from qtrain.train.checkpoint import _atomic_write
 
 ONNX_OPSET = 18

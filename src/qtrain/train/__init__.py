@@ -8,7 +8,12 @@ A run writes one directory (DESIGN.md, "Runs and artifacts"): ``config.json``,
 - ``checkpoint``: the run directory's files — atomic writes, checksummed checkpoints, RNG state;
 - ``run``: a run's data and model as every run builds them, its evaluation, ``load_run``;
 - ``loop``: the trainer itself and ``train`` — in one process, or one per rank under torchrun
-  (``TrainConfig.distributed``: DDP or FSDP2; ``qtrain.distributed``, docs/SCALING.md).
+  (``TrainConfig.distributed``: DDP or FSDP2; ``qtrain.distributed``, docs/SCALING.md);
+- ``optim``: the optimizer, and its rebuild when a recipe changes the model's shape;
+- ``progress``: what a step and a checkpoint carry (progress, a step's snapshot, its fault);
+- ``sharded``: an FSDP2 run's sharded checkpoints under ``checkpoint.dcp/``;
+- ``summary``: the figures of ``summary.json``;
+- ``support``: the trainer's small helpers (option checks, records, progress bar, fault tests).
 
 Example:
     >>> from qtrain.recipes import build_recipe
@@ -42,7 +47,8 @@ from qtrain.train.config import (
     TrainConfigError,
     lr_factor,
 )
-from qtrain.train.loop import MAX_STEP_ATTEMPTS, _Trainer, build_optimizer, train
+from qtrain.train.loop import MAX_STEP_ATTEMPTS, _Trainer, train
+from qtrain.train.optim import build_optimizer
 from qtrain.train.run import (
     DatasetSpec,
     Run,

@@ -22,15 +22,12 @@ sharded checkpoint aside: each rank writes its shards). A NaN/inf stops a distri
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import itertools
 import json
 import math
 import os
-import resource
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -39,10 +36,9 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from qtrain import distributed
-from qtrain.cost import CostMeter, StepCost, model_bits
+from qtrain.cost import CostMeter
 from qtrain.guard import Fault, NumericalGuard
 from qtrain.protocol import set_precision
 from qtrain.quantizer import NonFiniteError
@@ -61,11 +57,9 @@ from qtrain.train.checkpoint import (
     _write_json,
     read_metrics,
     seed_everything,
-    sharded_digest,
     versions,
 )
 from qtrain.train.config import (
-    RESUME_MUTABLE,
     CheckpointError,
     NumericalFaultError,
     OutOfMemoryError,
@@ -75,6 +69,8 @@ from qtrain.train.config import (
     _first_line,
     lr_factor,
 )
+from qtrain.train.optim import _rebuild_optimizer, build_optimizer
+from qtrain.train.progress import _Progress, _StepFault, _StepSnapshot
 from qtrain.train.run import (
     _Meter,
     autocast,
@@ -86,13 +82,29 @@ from qtrain.train.run import (
     restore_model,
     task_loss,
 )
+from qtrain.train.sharded import (
+    _gathered_model,
+    _load_sharded,
+    _remove_unused_sharded,
+    _save_sharded,
+)
+from qtrain.train.summary import _params, _run_summary
+from qtrain.train.support import (
+    _bar_postfix,
+    _check_distributed,
+    _check_same_run,
+    _is_nonfinite,
+    _is_out_of_memory,
+    _nonfinite_kind,
+    _progress_bar,
+    _skip,
+    _write_record,
+    scalar_metrics,
+)
 
 # Attempts of one step: the first, one re-run with every layer checked to locate a fault, and
 # precision raises (each layer at most 3: 4 -> 8 -> 16 bits -> float).
 MAX_STEP_ATTEMPTS = 8
-
-# An FSDP2 run's sharded checkpoints (torch.distributed.checkpoint), one directory each.
-SHARDED_DIR = "checkpoint.dcp"
 
 
 def train(
@@ -650,8 +662,16 @@ class _Trainer:
             if context.mode == "ddp":
                 state["model"] = self.model.state_dict()
             else:
-                sharded = self._save_sharded(path.parent)
-                state["model"], state["optimizer"] = self._gathered_model(), {}
+                sharded = _save_sharded(
+                    path.parent,
+                    self.progress.step,
+                    self.checkpoint_serial,
+                    self.model,
+                    self.optimizer,
+                    context,
+                )
+                self.checkpoint_serial += 1
+                state["model"], state["optimizer"] = _gathered_model(self.model), {}
         if not self.main:
             self.checkpoint_entry = {"step": self.progress.step}
             return
@@ -662,40 +682,7 @@ class _Trainer:
             path, state, self.progress.step, self.checkpoint_entry, sharded
         )
         if sharded is not None:
-            self._remove_unused_sharded(path.parent)
-
-    def _save_sharded(self, out: Path) -> dict[str, Any]:
-        """FSDP2: every rank writes its shards of the model and optimizer state into a new
-        directory; returns what the manifest records of it (rank 0: with its checksum)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        name = f"{SHARDED_DIR}/step-{self.progress.step:08d}-{self.checkpoint_serial}"
-        if self.main:  # a directory of that name can only be a crash's leftover
-            shutil.rmtree(out / name, ignore_errors=True)
-        self.context.barrier()
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=out / name)
-        self.context.barrier()  # every shard is on disk before rank 0 vouches for them
-        self.checkpoint_serial += 1
-        if not self.main:
-            return {"dir": name}
-        return {"dir": name, "sha256": sharded_digest(out / name), "serial": self.checkpoint_serial}
-
-    def _gathered_model(self) -> dict[str, torch.Tensor]:
-        """FSDP2: the model's full state_dict on rank 0 (on the CPU), gathered from the shards."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.model, options=options)
-
-    def _remove_unused_sharded(self, out: Path) -> None:
-        """Once the new checkpoint.pt is in place, delete every other sharded checkpoint: the
-        previous one (needed only until that rename) and any a crash left half written."""
-        keep = out / self.checkpoint_entry["sharded"]["dir"]
-        for directory in (out / SHARDED_DIR).glob("step-*"):
-            if directory != keep:
-                shutil.rmtree(directory, ignore_errors=True)
+            _remove_unused_sharded(path.parent, self.checkpoint_entry["sharded"])
 
     def load_checkpoint(self, path: Path) -> None:
         self.checkpoint_entry = _verify_checkpoint(path)
@@ -719,7 +706,7 @@ class _Trainer:
         self.optimizer = build_optimizer(self.config, self.recipe, self.model)
         sharded = (self.checkpoint_entry or {}).get("sharded")
         if context is not None and context.mode == "fsdp":
-            self._load_sharded(path.parent, sharded)
+            _load_sharded(path.parent, sharded, self.model, self.optimizer)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None:
@@ -729,30 +716,6 @@ class _Trainer:
             self.checkpoint_serial = int(sharded["serial"])
         # Restored last: the RNG state must be exactly as it was after the checkpoint's step.
         _set_rng_state(state["rng"] if context is None else saved["rng"][context.rank])
-
-    def _load_sharded(self, out: Path, sharded: dict[str, Any] | None) -> None:
-        """FSDP2: the model's and the optimizer's shards from the checkpoint's directory, after
-        checking it against the manifest."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        if sharded is None:
-            raise CheckpointError(f"{out / CHECKPOINT_FILE} names no sharded checkpoint")
-        directory = out / sharded["dir"]
-        if not directory.is_dir() or sharded_digest(directory) != sharded["sha256"]:
-            raise CheckpointError(
-                f"sharded checkpoint {directory} is missing or does not match its manifest "
-                "(truncated or corrupted); refusing it"
-            )
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        loaded = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(loaded, checkpoint_id=directory)
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=loaded["model"],
-            optim_state_dict=loaded["optimizer"],
-        )
 
     def _kept_checkpoint(self, path: Path) -> str:
         if self.checkpoint_entry is None:
@@ -782,280 +745,5 @@ class _Trainer:
         self.session_start = now
 
     def summary(self) -> dict[str, Any]:
-        p = self.progress
         self._sync_wall()
-        peak, source = _peak_memory(self.device)
-        return {
-            "recipe": self.recipe.name,
-            "model": self.config.model,
-            "dataset": self.config.data,
-            "epochs": self.config.epochs,
-            "seed": self.config.seed,
-            "steps": p.step,
-            "test_acc": p.test_acc,
-            "best_test_acc": p.best_test_acc,
-            "final_train_loss": p.final_train_loss,
-            "bitops_train": p.cost.total_bitops,
-            "bitops_fp32_equiv": p.cost.bitops_fp32,
-            "bitops_by_role": p.cost.bitops,
-            "macs_by_role": p.cost.macs,
-            # Of bitops_train and the MACs: the normalisation layers' part.
-            "bitops_norm": p.cost.norm_bitops,
-            "macs_norm": p.cost.norm_macs,
-            "energy_pj": p.cost.energy_pj,
-            "params_initial": p.params_initial,
-            "params_final": _params(self.model),
-            "model_bits": int(model_bits(self.model)),
-            "metrics": self.recipe.metrics(),
-            "epoch_seconds": p.epoch_seconds,
-            "wall_seconds": p.wall_seconds,
-            "peak_memory_bytes": peak,
-            "peak_memory_source": source,
-            "device": str(self.device),
-            # Which products of each quantized layer ran as exact integer products (--products)
-            "integer_products": _integer_products(self.model, self.config.products),
-        }
-
-
-def _integer_products(model: nn.Module, products: str) -> dict[str, list[str]]:
-    if products == "float":
-        return {}
-    from qtrain.int_products import integer_product_roles  # it loads qtrain.lowp
-
-    return integer_product_roles(model)
-
-
-# ---- optimizer ----------------------------------------------------------------------------
-
-
-def build_optimizer(config: TrainConfig, recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW over the recipe's parameter groups (or all parameters in one group).
-
-    Each group keeps its peak learning rate in ``base_lr``; the trainer sets ``lr`` from it and
-    the schedule every step, after which ``recipe.before_optimizer_step`` may rescale it.
-    """
-    groups = recipe.param_groups(model) or [{"params": list(model.parameters())}]
-    groups = [{**g, "base_lr": g.get("lr", config.lr)} for g in groups]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups,
-            lr=config.lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _rebuild_optimizer(
-    config: TrainConfig, recipe: Recipe, model: nn.Module, old: torch.optim.Optimizer
-) -> torch.optim.Optimizer:
-    """A new optimizer after the model changed shape, keeping the state that still fits.
-
-    ``recipe.remap_optimizer_state()`` maps a new parameter to the old one whose state it keeps
-    (identity when the recipe gives none); state tensors whose shape no longer matches the
-    parameter are dropped rather than mis-applied.
-    """
-    new = build_optimizer(config, recipe, model)
-    remap = recipe.remap_optimizer_state() or (lambda p: p)
-    for group in new.param_groups:
-        for param in group["params"]:
-            source = remap(param)
-            state = old.state.get(source) if source is not None else None
-            if state and all(
-                not torch.is_tensor(v) or v.dim() == 0 or v.shape == param.shape
-                for v in state.values()
-            ):
-                new.state[param] = state
-    return new
-
-
-# ---- what a step and a checkpoint carry ---------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Progress:
-    """Trainer state beyond model/optimizer/recipe that a checkpoint must carry."""
-
-    step: int = 0
-    window: _Meter = dataclasses.field(default_factory=_Meter)
-    epoch_meter: _Meter = dataclasses.field(default_factory=_Meter)
-    cost: StepCost = dataclasses.field(default_factory=StepCost)
-    test_acc: float | None = None
-    best_test_acc: float | None = None
-    final_train_loss: float | None = None
-    params_initial: int = 0
-    epoch_seconds: list[float] = dataclasses.field(default_factory=list)
-    epoch_elapsed: float = 0.0
-    wall_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> _Progress:
-        parts = {key: _Meter(**data[key]) for key in ("window", "epoch_meter")}
-        return cls(**{**data, **parts, "cost": StepCost(**data["cost"])})
-
-
-@dataclasses.dataclass
-class _StepSnapshot:
-    """What a step changes before its optimizer update: buffers (running statistics, running
-    ranges), the recipe's state and the RNG streams. Restored when a step is abandoned at a
-    fault, so a skipped step leaves no trace and a retried one draws the same random numbers
-    as the first try."""
-
-    buffers: list[tuple[nn.Module, str, torch.Tensor]]
-    rng: dict[str, Any]
-    recipe: Recipe
-    recipe_state: dict[str, Any]
-    model: nn.Module
-
-    @classmethod
-    def take(cls, model: nn.Module, recipe: Recipe) -> _StepSnapshot:
-        buffers = [
-            (module, name, buffer.clone())
-            for module in model.modules()
-            for name, buffer in module._buffers.items()
-            if buffer is not None
-        ]
-        state = copy.deepcopy(recipe.state_dict())
-        return cls(buffers, _rng_state(), recipe, state, model)
-
-    def restore(self) -> None:
-        self.recipe.load_state_dict(copy.deepcopy(self.recipe_state), self.model)
-        for module, name, saved in self.buffers:
-            current = module._buffers[name]
-            if current is not None and current.shape == saved.shape:
-                current.copy_(saved)
-            else:  # the step (re)allocated it, e.g. the first running range
-                module._buffers[name] = saved
-        _set_rng_state(self.rng)
-
-
-class _StepFault(Exception):
-    """A step met a NaN/inf before its optimizer update (internal to the trainer)."""
-
-    def __init__(self, fault: Fault) -> None:
-        super().__init__(str(fault))
-        self.fault = fault
-
-
-# ---- small helpers ------------------------------------------------------------------------
-
-
-def _check_distributed(config: TrainConfig, recipe: Recipe, context: distributed.Context) -> None:
-    """What a distributed run needs of its options, checked alike on every rank."""
-    world = context.world_size
-    if config.batch_size % world:
-        raise TrainConfigError(
-            f"batch_size {config.batch_size} is the global batch: it must split evenly among "
-            f"{world} processes (batch_size / {world} per rank)"
-        )
-    if context.mode == "fsdp" and not recipe.shardable:
-        raise TrainConfigError(
-            f"recipe {recipe.name} reads or reshapes whole parameters between steps, which "
-            "FSDP2's shards do not allow; use --distributed ddp"
-        )
-
-
-def _check_same_run(
-    saved: dict[str, Any],
-    config: TrainConfig,
-    recipe: Recipe,
-    context: distributed.Context | None = None,
-) -> None:
-    """A resumed run must keep its config (only the ``RESUME_MUTABLE`` options may change)
-    and, distributed, its number of processes."""
-    world = saved.get("distributed", {}).get("world_size", 1)
-    if context is not None and world != context.world_size:
-        raise TrainConfigError(
-            f"cannot resume a run of {world} process(es) with {context.world_size}: each "
-            "rank's share of the data and its random streams are the run's own"
-        )
-    # Through TrainConfig, so that options added since the run started take their defaults.
-    saved_train = TrainConfig.from_dict(saved["train"]).to_dict()
-    ours = config.to_dict()
-    changed = sorted(k for k, v in ours.items() if k not in RESUME_MUTABLE and saved_train[k] != v)
-    if changed:
-        raise TrainConfigError(f"cannot resume with changed train options: {changed}")
-    if saved["recipe"] != recipe.name or saved["recipe_config"] != recipe.config.to_dict():
-        raise TrainConfigError(
-            f"cannot resume run of recipe {saved['recipe']} {saved['recipe_config']} with "
-            f"{recipe.name} {recipe.config.to_dict()}"
-        )
-
-
-def _write_record(metrics: Any, record: dict[str, Any]) -> None:
-    if metrics is None:  # a distributed run's rank other than 0
-        return
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()  # a crash loses at most the record being written
-
-
-def _skip(batches: Iterator[Any], count: int) -> Iterator[Any]:
-    for index, batch in enumerate(batches):
-        if index >= count:
-            yield batch
-
-
-def _progress_bar(total: int, initial: int, quiet: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total, initial=initial, disable=quiet, unit="step", dynamic_ncols=True, leave=False
-    )
-
-
-def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """A recipe's metrics without its per-layer dicts."""
-    return {key: value for key, value in metrics.items() if not isinstance(value, dict)}
-
-
-def _bar_postfix(bar: Any, record: dict[str, Any]) -> None:
-    postfix = {"loss": f"{record['loss']:.3f}", "acc": f"{record['acc']:.3f}"}
-    for key, value in record["metrics"].items():
-        postfix.setdefault(key, f"{value:g}")
-    postfix["img_s"] = f"{record['samples_per_second']:.0f}"
-    bar.set_postfix(postfix, refresh=False)
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
-
-
-# Messages of allocation failures: CUDA's, and the CPU allocator's (RuntimeError).
-_OUT_OF_MEMORY = (
-    "out of memory",
-    "can't allocate memory",
-    "cannot allocate memory",
-    "not enough memory",
-)
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, MemoryError | torch.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return not isinstance(err, RunError) and any(m in text for m in _OUT_OF_MEMORY)
-
-
-def _is_nonfinite(value: Any) -> bool:
-    """A floating-point tensor holding NaN or inf."""
-    return (
-        torch.is_tensor(value)
-        and value.is_floating_point()
-        and not bool(torch.isfinite(value).all())
-    )
-
-
-def _nonfinite_kind(tensor: torch.Tensor) -> str:
-    return "nan" if bool(torch.isnan(tensor).any()) else "inf"
+        return _run_summary(self.config, self.recipe, self.model, self.progress, self.device)
