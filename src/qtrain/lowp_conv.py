@@ -178,7 +178,7 @@ def _forward_int8_rows(
     # Written in the compute dtype: float32, or bfloat16 under autocast (rounded from float32,
     # as .to() rounds); others (float16) converted by the caller.
     out_dtype = compute_dtype if compute_dtype == torch.bfloat16 else torch.float32
-    y = torch.empty(rows, qw.shape[0], dtype=out_dtype, device=x.device)
+    y = fused.empty_cached(x, [rows, qw.shape[0]], out_dtype)  # filled piece by piece
     bias32 = None if bias is None else bias.to(torch.float32)
     # int8 levels in, int32 out
     pieces = im2col.pieces(rows, 1, cols + 4 * qw.shape[0], _PIECE_BYTES)
@@ -211,7 +211,9 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         keys = _hash_keys(seeds[0, 0]) if seeds is not None else None
         qg, scale_g = _quantize(g2, left, bounds[left.bound], keys, plan)
         qw, scale_w = _quantize(w2.t(), right, bounds[right.bound], None, plan)
-        grad_x = torch.empty_like(x, dtype=torch.float32, memory_format=torch.channels_last)
+        batch, channels, height, width = x.shape  # channels-last, filled image by image
+        grad_x = fused.empty_cached(x, [batch, height, width, channels], torch.float32)
+        grad_x = grad_x.permute(0, 3, 1, 2)
         per_image = qg.shape[0] // x.shape[0]
         image_bytes = per_image * (qg.shape[1] + 4 * qw.shape[0])  # int8 g rows in, int32 out
         pieces = im2col.pieces(qg.shape[0], per_image, image_bytes, _PIECE_BYTES)

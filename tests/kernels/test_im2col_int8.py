@@ -299,3 +299,21 @@ def test_lowp_epilogue_takes_the_fused_kernel_and_keeps_its_bits(fused):
     want = _scaled(acc, scale_a, scale_b).add_(bias)
     _assert_bitwise(lowp._epilogue(acc, scale_a, scale_b, bias, torch.float32), want)
     assert lowp._epilogue(acc, scale_a, scale_b, bias, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_empty_cached_gives_the_shape_and_dtype_asked(fused):
+    like = torch.empty(0)
+    cases = [([3, 5], torch.float32), ([0], torch.int8), ([2, 2048, 1024], torch.float32)]
+    for sizes, dtype in cases:
+        t = fused.empty_cached(like, sizes, dtype)
+        assert list(t.shape) == sizes and t.dtype == dtype and t.is_contiguous()
+        t.fill_(1)  # writable, all of it
+        assert int(t.sum()) == t.numel()
+    # schema and fake tensor only: an uninitialised output differs between runs by design
+    torch.library.opcheck(
+        torch.ops.qtrain.empty_cached,
+        (like, [4, 6], torch.float32),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    with pytest.raises(RuntimeError, match="sizes must be non-negative"):
+        fused.empty_cached(like, [3, -1], torch.float32)

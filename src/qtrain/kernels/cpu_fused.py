@@ -270,6 +270,10 @@ def _register_fakes() -> None:
     def _im2col_column_scales(x, kernel, stride, padding, dilation, bound):
         return x.new_empty(kernel[0] * kernel[1] * x.shape[1], dtype=torch.float32)
 
+    @torch.library.register_fake("qtrain::empty_cached")
+    def _empty_cached(like, sizes, dtype):
+        return like.new_empty(sizes, dtype=dtype)
+
     @torch.library.register_fake("qtrain::int8_epilogue")
     def _int8_epilogue(acc, scale_a, scale_b, bias):
         return acc.new_empty(acc.shape, dtype=torch.float32)
@@ -765,6 +769,20 @@ def int8_epilogue(
         return torch.ops.qtrain.int8_epilogue(acc, scale_a, scale_b, bias)
     torch.ops.qtrain.int8_epilogue_out(acc, scale_a, scale_b, bias, out)
     return out
+
+
+def empty_cached(like: torch.Tensor, sizes: list[int] | torch.Size, dtype: torch.dtype):
+    """An uninitialised CPU tensor from the extension's output allocator: from 4 MiB on
+    transparent huge pages, and a freed block of the same size reused (up to 256 MiB kept) —
+    for a result written in pieces every step, whose fresh pages would otherwise fault in one
+    at a time. ``like``: any CPU tensor (routes the call; not read).
+
+    >>> import torch
+    >>> fused = load()  # builds on first use
+    >>> fused.empty_cached(torch.empty(0), [2, 3], torch.float32).shape
+    torch.Size([2, 3])
+    """
+    return torch.ops.qtrain.empty_cached(like, list(sizes), dtype)
 
 
 def col2im_int8_epilogue(

@@ -2382,6 +2382,17 @@ void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& s
   });
 }
 
+// An uninitialised output from the extension's allocator (transparent huge pages from 4 MiB,
+// freed blocks kept for the next output of the same size): for a result the caller fills in
+// pieces, which would otherwise fault its fresh pages in one by one every step.
+// `like`: any CPU tensor (it routes the call to this CPU kernel; its values are not read).
+Tensor empty_cached(const Tensor& like, at::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_CHECK(like.device().is_cpu(), "qtrain::empty_cached: like must be a CPU tensor");
+  TORCH_CHECK(sizes.empty() || *std::min_element(sizes.begin(), sizes.end()) >= 0,
+              "qtrain::empty_cached: sizes must be non-negative, got ", sizes);
+  return empty_output(sizes, dtype);
+}
+
 Tensor int8_epilogue(const Tensor& acc, const Tensor& scale_a, const Tensor& scale_b,
                      const std::optional<Tensor>& bias) {
   TORCH_CHECK(acc.dim() == 2, "qtrain::int8_epilogue: acc must be a matrix, got ", acc.dim(),
@@ -2580,6 +2591,7 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "im2col_column_scales(Tensor x, int[2] kernel, int[2] stride, int[2] padding, "
       "int[2] dilation, Tensor bound) -> Tensor");
   m.def("int8_epilogue(Tensor acc, Tensor scale_a, Tensor scale_b, Tensor? bias) -> Tensor");
+  m.def("empty_cached(Tensor like, int[] sizes, ScalarType dtype) -> Tensor");
   m.def(
       "int8_epilogue_out(Tensor acc, Tensor scale_a, Tensor scale_b, Tensor? bias, "
       "Tensor(a!) out) -> ()");
@@ -2609,6 +2621,7 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("im2col_int8", &im2col_int8);
   m.impl("im2col_column_scales", &im2col_column_scales);
   m.impl("int8_epilogue", &int8_epilogue);
+  m.impl("empty_cached", &empty_cached);
   m.impl("int8_epilogue_out", &int8_epilogue_out);
   m.impl("col2im_int8_epilogue", &col2im_int8_epilogue);
 }
