@@ -331,7 +331,8 @@ def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
     if fused is not None:  # in pieces of rows
         values = _values_nhwc(x)
         args = (geometry.kernel, geometry.stride, geometry.padding, geometry.dilation)
-        y = torch.empty(batch * out_height * out_width, w2.shape[0], device=x.values.device)
+        rows = batch * out_height * out_width
+        y = fused.empty_cached(values, [rows, w2.shape[0]], torch.float32)  # filled by pieces
         for piece in im2col.pieces(y.shape[0], 1, 4 * (w2.shape[1] + y.shape[1]), _PIECE_BYTES):
             cols = fused.im2col_nhwc(values, *args, rows=(piece.start, piece.stop))
             y[piece] = exact_product(
@@ -365,7 +366,8 @@ def conv_grad_input(g, w, x_shape, conv_args, real: bool) -> torch.Tensor:
     g_offset, w_offset = offsets(g), offsets(w)
     if fused is not None and geometry.groups == 1 and not geometry.pointwise():
         batch, channels, height, width = x_shape
-        grad_x = torch.empty(x_shape, device=g.values.device, memory_format=torch.channels_last)
+        nhwc = [batch, height, width, channels]  # channels-last, filled image by image
+        grad_x = fused.empty_cached(rows, nhwc, torch.float32).permute(0, 3, 1, 2)
         per_image = rows.shape[0] // batch
         image_bytes = 4 * per_image * (rows.shape[1] + w2.shape[1])
         for piece in im2col.pieces(rows.shape[0], per_image, image_bytes, _PIECE_BYTES):
