@@ -2133,6 +2133,88 @@ float bound_value(const Tensor& bound_in, const char* what) {
   return bound;
 }
 
+// Short rows (K = kh·kw·C up to kTileMaxCols, a first layer's 9 or 27 values): per-field
+// loops of K values cost more in overhead than in work, so n adjacent fields of one output
+// row (b, oh, ow .. ow + n − 1) are built as a (K, n) tile — value k of every field in one
+// contiguous run — and the maxima, scales and levels run across the n fields; the levels are
+// then written back row-major. The same operations on the same values as the per-field path.
+constexpr int64_t kTileMaxCols = 32;
+
+struct FieldTile {
+  explicit FieldTile(const Conv2dGeometry& geometry)
+      : cols(geometry.cols()),
+        width(geometry.out[1]),
+        values(cols * width),
+        levels(cols * width),
+        amax(width),
+        inverse(width) {}
+
+  // Fields first .. first + n − 1 (global rows of the im2col matrix, one output row).
+  template <class T>
+  void build(const T* x, const Conv2dGeometry& g, int64_t first, int64_t count) {
+    n = count;
+    const int64_t ow0 = first % g.out[1], oh = first / g.out[1] % g.out[0];
+    const int64_t b = first / (g.out[0] * g.out[1]), channels = g.channels;
+    for (int64_t i = 0; i < g.kernel[0]; ++i) {
+      const int64_t h = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
+      const bool inside = h >= 0 && h < g.height;
+      const T* line = x + (b * g.height + (inside ? h : 0)) * g.width * channels;
+      for (int64_t j = 0; j < g.kernel[1]; ++j) {
+        for (int64_t c = 0; c < channels; ++c) {
+          float* t = values.data() + ((i * g.kernel[1] + j) * channels + c) * n;
+          for (int64_t idx = 0; idx < n; ++idx) {
+            const int64_t w = (ow0 + idx) * g.stride[1] - g.padding[1] + j * g.dilation[1];
+            t[idx] = inside && w >= 0 && w < g.width ? static_cast<float>(line[w * channels + c])
+                                                     : 0.0f;
+          }
+        }
+      }
+    }
+  }
+
+  // Levels into rows q[0 .. n) (row-major, K each): with row_scale, each field's scale from
+  // its absmax (written there); else column_inverse's per-column scales. column_max: folds
+  // each column's absmax bits in.
+  void quantize(int8_t* q, float* row_scale, const float* column_inverse, float bound,
+                uint32_t* column_max) {
+    if (row_scale != nullptr) {
+      std::fill(amax.begin(), amax.begin() + n, 0u);
+      for (int64_t k = 0; k < cols; ++k) fold_abs_bits(values.data() + k * n, amax.data(), n);
+      for (int64_t idx = 0; idx < n; ++idx) {
+        row_scale[idx] = scale_from_amax(amax[idx], bound);
+        inverse[idx] = 1.0f / row_scale[idx];
+      }
+    }
+    for (int64_t k = 0; k < cols; ++k) {
+      const float* __restrict t = values.data() + k * n;
+      int8_t* __restrict out = levels.data() + k * n;
+      if (column_max != nullptr) column_max[k] = std::max(column_max[k], abs_bits_max(t, n));
+      if (row_scale != nullptr) {
+        const float* __restrict inv = inverse.data();
+#pragma omp simd
+        for (int64_t idx = 0; idx < n; ++idx) {
+          out[idx] = int8_level<int8_t>(clamp_level(std::nearbyint(t[idx] * inv[idx]), -bound, bound));
+        }
+      } else {
+        const float column = column_inverse[k];
+#pragma omp simd
+        for (int64_t idx = 0; idx < n; ++idx) {
+          out[idx] = int8_level<int8_t>(clamp_level(std::nearbyint(t[idx] * column), -bound, bound));
+        }
+      }
+    }
+    for (int64_t idx = 0; idx < n; ++idx) {
+      for (int64_t k = 0; k < cols; ++k) q[idx * cols + k] = levels[k * n + idx];
+    }
+  }
+
+  int64_t cols, width, n = 0;
+  std::vector<float> values;
+  std::vector<int8_t> levels;
+  std::vector<uint32_t> amax;
+  std::vector<float> inverse;
+};
+
 // Rows [row_begin, row_end) of im2col_nhwc(x) as int8 levels (row-major) and their scales:
 // without column_scale, a scale per row from its absmax (quantize_rows_int8(rows, bound, true));
 // with column_scale ((kh·kw·C,) float32), those scales per column (quantize_rows_int8 of the
@@ -2185,7 +2267,19 @@ std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayR
   at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
     std::vector<float> row(cols);
     std::vector<uint32_t> maxima(column_amax ? cols : 0, 0u);
-    for (int64_t r = b; r < e; ++r) {
+    if (cols <= kTileMaxCols) {  // short rows: a tile of fields at a time (see below)
+      FieldTile tile(g);
+      for (int64_t r = b; r < e;) {
+        const int64_t ow = (row_begin + r) % g.out[1];
+        const int64_t n = std::min(g.out[1] - ow, e - r);
+        tile.build(x, g, row_begin + r, n);
+        tile.quantize(q + r * cols, column_scale_in ? nullptr : s + r,
+                      column_scale_in ? inverse.data() : nullptr, bound,
+                      column_amax ? maxima.data() : nullptr);
+        r += n;
+      }
+    }
+    for (int64_t r = cols <= kTileMaxCols ? e : b; r < e; ++r) {
       im2col_row(x, g, columns_inside, row_begin + r, row.data());
       if (column_amax) fold_abs_bits(row.data(), maxima.data(), cols);
       if (column_scale_in) {
