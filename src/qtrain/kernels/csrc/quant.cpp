@@ -2115,14 +2115,17 @@ inline void fold_abs_bits(const float* __restrict x, uint32_t* __restrict maxima
   }
 }
 
+// The int8 level of v = x·(1/scale), rounded half to even and clamped to ±bound, as
+// int8_levels_run computes it.
+inline int8_t nearest_level(float v, float bound) {
+  return int8_level<int8_t>(clamp_level(std::nearbyint(v), -bound, bound));
+}
+
 // Levels of x[0, n) with a scale per column: round(x[k]·inverse[k]) clamped to ±bound.
 void int8_levels_columns(const float* __restrict x, int8_t* __restrict q, int64_t n,
                          const float* __restrict inverse, float bound) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    const float rounded = std::nearbyint(x[k] * inverse[k]);
-    q[k] = int8_level<int8_t>(clamp_level(rounded, -bound, bound));
-  }
+  for (int64_t k = 0; k < n; ++k) q[k] = nearest_level(x[k] * inverse[k], bound);
 }
 
 float bound_value(const Tensor& bound_in, const char* what) {
@@ -2193,13 +2196,13 @@ struct FieldTile {
         const float* __restrict inv = inverse.data();
 #pragma omp simd
         for (int64_t idx = 0; idx < n; ++idx) {
-          out[idx] = int8_level<int8_t>(clamp_level(std::nearbyint(t[idx] * inv[idx]), -bound, bound));
+          out[idx] = nearest_level(t[idx] * inv[idx], bound);
         }
       } else {
         const float column = column_inverse[k];
 #pragma omp simd
         for (int64_t idx = 0; idx < n; ++idx) {
-          out[idx] = int8_level<int8_t>(clamp_level(std::nearbyint(t[idx] * column), -bound, bound));
+          out[idx] = nearest_level(t[idx] * column, bound);
         }
       }
     }
@@ -2264,36 +2267,38 @@ std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayR
   std::mutex merge;
   const auto columns_inside = kernel_columns_inside(g);
   const auto build = [&](const auto* x) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
-    std::vector<float> row(cols);
-    std::vector<uint32_t> maxima(column_amax ? cols : 0, 0u);
-    if (cols <= kTileMaxCols) {  // short rows: a tile of fields at a time (see below)
-      FieldTile tile(g);
-      for (int64_t r = b; r < e;) {
-        const int64_t ow = (row_begin + r) % g.out[1];
-        const int64_t n = std::min(g.out[1] - ow, e - r);
-        tile.build(x, g, row_begin + r, n);
-        tile.quantize(q + r * cols, column_scale_in ? nullptr : s + r,
-                      column_scale_in ? inverse.data() : nullptr, bound,
-                      column_amax ? maxima.data() : nullptr);
-        r += n;
-      }
-    }
-    for (int64_t r = cols <= kTileMaxCols ? e : b; r < e; ++r) {
-      im2col_row(x, g, columns_inside, row_begin + r, row.data());
-      if (column_amax) fold_abs_bits(row.data(), maxima.data(), cols);
-      if (column_scale_in) {
-        int8_levels_columns(row.data(), q + r * cols, cols, inverse.data(), bound);
+    const int64_t grain = std::max<int64_t>(1, kMinPerThread / cols);
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+      std::vector<float> row(cols);
+      std::vector<uint32_t> maxima(column_amax ? cols : 0, 0u);
+      if (cols <= kTileMaxCols) {  // short rows: a tile of fields at a time (see below)
+        FieldTile tile(g);
+        for (int64_t r = b; r < e;) {
+          const int64_t ow = (row_begin + r) % g.out[1];
+          const int64_t n = std::min(g.out[1] - ow, e - r);
+          tile.build(x, g, row_begin + r, n);
+          tile.quantize(q + r * cols, column_scale_in ? nullptr : s + r,
+                        column_scale_in ? inverse.data() : nullptr, bound,
+                        column_amax ? maxima.data() : nullptr);
+          r += n;
+        }
       } else {
-        s[r] = scale_from_amax(abs_bits_max(row.data(), cols), bound);
-        int8_levels<false>(row.data(), q + r * cols, cols, 0, 1.0f / s[r], bound, Keys{});
+        for (int64_t r = b; r < e; ++r) {
+          im2col_row(x, g, columns_inside, row_begin + r, row.data());
+          if (column_amax) fold_abs_bits(row.data(), maxima.data(), cols);
+          if (column_scale_in) {
+            int8_levels_columns(row.data(), q + r * cols, cols, inverse.data(), bound);
+          } else {
+            s[r] = scale_from_amax(abs_bits_max(row.data(), cols), bound);
+            int8_levels<false>(row.data(), q + r * cols, cols, 0, 1.0f / s[r], bound, Keys{});
+          }
+        }
       }
-    }
-    if (column_amax) {
-      const std::lock_guard<std::mutex> lock(merge);
-      for (int64_t k = 0; k < cols; ++k) column_max[k] = std::max(column_max[k], maxima[k]);
-    }
-  });
+      if (column_amax) {
+        const std::lock_guard<std::mutex> lock(merge);
+        for (int64_t k = 0; k < cols; ++k) column_max[k] = std::max(column_max[k], maxima[k]);
+      }
+    });
   };
   if (x_nhwc.scalar_type() == at::kBFloat16) {
     build(x_nhwc.data_ptr<at::BFloat16>());
@@ -2448,7 +2453,8 @@ void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& s
   // The float32 result, then (a bfloat16 out) rounded to nearest even as torch's .to() does.
   const auto run = [&](const auto* a, auto* y) {
     using Out = std::remove_pointer_t<decltype(y)>;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
+    const int64_t grain = std::max<int64_t>(1, kMinPerThread / cols);
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
         const auto* __restrict in = a + m * acc_stride;
         Out* __restrict row = y + m * out_stride;
