@@ -143,7 +143,7 @@ def integer_values(t: torch.Tensor, qparams: QParams, spec: QuantSpec) -> Intege
     else:
         axis = spec.granularity.axis % t.dim()
         view = scale.view([-1 if d == axis else 1 for d in range(t.dim())])
-    values = torch.round(t.to(torch.float32) / view)
+    values = (t.to(torch.float32) / view).round_()  # in place: one fresh tensor, not two
     return IntegerValues(values, scale.reshape(-1), qparams.zero_point.reshape(-1), spec.format)
 
 
