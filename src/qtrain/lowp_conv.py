@@ -202,7 +202,6 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
     a time (grad-input); g's levels per output channel times x's im2col levels per column,
     built a piece of rows at a time and summed exactly (grad-weight)."""
     fused, plan, geometry = ctx.int8_rows, ctx.plan, ctx.geometry
-    x_rows = _rows_input(x)
     g2 = grad_out.to(torch.float32)
     w2 = im2col.weight_rows(weight, fused)
     grad_x = grad_w = grad_b = None
@@ -229,7 +228,7 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         left, right = plan.grad_weight
         keys = _hash_keys(seeds[1, 0]) if seeds is not None else None
         qg_t, scale_g = _quantize(g2.t(), left, bounds[left.bound], keys, plan)
-        args = _geometry_args(geometry)
+        args, x_rows = _geometry_args(geometry), _rows_input(x)
         # x's column scales from the forward's rows (bitwise im2col_column_scales(x)'s)
         scale_cols = _scale_from_amax(ctx.column_amax.view(torch.float32), bounds[right.bound])
         acc = None
