@@ -216,6 +216,9 @@ def exact_acc(
     k = a.shape[1]
     a_limbs, a_total = _limbs(a, a_offset, a_wide)
     b_limbs, b_total = _limbs(b, b_offset, b_wide)
+    if real:  # int8 once per limb, not once per product it enters (a wide operand: two)
+        a_limbs = [(limb.to(torch.int8), weight) for limb, weight in a_limbs]
+        b_limbs = [(limb.to(torch.int8), weight) for limb, weight in b_limbs]
     # int32 holds every partial sum of two 8-bit operands' terms (|q − z| ≤ 255) up to this K.
     dtype = torch.int32 if not (a_wide or b_wide) and k <= _INT32_DEPTH else torch.float64
     terms = [
