@@ -34,6 +34,10 @@ class ConvGeometry:
     dilation: tuple[int, int]
     groups: int
 
+    def args(self) -> tuple[tuple[int, int], ...]:
+        """(kernel, stride, padding, dilation): the cpu_fused conv kernels' geometry arguments."""
+        return self.kernel, self.stride, self.padding, self.dilation
+
     def pointwise(self) -> bool:
         """A 1×1 convolution with stride 1 and no padding: x's pixels are the rows, no im2col."""
         return self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)

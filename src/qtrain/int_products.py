@@ -333,7 +333,7 @@ def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
     x_offset, w_offset = offsets(x), offsets(w)
     if fused is not None:  # in pieces of rows
         values = _values_nhwc(x)
-        args = (geometry.kernel, geometry.stride, geometry.padding, geometry.dilation)
+        args = geometry.args()
         rows = batch * out_height * out_width
         y = fused.empty_cached(values, [rows, w2.shape[0]], torch.float32)  # filled by pieces
         for piece in im2col.pieces(y.shape[0], 1, 4 * (w2.shape[1] + y.shape[1]), _PIECE_BYTES):
@@ -399,7 +399,7 @@ def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch
     g_offset, x_offset = offsets(g), offsets(x)
     if fused is not None:  # in pieces of depth, their integers summed exactly in float64
         values = _values_nhwc(x)
-        args = (geometry.kernel, geometry.stride, geometry.padding, geometry.dilation)
+        args = geometry.args()
         columns = im2col.weight_rows(weight, fused).shape[1]
         acc = None
         depth_pieces = im2col.pieces(

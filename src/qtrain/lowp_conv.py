@@ -136,10 +136,6 @@ def _int8_rows(x: torch.Tensor, weight: torch.Tensor, plan: _Plan, geometry):
     return fused
 
 
-def _geometry_args(geometry: im2col.ConvGeometry) -> tuple:
-    return geometry.kernel, geometry.stride, geometry.padding, geometry.dilation
-
-
 def _rows_input(x: torch.Tensor) -> torch.Tensor:
     """x as the kernels read it: float32 or bfloat16 (widened exactly in the kernel), channels-
     last; converted once per call, not once per piece (im2col_int8 converts what it gets)."""
@@ -186,7 +182,7 @@ def _forward_int8_rows(
     amax = None
     for piece in pieces:
         qx, scale_x, piece_amax = fused.im2col_int8(
-            x, *_geometry_args(geometry), rows=(piece.start, piece.stop), bound=bounds[left.bound],
+            x, *geometry.args(), rows=(piece.start, piece.stop), bound=bounds[left.bound],
             column_amax=column_amax,
         )  # fmt: skip
         if column_amax:  # bit patterns of non-negative floats: ordered as the floats
@@ -220,7 +216,7 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         for piece in pieces:
             acc = levels_product(qg[piece], qw, plan.emulate, _rows_of(buffer, piece))
             fused.col2im_int8_epilogue(
-                acc, scale_g[piece], scale_w, grad_x, *_geometry_args(geometry),
+                acc, scale_g[piece], scale_w, grad_x, *geometry.args(),
                 image_begin=piece.start // per_image,
             )  # fmt: skip
         grad_x = grad_x.to(x.dtype)
@@ -228,8 +224,9 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         left, right = plan.grad_weight
         keys = _hash_keys(seeds[1, 0]) if seeds is not None else None
         qg_t, scale_g = _quantize(g2.t(), left, bounds[left.bound], keys, plan)
-        args, x_rows = _geometry_args(geometry), _rows_input(x)
-        # x's column scales from the forward's rows (bitwise im2col_column_scales(x)'s)
+        args, x_rows = geometry.args(), _rows_input(x)
+        # x's column scales from the forward's rows' absmax (bitwise those of
+        # quantize_rows_int8(im2col(x)ᵀ))
         scale_cols = _scale_from_amax(ctx.column_amax.view(torch.float32), bounds[right.bound])
         acc = None
         cols = w2.shape[1]

@@ -1,7 +1,7 @@
 """cpu_fused's kernels of qtrain.lowp's int8 convolutions, against the compositions they fuse:
 ``im2col_int8`` (quantized im2col rows, never the float matrix) against ``quantize_rows_int8``
 of ``im2col_nhwc``'s matrix — row-wise, and with per-column scales against the quantized
-transpose — and ``im2col_column_scales`` against that transpose's scales; ``int8_epilogue``
+transpose, and its column absmax against that transpose's scales; ``int8_epilogue``
 against lowp's PyTorch epilogue for every accumulator dtype; ``col2im_int8_epilogue`` against
 ``col2im_nhwc`` of the scaled matrix. All bit for bit, over the geometries, channel counts and
 layouts of test_im2col, row and image pieces, non-finite values, one or two threads; plus the
@@ -67,9 +67,7 @@ def test_column_scales_and_levels_are_those_of_the_transposed_matrix(fused, geom
         x = _laid_out(_images(batch, channels, 7, 9, seed=3 * channels + batch), layout)
         cols = fused.im2col_nhwc(x, *geometry)
         bound = _bound(BOUNDS[batch % 2])
-        want_q, want_scale = fused.quantize_rows_int8(cols.t(), bound, True)
-        scale = fused.im2col_column_scales(x, *geometry, bound=bound)
-        _assert_bitwise(scale, want_scale)
+        want_q, scale = fused.quantize_rows_int8(cols.t(), bound, True)
         rows = cols.shape[0]
         for begin, end in [(0, rows), (rows // 2, rows)]:
             q, returned = fused.im2col_int8(
@@ -82,13 +80,15 @@ def test_column_scales_and_levels_are_those_of_the_transposed_matrix(fused, geom
 @pytest.mark.parametrize("geometry", GEOMETRIES[::3], ids=str)
 def test_column_amax_over_pieces_gives_the_column_scales(fused, geometry):
     """The forward's rows give backward its column scales: the maximum over pieces of
-    im2col_int8's column absmax, scaled as lowp does, is im2col_column_scales bit for bit."""
+    im2col_int8's column absmax, scaled as lowp does, is the scale quantize_rows_int8 gives
+    the matrix's transpose, bit for bit."""
     for channels in CHANNELS:
         x = _images(3, channels, 7, 9, seed=channels).contiguous(memory_format=torch.channels_last)
         if channels == 3:
             x[1, 2, 3, 4] = NAN
         bound = _bound(BOUNDS[channels % 2])
-        rows = fused.im2col_nhwc(x, *geometry).shape[0]
+        cols = fused.im2col_nhwc(x, *geometry)
+        rows = cols.shape[0]
         amax = None
         for begin, end in [(0, rows // 3), (rows // 3, rows // 2), (rows // 2, rows)]:
             q, scale, piece = fused.im2col_int8(
@@ -97,7 +97,7 @@ def test_column_amax_over_pieces_gives_the_column_scales(fused, geometry):
             assert piece.dtype == torch.int32 and (piece >= 0).all()
             amax = piece if amax is None else torch.maximum(amax, piece)
         got = lowp._scale_from_amax(amax.view(torch.float32), bound)
-        want = fused.im2col_column_scales(x, *geometry, bound=bound)
+        want = fused.quantize_rows_int8(cols.t(), bound, True)[1]
         assert torch.equal(got.isnan(), want.isnan())
         _assert_bitwise(got[~got.isnan()], want[~want.isnan()])
 
@@ -119,11 +119,12 @@ def test_non_finite_values_and_zeros_quantize_as_the_composition(fused):
         assert torch.equal(scale.isnan(), want_scale.isnan())
         finite = ~scale.isnan()
         _assert_bitwise(scale[finite], want_scale[finite])
-        column_scale = fused.im2col_column_scales(x, *geometry, bound=bound)
-        want_q, want_scale = fused.quantize_rows_int8(cols.t(), bound, True)
-        assert torch.equal(column_scale.isnan(), want_scale.isnan())
-        finite = ~column_scale.isnan()
-        _assert_bitwise(column_scale[finite], want_scale[finite])
+        want_q, column_scale = fused.quantize_rows_int8(cols.t(), bound, True)
+        _, _, amax = fused.im2col_int8(x, *geometry, bound=bound, column_amax=True)
+        got = lowp._scale_from_amax(amax.view(torch.float32), bound)
+        assert torch.equal(got.isnan(), column_scale.isnan())
+        finite = ~got.isnan()
+        _assert_bitwise(got[finite], column_scale[finite])
         q, _ = fused.im2col_int8(x, *geometry, bound=bound, column_scale=column_scale)
         assert torch.equal(q, want_q.t())
 
@@ -134,7 +135,8 @@ def test_a_bfloat16_x_is_its_float32_widening_and_a_bfloat16_out_its_rounding(fu
     bound = _bound(127.0)
     for geometry in [(3, 1, 1, 1), (2, 2, 0, 1)]:
         for column in (False, True):
-            scale = fused.im2col_column_scales(wide, *geometry, bound=bound) if column else None
+            cols = fused.im2col_nhwc(wide, *geometry)
+            scale = fused.quantize_rows_int8(cols.t(), bound, True)[1] if column else None
             got = fused.im2col_int8(x, *geometry, bound=bound, column_scale=scale, column_amax=True)
             want = fused.im2col_int8(
                 wide, *geometry, bound=bound, column_scale=scale, column_amax=True
@@ -156,7 +158,8 @@ def test_an_all_zero_input_has_scale_one(fused):
     x = torch.zeros(2, 3, 5, 5)
     q, scale = fused.im2col_int8(x, 3, 1, 1, bound=_bound(127.0))
     assert not q.any() and torch.equal(scale, torch.ones_like(scale))
-    assert torch.equal(fused.im2col_column_scales(x, 3, 1, 1, bound=_bound(127.0)), torch.ones(27))
+    _, _, amax = fused.im2col_int8(x, 3, 1, 1, bound=_bound(127.0), column_amax=True)
+    assert torch.equal(lowp._scale_from_amax(amax.view(torch.float32), 127.0), torch.ones(27))
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float32, torch.float64])
@@ -223,12 +226,12 @@ def test_one_and_two_threads_give_the_same_bits(fused):
         results = []
         for count in (1, 2):
             with _threads(count):
-                q, scale = fused.im2col_int8(x, *geometry, bound=bound)
-                column = fused.im2col_column_scales(x, *geometry, bound=bound)
+                q, scale, amax = fused.im2col_int8(x, *geometry, bound=bound, column_amax=True)
+                column = lowp._scale_from_amax(amax.view(torch.float32), bound)
                 acc = q.to(torch.int32)
                 grad = torch.empty_like(x)
                 fused.col2im_int8_epilogue(acc, scale, column, grad, *geometry)
-                results.append((q, scale, column, grad, fused.int8_epilogue(acc, scale, column)))
+                results.append((q, scale, amax, grad, fused.int8_epilogue(acc, scale, column)))
         for one, two in zip(*results, strict=True):
             assert torch.equal(one, two)
 
@@ -245,7 +248,7 @@ def test_the_kernels_check_their_arguments(fused):
     with pytest.raises(RuntimeError, match="column_scale must be a float32 CPU tensor of"):
         fused.im2col_int8(x, 3, bound=bound, column_scale=torch.ones(17))
     with pytest.raises(RuntimeError, match="stride must be two ints >= 1"):
-        fused.im2col_column_scales(x, 3, stride=0, bound=bound)
+        fused.im2col_int8(x, 3, stride=0, bound=bound)
     acc = torch.ones(9, 18, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="acc must be int32, int64, float32 or float64"):
         fused.int8_epilogue(acc.to(torch.int16), torch.ones(9), torch.ones(18))
@@ -272,11 +275,11 @@ def test_ops_pass_opcheck(fused):
     bound = _bound(127.0)
     for geometry in [(3, 1, 1, 1), ((2, 3), (2, 1), (0, 1), 2)]:
         args = _args(geometry)
-        scale = fused.im2col_column_scales(x, *geometry, bound=bound)
+        cols = fused.im2col_nhwc(x, *geometry)
+        scale = fused.quantize_rows_int8(cols.t(), bound, True)[1]
         torch.library.opcheck(torch.ops.qtrain.im2col_int8, (x, *args, 0, 5, bound, None))
         torch.library.opcheck(torch.ops.qtrain.im2col_int8, (x, *args, 2, 9, bound, scale))
         torch.library.opcheck(torch.ops.qtrain.im2col_int8, (x, *args, 1, 7, bound, None, True))
-        torch.library.opcheck(torch.ops.qtrain.im2col_column_scales, (x, *args, bound))
         q, row_scale = fused.im2col_int8(x, *geometry, bound=bound)
         acc = q.to(torch.int32)
         torch.library.opcheck(torch.ops.qtrain.int8_epilogue, (acc, row_scale, scale, None))

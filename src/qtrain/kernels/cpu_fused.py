@@ -259,16 +259,15 @@ def _register_fakes() -> None:
     def _im2col_int8(
         x, kernel, stride, padding, dilation, row_begin, row_end, bound, column, amax=False
     ):
-        _, channels, _, _ = x.shape
+        batch, channels, height, width = x.shape
+        if row_end is None:
+            out_h, out_w = conv_output_size((height, width), kernel, stride, padding, dilation)
+            row_end = batch * out_h * out_w
         rows, cols = row_end - row_begin, kernel[0] * kernel[1] * channels
         scales = cols if column is not None else rows
         levels = x.new_empty((rows, cols), dtype=torch.int8)
         amax_bits = x.new_empty(cols if amax else 0, dtype=torch.int32)
         return levels, x.new_empty(scales, dtype=torch.float32), amax_bits
-
-    @torch.library.register_fake("qtrain::im2col_column_scales")
-    def _im2col_column_scales(x, kernel, stride, padding, dilation, bound):
-        return x.new_empty(kernel[0] * kernel[1] * x.shape[1], dtype=torch.float32)
 
     @torch.library.register_fake("qtrain::empty_cached")
     def _empty_cached(like, sizes, dtype):
@@ -606,15 +605,18 @@ def _pair(value: IntPair) -> list[int]:
     return [value, value] if isinstance(value, int) else list(value)
 
 
+def _geometry(kernel: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair):
+    """The four int[2] arguments of the conv kernels, from ints or pairs."""
+    return _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+
+
 def conv_output_size(
     size: tuple[int, int], kernel: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair
 ) -> tuple[int, int]:
     """(H', W') of a convolution of an H × W input: (H + 2p − d·(k − 1) − 1) // s + 1 each."""
     return tuple(  # type: ignore[return-value]
         (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(
-            size, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), strict=True
-        )
+        for n, k, s, p, d in zip(size, *_geometry(kernel, stride, padding, dilation), strict=True)
     )
 
 
@@ -651,7 +653,7 @@ def im2col_nhwc(
     """
     begin, end = (0, None) if rows is None else rows
     return torch.ops.qtrain.im2col_nhwc(
-        x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), begin, end
+        x, *_geometry(kernel, stride, padding, dilation), begin, end
     )
 
 
@@ -680,7 +682,7 @@ def col2im_nhwc(
     tensor([[[[1., 2., 2., 1.]]]])
     """
     return torch.ops.qtrain.col2im_nhwc(
-        cols, list(x_shape), _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+        cols, list(x_shape), *_geometry(kernel, stride, padding, dilation)
     )
 
 
@@ -703,12 +705,12 @@ def im2col_int8(
     without building the float32 matrix: each row is built in a buffer and quantized while in
     cache. Without ``column_scale``: a scale per row from its absmax — bitwise
     ``quantize_rows_int8(im2col_nhwc(x)[begin:end], bound, True)``; with ``column_scale`` (one
-    float32 scale per column, e.g. ``im2col_column_scales``): those, as ``quantize_rows_int8``
+    float32 scale per column): those, as ``quantize_rows_int8``
     gives the transposed matrix, transposed back (and a copy of the scales is returned). Nearest
     rounding. Returns (row-major int8 levels, scales); with ``column_amax`` also each column's
     absmax over these rows as float32 bit patterns in an int32 (K,) tensor (``.view(
-    torch.float32)`` reads them; the maximum over pieces is the matrix's: what
-    ``im2col_column_scales`` scales).
+    torch.float32)`` reads them; the maximum over pieces is the matrix's: the absmax that
+    ``quantize_rows_int8`` of the matrix's transpose scales by).
 
     >>> import torch
     >>> fused = load()  # builds on first use
@@ -717,33 +719,12 @@ def im2col_int8(
     >>> q.tolist(), scale.tolist()
     ([[64, -127], [-127, 32]], [0.015748031437397003, 0.015748031437397003])
     """
-    if rows is None:
-        batch, _, height, width = x.shape
-        out_h, out_w = conv_output_size((height, width), kernel, stride, padding, dilation)
-        rows = (0, batch * out_h * out_w)
+    begin, end = (0, None) if rows is None else rows
     levels, scale, amax = torch.ops.qtrain.im2col_int8(
-        x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), *rows, bound,
+        x, *_geometry(kernel, stride, padding, dilation), begin, end, bound,
         column_scale, column_amax,
     )  # fmt: skip
     return (levels, scale, amax) if column_amax else (levels, scale)
-
-
-def im2col_column_scales(
-    x: torch.Tensor,
-    kernel: IntPair,
-    stride: IntPair = 1,
-    padding: IntPair = 0,
-    dilation: IntPair = 1,
-    *,
-    bound: torch.Tensor,
-) -> torch.Tensor:
-    """The absmax scale of each column of ``im2col_nhwc(x, ...)`` (absmax / bound, at least the
-    smallest normal float, 1 for an all-zero column, NaN where the column holds a NaN):
-    bitwise the scales of ``quantize_rows_int8(im2col_nhwc(x).t(), bound, True)``, read
-    straight from x."""
-    return torch.ops.qtrain.im2col_column_scales(
-        x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), bound
-    )
 
 
 def int8_epilogue(
@@ -802,8 +783,8 @@ def col2im_int8_epilogue(
     bitwise — in one pass: ``acc`` is the (n·H'·W', kh·kw·C) grad-input product of their im2col
     rows (int32, int64, float32 or float64, unit column stride)."""
     torch.ops.qtrain.col2im_int8_epilogue(
-        acc, scale_a, scale_b, grad_x, _pair(kernel), _pair(stride), _pair(padding),
-        _pair(dilation), image_begin,
+        acc, scale_a, scale_b, grad_x, *_geometry(kernel, stride, padding, dilation),
+        image_begin,
     )  # fmt: skip
 
 

@@ -1989,6 +1989,16 @@ void check_conv_input(const Tensor& x, const char* what) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, what, ": x must be float32, got ", x.scalar_type());
 }
 
+// The end of rows [row_begin, row_end) of the im2col matrix (None: its last row), checked.
+int64_t row_range_end(const char* what, const Conv2dGeometry& g, int64_t row_begin,
+                      std::optional<int64_t> row_end_in) {
+  const int64_t row_end = row_end_in.value_or(g.rows());
+  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= g.rows(), what,
+              ": rows must satisfy 0 <= row_begin <= row_end <= ", g.rows(), ", got [",
+              row_begin, ", ", row_end, ")");
+  return row_end;
+}
+
 // x: a float32 (B, C, H, W) tensor, read as channels-last (other layouts are copied to it
 // first). Returns the row-major (B·H'·W', kh·kw·C) float32 matrix described above; values are
 // copied bit for bit (NaN, inf and -0 included), padding reads +0.
@@ -1999,10 +2009,7 @@ Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef s
   const char* what = "qtrain::im2col_nhwc";
   check_conv_input(x_in, what);
   const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
-  const int64_t row_end = row_end_in.value_or(g.rows());
-  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= g.rows(), what,
-              ": rows must satisfy 0 <= row_begin <= row_end <= ", g.rows(), ", got [",
-              row_begin, ", ", row_end, ")");
+  const int64_t row_end = row_range_end(what, g, row_begin, row_end_in);
   Tensor out = empty_output({row_end - row_begin, g.cols()}, at::kFloat);
   if (out.numel() == 0) return out;
   const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -2227,7 +2234,8 @@ struct FieldTile {
 std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayRef kernel,
                                                at::IntArrayRef stride, at::IntArrayRef padding,
                                                at::IntArrayRef dilation, int64_t row_begin,
-                                               int64_t row_end, const Tensor& bound_in,
+                                               std::optional<int64_t> row_end_in,
+                                               const Tensor& bound_in,
                                                const std::optional<Tensor>& column_scale_in,
                                                bool column_amax) {
   const char* what = "qtrain::im2col_int8";
@@ -2236,9 +2244,7 @@ std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayR
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, what,
               ": x must be float32 or bfloat16, got ", x_in.scalar_type());
   const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
-  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= g.rows(), what,
-              ": rows must satisfy 0 <= row_begin <= row_end <= ", g.rows(), ", got [",
-              row_begin, ", ", row_end, ")");
+  const int64_t row_end = row_range_end(what, g, row_begin, row_end_in);
   const float bound = bound_value(bound_in, what);
   const int64_t rows = row_end - row_begin, cols = g.cols();
   std::vector<float> inverse;
@@ -2306,81 +2312,6 @@ std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayR
     build(x_nhwc.data_ptr<float>());
   }
   return {levels, scale, amax};
-}
-
-// The scale of each column of im2col_nhwc(x) from its absmax (quantize_rows_int8 of the
-// matrix's transpose, rowwise): column (i, j, c) holds channel c of the input pixels that
-// kernel offset (i, j) reaches, and padding's zeros. Read straight from x, kw times: for each
-// input row h and kernel column j, the channel maxima over the pixels that j reaches in that
-// row; merged into every (i, j) whose kernel row i reaches h. Threads take whole images and
-// keep their own maxima, merged at the end.
-Tensor im2col_column_scales(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation,
-                            const Tensor& bound_in) {
-  const char* what = "qtrain::im2col_column_scales";
-  check_conv_input(x_in, what);
-  const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
-  const float bound = bound_value(bound_in, what);
-  const int64_t cols = g.cols(), channels = g.channels, kernel_w = g.kernel[1];
-  const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const float* x = x_nhwc.data_ptr<float>();
-  // Kernel column j reaches input columns (ow·sw − pw + j·dw) for ow in [first[j], last[j]).
-  const auto columns_inside = kernel_columns_inside(g);
-  std::vector<int64_t> first(kernel_w, g.out[1]), last(kernel_w, 0);
-  for (int64_t ow = 0; ow < g.out[1]; ++ow) {
-    for (int64_t j = columns_inside[ow].first; j < columns_inside[ow].second; ++j) {
-      first[j] = std::min(first[j], ow);
-      last[j] = std::max(last[j], ow + 1);
-    }
-  }
-  // Kernel row i reaches input row h where h = oh·sh − ph + i·dh for some oh in [0, H').
-  const auto row_reaches = [&](int64_t i, int64_t h) {
-    const int64_t offset = h + g.padding[0] - i * g.dilation[0];
-    return offset >= 0 && offset % g.stride[0] == 0 && offset / g.stride[0] < g.out[0];
-  };
-  const int chunks = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(g.batch, at::get_num_threads())));
-  std::vector<std::vector<uint32_t>> maxima(chunks, std::vector<uint32_t>(cols, 0));
-  const int64_t per_chunk = (g.batch + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<uint32_t> row_maxima(kernel_w * channels);
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      uint32_t* m = maxima[chunk].data();
-      const int64_t b_end = std::min(g.batch, (chunk + 1) * per_chunk);
-      for (int64_t b = chunk * per_chunk; b < b_end; ++b) {
-        for (int64_t h = 0; h < g.height; ++h) {
-          const float* pixels = x + (b * g.height + h) * g.width * channels;
-          for (int64_t j = 0; j < kernel_w; ++j) {
-            uint32_t* __restrict column = row_maxima.data() + j * channels;
-            std::fill(column, column + channels, 0u);
-            for (int64_t ow = first[j]; ow < last[j]; ++ow) {
-              const float* __restrict pixel =
-                  pixels + (ow * g.stride[1] - g.padding[1] + j * g.dilation[1]) * channels;
-              fold_abs_bits(pixel, column, channels);
-            }
-          }
-          for (int64_t i = 0; i < g.kernel[0]; ++i) {
-            if (!row_reaches(i, h)) continue;
-            uint32_t* __restrict out = m + i * kernel_w * channels;
-            const uint32_t* __restrict in = row_maxima.data();
-#pragma omp simd
-            for (int64_t k = 0; k < kernel_w * channels; ++k) {
-              const uint32_t a = out[k], b = in[k];  // values: std::max's references do not
-              out[k] = a > b ? a : b;                 // vectorise (see reduce_columns)
-            }
-          }
-        }
-      }
-    }
-  });
-  Tensor scale = at::empty({cols}, at::kFloat);
-  float* s = scale.data_ptr<float>();
-  for (int64_t k = 0; k < cols; ++k) {
-    uint32_t amax = 0;
-    for (const auto& m : maxima) amax = std::max(amax, m[k]);
-    s[k] = scale_from_amax(amax, bound);
-  }
-  return scale;
 }
 
 // An accumulator's value as float32, rounded to nearest even as torch's .to(torch.float32).
@@ -2685,11 +2616,8 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "int[2] dilation) -> Tensor");
   m.def(
       "im2col_int8(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
-      "int row_begin, int row_end, Tensor bound, Tensor? column_scale, bool column_amax=False) "
+      "int row_begin, int? row_end, Tensor bound, Tensor? column_scale, bool column_amax=False) "
       "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "im2col_column_scales(Tensor x, int[2] kernel, int[2] stride, int[2] padding, "
-      "int[2] dilation, Tensor bound) -> Tensor");
   m.def("int8_epilogue(Tensor acc, Tensor scale_a, Tensor scale_b, Tensor? bias) -> Tensor");
   m.def("empty_cached(Tensor like, int[] sizes, ScalarType dtype) -> Tensor");
   m.def(
@@ -2719,7 +2647,6 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("im2col_nhwc", &im2col_nhwc);
   m.impl("col2im_nhwc", &col2im_nhwc);
   m.impl("im2col_int8", &im2col_int8);
-  m.impl("im2col_column_scales", &im2col_column_scales);
   m.impl("int8_epilogue", &int8_epilogue);
   m.impl("empty_cached", &empty_cached);
   m.impl("int8_epilogue_out", &int8_epilogue_out);
