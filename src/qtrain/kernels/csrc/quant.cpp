@@ -2605,6 +2605,11 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
   m.def(
       "fake_quant_minifloat(Tensor x, int exponent_bits, int mantissa_bits, bool has_inf, "
       "bool saturate, int? seed) -> Tensor");
+}
+
+// qtrain.lowp's kernels: their Python wrappers and fake implementations are in cpu_gemm.
+TORCH_LIBRARY_FRAGMENT(qtrain, m) {
+  m.set_python_module("qtrain.kernels.cpu_gemm");
   m.def(
       "quantize_rows_int8(Tensor a, Tensor bound, bool rowwise, Tensor? keys, "
       "ScalarType levels_dtype=int8) -> (Tensor, Tensor)");
