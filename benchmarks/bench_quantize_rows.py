@@ -1,5 +1,6 @@
-"""Quantizing one int8 GEMM operand: ``qtrain.lowp._quantize_twin`` (about eight PyTorch passes)
-against the fused ``cpu_fused.quantize_rows_int8`` (one or two), bit-identical results.
+"""Quantizing one int8 GEMM operand: ``qtrain.lowp_products._quantize_twin`` (about eight
+PyTorch passes) against the fused ``cpu_fused.quantize_rows_int8`` (one or two), bit-identical
+results.
 
 Operands: a linear layer's three products for x (8192, 1024), W (1024, 1024) and g (8192,
 1024) — forward x and W, grad-input g and Wᵀ, grad-weight gᵀ and xᵀ, the transposes read in
@@ -27,7 +28,7 @@ from bench_quantize import (
     run_kernel_rows,
     write_json,
 )
-from qtrain import lowp
+from qtrain import lowp_products
 from qtrain.kernels import cpu_fused
 
 BITS = 8
@@ -56,7 +57,7 @@ def operands(scale: int) -> dict[str, torch.Tensor]:
 
 def cases(scale: int) -> list[dict[str, object]]:
     """(operand, granularity, rounding) combinations with their tensors and keys."""
-    keys = lowp._hash_keys(torch.tensor(SEED))
+    keys = lowp_products._hash_keys(torch.tensor(SEED))
     out = []
     for name, a in operands(scale).items():
         for rowwise in (True, False):
@@ -91,7 +92,7 @@ def benchmark(scale: int, rounds: int, clock: Callable[[], float]) -> list[dict[
         args = (case["a"], bound, case["rowwise"], case["keys"])
 
         def twin(a=case["a"], rowwise=case["rowwise"], keys=case["keys"]):
-            return lowp._quantize_twin(a, torch.int8, bound, keys, rowwise)
+            return lowp_products._quantize_twin(a, torch.int8, bound, keys, rowwise)
 
         def fused(args=args):
             return cpu_fused.quantize_rows_int8(*args)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtrain import QuantSpec, formats, int_products, lowp
+from qtrain import QuantSpec, formats, int_products, lowp_products
 from qtrain.api import quantize_, use_products
 from qtrain.int_products import IntegerRoute
 from qtrain.ops import GemmConfig, quantized_conv2d, quantized_linear
@@ -308,7 +308,7 @@ def test_float_products_autocast_and_other_dtypes_take_the_float_route() -> None
 
 @pytest.mark.parametrize("has_dot", [False, True])
 def test_int8_picks_the_real_product_where_the_cpu_has_int8_units(monkeypatch, has_dot) -> None:
-    monkeypatch.setattr(lowp, "cpu_has_int8_dot", lambda: has_dot)
+    monkeypatch.setattr(lowp_products, "cpu_has_int8_dot", lambda: has_dot)
     x, w = torch.randn(4, 8), torch.randn(3, 8)
     route = IntegerRoute.of(_with(QUANTIZERS["ui8"], "int8"), x, w, None)
     assert route.real is has_dot

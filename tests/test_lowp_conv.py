@@ -419,7 +419,7 @@ def test_pieces_and_depth_splits_do_not_change_a_bit(geometry, emulate: bool, mo
 def test_levels_product_is_exact_beyond_int32s_depth() -> None:
     """A reduction deeper than INT32_DEPTH with every level at ±127 passes 2^31: the real
     product sums int32 pieces in int64, the twin multiplies in float64; both exact."""
-    from qtrain.lowp import INT32_DEPTH, levels_product
+    from qtrain.lowp_products import INT32_DEPTH, levels_product
 
     k = INT32_DEPTH + 3
     qa = torch.full((2, k), 127, dtype=torch.int8)
@@ -434,8 +434,8 @@ def test_levels_product_is_exact_beyond_int32s_depth() -> None:
 
 def test_int_mm_equals_the_int64_product_on_every_layout() -> None:
     """torch 2.13's CPU torch._int_mm is wrong for K = 1 (N ≥ 2) and for size-1 dimensions
-    with unusual strides; lowp._int_mm pads and copies around both."""
-    from qtrain.lowp import _int_mm
+    with unusual strides; lowp_products._int_mm pads and copies around both."""
+    from qtrain.lowp_products import _int_mm
 
     generator = torch.Generator().manual_seed(0)
 

@@ -48,7 +48,7 @@ import dataclasses
 
 import torch
 
-from qtrain import im2col, lowp
+from qtrain import im2col, lowp_products
 from qtrain.formats import Int
 from qtrain.quantizer import PerChannel, PerTensor, QParams, QuantSpec
 from qtrain.quantspec import LearnedStep
@@ -67,7 +67,7 @@ def real_route(products: str, device: torch.device) -> bool | None:
     if products == "float":
         return None
     if products == "int8":
-        return device.type == "cuda" or lowp.cpu_has_int8_dot()
+        return device.type == "cuda" or lowp_products.cpu_has_int8_dot()
     return products == "int8-real"
 
 
@@ -195,7 +195,7 @@ def exact_product(
     """float32 (a·bᵀ)·a_scale[:, None]·b_scale[None, :] (+ bias) for a (M, K), b (N, K) of
     integer values q − z: ``exact_acc``'s integers, then the scale epilogue."""
     acc = exact_acc(a, a_offset, a_wide, b, b_offset, b_wide, real)
-    return lowp._epilogue(acc, a_scale, b_scale, bias, torch.float32, overwrite=True)
+    return lowp_products._epilogue(acc, a_scale, b_scale, bias, torch.float32, overwrite=True)
 
 
 def exact_acc(
@@ -247,7 +247,7 @@ def _integer_matmul(a: torch.Tensor, b: torch.Tensor, real: bool, dtype) -> torc
     """a·bᵀ of int8-valued operands, exact, in ``dtype`` (int32 or float64): ``torch._int_mm``,
     or float32 matmuls (exact while K·128² < 2^24) over slices of K summed in float64."""
     if real:
-        return lowp._int_mm(a.to(torch.int8), b.to(torch.int8)).to(dtype)
+        return lowp_products._int_mm(a.to(torch.int8), b.to(torch.int8)).to(dtype)
     k = a.shape[1]
     if k <= _EXACT_FLOAT32_DEPTH:
         return (a.to(torch.float32) @ b.to(torch.float32).t()).to(dtype)
@@ -411,7 +411,9 @@ def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch
                 rows[piece].t(), g_offset, wide(g), cols.t(), x_offset, wide(x), real
             ).to(torch.float64)
             acc = part if acc is None else acc.add_(part)
-        grad_rows = lowp._epilogue(acc, g.scale, x.scale, None, torch.float32, overwrite=True)
+        grad_rows = lowp_products._epilogue(
+            acc, g.scale, x.scale, None, torch.float32, overwrite=True
+        )
         return im2col.weight_grad(grad_rows, weight, fused)
     cols = im2col.im2col(x.values, geometry, fused)
     parts = [

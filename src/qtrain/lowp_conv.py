@@ -1,7 +1,8 @@
 """``LowPrecisionConv2d``: a convolution's three products as int8 or fp8 GEMMs on its im2col
-matrix (``qtrain.im2col``), with ``qtrain.lowp``'s operands, products and layer protocol; and
-the ``quantize_`` handler of ``Int8TrainingConfig`` / ``Float8TrainingConfig`` that swaps linears
-and convolutions. ``qtrain.lowp`` re-exports what is public here.
+matrix (``qtrain.im2col``), with ``qtrain.lowp``'s plan and layer protocol and
+``qtrain.lowp_products``' quantization and products; and the ``quantize_`` handler of
+``Int8TrainingConfig`` / ``Float8TrainingConfig`` that swaps linears and convolutions.
+``qtrain.lowp`` re-exports what is public here.
 """
 
 from __future__ import annotations
@@ -16,22 +17,24 @@ from torch import nn
 from qtrain import im2col, kernels
 from qtrain.api import FilterFn, register_handler
 from qtrain.lowp import (
-    _EXACT_FLOAT32_DEPTH,
-    INT32_DEPTH,
     Float8TrainingConfig,
     Int8TrainingConfig,
     LowPrecisionConfig,
     LowPrecisionLinear,
     _compute_dtype,
-    _hash_keys,
     _LowPrecisionLayer,
     _matrix_backward,
     _Plan,
+    _save_for_backward,
+    initial_bounds,
+)
+from qtrain.lowp_products import (
+    _EXACT_FLOAT32_DEPTH,
+    INT32_DEPTH,
+    _hash_keys,
     _product,
     _quantize,
-    _save_for_backward,
     _scale_from_amax,
-    initial_bounds,
     levels_product,
 )
 

@@ -395,7 +395,7 @@ def _integer_route(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, co
     """The call's ``int_products.IntegerRoute`` (None: every product on the floats)."""
     if config.products == "float":
         return None
-    from qtrain import int_products  # it builds on qtrain.lowp, which imports this module
+    from qtrain import int_products  # it loads torch._dynamo (qtrain.lowp_products)
 
     return int_products.IntegerRoute.of(config, x, weight, conv_args)
 

@@ -35,12 +35,10 @@ from qtrain.lowp import (
     Int8Gemm,
     Int8TrainingConfig,
     LowPrecisionLinear,
-    _epilogue,
-    _hash_keys,
-    _quantize_twin,
     low_precision_linear,
     real_gemm_runs,
 )
+from qtrain.lowp_products import _epilogue, _hash_keys, _quantize_twin
 from qtrain.protocol import QuantizedModule, QuantizedWeight, set_precision
 from qtrain.quantizer import QuantSpecError, quantize_int
 

@@ -1,6 +1,6 @@
 """The triton backend against the reference kernels: bit-exact results for nearest and
 stochastic rounding with the same seed, edge values, the GEMM extras (``quantize_rows`` against
-``qtrain.lowp``'s PyTorch twin, ``int8_mm`` against ``torch._int_mm`` + the same epilogue),
+``qtrain.lowp_products``' PyTorch twin, ``int8_mm`` against ``torch._int_mm`` + the same epilogue),
 registration and the loader.
 
 Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on small CPU
@@ -15,7 +15,7 @@ import torch
 from qtrain import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, Rounding, formats
 from qtrain import quantize as quantize_tensor
 from qtrain.kernels import Backend, implementation, reference, triton_quant, use_backend
-from qtrain.lowp import _epilogue, _hash_keys, _quantize_twin
+from qtrain.lowp_products import _epilogue, _hash_keys, _quantize_twin
 from qtrain.quantizer import MinMax, quantize_int
 
 pytest.importorskip("triton", reason="Triton is not installed: pip install triton")

@@ -2,10 +2,10 @@
 ``im2col_int8`` (quantized im2col rows, never the float matrix) against ``quantize_rows_int8``
 of ``im2col_nhwc``'s matrix — row-wise, and with per-column scales against the quantized
 transpose, and its column absmax against that transpose's scales; ``int8_epilogue``
-against lowp's PyTorch epilogue for every accumulator dtype; ``col2im_int8_epilogue`` against
-``col2im_nhwc`` of the scaled matrix. All bit for bit, over the geometries, channel counts and
-layouts of test_im2col, row and image pieces, non-finite values, one or two threads; plus the
-argument checks and the torch.library registration.
+against lowp_products' PyTorch epilogue for every accumulator dtype; ``col2im_int8_epilogue``
+against ``col2im_nhwc`` of the scaled matrix. All bit for bit, over the geometries, channel
+counts and layouts of test_im2col, row and image pieces, non-finite values, one or two
+threads; plus the argument checks and the torch.library registration.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from test_im2col import (
     _threads,
 )
 
-from qtrain import lowp
+from qtrain import lowp_products
 
 BOUNDS = [127.0, 7.0]
 
@@ -38,7 +38,8 @@ def _bound(value: float) -> torch.Tensor:
 
 
 def _scaled(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
-    """lowp's PyTorch epilogue without bias: float32(acc)·scale_a[:, None]·scale_b[None, :]."""
+    """lowp_products' PyTorch epilogue without bias:
+    float32(acc)·scale_a[:, None]·scale_b[None, :]."""
     return acc.to(torch.float32, copy=True).mul_(scale_a.view(-1, 1)).mul_(scale_b.view(1, -1))
 
 
@@ -96,7 +97,7 @@ def test_column_amax_over_pieces_gives_the_column_scales(fused, geometry):
             )
             assert piece.dtype == torch.int32 and (piece >= 0).all()
             amax = piece if amax is None else torch.maximum(amax, piece)
-        got = lowp._scale_from_amax(amax.view(torch.float32), bound)
+        got = lowp_products._scale_from_amax(amax.view(torch.float32), bound)
         want = fused.quantize_rows_int8(cols.t(), bound, True)[1]
         assert torch.equal(got.isnan(), want.isnan())
         _assert_bitwise(got[~got.isnan()], want[~want.isnan()])
@@ -121,7 +122,7 @@ def test_non_finite_values_and_zeros_quantize_as_the_composition(fused):
         _assert_bitwise(scale[finite], want_scale[finite])
         want_q, column_scale = fused.quantize_rows_int8(cols.t(), bound, True)
         _, _, amax = fused.im2col_int8(x, *geometry, bound=bound, column_amax=True)
-        got = lowp._scale_from_amax(amax.view(torch.float32), bound)
+        got = lowp_products._scale_from_amax(amax.view(torch.float32), bound)
         assert torch.equal(got.isnan(), column_scale.isnan())
         finite = ~got.isnan()
         _assert_bitwise(got[finite], column_scale[finite])
@@ -159,7 +160,9 @@ def test_an_all_zero_input_has_scale_one(fused):
     q, scale = fused.im2col_int8(x, 3, 1, 1, bound=_bound(127.0))
     assert not q.any() and torch.equal(scale, torch.ones_like(scale))
     _, _, amax = fused.im2col_int8(x, 3, 1, 1, bound=_bound(127.0), column_amax=True)
-    assert torch.equal(lowp._scale_from_amax(amax.view(torch.float32), 127.0), torch.ones(27))
+    assert torch.equal(
+        lowp_products._scale_from_amax(amax.view(torch.float32), 127.0), torch.ones(27)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float32, torch.float64])
@@ -227,7 +230,7 @@ def test_one_and_two_threads_give_the_same_bits(fused):
         for count in (1, 2):
             with _threads(count):
                 q, scale, amax = fused.im2col_int8(x, *geometry, bound=bound, column_amax=True)
-                column = lowp._scale_from_amax(amax.view(torch.float32), bound)
+                column = lowp_products._scale_from_amax(amax.view(torch.float32), bound)
                 acc = q.to(torch.int32)
                 grad = torch.empty_like(x)
                 fused.col2im_int8_epilogue(acc, scale, column, grad, *geometry)
@@ -298,10 +301,12 @@ def test_lowp_epilogue_takes_the_fused_kernel_and_keeps_its_bits(fused):
     acc = torch.randint(-(2**24), 2**24, (40, 24), dtype=torch.int32, generator=generator)
     scale_a, scale_b = torch.rand(40, generator=generator), torch.rand(24, generator=generator)
     bias = torch.randn(24, generator=generator)
-    assert lowp._fused_epilogue(acc) is not None
+    assert lowp_products._fused_epilogue(acc) is not None
     want = _scaled(acc, scale_a, scale_b).add_(bias)
-    _assert_bitwise(lowp._epilogue(acc, scale_a, scale_b, bias, torch.float32), want)
-    assert lowp._epilogue(acc, scale_a, scale_b, bias, torch.bfloat16).dtype == torch.bfloat16
+    _assert_bitwise(lowp_products._epilogue(acc, scale_a, scale_b, bias, torch.float32), want)
+    assert (
+        lowp_products._epilogue(acc, scale_a, scale_b, bias, torch.bfloat16).dtype == torch.bfloat16
+    )
 
 
 def test_empty_cached_gives_the_shape_and_dtype_asked(fused):

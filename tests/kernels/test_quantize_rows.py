@@ -1,9 +1,9 @@
-"""cpu_fused.quantize_rows_int8 against its twin ``qtrain.lowp._quantize_twin`` (int8): the
-same levels and the same scale bits, for nearest and stochastic rounding, per row and per
-tensor, on contiguous operands, transposed ones (grad-weight's gᵀ and xᵀ) and other strides,
-with edge values, low-precision inputs, empty operands, on one or two threads; the same levels
-written as float32 (``levels_dtype``), bit for bit the int8 levels converted, in every one of
-those cases; plus the torch.library registration.
+"""cpu_fused.quantize_rows_int8 against its twin ``qtrain.lowp_products._quantize_twin``
+(int8): the same levels and the same scale bits, for nearest and stochastic rounding, per row
+and per tensor, on contiguous operands, transposed ones (grad-weight's gᵀ and xᵀ) and other
+strides, with edge values, low-precision inputs, empty operands, on one or two threads; the
+same levels written as float32 (``levels_dtype``), bit for bit the int8 levels converted, in
+every one of those cases; plus the torch.library registration.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qtrain import lowp
+from qtrain import lowp_products
 
 NAN, INF = float("nan"), float("inf")
 BITS = range(2, 9)
@@ -30,7 +30,7 @@ def _bound(bits: int) -> torch.Tensor:
 
 
 def _keys(seed: int | None) -> torch.Tensor | None:
-    return None if seed is None else lowp._hash_keys(torch.tensor(seed))
+    return None if seed is None else lowp_products._hash_keys(torch.tensor(seed))
 
 
 def _laid_out(a: torch.Tensor, layout: str) -> torch.Tensor:
@@ -51,7 +51,9 @@ def _assert_twin(
     transposed operand, the row's |NaN| elsewhere). The float32 levels are the int8 levels
     converted, bit for bit (+0 for level 0), with the very same scale bits."""
     levels, scale = fused.quantize_rows_int8(a, bound, rowwise, keys)
-    expected_levels, expected_scale = lowp._quantize_twin(a, torch.int8, bound, keys, rowwise)
+    expected_levels, expected_scale = lowp_products._quantize_twin(
+        a, torch.int8, bound, keys, rowwise
+    )
     assert levels.dtype == torch.int8 and levels.is_contiguous()
     assert torch.equal(levels, expected_levels)
     assert scale.dtype == torch.float32 and scale.shape == expected_scale.shape

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtrain import lowp
+from qtrain import lowp_products
 from qtrain.cli import main
 from qtrain.cost import CostMeter
 from qtrain.lowp import (
@@ -84,7 +84,7 @@ def test_auto_takes_the_real_gemm_on_a_cpu_only_for_int8_with_int8_dot_instructi
 ) -> None:
     # torch 2.13 runs torch._int_mm and fp8 torch._scaled_mm on any CPU, but only int8 with
     # VNNI/AMX beats the emulated twin; no CPU has fp8 units.
-    monkeypatch.setattr(lowp, "cpu_has_int8_dot", lambda: int8_dot)
+    monkeypatch.setattr(lowp_products, "cpu_has_int8_dot", lambda: int8_dot)
     int8 = build_recipe("int8-gemm")
     assert int8.prepare(mlp())[1].config.emulate is (not int8_dot)
     assert int8.emulated is (not int8_dot)

@@ -75,10 +75,10 @@ def quantize_rows_int8(
     keys: torch.Tensor | None = None,
     levels_dtype: torch.dtype = torch.int8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``qtrain.lowp._quantize_twin(a, torch.int8, bound, keys, rowwise)`` in one fused pass
-    (two where the amax must be known first): bit-identical levels and scales. A row holding
-    a NaN has a NaN scale and levels 0 there too; the NaN's bits may differ (torch's depend
-    on its reduction path).
+    """``qtrain.lowp_products._quantize_twin(a, torch.int8, bound, keys, rowwise)`` in one
+    fused pass (two where the amax must be known first): bit-identical levels and scales. A row
+    holding a NaN has a NaN scale and levels 0 there too; the NaN's bits may differ (torch's
+    depend on its reduction path).
 
     ``levels_dtype=torch.float32`` writes the same levels as float32 values (exact integers in
     [−bound, bound], +0 for 0), bit-identical to the int8 levels ``.to(torch.float32)`` with the
@@ -88,9 +88,10 @@ def quantize_rows_int8(
     ``a``: a 2-D float32, bfloat16 or float16 CPU tensor (converted to float32 first); a
     contiguous matrix or the transpose of one is read in place, other strides are copied to
     contiguous. ``bound``: a tensor of one value in [1, 127] (2^(bits−1) − 1). ``keys``: None
-    for round-to-nearest-even, else lowp's ``_hash_keys`` (two int64) for stochastic rounding
-    with the uniform of each level's flat row-major index. Returns the row-major int8 levels
-    (R, K) and the float32 scales, (R,) when ``rowwise`` else (1,); an empty ``a`` gives scale 1.
+    for round-to-nearest-even, else lowp_products' ``_hash_keys`` (two int64) for stochastic
+    rounding with the uniform of each level's flat row-major index. Returns the row-major int8
+    levels (R, K) and the float32 scales, (R,) when ``rowwise`` else (1,); an empty ``a`` gives
+    scale 1.
 
     >>> import torch
     >>> from qtrain.kernels.cpu_fused import load
@@ -245,7 +246,7 @@ def int8_epilogue(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32(acc)·scale_a[:, None]·scale_b[None, :] (+ bias), rounded in that order — bitwise
-    ``qtrain.lowp._epilogue`` — in one pass. ``acc``: an int32, int64, float32 or float64
+    ``qtrain.lowp_products._epilogue`` — in one pass. ``acc``: an int32, int64, float32 or float64
     (M, N) matrix with unit column stride (rows may be apart: a slice of a padded product);
     the scales: (M,) and (N,) float32, or one value each; ``bias``: (N,) float32. ``out``: a
     float32 (M, N) matrix with unit column stride to write (e.g. rows of a larger result).

@@ -351,7 +351,7 @@ def _quantize_rows_kernel(
 
     int8: scale = absmax/qmax, levels = clamp(round(a·(1/scale)), ±qmax) (NaN → 0); fp8:
     scale = absmax/max, codes = fp8(clamp(a/scale, ±max)) — the same operations, in the same
-    order, as ``qtrain.lowp``'s PyTorch twin, so the two agree bit for bit.
+    order, as ``qtrain.lowp_products``' PyTorch twin, so the two agree bit for bit.
     """
     pid = tl.program_id(0)
     if INDEX_64:

@@ -26,9 +26,9 @@ training is used this way); the products themselves are the same int8 products.
 ``emulate``: ``"auto"`` runs the real GEMMs where they are expected to be faster than the
 twin — on CUDA where this torch build runs them (``qtrain.lowp.real_gemm_runs``; fp8 needs
 compute capability 8.9+, row-wise scales 9.0+), and for int8 on a CPU with int8 dot-product
-instructions (AMX-INT8, AVX512-VNNI or AVX-VNNI, ``qtrain.lowp.cpu_has_int8_dot``) — and
-the emulated twin elsewhere: the same quantization with float matmuls, equal to the int8 path
-bit for bit and to the fp8 path up to the order of float32 sums. ``true`` forces the twin,
+instructions (AMX-INT8, AVX512-VNNI or AVX-VNNI, ``qtrain.lowp_products.cpu_has_int8_dot``) —
+and the emulated twin elsewhere: the same quantization with float matmuls, equal to the int8
+path bit for bit and to the fp8 path up to the order of float32 sums. ``true`` forces the twin,
 ``false`` the real GEMMs. Why not "wherever it runs": torch 2.13 runs ``torch._int_mm`` and
 fp8 ``torch._scaled_mm`` on any x86 CPU, but without those instructions (and no CPU has fp8
 units) they are emulated inside oneDNN, far slower than the twin — measured on an AMD EPYC
@@ -68,10 +68,11 @@ if TYPE_CHECKING:
     )
 
 
-def _lowp() -> types.ModuleType:
-    # qtrain.lowp is imported when a recipe is used, not when recipes are listed: it loads
-    # torch._dynamo (for torch.compile), about 1.5 s that `import qtrain` should not pay.
-    return importlib.import_module("qtrain.lowp")
+def _lowp(module: str = "lowp") -> types.ModuleType:
+    # qtrain.lowp and qtrain.lowp_products are imported when a recipe is used, not when recipes
+    # are listed: they load torch._dynamo (for torch.compile), about 1.5 s that `import qtrain`
+    # should not pay.
+    return importlib.import_module(f"qtrain.{module}")
 
 
 Granularity = Literal["per_token", "per_tensor"]
@@ -142,7 +143,11 @@ class _LowPrecisionGemmRecipe(Recipe):
         if emulate == "auto":
             real = _lowp().real_gemm_runs(config.lowp_config(False), device)
             if device.type == "cpu":  # real only where the CPU has the instructions for it
-                real = real and isinstance(config, Int8GemmConfig) and _lowp().cpu_has_int8_dot()
+                real = (
+                    real
+                    and isinstance(config, Int8GemmConfig)
+                    and _lowp("lowp_products").cpu_has_int8_dot()
+                )
             emulate = not real
         quantize_(model, config.lowp_config(emulate))
         self.emulated = emulate

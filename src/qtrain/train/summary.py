@@ -63,7 +63,8 @@ def _run_summary(
 def _integer_products(model: nn.Module, products: str) -> dict[str, list[str]]:
     if products == "float":
         return {}
-    from qtrain.int_products import integer_product_roles  # it loads qtrain.lowp
+    # Imported here: int_products loads torch._dynamo (through qtrain.lowp_products).
+    from qtrain.int_products import integer_product_roles
 
     return integer_product_roles(model)
 
