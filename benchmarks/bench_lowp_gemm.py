@@ -23,10 +23,11 @@ medians (``bench_quantize.median_times``); ratios are to fp32 measured in the sa
     python benchmarks/bench_lowp_gemm.py --smoke  # toy sizes, one round: checks the script
     python benchmarks/bench_lowp_gemm.py --models resnet9-w16 --recipes fp32,amp-bf16,int8-twin
 
-(c) the recipes on qtrain.ops' quantized layers with their products on the floats (the
-    emulation) and as exact integer products (``--products``; qtrain.int_products): ui8 (all
-    three products qualify) and sbm8 (forward and grad-input; its 16-bit grad-weight copy
-    stays float), as ``ui8-float``, ``ui8-int8-twin``, ``ui8-int8-real``, ``sbm8-...``:
+(c) the recipes on the emulated quantized layers with their products on the floats (the
+    emulation) and as exact integer products (``--products``; qtrain.int_products): ui8 and
+    sbm8 (all three products; sbm8's 16-bit grad-weight copy of g in two int8 limbs) and qat
+    (LSQ W4A8: its forward product; its gradients are full precision), as ``ui8-float``,
+    ``ui8-int8-twin``, ``ui8-int8-real``, ``sbm8-...``, ``qat-...``:
 
     python benchmarks/bench_lowp_gemm.py --no-matmul --out benchmarks/results/int_products.json \
         --recipes fp32,amp-bf16,ui8-float,ui8-int8-twin,ui8-int8-real,sbm8-float,\
@@ -58,7 +59,7 @@ from qtrain.recipes import Recipe, build_recipe
 
 MATMUL_SHAPES = [(4096, 1024, 1024), (8192, 576, 64), (2048, 2048, 2048)]  # (M, K, N)
 SMOKE_SHAPES = [(64, 32, 48)]
-# name -> (recipe, overrides, GemmConfig.products of its qtrain.ops layers)
+# name -> (recipe, overrides, GemmConfig.products of its emulated quantized layers)
 RECIPES: dict[str, tuple[str, dict[str, object], str]] = {
     "fp32": ("fp32", {}, "float"),
     "amp-bf16": ("amp-bf16", {}, "float"),
@@ -67,10 +68,10 @@ RECIPES: dict[str, tuple[str, dict[str, object], str]] = {
     # the same int8 products with autocast bf16 around them (BatchNorm, activations in bf16)
     "int8-gemm real, amp bf16": ("int8-gemm", {"emulate": False, "amp": "bf16"}, "float"),
     "fp8-gemm real (torch._scaled_mm)": ("fp8-gemm", {"emulate": False}, "float"),
-    # qtrain.ops' recipes: the float emulation, and their integer products (int_products)
+    # the emulated recipes: the float emulation, and their integer products (int_products)
     **{
         f"{recipe} {products}": (recipe, {}, products)
-        for recipe in ("ui8", "sbm8")
+        for recipe in ("ui8", "sbm8", "qat")
         for products in ("float", "int8-twin", "int8-real")
     },
 }
@@ -78,7 +79,7 @@ RECIPES: dict[str, tuple[str, dict[str, object], str]] = {
 RECIPE_KEYS = dict(
     zip(
         ["fp32", "amp-bf16", "int8-real", "int8-twin", "int8-real-bf16", "fp8-real"]
-        + [f"{r}-{p}" for r in ("ui8", "sbm8") for p in ("float", "int8-twin", "int8-real")],
+        + [f"{r}-{p}" for r in ("ui8", "sbm8", "qat") for p in ("float", "int8-twin", "int8-real")],
         RECIPES,
         strict=True,
     )

@@ -396,22 +396,6 @@ def test_training_on_the_real_products_is_the_twins_run(name) -> None:
     assert all(abs(a - b) < 1e-3 for a, b in zip(real[0], floats[0], strict=True))
 
 
-def test_qat_layers_are_not_given_integer_products() -> None:
-    """QAT's layers multiply fake-quantized floats with F.linear/F.conv2d, outside qtrain.ops:
-    ``products`` would not apply, so they are not set and a run refuses the option."""
-    from qtrain.presets import qat_quantization
-    from qtrain.recipes import build_recipe
-    from qtrain.train.run import build
-
-    model = quantize_(nn.Sequential(nn.Linear(4, 3)), qat_quantization(learned_step=False))
-    assert use_products(model, "int8") == 0
-    config = TrainConfig(
-        model="mlp", data="synthetic", epochs=1, products="int8", train_subset=64, test_subset=64
-    )
-    with pytest.raises(TrainConfigError, match="recipe qat has none"):
-        build(config, build_recipe("qat", {"lsq": False}))
-
-
 def test_use_products_sets_every_quantized_layer() -> None:
     model = quantize_(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), symmetric_quantization(8))
     assert use_products(model, "int8") == 2

@@ -354,8 +354,9 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
 
 
 def use_products(model: nn.Module, products: str) -> int:
-    """Set ``GemmConfig.products`` on every layer whose products run through ``qtrain.ops``
-    (``ops_product_modules``), keeping the rest of each layer's configured specs; returns how
+    """Set ``GemmConfig.products`` on every emulated quantized layer (``quantized_modules``:
+    ``qtrain.ops``' layers, whose three products it applies to, and QAT's, whose forward
+    product it applies to), keeping the rest of each layer's configured specs; returns how
     many layers it set.
 
     >>> from qtrain.presets import symmetric_quantization
@@ -363,16 +364,10 @@ def use_products(model: nn.Module, products: str) -> int:
     >>> use_products(model, "int8-twin"), model[0].config.products
     (1, 'int8-twin')
     """
-    modules = ops_product_modules(model)
+    modules = quantized_modules(model)
     for _, module in modules:
         module.set_config(dataclasses.replace(module.base_config, products=products))
     return len(modules)
-
-
-def ops_product_modules(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
-    """The quantized layers whose products run through ``qtrain.ops``' quantized GEMM (not
-    QAT's fake-quantized ``F.linear``/``F.conv2d`` layers): those ``products`` applies to."""
-    return [(n, m) for n, m in quantized_modules(model) if m.runs_ops_products]
 
 
 def layer_observers(model: nn.Module, role: str) -> dict[str, Observer]:

@@ -48,7 +48,7 @@ import dataclasses
 
 import torch
 
-from qtrain import im2col, lowp_products
+from qtrain import im2col, lowp_products, ops
 from qtrain.formats import Int
 from qtrain.quantizer import PerChannel, PerTensor, QParams, QuantSpec
 from qtrain.quantspec import LearnedStep
@@ -71,14 +71,16 @@ def real_route(products: str, device: torch.device) -> bool | None:
     return products == "int8-real"
 
 
-def _operand_ok(spec: QuantSpec | None) -> bool:
-    """An integer spec (at most 16 bits) whose levels and qparams are finite by construction."""
+def _operand_ok(spec: QuantSpec | None, learned_step: bool = False) -> bool:
+    """An integer spec (at most 16 bits) whose levels and qparams are finite by construction;
+    a learned step (LSQ) only where the caller has the step the quantizer used
+    (``learned_step``: QAT's forward)."""
     return (
         spec is not None
         and isinstance(spec.format, Int)
         and spec.format.bits <= 16
         and spec.nonfinite == "error"
-        and not isinstance(spec.scale, LearnedStep)
+        and (learned_step or not isinstance(spec.scale, LearnedStep))
     )
 
 
@@ -325,6 +327,20 @@ def _values_nhwc(operand: IntegerValues) -> torch.Tensor:
 
 def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
     """conv2d(x̂, ŵ) + b through x̂'s im2col matrix, per group; a channels-last result."""
+    y = conv_forward_rows(x, w, bias, conv_args, real)
+    return _conv_output(y, x.values.shape, w.values, conv_args)
+
+
+def _conv_output(y: torch.Tensor, x_shape, weight: torch.Tensor, conv_args) -> torch.Tensor:
+    """The (B·H'·W', C_out) product matrix read as the (B, C_out, H', W') output: a
+    channels-last view."""
+    batch, _, height, width = x_shape
+    out_height, out_width = _geometry(weight, conv_args).output_size(height, width)
+    return y.view(batch, out_height, out_width, -1).permute(0, 3, 1, 2)
+
+
+def conv_forward_rows(x, w, bias, conv_args, real: bool) -> torch.Tensor:
+    """``conv_forward``'s result as the (B·H'·W', C_out) matrix of its im2col product."""
     geometry = _geometry(w.values, conv_args)
     batch, _, height, width = x.values.shape
     out_height, out_width = geometry.output_size(height, width)
@@ -341,7 +357,7 @@ def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
             y[piece] = exact_product(
                 cols, x_offset, x.scale, wide(x), w2, w_offset, w.scale, wide(w), real, bias
             )
-        return y.view(batch, out_height, out_width, -1).permute(0, 3, 1, 2)
+        return y
     cols = im2col.im2col(x.values, geometry, fused)
     parts = []
     for c, o in zip(
@@ -355,8 +371,7 @@ def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
                 _part(w.scale, o), wide(w), real, None if bias is None else bias[o],
             )
         )  # fmt: skip
-    y = im2col.cat(parts, dim=1)
-    return y.view(batch, out_height, out_width, -1).permute(0, 3, 1, 2)
+    return im2col.cat(parts, dim=1)
 
 
 def conv_grad_input(g, w, x_shape, conv_args, real: bool) -> torch.Tensor:
@@ -430,10 +445,88 @@ def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch
     return im2col.weight_grad(im2col.cat(parts), weight, fused)
 
 
+def fake_quant_roles(config) -> set[str]:
+    """The products of a QAT layer (``FakeQuantLinear``, ``FakeQuantConv2d``) with ``config``
+    that run as integer products: its forward, where ``config.products`` asks for them and
+    x's scale (one per tensor: a learned step or a range) and W's (per tensor or per output
+    channel) are constant along the reduction; its backward is full precision."""
+    if config.products == "float":
+        return set()
+    x, w = config.input_spec, config.weight_spec
+    qualifies = _operand_ok(x, learned_step=True) and _operand_ok(w, learned_step=True)
+    return {"forward"} if qualifies and _rows_ok(x, None) and _rows_ok(w, 0) else set()
+
+
+class _FakeQuantForward(torch.autograd.Function):
+    """QAT's forward product x̂·ŵᵀ + b (a convolution: conv2d(x̂, ŵ) + b) as an exact integer
+    product of the operands' levels, returned as the product's (rows, out) matrix (the caller
+    views it as the output: a Function's own views would refuse in-place ops after it);
+    backward as autograd's for F.linear / F.conv2d on the same x̂ and ŵ (full-precision
+    gradients, bit for bit the float layer's)."""
+
+    @staticmethod
+    def forward(ctx, x_hat, w_hat, bias, x_levels, w_levels, conv_args, real):  # type: ignore[override]
+        x = integer_values(x_hat, *x_levels)
+        w = integer_values(w_hat, *w_levels)
+        bias32 = None if bias is None else bias.to(torch.float32)
+        if conv_args is None:
+            x.values = x.values.reshape(-1, x.values.shape[-1])
+            y = linear_forward(x, w, bias32, real)
+        else:
+            y = conv_forward_rows(x, w, bias32, conv_args, real)
+        ctx.save_for_backward(x_hat, w_hat)
+        ctx.conv_args, ctx.has_bias = conv_args, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x_hat, w_hat = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        conv_args = ctx.conv_args
+        if conv_args is None:
+            grad_x, grad_w = ops._linear_grads(
+                grad if need_x else None, grad if need_w else None, x_hat, w_hat
+            )
+            grad_b = grad.sum(0) if ctx.has_bias and need_b else None
+        else:
+            grad = _conv_output(grad, x_hat.shape, w_hat, conv_args)
+            mask = [need_x, need_w, ctx.has_bias and need_b]
+            grad_x, grad_w, grad_b = ops._conv_backward(grad, x_hat, w_hat, conv_args, mask)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def fake_quant_forward(
+    config,
+    x_hat: torch.Tensor,
+    x_levels: tuple[QParams, QuantSpec],
+    w_hat: torch.Tensor,
+    w_levels: tuple[QParams, QuantSpec],
+    bias: torch.Tensor | None,
+    conv_args=None,
+) -> torch.Tensor | None:
+    """QAT's forward product on integer levels (``_FakeQuantForward``), or None where it runs
+    on the floats: ``config.products`` float, the operands' specs not qualifying
+    (``fake_quant_roles``), autocast, tensors that are not float32, an empty batch.
+    ``x_levels``/``w_levels``: the qparams each operand was fake-quantized with and the spec
+    (an LSQ step's grid: signed or unsigned) — its levels are read back from x̂ exactly.
+    ``conv_args``: (stride, padding, dilation, groups) of a convolution, None for a linear."""
+    if not fake_quant_roles(config) or x_levels[0] is None or w_levels[0] is None:
+        return None  # (an LSQ step not set yet: no tensor has reached it)
+    if x_hat.dtype != torch.float32 or w_hat.dtype != torch.float32 or x_hat.numel() == 0:
+        return None
+    if torch.is_autocast_enabled(x_hat.device.type):
+        return None
+    real = bool(real_route(config.products, x_hat.device))
+    y = _FakeQuantForward.apply(x_hat, w_hat, bias, x_levels, w_levels, conv_args, real)
+    if conv_args is None:
+        return y.view(*x_hat.shape[:-1], y.shape[-1])
+    return _conv_output(y, x_hat.shape, w_hat, conv_args)
+
+
 def integer_product_roles(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Per quantized layer of ``qtrain.ops`` (``QLinear``, ``QConv2d``) whose config asks for
-    integer products, the products that qualify at its bits in force (for a linear, on 2-d
-    inputs); empty where every product runs on floats.
+    """Per quantized layer whose config asks for integer products (``qtrain.ops``' ``QLinear``,
+    ``QConv2d``; QAT's ``FakeQuantLinear``, ``FakeQuantConv2d``), the products that qualify at
+    its bits in force (for a linear, on 2-d inputs); empty where every product runs on floats.
 
     >>> from torch import nn
     >>> from qtrain.api import quantize_, use_products
@@ -444,12 +537,11 @@ def integer_product_roles(model: torch.nn.Module) -> dict[str, list[str]]:
     >>> integer_product_roles(model)
     {'0': ['forward', 'grad_input', 'grad_weight']}
     """
-    from qtrain.api import ops_product_modules
+    from qtrain.api import quantized_modules
 
     roles = {}
-    for name, module in ops_product_modules(model):
-        conv = isinstance(module, torch.nn.Conv2d)
-        found = product_roles(module.config, conv, 4 if conv else 2)
+    for name, module in quantized_modules(model):
+        found = module.integer_roles()
         if found:
             roles[name] = sorted(found)
     return roles

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ from qtrain.quantizer import (
     LearnedStep,
     QuantSpecError,
     Rounding,
+    compute_qparams,
     qparams_shape,
     quantize,
     quantize_int,
@@ -78,9 +79,6 @@ class _QuantizedGemmModule:
 
     config: GemmConfig
     range_momentum: float
-    # Whether the products run through qtrain.ops' quantized GEMM, so that
-    # GemmConfig.products (exact integer products) applies to them.
-    runs_ops_products: ClassVar[bool] = True
 
     def _init_quant(
         self,
@@ -136,6 +134,15 @@ class _QuantizedGemmModule:
 
     def _update_config(self) -> None:
         self.config = self.base_config.with_precision(self._precision).with_floor(self._floor)
+
+    # ---- which products run as exact integer products (GemmConfig.products) ---------------
+    def integer_roles(self) -> set[str]:
+        """The products that run as exact integer products at the bits in force (a linear's
+        on 2-d inputs; ``qtrain.int_products``)."""
+        from qtrain.int_products import product_roles  # it loads torch._dynamo
+
+        conv = isinstance(self, nn.Conv2d)
+        return product_roles(self.config, conv, 4 if conv else 2)
 
     # ---- what the cost meter and export ask -------------------------------------------------
     def role_bits(self, float_bits: float = 32.0) -> dict[str, tuple[float, float]]:
@@ -291,7 +298,6 @@ class _FakeQuantGemm:
     with gradient specs is refused, as this layer would ignore them."""
 
     config: GemmConfig
-    runs_ops_products: ClassVar[bool] = False  # F.linear/F.conv2d on fake-quantized floats
     observers: nn.ModuleDict
     weight: nn.Parameter
 
@@ -304,6 +310,13 @@ class _FakeQuantGemm:
             )
         super().set_config(config)  # type: ignore[misc]
 
+    def integer_roles(self) -> set[str]:
+        """{"forward"} where ``GemmConfig.products`` runs the forward product on integer
+        levels (``int_products.fake_quant_roles``); the gradients are full precision."""
+        from qtrain.int_products import fake_quant_roles  # it loads torch._dynamo
+
+        return fake_quant_roles(self.config)
+
     def _fake_quantize(self, x: torch.Tensor, role: str) -> torch.Tensor:
         spec = getattr(self.config, f"{role}_spec")
         if spec is None:
@@ -311,6 +324,38 @@ class _FakeQuantGemm:
         if role in self.observers:
             return self.observers[role].fake_quantize(x, spec)
         return quantize(x, spec)
+
+    def _operand(self, x: torch.Tensor, role: str):
+        """x̂ for ``role``, and for the integer forward product (``GemmConfig.products``) the
+        qparams and spec it was quantized with (None on the floats, and without a spec)."""
+        spec = getattr(self.config, f"{role}_spec")
+        if spec is None or self.config.products == "float":
+            return self._fake_quantize(x, role), None
+        if role in self.observers:
+            x_hat, qparams, spec = self.observers[role].fake_quantize_observed(x, spec)
+        else:
+            x_hat, qparams = quantize(x, spec), None
+        if qparams is None and spec.int_format is not None:
+            qparams = compute_qparams(x.detach(), spec)  # what quantize measured
+        return x_hat, (qparams, spec)
+
+    def _product(self, x: torch.Tensor, conv_args=None) -> torch.Tensor:
+        """x̂·ŵᵀ + b (conv2d for ``conv_args``): an exact integer product where the config
+        asks and the operands qualify (``int_products.fake_quant_forward``), else on the
+        floats."""
+        x_hat, x_levels = self._operand(x, "input")
+        w_hat, w_levels = self._operand(self.weight, "weight")
+        if x_levels is not None and w_levels is not None:
+            from qtrain.int_products import fake_quant_forward  # it loads torch._dynamo
+
+            y = fake_quant_forward(
+                self.config, x_hat, x_levels, w_hat, w_levels, self.bias, conv_args
+            )
+            if y is not None:
+                return y
+        if conv_args is None:
+            return F.linear(x_hat, w_hat, self.bias)
+        return F.conv2d(x_hat, w_hat, self.bias, *conv_args)
 
 
 class FakeQuantLinear(_FakeQuantGemm, QLinear):
@@ -324,23 +369,14 @@ class FakeQuantLinear(_FakeQuantGemm, QLinear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._fake_quantize(self.weight, "weight")
-        return F.linear(self._fake_quantize(x, "input"), weight, self.bias)
+        return self._product(x)
 
 
 class FakeQuantConv2d(_FakeQuantGemm, QConv2d):
     """QAT's ``nn.Conv2d`` on fake-quantized operands, autograd's backward (``_FakeQuantGemm``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(
-            self._fake_quantize(x, "input"),
-            self._fake_quantize(self.weight, "weight"),
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-        )
+        return self._product(x, (self.stride, self.padding, self.dilation, self.groups))
 
 
 class BitLinear(FakeQuantLinear):

@@ -87,7 +87,16 @@ class Observer(nn.Module):
         """``x`` fake-quantized under ``spec`` at this observer's qparams, with autograd's
         straight-through gradient (zero where a value was clipped): the path of layers whose
         backward is autograd's own (QAT's ``FakeQuantLinear``)."""
-        return quantize(x, spec, qparams=self.qparams(x, spec))
+        return self.fake_quantize_observed(x, spec)[0]
+
+    def fake_quantize_observed(
+        self, x: torch.Tensor, spec: QuantSpec
+    ) -> tuple[torch.Tensor, QParams | None, QuantSpec]:
+        """``fake_quantize``'s x̂ with the qparams it used (None: the spec's rule measured
+        x) and the spec it quantized with: what reads x̂'s integer levels back (QAT's forward
+        on integer products), from one observation — a running range moves once a call."""
+        qparams = self.qparams(x, spec)
+        return quantize(x, spec, qparams=qparams), qparams, spec
 
     def sync_tensors(self) -> list[torch.Tensor]:
         """The tensors of this observer whose values the ranks of a data-parallel run agree
@@ -375,6 +384,12 @@ class LSQStep(Observer):
             self._initialise(x.detach(), spec)
         # A step pushed to or below zero by an update keeps its size (and its gradient).
         return quantize(x, self.spec(spec), step=self.step.abs().clamp_min(_F32.tiny))
+
+    def fake_quantize_observed(
+        self, x: torch.Tensor, spec: QuantSpec
+    ) -> tuple[torch.Tensor, QParams | None, QuantSpec]:
+        x_hat = self.fake_quantize(x, spec)  # sets the step on the first tensor
+        return x_hat, self.qparams(x, spec), self.spec(spec)
 
     @torch.no_grad()
     def _initialise(self, x: torch.Tensor, spec: QuantSpec) -> None:

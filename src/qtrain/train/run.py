@@ -125,9 +125,9 @@ def build(config: TrainConfig, recipe: Recipe) -> tuple[Dataset, nn.Module]:
     model = recipe.prepare(model.to(device)).to(device)
     if config.products != "float" and not use_products(model, config.products):
         raise TrainConfigError(
-            f"products={config.products} changes the products of qtrain.ops' quantized layers, "
-            f"and recipe {recipe.name} has none (int8-gemm and fp8-gemm run real low-precision "
-            "products of their own; fp32 and amp none)"
+            f"products={config.products} changes the products of the emulated quantized "
+            f"layers (qtrain.ops' and QAT's), and recipe {recipe.name} has none (int8-gemm and "
+            "fp8-gemm run real low-precision products of their own; fp32 and amp none)"
         )
     return dataset, model
 
