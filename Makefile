@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.qtrain-installed
 DATADIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-slow lint bench venv data clean
+.PHONY: demo test test-slow lint bench bench-int8 venv data clean
 
 $(PY):
 	python3 -m venv .venv
@@ -49,6 +49,16 @@ bench: venv data
 		--out benchmarks/results/train_step_trainer.json
 	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/bench_memory.py --channels-last
+
+# Training steps on this CPU's low-precision units (issue 23; docs/BENCHMARKS.md): every int8
+# route against fp32 and amp-bf16 of the same run, the CPU's model and flags in the JSON. On a
+# machine with AMX: make bench-int8 INT8_OUT=benchmarks/results/lowp_gemm_amx.json
+INT8_OUT ?= benchmarks/results/lowp_gemm_cpu.json
+INT8_RECIPES := fp32,amp-bf16,int8-real,int8-real-bf16,int8-twin,ui8-float,ui8-int8-real,$\
+	sbm8-float,sbm8-int8-real,qat-float,qat-int8-real
+bench-int8: venv
+	$(PY) benchmarks/bench_lowp_gemm.py --models mlp,gpt,resnet9-w16,resnet9-w64 --rounds 5 \
+		--recipes $(INT8_RECIPES) --out $(INT8_OUT)
 
 clean:
 	rm -rf .venv build src/*.egg-info

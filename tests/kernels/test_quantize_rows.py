@@ -224,3 +224,25 @@ def test_op_passes_opcheck_and_compiles_into_one_graph(fused):
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(a), step(a))
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 32, 48, 63, 64, 65, 128, 129, 200])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_row_lengths_around_the_vector_widths_equal_the_twin(fused, length, layout):
+    """Levels are written 16 values at a time and stored 64 at a time, with masked tails:
+    every length around those widths, with a NaN, ±inf, zeros and ties in one row each, per
+    row and per tensor, and subnormal rows (the scale floored at the smallest normal)."""
+    a = _values((6, length), seed=length)
+    a[1, length // 2] = NAN
+    a[2, -1] = INF
+    a[3, 0] = -INF
+    a[4] = 0.0
+    a[5] = torch.arange(length, dtype=torch.float32) - length / 2 + 0.5  # ties at scale 1
+    a[5, 0] = 127.0 * 2  # the row's scale 2: every other value a tie
+    for rowwise in (True, False):
+        _assert_twin(fused, _laid_out(a, layout), _bound(8), rowwise, None)
+        _assert_twin(fused, _laid_out(a[[0, 4, 5]], layout), _bound(4), rowwise, None)
+    subnormal = torch.full((2, length), 1e-39)
+    subnormal[1, 0] = -4e-39
+    for rowwise in (True, False):
+        _assert_twin(fused, _laid_out(subnormal, layout), _bound(8), rowwise, None)
