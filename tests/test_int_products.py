@@ -484,3 +484,23 @@ def test_conv_pieces_do_not_change_a_bit(name, real, monkeypatch) -> None:
     monkeypatch.setattr(int_products, "_INT32_DEPTH", 7)
     for got, want in zip(_grads(fn, tensors), whole, strict=True):
         assert torch.equal(got, want)
+
+
+def test_shifted_levels_are_the_limbs_of_every_piece() -> None:
+    """Narrow operands are shifted into int8 once for the whole operand (``_shifted``; the
+    convolutions' kernels move 1-byte levels): the same integers as ``_limbs`` makes of each
+    piece, with one offset and with one per row of the product."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.randint(-128, 128, (40, 6), generator=g).float()  # the shifted levels
+    per_row = torch.tensor([120.0, 0.0, 5.0, 127.0, -3.0, 64.0], dtype=torch.float64)
+    for offset in (None, torch.tensor([120.0], dtype=torch.float64), per_row):
+        values = u if offset is None else u + offset.float()  # q − z, as x̂ gives them back
+        shifted = int_products._shifted(values, offset, 1)
+        assert torch.equal(shifted.float(), u)
+        limb = int_products._limbs(values.t(), offset, False)[0][0][0]
+        assert shifted.dtype == torch.int8 and torch.equal(shifted.t().float(), limb)
+        ((limb_of_shifted, weight),), total = int_products._limbs(shifted.t(), offset, False)
+        assert torch.equal(limb_of_shifted, shifted.t())
+        assert weight == 1.0 and total is offset
+    assert int_products._pad_value(None) == 0
+    assert int_products._pad_value(torch.tensor([120.0], dtype=torch.float64)) == -120

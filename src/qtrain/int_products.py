@@ -172,7 +172,10 @@ def _limbs(
 ) -> tuple[list[tuple[torch.Tensor, float]], torch.Tensor | None]:
     """values − offset as int8-valued limbs with their weights, and the total offset D with
     values = Σ weight·limb + D. A wide u ∈ [−2^15, 2^15) is 256·h + (l − 128) + 128 with
-    h = ⌊u/256⌋ ∈ [−128, 127] and l − 128 ∈ [−128, 127]."""
+    h = ⌊u/256⌋ ∈ [−128, 127] and l − 128 ∈ [−128, 127]. int8 ``values`` of a narrow operand
+    are u already (``_shifted``)."""
+    if values.dtype == torch.int8:
+        return [(values, 1.0)], offset
     u = values if offset is None else values - _column(offset, values.dtype)
     if not is_wide:
         return [(u, 1.0)], offset
@@ -265,6 +268,21 @@ def _column(offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return offset.to(dtype).view(-1, 1)
 
 
+def _shifted(values: torch.Tensor, offset: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """A narrow operand's values less its offsets (one, or one per index of ``dim``) as int8:
+    the limb ``_limbs`` would make of each piece, made once for the whole operand — the
+    convolutions' kernels then move 1-byte levels instead of 4-byte floats."""
+    if offset is not None:
+        view = [-1 if d == dim % values.dim() else 1 for d in range(values.dim())]
+        values = values - offset.to(values.dtype).view(view if offset.numel() > 1 else [])
+    return values.to(torch.int8)
+
+
+def _pad_value(offset: torch.Tensor | None) -> int:
+    """The shifted zero −d that the padding of an im2col matrix of shifted levels reads."""
+    return 0 if offset is None else -int(offset.item())
+
+
 # ---- the three products of a linear layer and of a convolution --------------------------------
 
 
@@ -320,9 +338,16 @@ _PIECE_BYTES = 4 << 20
 _DEPTH_PIECE_BYTES = 32 << 20
 
 
-def _values_nhwc(operand: IntegerValues) -> torch.Tensor:
-    """An operand's values channels-last, converted once (the kernels read them per piece)."""
-    return operand.values.contiguous(memory_format=torch.channels_last)
+def _values_nhwc(
+    operand: IntegerValues, offset: torch.Tensor | None
+) -> tuple[torch.Tensor, int, int]:
+    """An operand's values channels-last, converted once (the kernels read them per piece),
+    with the value its im2col's padding reads and the bytes a value: a narrow one's shifted
+    int8 levels (``_shifted``), a wide one's float32 values."""
+    if wide(operand):
+        return operand.values.contiguous(memory_format=torch.channels_last), 0, 4
+    levels = _shifted(operand.values.contiguous(memory_format=torch.channels_last), offset, 1)
+    return levels, _pad_value(offset), 1
 
 
 def conv_forward(x, w, bias, conv_args, real: bool) -> torch.Tensor:
@@ -348,12 +373,13 @@ def conv_forward_rows(x, w, bias, conv_args, real: bool) -> torch.Tensor:
     w2 = im2col.weight_rows(w.values, fused)
     x_offset, w_offset = offsets(x), offsets(w)
     if fused is not None:  # in pieces of rows
-        values = _values_nhwc(x)
+        values, pad, value_bytes = _values_nhwc(x, x_offset)
         args = geometry.args()
         rows = batch * out_height * out_width
         y = fused.empty_cached(values, [rows, w2.shape[0]], torch.float32)  # filled by pieces
-        for piece in im2col.pieces(y.shape[0], 1, 4 * (w2.shape[1] + y.shape[1]), _PIECE_BYTES):
-            cols = fused.im2col_nhwc(values, *args, rows=(piece.start, piece.stop))
+        row_bytes = value_bytes * w2.shape[1] + 8 * y.shape[1]  # operand, int32 acc, float32 y
+        for piece in im2col.pieces(y.shape[0], 1, row_bytes, _PIECE_BYTES):
+            cols = fused.im2col_nhwc(values, *args, rows=(piece.start, piece.stop), pad_value=pad)
             y[piece] = exact_product(
                 cols, x_offset, x.scale, wide(x), w2, w_offset, w.scale, wide(w), real, bias
             )
@@ -413,15 +439,17 @@ def conv_grad_weight(g, x, weight: torch.Tensor, conv_args, real: bool) -> torch
     rows = _grad_rows(g)
     g_offset, x_offset = offsets(g), offsets(x)
     if fused is not None:  # in pieces of depth, their integers summed exactly in float64
-        values = _values_nhwc(x)
+        values, pad, value_bytes = _values_nhwc(x, x_offset)
+        if not wide(g):  # g's offsets: one, or one per output channel (rows of the product)
+            rows = _shifted(rows, g_offset, 1)
         args = geometry.args()
         columns = im2col.weight_rows(weight, fused).shape[1]
         acc = None
         depth_pieces = im2col.pieces(
-            rows.shape[0], 1, 4 * columns, _DEPTH_PIECE_BYTES, most=_INT32_DEPTH
+            rows.shape[0], 1, value_bytes * columns, _DEPTH_PIECE_BYTES, most=_INT32_DEPTH
         )
         for piece in depth_pieces:
-            cols = fused.im2col_nhwc(values, *args, rows=(piece.start, piece.stop))
+            cols = fused.im2col_nhwc(values, *args, rows=(piece.start, piece.stop), pad_value=pad)
             part = exact_acc(
                 rows[piece].t(), g_offset, wide(g), cols.t(), x_offset, wide(x), real
             ).to(torch.float64)

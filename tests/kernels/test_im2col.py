@@ -120,6 +120,24 @@ def test_im2col_and_col2im_at_the_edges_of_the_geometry(fused, size, geometry):
     )
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_int8_levels_unfold_with_their_pad_value(fused, geometry):
+    """int8 x (integer levels shifted by an offset d): the same movement, the padding reading
+    pad_value (−d, the shifted zero) — the reference's matrix of x − pad_value, plus it."""
+    for (batch, channels, layout), pad in itertools.product(
+        itertools.product(BATCHES, CHANNELS, LAYOUTS), [0, -128, 127, -7]
+    ):
+        levels = (_images(batch, channels, 7, 9, seed=channels) * 40).round().clamp(-128, 127)
+        x = _laid_out(levels.to(torch.int8), layout)
+        cols = fused.im2col_nhwc(x, *geometry, pad_value=pad)
+        assert cols.dtype == torch.int8 and cols.is_contiguous()
+        expected = reference_im2col(levels - pad, *geometry) + pad
+        assert torch.equal(cols, expected.to(torch.int8))
+        rows = cols.shape[0]
+        piece = fused.im2col_nhwc(x, *geometry, rows=(rows // 3, rows // 2), pad_value=pad)
+        assert torch.equal(piece, cols[rows // 3 : rows // 2])
+
+
 def test_im2col_rows_are_the_rows_of_the_whole_matrix(fused):
     x = _images(3, 5, 7, 9, seed=4).contiguous(memory_format=torch.channels_last)
     for geometry in [(3, 1, 1, 1), (3, 2, 1, 1), ((2, 3), (2, 1), (0, 1), 2)]:
@@ -220,8 +238,12 @@ def test_im2col_checks_its_arguments(fused):
     x = torch.ones(1, 2, 5, 5)
     with pytest.raises(RuntimeError, match="x must be"):
         fused.im2col_nhwc(torch.ones(2, 5, 5), 3)
-    with pytest.raises(RuntimeError, match="x must be float32"):
+    with pytest.raises(RuntimeError, match="x must be float32 or int8, got Double"):
         fused.im2col_nhwc(x.double(), 3)
+    with pytest.raises(RuntimeError, match="pad_value must be 0 for float32 x and in"):
+        fused.im2col_nhwc(x, 3, pad_value=1)
+    with pytest.raises(RuntimeError, match=r"in \[-128, 127\] for int8 x, got 128"):
+        fused.im2col_nhwc(x.to(torch.int8), 3, pad_value=128)
     with pytest.raises(RuntimeError, match="kernel must be two ints >= 1"):
         fused.im2col_nhwc(x, (0, 3))
     with pytest.raises(RuntimeError, match="stride must be two ints >= 1"):
@@ -262,6 +284,11 @@ def test_ops_pass_opcheck_and_compile_into_one_graph(fused):
             operand = _laid_out(x, layout)
             torch.library.opcheck(
                 torch.ops.qtrain.im2col_nhwc, (operand, kernel, stride, padding, dilation)
+            )
+            levels = operand.round().to(torch.int8)
+            torch.library.opcheck(
+                torch.ops.qtrain.im2col_nhwc,
+                (levels, kernel, stride, padding, dilation, 0, None, -3),
             )
             cols = torch.ops.qtrain.im2col_nhwc(operand, kernel, stride, padding, dilation)
             torch.library.opcheck(

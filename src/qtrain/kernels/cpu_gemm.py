@@ -21,12 +21,11 @@ def register_fakes() -> None:
         return a.new_empty(a.shape, dtype=levels_dtype), a.new_empty(scales, dtype=torch.float32)
 
     @torch.library.register_fake("qtrain::im2col_nhwc")
-    def _im2col_nhwc(x, kernel, stride, padding, dilation, row_begin=0, row_end=None):
+    def _im2col_nhwc(x, kernel, stride, padding, dilation, row_begin=0, row_end=None, pad=0):
         batch, channels, height, width = x.shape
         out_h, out_w = conv_output_size((height, width), kernel, stride, padding, dilation)
         rows = (batch * out_h * out_w if row_end is None else row_end) - row_begin
-        shape = (rows, kernel[0] * kernel[1] * channels)
-        return x.new_empty(shape, dtype=torch.float32)
+        return x.new_empty((rows, kernel[0] * kernel[1] * channels))
 
     @torch.library.register_fake("qtrain::col2im_nhwc")
     def _col2im_nhwc(cols, x_shape, kernel, stride, padding, dilation):
@@ -136,21 +135,25 @@ def im2col_nhwc(
     dilation: IntPair = 1,
     *,
     rows: tuple[int, int] | None = None,
+    pad_value: int = 0,
 ) -> torch.Tensor:
-    """x's im2col matrix with channels innermost: the row-major float32 (B·H'·W', kh·kw·C)
-    matrix whose row (b·H' + oh)·W' + ow holds, for each kernel offset (i, j) in row-major
+    """x's im2col matrix with channels innermost: the row-major (B·H'·W', kh·kw·C) matrix of
+    x's dtype whose row (b·H' + oh)·W' + ow holds, for each kernel offset (i, j) in row-major
     order, the C channels of x[b, :, oh·sh − ph + i·dh, ow·sw − pw + j·dw], zeros where that
     pixel lies in the padding. Pure data movement: values are copied bit for bit (NaN, inf, −0).
+    int8 x (integer levels): the padding reads ``pad_value`` (levels shifted by an offset d:
+    −d, the shifted zero); float32 x: 0 only.
 
     It equals ``F.unfold(x, kernel, dilation, padding, stride)`` — (B, C·kh·kw, L), columns
     (c, i, j) — with its columns reordered to (i, j, c) and rows (b, l), so a convolution weight
     (C_out, C, kh, kw) multiplies it as ``weight.permute(0, 2, 3, 1).reshape(C_out, -1)``.
 
-    ``x``: a float32 (B, C, H, W) CPU tensor, fastest channels-last (``torch.channels_last``):
-    each block (i, j) is then one copy of C contiguous floats; other layouts are converted
-    first. ``kernel``, ``stride`` and ``dilation``: positive ints or pairs (h, w); ``padding``:
-    non-negative. Multi-threaded over rows; H' and W' must be at least 1. ``rows`` = (begin,
-    end): only those rows of the matrix (for products run in pieces).
+    ``x``: a float32 or int8 (B, C, H, W) CPU tensor, fastest channels-last
+    (``torch.channels_last``): each block (i, j) is then one copy of C contiguous values;
+    other layouts are converted first. ``kernel``, ``stride`` and ``dilation``: positive ints
+    or pairs (h, w); ``padding``: non-negative. Multi-threaded over rows; H' and W' must be at
+    least 1. ``rows`` = (begin, end): only those rows of the matrix (for products run in
+    pieces).
 
     >>> import torch
     >>> from qtrain.kernels.cpu_fused import load
@@ -162,7 +165,7 @@ def im2col_nhwc(
     """
     begin, end = (0, None) if rows is None else rows
     return torch.ops.qtrain.im2col_nhwc(
-        x, *_geometry(kernel, stride, padding, dilation), begin, end
+        x, *_geometry(kernel, stride, padding, dilation), begin, end, pad_value
     )
 
 

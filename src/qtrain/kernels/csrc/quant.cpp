@@ -2001,10 +2001,10 @@ void for_each_block_run(int64_t j_begin, int64_t j_end, int64_t dilation_w, cons
 // n values of a pixel run into a block of the float32 row (a bfloat16 x widened exactly).
 // float32 with AVX-512: 16 at a time, the tail masked — the plain loop compiles to a memmove
 // call, whose set-up costs as much as a run of a few pixels' channels.
-template <class T>
-inline void copy_channels(const T* __restrict pixel, float* __restrict block, int64_t n) {
+template <class T, class Out>
+inline void copy_channels(const T* __restrict pixel, Out* __restrict block, int64_t n) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<Out, float>) {
     for (int64_t c = 0; c < n; c += 16) {
       const auto lanes = static_cast<__mmask16>(n - c >= 16 ? 0xFFFFu : (1u << (n - c)) - 1u);
       _mm512_mask_storeu_ps(block + c, lanes, _mm512_maskz_loadu_ps(lanes, pixel + c));
@@ -2013,7 +2013,7 @@ inline void copy_channels(const T* __restrict pixel, float* __restrict block, in
   }
 #endif
 #pragma omp simd
-  for (int64_t c = 0; c < n; ++c) block[c] = static_cast<float>(pixel[c]);
+  for (int64_t c = 0; c < n; ++c) block[c] = static_cast<Out>(pixel[c]);
 }
 
 // The output pixel (b, oh, ow) of im2col row r = (b·H' + oh)·W' + ow, stepped row by row
@@ -2032,11 +2032,11 @@ struct OutputPixel {
 };
 
 // The im2col row of output pixel p of channels-last x (at `x`) into `row` (g.cols()
-// floats): each kernel row's blocks copied, zeros where they read padding.
-template <class T>
+// values): each kernel row's blocks copied, `pad` where they read padding.
+template <class T, class Out>
 void im2col_row(const T* x, const Conv2dGeometry& g,
                 const std::vector<std::pair<int64_t, int64_t>>& columns_inside,
-                const OutputPixel& p, float* __restrict row) {
+                const OutputPixel& p, Out* __restrict row, Out pad = Out(0)) {
   const int64_t channels = g.channels, height = g.height, width = g.width;
   const int64_t block_row_values = g.kernel[1] * channels;
   const int64_t ow = p.ow, oh = p.oh;
@@ -2044,27 +2044,20 @@ void im2col_row(const T* x, const Conv2dGeometry& g,
   const int64_t left = ow * g.stride[1] - g.padding[1];  // input column of j = 0
   const auto [j_begin, j_end] = columns_inside[ow];
   for (int64_t i = 0; i < g.kernel[0]; ++i) {
-    float* block_row = row + i * block_row_values;
+    Out* block_row = row + i * block_row_values;
     const int64_t h = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
     if (h < 0 || h >= height) {
-      std::fill(block_row, block_row + block_row_values, 0.0f);
+      std::fill(block_row, block_row + block_row_values, pad);
       continue;
     }
-    std::fill(block_row, block_row + j_begin * channels, 0.0f);
+    std::fill(block_row, block_row + j_begin * channels, pad);
     const T* pixels = image + h * width * channels;
     for_each_block_run(j_begin, j_end, g.dilation[1], [&](int64_t j, int64_t blocks) {
       copy_channels(pixels + (left + j * g.dilation[1]) * channels, block_row + j * channels,
                     blocks * channels);
     });
-    std::fill(block_row + j_end * channels, block_row + block_row_values, 0.0f);
+    std::fill(block_row + j_end * channels, block_row + block_row_values, pad);
   }
-}
-
-// The checks every op taking a convolution's x makes: a float32 (B, C, H, W) CPU tensor.
-void check_conv_input(const Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu(), what, ": x must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 4, what, ": x must be (B, C, H, W), got ", x.dim(), " dims");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, what, ": x must be float32, got ", x.scalar_type());
 }
 
 // The end of rows [row_begin, row_end) of the im2col matrix (None: its last row), checked.
@@ -2077,31 +2070,44 @@ int64_t row_range_end(const char* what, const Conv2dGeometry& g, int64_t row_beg
   return row_end;
 }
 
-// x: a float32 (B, C, H, W) tensor, read as channels-last (other layouts are copied to it
-// first). Returns the row-major (B·H'·W', kh·kw·C) float32 matrix described above; values are
-// copied bit for bit (NaN, inf and -0 included), padding reads +0.
+// x: a float32 or int8 (B, C, H, W) tensor, read as channels-last (other layouts are copied
+// to it first). Returns the row-major (B·H'·W', kh·kw·C) matrix described above in x's dtype;
+// values are copied bit for bit (NaN, inf and -0 included); padding reads +0, or pad_value
+// for int8 (integer levels shifted by an offset: the padding's shifted zero).
 // rows [row_begin, row_end) only (row_end None: to the last), for products run in pieces.
 Tensor im2col_nhwc(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t row_begin,
-                   std::optional<int64_t> row_end_in) {
+                   std::optional<int64_t> row_end_in, int64_t pad_value) {
   const char* what = "qtrain::im2col_nhwc";
-  check_conv_input(x_in, what);
+  TORCH_CHECK(x_in.device().is_cpu(), what, ": x must be a CPU tensor");
+  TORCH_CHECK(x_in.dim() == 4, what, ": x must be (B, C, H, W), got ", x_in.dim(), " dims");
+  const bool levels = x_in.scalar_type() == at::kChar;
+  TORCH_CHECK(levels || x_in.scalar_type() == at::kFloat, what,
+              ": x must be float32 or int8, got ", x_in.scalar_type());
+  TORCH_CHECK(levels ? -128 <= pad_value && pad_value <= 127 : pad_value == 0, what,
+              ": pad_value must be 0 for float32 x and in [-128, 127] for int8 x, got ",
+              pad_value);
   const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
   const int64_t row_end = row_range_end(what, g, row_begin, row_end_in);
-  Tensor out = empty_output({row_end - row_begin, g.cols()}, at::kFloat);
+  Tensor out = empty_output({row_end - row_begin, g.cols()}, x_in.scalar_type());
   if (out.numel() == 0) return out;
   const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const float* x = x_nhwc.data_ptr<float>();
-  float* y = out.data_ptr<float>();
   const int64_t row_values = g.cols();
   const auto columns_inside = kernel_columns_inside(g);
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / row_values);
-  at::parallel_for(0, row_end - row_begin, grain, [&](int64_t begin, int64_t end) {
-    OutputPixel pixel(g, row_begin + begin);
-    for (int64_t r = begin; r < end; ++r, pixel.next(g)) {
-      im2col_row(x, g, columns_inside, pixel, y + r * row_values);
-    }
-  });
+  const auto unfold = [&](const auto* x, auto* y, auto pad) {
+    at::parallel_for(0, row_end - row_begin, grain, [&](int64_t begin, int64_t end) {
+      OutputPixel pixel(g, row_begin + begin);
+      for (int64_t r = begin; r < end; ++r, pixel.next(g)) {
+        im2col_row(x, g, columns_inside, pixel, y + r * row_values, pad);
+      }
+    });
+  };
+  if (levels) {
+    unfold(x_nhwc.data_ptr<int8_t>(), out.data_ptr<int8_t>(), static_cast<int8_t>(pad_value));
+  } else {
+    unfold(x_nhwc.data_ptr<float>(), out.data_ptr<float>(), 0.0f);
+  }
   return out;
 }
 
@@ -2696,7 +2702,7 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "ScalarType levels_dtype=int8) -> (Tensor, Tensor)");
   m.def(
       "im2col_nhwc(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
-      "int row_begin=0, int? row_end=None) -> Tensor");
+      "int row_begin=0, int? row_end=None, int pad_value=0) -> Tensor");
   m.def(
       "col2im_nhwc(Tensor cols, int[4] x_shape, int[2] kernel, int[2] stride, int[2] padding, "
       "int[2] dilation) -> Tensor");
