@@ -361,15 +361,24 @@ def test_products_survive_precision_schedules_and_serialisation() -> None:
         GemmConfig(products="int4")
 
 
-def _train(config: GemmConfig, steps: int = 4):
+def small_cnn() -> nn.Module:
+    """A small CNN (a grouped, strided conv among them), seeded."""
     torch.manual_seed(0)
-    model = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, groups=2),
         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10),
     )  # fmt: skip
+
+
+def _train(config: GemmConfig, steps: int = 4):
     from qtrain.api import QuantizedTrainingConfig
 
-    model = quantize_(model, QuantizedTrainingConfig(config))
+    return train_steps(quantize_(small_cnn(), QuantizedTrainingConfig(config)), steps)
+
+
+def train_steps(model: nn.Module, steps: int = 4):
+    """The losses of ``steps`` SGD steps of ``small_cnn``'s shape on fixed random batches, and
+    the parameters after them."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     losses = []

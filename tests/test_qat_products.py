@@ -21,6 +21,7 @@ from qtrain.api import quantize_, use_products
 from qtrain.int_products import integer_product_roles
 from qtrain.nn import FakeQuantConv2d, FakeQuantLinear
 from qtrain.presets import bitnet_quantization, qat_quantization
+from test_int_products import small_cnn, train_steps
 
 # (in, out, kernel, stride, padding, dilation, groups): odd sizes, strided, pointwise, grouped.
 GEOMETRIES = [
@@ -84,6 +85,24 @@ def _levels(layer: nn.Module, t: torch.Tensor, role: str) -> tuple[torch.Tensor,
     return levels, scale
 
 
+def _assert_real_twin_and_float_gradients(floats, twin, real) -> None:
+    """The real products' output is the twin's bit for bit; both routes' gradients (of x and
+    of every parameter, learned steps included) are the float layer's bit for bit."""
+    assert torch.equal(twin[0], real[0])
+    for got in (twin, real):
+        assert torch.equal(got[1], floats[1])  # grad of x: full precision on the same ŵ
+        assert got[2].keys() == floats[2].keys()
+        for name, grad in got[2].items():
+            assert torch.equal(grad, floats[2][name]), name
+
+
+def _assert_the_exact_product_rounded(y, exact, bias) -> None:
+    """y within three float32 roundings of the exact scaled sum and one of the bias added."""
+    with_bias = exact + bias.double()
+    bound = 3.0001 * 2.0**-24 * exact.abs() + 2.0**-24 * with_bias.abs()
+    assert ((y.double() - with_bias).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("quantizer", sorted(QUANTIZERS))
 @pytest.mark.parametrize("shape", [(6, 20), (2, 5, 33)], ids=str)
 def test_linear_forward_is_the_exact_product_and_backward_the_float_layers(quantizer, shape):
@@ -92,25 +111,14 @@ def test_linear_forward_is_the_exact_product_and_backward_the_float_layers(quant
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).relu()  # post-ReLU
     floats = _run(_layer(linear, quantizer, "float"), x)
     results = {p: _run(_layer(linear, quantizer, p), x) for p in PRODUCTS}
-    twin, real = results["int8-twin"], results["int8-real"]
-    assert torch.equal(twin[0], real[0])
-    for got in (twin, real):
-        assert torch.equal(got[1], floats[1])  # grad of x: full precision on the same ŵ
-        assert got[2].keys() == floats[2].keys() and any("step" in k for k in got[2]) == (
-            quantizer.startswith("lsq")
-        )
-        for name, grad in got[2].items():
-            assert torch.equal(grad, floats[2][name]), name
+    _assert_real_twin_and_float_gradients(floats, results["int8-twin"], results["int8-real"])
+    assert any("step" in name for name in floats[2]) == quantizer.startswith("lsq")
     layer = _layer(linear, quantizer, "int8-twin")
     y = _run(layer, x)[0]
     vx, sx = _levels(layer, x, "input")
     vw, sw = _levels(layer, layer.weight.detach(), "weight")
     exact = (vx.reshape(-1, shape[-1]) @ vw.t()) * sx * sw.reshape(1, -1)
-    exact = exact.reshape(y.shape)
-    bias = layer.bias.detach().double()
-    # three float32 roundings of the scaled sum, one of the bias addition
-    bound = 3.0001 * 2.0**-24 * exact.abs() + 2.0**-24 * (exact + bias).abs()
-    assert ((y.double() - (exact + bias)).abs() <= bound).all()
+    _assert_the_exact_product_rounded(y, exact.reshape(y.shape), layer.bias.detach())
     assert not torch.equal(y, floats[0])  # the float product rounds its sums
 
 
@@ -129,19 +137,13 @@ def test_conv_forward_is_the_exact_convolution_and_backward_the_float_layers(
     floats = _run(_layer(conv, quantizer, "float"), x)
     twin = _run(_layer(conv, quantizer, "int8-twin"), x)
     real = _run(_layer(conv, quantizer, "int8-real"), x)
-    assert torch.equal(twin[0], real[0])
-    for got in (twin, real):
-        assert torch.equal(got[1], floats[1])
-        for name, grad in got[2].items():
-            assert torch.equal(grad, floats[2][name]), name
+    _assert_real_twin_and_float_gradients(floats, twin, real)
     layer = _layer(conv, quantizer, "int8-real")
     y = _run(layer, x)[0]
     vx, sx = _levels(layer, x, "input")
     vw, sw = _levels(layer, layer.weight.detach(), "weight")
     exact = F.conv2d(vx, vw, None, stride, padding, dilation, groups) * sx * sw.reshape(1, -1, 1, 1)
-    bias = layer.bias.detach().double().reshape(1, -1, 1, 1)
-    bound = 3.0001 * 2.0**-24 * exact.abs() + 2.0**-24 * (exact + bias).abs()
-    assert ((y.double() - (exact + bias)).abs() <= bound).all()
+    _assert_the_exact_product_rounded(y, exact, layer.bias.detach().reshape(1, -1, 1, 1))
 
 
 def test_outputs_take_in_place_ops():
@@ -203,27 +205,11 @@ def test_which_layers_qualify():
     assert torch.equal(y, bitnet(x))
 
 
-def _train(products: str, steps: int = 4):
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, groups=2),
-        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10),
-    )  # fmt: skip
-    model = quantize_(model, qat_quantization())
+def _train(products: str):
+    model = quantize_(small_cnn(), qat_quantization())
     if products != "float":
         use_products(model, products)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(16, 1, 14, 14, generator=g)
-        target = torch.randint(0, 10, (16,), generator=g)
-        loss = F.cross_entropy(model(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, [p.detach().clone() for p in model.parameters()]
+    return train_steps(model)
 
 
 def test_training_on_the_real_products_is_the_twins_run():
