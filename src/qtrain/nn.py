@@ -331,12 +331,14 @@ class _FakeQuantGemm:
         spec = getattr(self.config, f"{role}_spec")
         if spec is None or self.config.products == "float":
             return self._fake_quantize(x, role), None
+        integer = spec.int_format is not None
         if role in self.observers:
             x_hat, qparams, spec = self.observers[role].fake_quantize_observed(x, spec)
-        else:
-            x_hat, qparams = quantize(x, spec), None
-        if qparams is None and spec.int_format is not None:
-            qparams = compute_qparams(x.detach(), spec)  # what quantize measured
+        else:  # the spec's rule measures x once: quantize at those qparams is quantize(x, spec)
+            qparams = compute_qparams(x.detach(), spec) if integer else None
+            x_hat = quantize(x, spec, qparams=qparams)
+        if qparams is None and integer:
+            qparams = compute_qparams(x.detach(), spec)  # the rule's, as quantize measured them
         return x_hat, (qparams, spec)
 
     def _product(self, x: torch.Tensor, conv_args=None) -> torch.Tensor:

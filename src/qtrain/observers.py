@@ -94,7 +94,9 @@ class Observer(nn.Module):
     ) -> tuple[torch.Tensor, QParams | None, QuantSpec]:
         """``fake_quantize``'s x̂ with the qparams it used (None: the spec's rule measured
         x) and the spec it quantized with: what reads x̂'s integer levels back (QAT's forward
-        on integer products), from one observation — a running range moves once a call."""
+        on integer products), from one observation — a running range moves once a call.
+        ``fake_quantize`` is its first value: a subclass that quantizes its own way (LSQ's
+        learned step) overrides this method only."""
         qparams = self.qparams(x, spec)
         return quantize(x, spec, qparams=qparams), qparams, spec
 
@@ -379,16 +381,13 @@ class LSQStep(Observer):
             return spec
         return dataclasses.replace(spec, format=Int(int_format.bits, signed=signed))
 
-    def fake_quantize(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        if not bool(self.initialised) and x.numel():
-            self._initialise(x.detach(), spec)
-        # A step pushed to or below zero by an update keeps its size (and its gradient).
-        return quantize(x, self.spec(spec), step=self.step.abs().clamp_min(_F32.tiny))
-
     def fake_quantize_observed(
         self, x: torch.Tensor, spec: QuantSpec
     ) -> tuple[torch.Tensor, QParams | None, QuantSpec]:
-        x_hat = self.fake_quantize(x, spec)  # sets the step on the first tensor
+        if not bool(self.initialised) and x.numel():
+            self._initialise(x.detach(), spec)
+        # A step pushed to or below zero by an update keeps its size (and its gradient).
+        x_hat = quantize(x, self.spec(spec), step=self.step.abs().clamp_min(_F32.tiny))
         return x_hat, self.qparams(x, spec), self.spec(spec)
 
     @torch.no_grad()
