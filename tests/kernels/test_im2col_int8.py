@@ -222,6 +222,88 @@ def test_col2im_epilogue_is_col2im_of_the_scaled_matrix(fused, geometry):
         _assert_bitwise(got, want)
 
 
+def _product_composition(fused, x, geometry, rows, bound, w, w_scale, bias, out_dtype):
+    """im2col_int8's levels, torch._int_mm with W's levels, int8_epilogue: what the one-pass
+    short-row forward fuses."""
+    q, scale, amax = fused.im2col_int8(x, *geometry, rows=rows, bound=bound, column_amax=True)
+    acc = lowp_products.levels_product(q, w, False)  # torch._int_mm, its CPU quirks handled
+    out = torch.empty(acc.shape, dtype=out_dtype)
+    return fused.int8_epilogue(acc, scale, w_scale, bias, out=out), amax
+
+
+# Geometries whose rows hold at most 32 values at 1–3 channels (the one-pass forward's).
+SHORT_ROWS = [(3, 1, 1, 1), (3, 2, 1, 1), ((2, 3), (2, 1), (0, 1), 2), (1, 1, 0, 1), (5, 1, 2, 2)]
+
+
+@pytest.mark.parametrize("geometry", SHORT_ROWS, ids=str)
+def test_the_short_row_forward_is_levels_product_and_epilogue_in_one_pass(fused, geometry):
+    generator = torch.Generator().manual_seed(12)
+    bound = _bound(127.0)
+    for channels, outputs in [(1, 16), (3, 5), (2, 1)]:
+        x = _images(3, channels, 7, 9, seed=channels).contiguous(memory_format=torch.channels_last)
+        x[0, 0, 2, 3], x[1, 0, 4, 4], x[2, 0, 0, 0] = NAN, INF, 0.0
+        cols = fused.im2col_nhwc(x, *geometry).shape
+        if cols[1] > 32:
+            continue
+        w = torch.randint(-127, 128, (outputs, cols[1]), dtype=torch.int8, generator=generator)
+        w_scale = torch.rand(outputs, generator=generator)
+        bias = torch.randn(outputs, generator=generator)
+        for (begin, end), with_bias, dtype in itertools.product(
+            [(0, cols[0]), (cols[0] // 3, cols[0] // 2 + 1)],
+            [False, True],
+            [torch.float32, torch.bfloat16],
+        ):
+            want, want_amax = _product_composition(
+                fused, x, geometry, (begin, end), bound, w, w_scale, bias if with_bias else None,
+                dtype,
+            )  # fmt: skip
+            wide = torch.full((end - begin, outputs + 3), 7.0, dtype=dtype)  # rows apart
+            got = wide[:, 1 : outputs + 1]
+            amax = fused.im2col_int8_product(
+                x, *geometry, rows=(begin, end), bound=bound, weight_levels=w,
+                weight_scale=w_scale, bias=bias if with_bias else None, column_amax=True, out=got,
+            )  # fmt: skip
+            assert torch.equal(got.isnan(), want.isnan())
+            assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+            assert torch.equal(amax, want_amax)
+            assert (wide[:, 0] == 7).all() and (wide[:, -2:] == 7).all()  # nothing else written
+        x16 = x.to(torch.bfloat16)  # widened exactly, as im2col_int8 reads it
+        got = torch.empty(cols[0], outputs)
+        assert fused.im2col_int8_product(
+            x16, *geometry, bound=bound, weight_levels=w, weight_scale=w_scale, out=got
+        ) is None  # fmt: skip
+        want, _ = _product_composition(
+            fused, x16, geometry, (0, cols[0]), bound, w, w_scale, None, torch.float32
+        )
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+def test_the_short_row_forward_checks_its_arguments(fused):
+    x, bound = torch.ones(1, 2, 5, 5), _bound(127.0)
+    w, w_scale, out = torch.ones(4, 18, dtype=torch.int8), torch.ones(4), torch.empty(9, 4)
+    product = fused.im2col_int8_product
+    with pytest.raises(RuntimeError, match="rows of kh·kw·C <= 32 values only, got 50"):
+        product(torch.ones(1, 2, 9, 9), 5, bound=bound, weight_levels=w, weight_scale=w_scale,
+                out=torch.empty(25, 4))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"weight_levels must be an int8 \(C_out, 18\)"):
+        product(x, 3, bound=bound, weight_levels=w.float(), weight_scale=w_scale, out=out)
+    with pytest.raises(RuntimeError, match=r"out must be \(9, 4\)"):
+        product(x, 3, bound=bound, weight_levels=w, weight_scale=w_scale, out=out[:8])
+    with pytest.raises(RuntimeError, match="weight_scale must hold 4 float32 values"):
+        product(x, 3, bound=bound, weight_levels=w, weight_scale=torch.ones(3), out=out)
+    with pytest.raises(RuntimeError, match="bias must hold 4 float32 values"):
+        product(x, 3, bound=bound, weight_levels=w, weight_scale=w_scale, bias=torch.ones(5),
+                out=out)  # fmt: skip
+    args = _args((3, 1, 1, 1))
+    x = _images(2, 1, 7, 9, seed=3)
+    w, out = torch.ones(4, 9, dtype=torch.int8), torch.empty(5, 4)
+    torch.library.opcheck(
+        torch.ops.qtrain.im2col_int8_product,
+        (x, *args, 2, 7, bound, w, w_scale, torch.ones(4), True, out),
+    )
+
+
 def test_one_and_two_threads_give_the_same_bits(fused):
     x = _images(3, 16, 28, 28, seed=6).contiguous(memory_format=torch.channels_last)
     bound = _bound(127.0)

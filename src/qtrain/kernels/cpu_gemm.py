@@ -55,6 +55,11 @@ def register_fakes() -> None:
     def _int8_epilogue(acc, scale_a, scale_b, bias):
         return acc.new_empty(acc.shape, dtype=torch.float32)
 
+    @torch.library.register_fake("qtrain::im2col_int8_product")
+    def _im2col_int8_product(x, kernel, stride, padding, dilation, *args_and_out):
+        channels, amax = x.shape[1], args_and_out[-2]
+        return x.new_empty(kernel[0] * kernel[1] * channels if amax else 0, dtype=torch.int32)
+
     @torch.library.register_fake("qtrain::int8_epilogue_out")
     def _int8_epilogue_out(acc, scale_a, scale_b, bias, out) -> None:
         return None
@@ -239,6 +244,50 @@ def im2col_int8(
         column_scale, column_amax,
     )  # fmt: skip
     return (levels, scale, amax) if column_amax else (levels, scale)
+
+
+def im2col_int8_product(
+    x: torch.Tensor,
+    kernel: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    rows: tuple[int, int] | None = None,
+    bound: torch.Tensor,
+    weight_levels: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    column_amax: bool = False,
+    out: torch.Tensor,
+) -> torch.Tensor | None:
+    """The forward of a convolution with short im2col rows (kh·kw·C ≤ 32 values: a first
+    layer's 9 or 27) in one pass, without the int8 matrix: ``out`` (the rows ``rows`` of the
+    (B·H'·W', C_out) product, float32 or bfloat16, rows may be apart) set to
+    ``int8_epilogue(levels · weight_levelsᵀ, scale, weight_scale, bias)`` for ``levels, scale
+    = im2col_int8(x, ..., rows=rows, bound=bound)`` — bit for bit: each tile of fields is
+    quantized as ``im2col_int8`` does, multiplied with W's int8 levels (C_out, K) in int32 (the
+    exact integers ``torch._int_mm`` gives) and scaled in the epilogue's order. With
+    ``column_amax``, returns im2col_int8's column absmax bits of these rows.
+
+    >>> import torch
+    >>> from qtrain.kernels.cpu_fused import load
+    >>> fused = load()  # builds on first use
+    >>> x, bound = torch.tensor([[[[1.0, -2.0, 0.5]]]]), torch.tensor(127.0)
+    >>> w, w_scale = torch.tensor([[1, 2], [3, -1]], dtype=torch.int8), torch.tensor([0.5, 2.0])
+    >>> y = torch.empty(2, 2)
+    >>> fused.im2col_int8_product(x, (1, 2), bound=bound, weight_levels=w, weight_scale=w_scale,
+    ...                           out=y)
+    >>> q, scale = fused.im2col_int8(x, (1, 2), bound=bound)
+    >>> torch.equal(y, fused.int8_epilogue(torch._int_mm(q, w.t()), scale, w_scale))
+    True
+    """
+    begin, end = (0, None) if rows is None else rows
+    amax = torch.ops.qtrain.im2col_int8_product(
+        x, *_geometry(kernel, stride, padding, dilation), begin, end, bound, weight_levels,
+        weight_scale, bias, column_amax, out,
+    )  # fmt: skip
+    return amax if column_amax else None
 
 
 def int8_epilogue(

@@ -2244,14 +2244,24 @@ struct FieldTile {
       const int64_t h = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
       const bool inside = h >= 0 && h < g.height;
       const T* line = x + (b * g.height + (inside ? h : 0)) * g.width * channels;
+      const int64_t step = g.stride[1];
       for (int64_t j = 0; j < g.kernel[1]; ++j) {
+        // Field idx reads column w = first_w + idx·step: inside the image for idx in
+        // [begin, end), padding (zeros) on either side.
+        const int64_t first_w = ow0 * step - g.padding[1] + j * g.dilation[1];
+        int64_t begin = first_w >= 0 ? 0 : (-first_w + step - 1) / step;
+        int64_t end = first_w >= g.width ? 0 : (g.width - first_w + step - 1) / step;
+        end = inside ? std::min(end, n) : 0;
+        begin = std::min(begin, end);
         for (int64_t c = 0; c < channels; ++c) {
-          float* t = values.data() + ((i * g.kernel[1] + j) * channels + c) * n;
-          for (int64_t idx = 0; idx < n; ++idx) {
-            const int64_t w = (ow0 + idx) * g.stride[1] - g.padding[1] + j * g.dilation[1];
-            t[idx] = inside && w >= 0 && w < g.width ? static_cast<float>(line[w * channels + c])
-                                                     : 0.0f;
+          float* __restrict t = values.data() + ((i * g.kernel[1] + j) * channels + c) * n;
+          std::fill(t, t + begin, 0.0f);
+          const int64_t stride_values = step * channels;
+          const T* __restrict source = line + (first_w + begin * step) * channels + c;
+          for (int64_t idx = begin; idx < end; ++idx) {
+            t[idx] = static_cast<float>(source[(idx - begin) * stride_values]);
           }
+          std::fill(t + end, t + n, 0.0f);
         }
       }
     }
@@ -2259,7 +2269,8 @@ struct FieldTile {
 
   // Levels into rows q[0 .. n) (row-major, K each): with row_scale, each field's scale from
   // its absmax (written there); else column_inverse's per-column scales. column_max: folds
-  // each column's absmax bits in.
+  // each column's absmax bits in. q null: the levels stay in `levels` (value k of field idx
+  // at k·n + idx).
   void quantize(int8_t* q, float* row_scale, const float* column_inverse, float bound,
                 uint32_t* column_max) {
     if (row_scale != nullptr) {
@@ -2280,6 +2291,7 @@ struct FieldTile {
         nearest_levels<false>(t, out, n, column_inverse + k, bound);
       }
     }
+    if (q == nullptr) return;  // the levels stay in the tile (im2col_int8_product)
     for (int64_t idx = 0; idx < n; ++idx) {
       for (int64_t k = 0; k < cols; ++k) q[idx * cols + k] = levels[k * n + idx];
     }
@@ -2500,6 +2512,155 @@ void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& s
   });
 }
 
+// The forward of a convolution whose im2col rows are short (K = kh·kw·C ≤ kTileMaxCols: a
+// first layer's 9 or 27 values) without the int8 matrix: each tile of fields quantized as
+// im2col_int8 does (a scale per row), its levels times W's levels summed in int32 — exact, so
+// torch._int_mm's integers — and scaled as int8_epilogue_out into out, rows [row_begin,
+// row_end) of the product. torch._int_mm runs such K at a fraction of its speed, and the
+// levels matrix and its epilogue were two more passes. Returns the column absmax as
+// im2col_int8 does (column_amax; empty otherwise).
+Tensor im2col_int8_product(const Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t row_begin,
+                           std::optional<int64_t> row_end_in, const Tensor& bound_in,
+                           const Tensor& weight_levels, const Tensor& weight_scale,
+                           const std::optional<Tensor>& bias, bool column_amax,
+                           const Tensor& out) {
+  const char* what = "qtrain::im2col_int8_product";
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, what,
+              ": x must be a (B, C, H, W) CPU tensor");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, what,
+              ": x must be float32 or bfloat16, got ", x_in.scalar_type());
+  const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
+  const int64_t row_end = row_range_end(what, g, row_begin, row_end_in);
+  const float bound = bound_value(bound_in, what);
+  const int64_t rows = row_end - row_begin, cols = g.cols();
+  TORCH_CHECK(cols <= kTileMaxCols, what, ": rows of kh·kw·C <= ", kTileMaxCols,
+              " values only, got ", cols);
+  TORCH_CHECK(weight_levels.device().is_cpu() && weight_levels.scalar_type() == at::kChar &&
+                  weight_levels.dim() == 2 && weight_levels.size(1) == cols,
+              what, ": weight_levels must be an int8 (C_out, ", cols, ") CPU matrix, got ",
+              weight_levels.scalar_type(), " ", weight_levels.sizes());
+  const int64_t outputs = weight_levels.size(0);
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16, what,
+              ": out must be float32 or bfloat16");
+  const int64_t out_stride = row_stride(out, rows, outputs, "out", what);
+  std::vector<float> w_storage, bias_storage;
+  const float* sw = scales_of(weight_scale, outputs, "weight_scale", what, w_storage);
+  const float* bias_values = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == outputs, what,
+                ": bias must hold ", outputs, " float32 values");
+    bias_values = scales_of(*bias, outputs, "bias", what, bias_storage);
+  }
+  Tensor amax = at::zeros({column_amax ? cols : 0}, at::kInt);
+  if (rows == 0 || outputs == 0) return amax;
+  // W's levels by pairs of columns (k = 2p, 2p + 1; a zero after an odd K), each pair of an
+  // output as two int16 in one int32 word, the outputs padded with zeros to blocks of
+  // kOutputBlock: a field's pair of levels times a block of outputs is one multiply-add of
+  // int16 pairs into int32 lanes (exact: |sum| ≤ 2·127²), its sums held in registers.
+  constexpr int64_t kOutputBlock = 16;
+  const int64_t padded = (outputs + kOutputBlock - 1) / kOutputBlock * kOutputBlock;
+  const int64_t pairs = (cols + 1) / 2;
+  const Tensor w = weight_levels.contiguous();
+  const int8_t* w_levels = w.data_ptr<int8_t>();
+  const auto pair_word = [](int32_t low, int32_t high) {
+    return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(low)) |
+                                static_cast<uint32_t>(static_cast<uint16_t>(high)) << 16);
+  };
+  std::vector<int32_t> w_pairs(pairs * padded, 0);
+  for (int64_t o = 0; o < outputs; ++o) {
+    for (int64_t q = 0; q < pairs; ++q) {
+      const int32_t high = 2 * q + 1 < cols ? w_levels[o * cols + 2 * q + 1] : 0;
+      w_pairs[q * padded + o] = pair_word(w_levels[o * cols + 2 * q], high);
+    }
+  }
+  const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  uint32_t* column_max = column_amax ? reinterpret_cast<uint32_t*>(amax.data_ptr<int32_t>())
+                                     : nullptr;
+  std::mutex merge;
+  const auto run = [&](const auto* x, auto* y) {
+    using Out = std::remove_pointer_t<decltype(y)>;
+    const int64_t grain = std::max<int64_t>(1, kMinPerThread / (cols + outputs));
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+      FieldTile tile(g);
+      std::vector<float> row_scale(g.out[1]);
+      std::vector<int32_t> level_pairs(pairs);
+      std::vector<uint32_t> maxima(column_amax ? cols : 0, 0u);
+      for (int64_t r = b; r < e;) {
+        const int64_t ow = (row_begin + r) % g.out[1];
+        const int64_t n = std::min(g.out[1] - ow, e - r);
+        tile.build(x, g, row_begin + r, n);
+        tile.quantize(nullptr, row_scale.data(), nullptr, bound,
+                      column_amax ? maxima.data() : nullptr);
+        for (int64_t idx = 0; idx < n; ++idx) {
+          for (int64_t q = 0; q < pairs; ++q) {
+            const int32_t high = 2 * q + 1 < cols ? tile.levels[(2 * q + 1) * n + idx] : 0;
+            level_pairs[q] = pair_word(tile.levels[2 * q * n + idx], high);
+          }
+          Out* __restrict row = y + (r + idx) * out_stride;
+          const float scale = row_scale[idx];
+          for (int64_t first = 0; first < outputs; first += kOutputBlock) {
+            const int64_t count = std::min(kOutputBlock, outputs - first);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+            if constexpr (std::is_same_v<Out, float>) {
+              __m512i sums = _mm512_setzero_si512();
+              for (int64_t q = 0; q < pairs; ++q) {
+                const __m512i w_block = _mm512_loadu_si512(w_pairs.data() + q * padded + first);
+                sums = _mm512_add_epi32(
+                    sums, _mm512_madd_epi16(_mm512_set1_epi32(level_pairs[q]), w_block));
+              }
+              // int8_epilogue_out's operations, in its order (int32 → float32 rounds to
+              // nearest even, as the scalar conversion)
+              const auto lanes = static_cast<__mmask16>((1u << count) - 1u);
+              __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale));
+              v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(lanes, sw + first));
+              if (bias_values != nullptr) {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, bias_values + first));
+              }
+              _mm512_mask_storeu_ps(row + first, lanes, v);
+              continue;
+            }
+#endif
+            int32_t sums[kOutputBlock] = {};
+            for (int64_t q = 0; q < pairs; ++q) {
+              const int32_t pair = level_pairs[q];
+              const int32_t low = static_cast<int16_t>(pair & 0xFFFF), high = pair >> 16;
+              const int32_t* __restrict w_block = w_pairs.data() + q * padded + first;
+              for (int64_t o = 0; o < kOutputBlock; ++o) {
+                sums[o] += low * static_cast<int16_t>(w_block[o] & 0xFFFF) + high * (w_block[o] >> 16);
+              }
+            }
+            // int8_epilogue_out's operations, in its order
+            for (int64_t o = 0; o < count; ++o) {
+              const float scaled = acc_float(sums[o]) * scale * sw[first + o];
+              row[first + o] = static_cast<Out>(
+                  bias_values != nullptr ? scaled + bias_values[first + o] : scaled);
+            }
+          }
+        }
+        r += n;
+      }
+      if (column_amax) {
+        const std::lock_guard<std::mutex> lock(merge);
+        for (int64_t k = 0; k < cols; ++k) column_max[k] = std::max(column_max[k], maxima[k]);
+      }
+    });
+  };
+  const auto with_out = [&](const auto* x) {
+    if (out.scalar_type() == at::kBFloat16) {
+      run(x, out.data_ptr<at::BFloat16>());
+    } else {
+      run(x, out.data_ptr<float>());
+    }
+  };
+  if (x_nhwc.scalar_type() == at::kBFloat16) {
+    with_out(x_nhwc.data_ptr<at::BFloat16>());
+  } else {
+    with_out(x_nhwc.data_ptr<float>());
+  }
+  return amax;
+}
+
 // An uninitialised output from the extension's allocator (transparent huge pages from 4 MiB,
 // freed blocks kept for the next output of the same size): for a result the caller fills in
 // pieces, which would otherwise fault its fresh pages in one by one every step.
@@ -2710,6 +2871,10 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "im2col_int8(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
       "int row_begin, int? row_end, Tensor bound, Tensor? column_scale, bool column_amax=False) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "im2col_int8_product(Tensor x, int[2] kernel, int[2] stride, int[2] padding, "
+      "int[2] dilation, int row_begin, int? row_end, Tensor bound, Tensor weight_levels, "
+      "Tensor weight_scale, Tensor? bias, bool column_amax, Tensor(a!) out) -> Tensor");
   m.def("int8_epilogue(Tensor acc, Tensor scale_a, Tensor scale_b, Tensor? bias) -> Tensor");
   m.def("empty_cached(Tensor like, int[] sizes, ScalarType dtype) -> Tensor");
   m.def(
@@ -2739,6 +2904,7 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("im2col_nhwc", &im2col_nhwc);
   m.impl("col2im_nhwc", &col2im_nhwc);
   m.impl("im2col_int8", &im2col_int8);
+  m.impl("im2col_int8_product", &im2col_int8_product);
   m.impl("int8_epilogue", &int8_epilogue);
   m.impl("empty_cached", &empty_cached);
   m.impl("int8_epilogue_out", &int8_epilogue_out);
