@@ -241,27 +241,37 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         # x's column scales from the forward's rows' absmax (bitwise those of
         # quantize_rows_int8(im2col(x)ᵀ))
         scale_cols = _scale_from_amax(ctx.column_amax.view(torch.float32), bounds[right.bound])
-        acc = None
         cols = w2.shape[1]
-        # Depth pieces whose products are exact: int32 (real), float32 (the twin); their sum
-        # in int32 while the whole depth fits it, else in int64 (the twin: float64).
-        depth = qg_t.shape[1]
-        if plan.emulate:
-            most, sum_dtype = _EXACT_FLOAT32_DEPTH, torch.float64
-        else:
-            most, sum_dtype = INT32_DEPTH, torch.int32 if depth <= INT32_DEPTH else torch.int64
-        for piece in im2col.pieces(depth, 1, cols, _DEPTH_PIECE_BYTES, most):
-            qx, _ = fused.im2col_int8(
-                x_rows, *args, rows=(piece.start, piece.stop), bound=bounds[right.bound],
-                column_scale=scale_cols,
+        if cols <= _SHORT_ROWS and not plan.emulate:  # one pass, the int64 sums exact
+            acc = fused.im2col_int8_grad_weight(
+                x_rows, *args, bound=bounds[right.bound], column_scale=scale_cols,
+                g_levels=qg_t,
             )  # fmt: skip
-            part = levels_product(qg_t[:, piece], qx.t(), plan.emulate).to(sum_dtype)
-            acc = part if acc is None else acc.add_(part)
+        else:
+            acc = _grad_weight_acc(fused, x_rows, args, qg_t, scale_cols, bounds[right.bound], plan)
         grad_rows = fused.int8_epilogue(acc, scale_g, scale_cols)
         grad_w = im2col.weight_grad(grad_rows, weight, fused).to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
     return grad_x, grad_w, grad_b, None, None, None
+
+
+def _grad_weight_acc(fused, x_rows, args, qg_t, scale_cols, bound, plan: _Plan) -> torch.Tensor:
+    """gᵀ's levels times x's im2col levels (a scale per column), the im2col rows built a depth
+    piece at a time: each piece's product exact — int32 (real), float32 (the twin) — and their
+    sum in int32 while the whole depth fits it, else in int64 (the twin: float64)."""
+    acc, depth, cols = None, qg_t.shape[1], scale_cols.numel()
+    if plan.emulate:
+        most, sum_dtype = _EXACT_FLOAT32_DEPTH, torch.float64
+    else:
+        most, sum_dtype = INT32_DEPTH, torch.int32 if depth <= INT32_DEPTH else torch.int64
+    for piece in im2col.pieces(depth, 1, cols, _DEPTH_PIECE_BYTES, most):
+        qx, _ = fused.im2col_int8(
+            x_rows, *args, rows=(piece.start, piece.stop), bound=bound, column_scale=scale_cols
+        )
+        part = levels_product(qg_t[:, piece], qx.t(), plan.emulate).to(sum_dtype)
+        acc = part if acc is None else acc.add_(part)
+    return acc
 
 
 def _apply_conv(x, weight, bias, plan: _Plan, bounds: torch.Tensor, geometry) -> torch.Tensor:

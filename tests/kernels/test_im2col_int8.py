@@ -279,6 +279,46 @@ def test_the_short_row_forward_is_levels_product_and_epilogue_in_one_pass(fused,
         assert torch.equal(got[~got.isnan()], want[~want.isnan()])
 
 
+@pytest.mark.parametrize("geometry", SHORT_ROWS, ids=str)
+def test_the_short_row_grad_weight_is_the_exact_product_of_the_levels(fused, geometry):
+    generator = torch.Generator().manual_seed(13)
+    bound = _bound(127.0)
+    for channels, outputs in [(1, 16), (3, 5), (2, 1)]:
+        x = _images(3, channels, 7, 9, seed=channels).contiguous(memory_format=torch.channels_last)
+        x[1, 0, 4, 4] = 1e6  # a large value: that column's other levels round to 0
+        cols = fused.im2col_nhwc(x, *geometry)
+        if cols.shape[1] > 32:
+            continue
+        column_scale = fused.quantize_rows_int8(cols.t(), bound, True)[1]
+        for begin, end in [(0, cols.shape[0]), (cols.shape[0] // 3, cols.shape[0] // 2 + 1)]:
+            g = torch.randint(-127, 128, (outputs, end - begin), dtype=torch.int8,
+                              generator=generator)  # fmt: skip
+            for operand in (x, x.to(torch.bfloat16)):
+                q, _ = fused.im2col_int8(
+                    operand, *geometry, rows=(begin, end), bound=bound, column_scale=column_scale
+                )
+                got = fused.im2col_int8_grad_weight(
+                    operand, *geometry, rows=(begin, end), bound=bound,
+                    column_scale=column_scale, g_levels=g,
+                )  # fmt: skip
+                assert got.dtype == torch.int64
+                assert torch.equal(got, g.long() @ q.long())
+
+
+def test_the_short_row_grad_weight_sums_beyond_int32(fused):
+    """160,000 rows of levels ±127 against g's ±127: 2.6e9, beyond int32, summed exactly."""
+    x = torch.full((1, 1, 400, 400), 3.0).contiguous(memory_format=torch.channels_last)
+    bound = _bound(127.0)
+    column_scale = torch.full((9,), 3.0 / 127)
+    g = torch.full((2, 160_000), 127, dtype=torch.int8)
+    g[1] = -127
+    got = fused.im2col_int8_grad_weight(x, 3, 1, 1, bound=bound, column_scale=column_scale,
+                                        g_levels=g)  # fmt: skip
+    q, _ = fused.im2col_int8(x, 3, 1, 1, bound=bound, column_scale=column_scale)
+    want = g.long() @ q.long()
+    assert want.abs().max() > 2**31 and torch.equal(got, want)
+
+
 def test_the_short_row_forward_checks_its_arguments(fused):
     x, bound = torch.ones(1, 2, 5, 5), _bound(127.0)
     w, w_scale, out = torch.ones(4, 18, dtype=torch.int8), torch.ones(4), torch.empty(9, 4)
@@ -295,12 +335,22 @@ def test_the_short_row_forward_checks_its_arguments(fused):
     with pytest.raises(RuntimeError, match="bias must hold 4 float32 values"):
         product(x, 3, bound=bound, weight_levels=w, weight_scale=w_scale, bias=torch.ones(5),
                 out=out)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"g_levels must be an int8 \(C_out, 9\)"):
+        fused.im2col_int8_grad_weight(x, 3, bound=bound, column_scale=torch.ones(18),
+                                      g_levels=torch.ones(4, 8, dtype=torch.int8))  # fmt: skip
+    with pytest.raises(RuntimeError, match="column_scale must hold 18 float32 values"):
+        fused.im2col_int8_grad_weight(x, 3, bound=bound, column_scale=torch.ones(17),
+                                      g_levels=torch.ones(4, 9, dtype=torch.int8))  # fmt: skip
     args = _args((3, 1, 1, 1))
     x = _images(2, 1, 7, 9, seed=3)
     w, out = torch.ones(4, 9, dtype=torch.int8), torch.empty(5, 4)
     torch.library.opcheck(
         torch.ops.qtrain.im2col_int8_product,
         (x, *args, 2, 7, bound, w, w_scale, torch.ones(4), True, out),
+    )
+    torch.library.opcheck(
+        torch.ops.qtrain.im2col_int8_grad_weight,
+        (x, *args, 2, 7, bound, torch.rand(9) + 0.1, torch.ones(3, 5, dtype=torch.int8)),
     )
 
 

@@ -55,6 +55,7 @@ from qtrain.kernels.cpu_gemm import (  # noqa: F401  (re-exported)
     conv_output_size,
     empty_cached,
     im2col_int8,
+    im2col_int8_grad_weight,
     im2col_int8_product,
     im2col_nhwc,
     int8_epilogue,

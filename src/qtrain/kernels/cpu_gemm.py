@@ -60,6 +60,11 @@ def register_fakes() -> None:
         channels, amax = x.shape[1], args_and_out[-2]
         return x.new_empty(kernel[0] * kernel[1] * channels if amax else 0, dtype=torch.int32)
 
+    @torch.library.register_fake("qtrain::im2col_int8_grad_weight")
+    def _im2col_int8_grad_weight(x, kernel, stride, padding, dilation, *args):
+        channels, g_levels = x.shape[1], args[-1]
+        return x.new_empty((g_levels.shape[0], kernel[0] * kernel[1] * channels), dtype=torch.int64)
+
     @torch.library.register_fake("qtrain::int8_epilogue_out")
     def _int8_epilogue_out(acc, scale_a, scale_b, bias, out) -> None:
         return None
@@ -288,6 +293,41 @@ def im2col_int8_product(
         weight_scale, bias, column_amax, out,
     )  # fmt: skip
     return amax if column_amax else None
+
+
+def im2col_int8_grad_weight(
+    x: torch.Tensor,
+    kernel: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    rows: tuple[int, int] | None = None,
+    bound: torch.Tensor,
+    column_scale: torch.Tensor,
+    g_levels: torch.Tensor,
+) -> torch.Tensor:
+    """The grad-weight product of a convolution with short im2col rows (kh·kw·C ≤ 32) in one
+    pass, without the int8 matrix: the int64 (C_out, K) ``g_levels · levels`` for ``levels, _
+    = im2col_int8(x, ..., rows=rows, bound=bound, column_scale=column_scale)`` and
+    ``g_levels`` int8 (C_out, rows) — the exact integers of ``torch._int_mm`` on them (summed
+    over any depth in int64), for ``int8_epilogue``.
+
+    >>> import torch
+    >>> from qtrain.kernels.cpu_fused import load
+    >>> fused = load()  # builds on first use
+    >>> x, bound = torch.tensor([[[[1.0, -2.0, 0.5]]]]), torch.tensor(127.0)
+    >>> g = torch.tensor([[3, -1], [0, 2]], dtype=torch.int8)  # (C_out, rows)
+    >>> scale = torch.tensor([1 / 127, 2 / 127])
+    >>> fused.im2col_int8_grad_weight(x, (1, 2), bound=bound, column_scale=scale, g_levels=g)
+    tensor([[ 508, -413],
+            [-254,   64]])
+    """
+    begin, end = (0, None) if rows is None else rows
+    return torch.ops.qtrain.im2col_int8_grad_weight(
+        x, *_geometry(kernel, stride, padding, dilation), begin, end, bound, column_scale,
+        g_levels,
+    )  # fmt: skip
 
 
 def int8_epilogue(

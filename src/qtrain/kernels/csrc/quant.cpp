@@ -2661,6 +2661,122 @@ Tensor im2col_int8_product(const Tensor& x_in, at::IntArrayRef kernel, at::IntAr
   return amax;
 }
 
+// Σ_idx a[idx]·b[idx] over n int8 values, exact in int32 (n ≤ 2^31 / 127²).
+inline int32_t int8_dot(const int8_t* __restrict a, const int8_t* __restrict b, int64_t n) {
+  int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t idx = 0; idx < n; ++idx) sum += int32_t{a[idx]} * int32_t{b[idx]};
+  return sum;
+}
+
+// The grad-weight product of a convolution whose im2col rows are short (K ≤ kTileMaxCols)
+// without the int8 matrix: acc[o, k] = Σ_p g_levels[o, p]·levels[p, k] over rows [row_begin,
+// row_end), for levels = im2col_int8(x, ..., column_scale)'s (x's levels with a scale per
+// column), exact in int64 — the integers of torch._int_mm on the matrix, which runs so short
+// a reduction's transpose slowly. g_levels: int8 (C_out, row_end − row_begin), row-major.
+Tensor im2col_int8_grad_weight(const Tensor& x_in, at::IntArrayRef kernel,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t row_begin,
+                               std::optional<int64_t> row_end_in, const Tensor& bound_in,
+                               const Tensor& column_scale, const Tensor& g_levels) {
+  const char* what = "qtrain::im2col_int8_grad_weight";
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, what,
+              ": x must be a (B, C, H, W) CPU tensor");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, what,
+              ": x must be float32 or bfloat16, got ", x_in.scalar_type());
+  const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
+  const int64_t row_end = row_range_end(what, g, row_begin, row_end_in);
+  const float bound = bound_value(bound_in, what);
+  const int64_t rows = row_end - row_begin, cols = g.cols();
+  TORCH_CHECK(cols <= kTileMaxCols, what, ": rows of kh·kw·C <= ", kTileMaxCols,
+              " values only, got ", cols);
+  TORCH_CHECK(g_levels.device().is_cpu() && g_levels.scalar_type() == at::kChar &&
+                  g_levels.dim() == 2 && g_levels.size(1) == rows,
+              what, ": g_levels must be an int8 (C_out, ", rows, ") CPU matrix, got ",
+              g_levels.scalar_type(), " ", g_levels.sizes());
+  const int64_t outputs = g_levels.size(0);
+  std::vector<float> scale_storage;
+  const float* scales = scales_of(column_scale, cols, "column_scale", what, scale_storage);
+  std::vector<float> inverse(cols);
+  for (int64_t k = 0; k < cols; ++k) inverse[k] = 1.0f / scales[k];
+  Tensor acc = at::zeros({outputs, cols}, at::kLong);
+  if (rows == 0 || outputs == 0) return acc;
+  const Tensor gq = g_levels.contiguous();
+  const int8_t* gl = gq.data_ptr<int8_t>();
+  int64_t* total = acc.data_ptr<int64_t>();
+  const Tensor x_nhwc = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  std::mutex merge;
+  const auto run = [&](const auto* x) {
+    const int64_t grain = std::max<int64_t>(1, kMinPerThread / (cols + outputs));
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+      FieldTile tile(g);
+      std::vector<int64_t> sums(outputs * cols, 0);  // a tile's dot fits int32; their sum not
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      // 32 fields at a time as int16 lanes: each (o, k) pair's products summed by pairs of
+      // fields (a multiply-add into 16 int32 lanes, |lane step| ≤ 2·127²), the lanes folded
+      // into the int64 sums before they could overflow (kFlush steps).
+      constexpr int64_t kFlush = 60000;  // 60000·2·127² < 2^31
+      std::vector<__m512i> lanes(outputs * cols, _mm512_setzero_si512());
+      std::array<__m512i, kTileMaxCols> field_levels;
+      int64_t steps = 0;
+      const auto flush = [&] {
+        for (int64_t i = 0; i < outputs * cols; ++i) {
+          const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(lanes[i]));
+          const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(lanes[i], 1));
+          sums[i] += _mm512_reduce_add_epi64(_mm512_add_epi64(low, high));
+          lanes[i] = _mm512_setzero_si512();
+        }
+        steps = 0;
+      };
+#endif
+      for (int64_t r = b; r < e;) {
+        const int64_t ow = (row_begin + r) % g.out[1];
+        const int64_t n = std::min(g.out[1] - ow, e - r);
+        tile.build(x, g, row_begin + r, n);
+        tile.quantize(nullptr, nullptr, inverse.data(), bound, nullptr);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+        for (int64_t first = 0; first < n; first += 32) {
+          const int64_t count = std::min<int64_t>(32, n - first);
+          const auto fields = static_cast<__mmask32>(count == 32 ? ~0u : (1u << count) - 1u);
+          for (int64_t k = 0; k < cols; ++k) {
+            field_levels[k] = _mm512_cvtepi8_epi16(
+                _mm256_maskz_loadu_epi8(fields, tile.levels.data() + k * n + first));
+          }
+          for (int64_t o = 0; o < outputs; ++o) {
+            const __m512i g_fields =
+                _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(fields, gl + o * rows + r + first));
+            __m512i* acc_o = lanes.data() + o * cols;
+            for (int64_t k = 0; k < cols; ++k) {
+              acc_o[k] = _mm512_add_epi32(acc_o[k], _mm512_madd_epi16(g_fields, field_levels[k]));
+            }
+          }
+          if (++steps == kFlush) flush();
+        }
+#else
+        for (int64_t o = 0; o < outputs; ++o) {
+          const int8_t* g_row = gl + o * rows + r;
+          for (int64_t k = 0; k < cols; ++k) {
+            sums[o * cols + k] += int8_dot(g_row, tile.levels.data() + k * n, n);
+          }
+        }
+#endif
+        r += n;
+      }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      flush();
+#endif
+      const std::lock_guard<std::mutex> lock(merge);
+      for (int64_t i = 0; i < outputs * cols; ++i) total[i] += sums[i];
+    });
+  };
+  if (x_nhwc.scalar_type() == at::kBFloat16) {
+    run(x_nhwc.data_ptr<at::BFloat16>());
+  } else {
+    run(x_nhwc.data_ptr<float>());
+  }
+  return acc;
+}
+
 // An uninitialised output from the extension's allocator (transparent huge pages from 4 MiB,
 // freed blocks kept for the next output of the same size): for a result the caller fills in
 // pieces, which would otherwise fault its fresh pages in one by one every step.
@@ -2875,6 +2991,10 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "im2col_int8_product(Tensor x, int[2] kernel, int[2] stride, int[2] padding, "
       "int[2] dilation, int row_begin, int? row_end, Tensor bound, Tensor weight_levels, "
       "Tensor weight_scale, Tensor? bias, bool column_amax, Tensor(a!) out) -> Tensor");
+  m.def(
+      "im2col_int8_grad_weight(Tensor x, int[2] kernel, int[2] stride, int[2] padding, "
+      "int[2] dilation, int row_begin, int? row_end, Tensor bound, Tensor column_scale, "
+      "Tensor g_levels) -> Tensor");
   m.def("int8_epilogue(Tensor acc, Tensor scale_a, Tensor scale_b, Tensor? bias) -> Tensor");
   m.def("empty_cached(Tensor like, int[] sizes, ScalarType dtype) -> Tensor");
   m.def(
@@ -2905,6 +3025,7 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("col2im_nhwc", &col2im_nhwc);
   m.impl("im2col_int8", &im2col_int8);
   m.impl("im2col_int8_product", &im2col_int8_product);
+  m.impl("im2col_int8_grad_weight", &im2col_int8_grad_weight);
   m.impl("int8_epilogue", &int8_epilogue);
   m.impl("empty_cached", &empty_cached);
   m.impl("int8_epilogue_out", &int8_epilogue_out);
