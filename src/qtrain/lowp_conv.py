@@ -119,9 +119,10 @@ class _LowPrecisionConv2d(torch.autograd.Function):
 # product); grad-weight sums its pieces' (C_out, kh·kw·C) products, so its pieces are deeper.
 _PIECE_BYTES = 4 << 20
 _DEPTH_PIECE_BYTES = 32 << 20
-# Receptive fields of at most this many values (a first layer's 9 or 27) run the forward in
-# one pass of cpu_fused's, whose int32 dot products replace torch._int_mm there: it runs so
-# short a reduction at a fraction of its speed (K = 9: 35 GMAC/s in a ResNet-9 step).
+# Receptive fields of at most this many values (a first layer's 9 or 27) run the forward and
+# grad-weight products in one pass each of cpu_fused's, whose exact integer dot products
+# replace torch._int_mm there: it runs so short a reduction at a fraction of its speed (K = 9:
+# 35 GMAC/s in a ResNet-9 step), and the int8 matrices between were more passes.
 _SHORT_ROWS = 32
 
 
