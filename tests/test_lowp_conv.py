@@ -445,7 +445,8 @@ def test_int_mm_equals_the_int64_product_on_every_layout() -> None:
     def layouts(rows: int, cols: int):
         yield levels(rows, cols)
         yield levels(cols, rows).t()
-        yield levels(rows, 2 * cols + 3)[:, 1 : cols + 1]
+        yield levels(rows, 2 * cols + 3)[:, 1 : cols + 1]  # rows apart
+        yield levels(2 * cols + 3, rows)[1 : cols + 1].t()  # columns apart
         if rows == 1:
             yield levels(1, cols).as_strided((1, cols), (1, 1))
         if cols == 1:

@@ -287,10 +287,13 @@ def _int_mm(qa: torch.Tensor, qb: torch.Tensor, out: torch.Tensor | None = None)
 
 
 def _plain_layout(m: torch.Tensor) -> torch.Tensor:
-    """m (R, C) itself if row-major with strides (C, 1) or column-major with (1, R) (both sizes
-    above 1), else a row-major copy."""
+    """m (R, C) itself if row-major with strides (C, 1), or — both sizes above 1 — row-major
+    with rows apart (strides (L, 1), L ≥ C: a slice of a wider matrix, such as a depth piece)
+    or column-major (strides (1, L), L ≥ R); else a row-major copy."""
     rows, cols = m.shape
-    if m.stride() == (cols, 1) or (rows > 1 and cols > 1 and m.stride() == (1, rows)):
+    row_stride, col_stride = m.stride()
+    apart = (col_stride == 1 and row_stride >= cols) or (row_stride == 1 and col_stride >= rows)
+    if (row_stride, col_stride) == (cols, 1) or (rows > 1 and cols > 1 and apart):
         return m
     return torch.empty((rows, cols), dtype=m.dtype, device=m.device).copy_(m)
 
