@@ -215,10 +215,18 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
     g2 = grad_out.to(torch.float32)
     w2 = im2col.weight_rows(weight, fused)
     grad_x = grad_w = grad_b = None
+    g_levels = None  # g's levels for both products, from one kernel where it serves
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and seeds is None and not plan.emulate:
+        g_levels = fused.quantize_rows_int8_both(
+            g2, bounds[plan.grad_input[0].bound], bounds[plan.grad_weight[0].bound]
+        )
     if ctx.needs_input_grad[0]:
         left, right = plan.grad_input
-        keys = _hash_keys(seeds[0, 0]) if seeds is not None else None
-        qg, scale_g = _quantize(g2, left, bounds[left.bound], keys, plan)
+        if g_levels is not None:
+            qg, scale_g = g_levels[:2]
+        else:
+            keys = _hash_keys(seeds[0, 0]) if seeds is not None else None
+            qg, scale_g = _quantize(g2, left, bounds[left.bound], keys, plan)
         qw, scale_w = _quantize(w2.t(), right, bounds[right.bound], None, plan)
         batch, channels, height, width = x.shape  # channels-last, filled image by image
         grad_x = fused.empty_cached(x, [batch, height, width, channels], torch.float32)
@@ -236,8 +244,11 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
         grad_x = grad_x.to(x.dtype)
     if ctx.needs_input_grad[1]:
         left, right = plan.grad_weight
-        keys = _hash_keys(seeds[1, 0]) if seeds is not None else None
-        qg_t, scale_g = _quantize(g2.t(), left, bounds[left.bound], keys, plan)
+        if g_levels is not None:
+            qg_t, scale_g = g_levels[2:]
+        else:
+            keys = _hash_keys(seeds[1, 0]) if seeds is not None else None
+            qg_t, scale_g = _quantize(g2.t(), left, bounds[left.bound], keys, plan)
         args, x_rows = geometry.args(), _rows_input(x)
         # x's column scales from the forward's rows' absmax (bitwise those of
         # quantize_rows_int8(im2col(x)ᵀ))

@@ -246,3 +246,34 @@ def test_row_lengths_around_the_vector_widths_equal_the_twin(fused, length, layo
     subnormal[1, 0] = -4e-39
     for rowwise in (True, False):
         _assert_twin(fused, _laid_out(subnormal, layout), _bound(8), rowwise, None)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (17, 33), (1000, 7), (7, 1000), (48, 200)])
+def test_both_operands_of_a_gradient_in_one_call_equal_the_two_calls(fused, shape):
+    """quantize_rows_int8_both: the rows' levels (one bound) and the transposed operand's (the
+    other), bitwise the two quantize_rows_int8 calls — edge values in rows and columns, a
+    bfloat16 input, an empty one."""
+    a = _values(shape, seed=shape[0])
+    if a.numel() > 2:
+        a[0, -1], a[-1, 0] = NAN, INF
+        a[shape[0] // 2] = 0.0
+    for rows_bits, cols_bits in [(8, 8), (8, 5), (3, 8)]:
+        for operand in (a, a.to(torch.bfloat16)):
+            got = fused.quantize_rows_int8_both(operand, _bound(rows_bits), _bound(cols_bits))
+            want = (
+                *fused.quantize_rows_int8(operand, _bound(rows_bits), True),
+                *fused.quantize_rows_int8(operand.t(), _bound(cols_bits), True),
+            )
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                if g.is_floating_point():
+                    assert torch.equal(g.isnan(), w.isnan())
+                    assert torch.equal(
+                        g[~g.isnan()].view(torch.int32), w[~w.isnan()].view(torch.int32)
+                    )
+                else:
+                    assert torch.equal(g, w)
+    empty = fused.quantize_rows_int8_both(torch.empty(0, 4), _bound(8), _bound(8))
+    assert empty[0].shape == (0, 4) and empty[2].shape == (4, 0) and (empty[3] == 1).all()
+    finite = _values(shape, seed=1)  # opcheck compares NaN as unequal
+    torch.library.opcheck(torch.ops.qtrain.quantize_rows_int8_both, (finite, _bound(8), _bound(6)))

@@ -60,6 +60,7 @@ from qtrain.kernels.cpu_gemm import (  # noqa: F401  (re-exported)
     im2col_nhwc,
     int8_epilogue,
     quantize_rows_int8,
+    quantize_rows_int8_both,
 )
 
 _NAME = "qtrain_cpu_fused"

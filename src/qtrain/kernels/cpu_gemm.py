@@ -20,6 +20,16 @@ def register_fakes() -> None:
         scales = a.shape[0] if rowwise else 1
         return a.new_empty(a.shape, dtype=levels_dtype), a.new_empty(scales, dtype=torch.float32)
 
+    @torch.library.register_fake("qtrain::quantize_rows_int8_both")
+    def _quantize_rows_int8_both(a, bound_rows, bound_cols):
+        rows, cols = a.shape
+        return (
+            a.new_empty((rows, cols), dtype=torch.int8),
+            a.new_empty(rows, dtype=torch.float32),
+            a.new_empty((cols, rows), dtype=torch.int8),
+            a.new_empty(cols, dtype=torch.float32),
+        )
+
     @torch.library.register_fake("qtrain::im2col_nhwc")
     def _im2col_nhwc(x, kernel, stride, padding, dilation, row_begin=0, row_end=None, pad=0):
         batch, channels, height, width = x.shape
@@ -135,6 +145,26 @@ def conv_output_size(
         (n + 2 * p - d * (k - 1) - 1) // s + 1
         for n, k, s, p, d in zip(size, *_geometry(kernel, stride, padding, dilation), strict=True)
     )
+
+
+def quantize_rows_int8_both(
+    a: torch.Tensor, bound_rows: torch.Tensor, bound_cols: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``quantize_rows_int8(a, bound_rows, True)`` and ``quantize_rows_int8(a.t(), bound_cols,
+    True)`` (nearest rounding) in two passes over ``a`` instead of three — a layer gradient's
+    operands for its grad-input product (a scale per row) and its grad-weight product (a scale
+    per column, levels transposed): the rows' pass also gathers the columns' absmax. Bitwise
+    the two calls. Returns (row levels, row scales, transposed levels (C, R), column scales).
+
+    >>> import torch
+    >>> from qtrain.kernels.cpu_fused import load
+    >>> fused = load()  # builds on first use
+    >>> a, bound = torch.tensor([[0.5, -1.0], [2.0, 0.0]]), torch.tensor(127.0)
+    >>> q_rows, s_rows, q_cols, s_cols = fused.quantize_rows_int8_both(a, bound, bound)
+    >>> torch.equal(q_cols, fused.quantize_rows_int8(a.t(), bound, True)[0])
+    True
+    """
+    return torch.ops.qtrain.quantize_rows_int8_both(a, bound_rows, bound_cols)
 
 
 def im2col_nhwc(

@@ -2777,6 +2777,53 @@ Tensor im2col_int8_grad_weight(const Tensor& x_in, at::IntArrayRef kernel,
   return acc;
 }
 
+// quantize_rows_int8(a, bound_rows, true) and quantize_rows_int8(aᵀ, bound_cols, true) of
+// one float32 (R, C) matrix, nearest rounding — a layer gradient's two operands, per output
+// pixel for the grad-input product and per output channel for the grad-weight one — in two
+// passes over a instead of three: the rows' pass also folds each column's absmax, which the
+// transposed operand's scales then take without a pass of their own. Bitwise the two calls.
+std::tuple<Tensor, Tensor, Tensor, Tensor> quantize_rows_int8_both(const Tensor& a_in,
+                                                                   const Tensor& bound_rows_in,
+                                                                   const Tensor& bound_cols_in) {
+  const char* what = "qtrain::quantize_rows_int8_both";
+  TORCH_CHECK(a_in.device().is_cpu() && a_in.dim() == 2 && at::isFloatingType(a_in.scalar_type()),
+              what, ": expected a 2-D floating-point CPU tensor");
+  const float bound_rows = bound_value(bound_rows_in, what);
+  const float bound_cols = bound_value(bound_cols_in, what);
+  const Tensor a = a_in.to(at::kFloat).contiguous();
+  const int64_t rows = a.size(0), cols = a.size(1);
+  Tensor q_rows = empty_output({rows, cols}, at::kChar);
+  Tensor q_cols = empty_output({cols, rows}, at::kChar);
+  Tensor scale_rows = at::empty({rows}, at::kFloat);
+  Tensor scale_cols = at::empty({cols}, at::kFloat);
+  if (a.numel() == 0) return {q_rows, scale_rows.fill_(1.0f), q_cols, scale_cols.fill_(1.0f)};
+  const float* x = a.data_ptr<float>();
+  float* sr = scale_rows.data_ptr<float>();
+  std::vector<uint32_t> column_max(cols, 0u);
+  std::mutex merge;
+  int8_t* qr = q_rows.data_ptr<int8_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kMinPerThread / cols), [&](int64_t b, int64_t e) {
+    std::vector<uint32_t> maxima(cols, 0u);
+    for (int64_t r = b; r < e; ++r) {
+      const float* row = x + r * cols;
+      fold_abs_bits(row, maxima.data(), cols);
+      sr[r] = scale_from_amax(abs_bits_max(row, cols), bound_rows);
+      int8_levels<false>(row, qr + r * cols, cols, r * cols, 1.0f / sr[r], bound_rows, Keys{});
+    }
+    const std::lock_guard<std::mutex> lock(merge);
+    for (int64_t k = 0; k < cols; ++k) column_max[k] = std::max(column_max[k], maxima[k]);
+  });
+  float* sc = scale_cols.data_ptr<float>();
+  std::vector<float> inverse(cols);
+  for (int64_t k = 0; k < cols; ++k) {
+    sc[k] = scale_from_amax(column_max[k], bound_cols);
+    inverse[k] = 1.0f / sc[k];
+  }
+  int8_rows_transposed<false>(x, q_cols.data_ptr<int8_t>(), inverse.data(), cols, rows,
+                              bound_cols, Keys{});
+  return {q_rows, scale_rows, q_cols, scale_cols};
+}
+
 // An uninitialised output from the extension's allocator (transparent huge pages from 4 MiB,
 // freed blocks kept for the next output of the same size): for a result the caller fills in
 // pieces, which would otherwise fault its fresh pages in one by one every step.
@@ -2978,6 +3025,9 @@ TORCH_LIBRARY_FRAGMENT(qtrain, m) {
       "quantize_rows_int8(Tensor a, Tensor bound, bool rowwise, Tensor? keys, "
       "ScalarType levels_dtype=int8) -> (Tensor, Tensor)");
   m.def(
+      "quantize_rows_int8_both(Tensor a, Tensor bound_rows, Tensor bound_cols) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "im2col_nhwc(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
       "int row_begin=0, int? row_end=None, int pad_value=0) -> Tensor");
   m.def(
@@ -3023,6 +3073,7 @@ TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("quantize_rows_int8", &quantize_rows_int8);
   m.impl("im2col_nhwc", &im2col_nhwc);
   m.impl("col2im_nhwc", &col2im_nhwc);
+  m.impl("quantize_rows_int8_both", &quantize_rows_int8_both);
   m.impl("im2col_int8", &im2col_int8);
   m.impl("im2col_int8_product", &im2col_int8_product);
   m.impl("im2col_int8_grad_weight", &im2col_int8_grad_weight);
