@@ -2257,9 +2257,9 @@ struct FieldTile {
           float* __restrict t = values.data() + ((i * g.kernel[1] + j) * channels + c) * n;
           std::fill(t, t + begin, 0.0f);
           const int64_t stride_values = step * channels;
-          const T* __restrict source = line + (first_w + begin * step) * channels + c;
+          const int64_t w_begin = first_w + begin * step;  // inside the image when begin < end
           for (int64_t idx = begin; idx < end; ++idx) {
-            t[idx] = static_cast<float>(source[(idx - begin) * stride_values]);
+            t[idx] = static_cast<float>(line[w_begin * channels + c + (idx - begin) * stride_values]);
           }
           std::fill(t + end, t + n, 0.0f);
         }
