@@ -182,7 +182,7 @@ def _forward_int8_rows(
     # Written in the compute dtype: float32, or bfloat16 under autocast (rounded from float32,
     # as .to() rounds); others (float16) converted by the caller.
     out_dtype = compute_dtype if compute_dtype == torch.bfloat16 else torch.float32
-    y = fused.empty_cached(x, [rows, qw.shape[0]], out_dtype)  # filled piece by piece
+    y = fused.empty_cached(x, [rows, qw.shape[0]], out_dtype)  # filled by the kernels
     bias32 = None if bias is None else bias.to(torch.float32)
     if cols <= _SHORT_ROWS and not plan.emulate:  # one pass: levels, products, epilogue
         amax = fused.im2col_int8_product(
@@ -210,7 +210,8 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
     """The gradients of x, W and the bias on the int8 route: g's levels per output pixel
     times W's per (i, j, c) column, scaled and folded back onto x's pixels a piece of images at
     a time (grad-input); g's levels per output channel times x's im2col levels per column,
-    built a piece of rows at a time and summed exactly (grad-weight)."""
+    built a piece of rows at a time (short rows: in one pass) and summed exactly (grad-weight).
+    g's two sets of levels come from one kernel where neither rounds stochastically."""
     fused, plan, geometry = ctx.int8_rows, ctx.plan, ctx.geometry
     g2 = grad_out.to(torch.float32)
     w2 = im2col.weight_rows(weight, fused)

@@ -2512,6 +2512,36 @@ void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& s
   });
 }
 
+// The arguments the short-row ops share, checked: x a float32 or bfloat16 (B, C, H, W) CPU
+// tensor, its geometry, rows [row_begin, row_end) of the im2col matrix, a bound in [1, 127],
+// rows of at most kTileMaxCols values.
+struct ShortRows {
+  ShortRows(const char* what, const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t row_begin,
+            std::optional<int64_t> row_end, const Tensor& bound_in)
+      : g(checked_geometry(what, x, kernel, stride, padding, dilation)),
+        rows(row_range_end(what, g, row_begin, row_end) - row_begin),
+        cols(g.cols()),
+        bound(bound_value(bound_in, what)) {
+    TORCH_CHECK(cols <= kTileMaxCols, what, ": rows of kh·kw·C <= ", kTileMaxCols,
+                " values only, got ", cols);
+  }
+
+  static Conv2dGeometry checked_geometry(const char* what, const Tensor& x,
+                                         at::IntArrayRef kernel, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+    TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, what,
+                ": x must be a (B, C, H, W) CPU tensor");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
+                ": x must be float32 or bfloat16, got ", x.scalar_type());
+    return conv2d_geometry(what, x.sizes(), kernel, stride, padding, dilation);
+  }
+
+  Conv2dGeometry g;
+  int64_t rows, cols;
+  float bound;
+};
+
 // The forward of a convolution whose im2col rows are short (K = kh·kw·C ≤ kTileMaxCols: a
 // first layer's 9 or 27 values) without the int8 matrix: each tile of fields quantized as
 // im2col_int8 does (a scale per row), its levels times W's levels summed in int32 — exact, so
@@ -2526,16 +2556,11 @@ Tensor im2col_int8_product(const Tensor& x_in, at::IntArrayRef kernel, at::IntAr
                            const std::optional<Tensor>& bias, bool column_amax,
                            const Tensor& out) {
   const char* what = "qtrain::im2col_int8_product";
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, what,
-              ": x must be a (B, C, H, W) CPU tensor");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, what,
-              ": x must be float32 or bfloat16, got ", x_in.scalar_type());
-  const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
-  const int64_t row_end = row_range_end(what, g, row_begin, row_end_in);
-  const float bound = bound_value(bound_in, what);
-  const int64_t rows = row_end - row_begin, cols = g.cols();
-  TORCH_CHECK(cols <= kTileMaxCols, what, ": rows of kh·kw·C <= ", kTileMaxCols,
-              " values only, got ", cols);
+  const ShortRows checked(what, x_in, kernel, stride, padding, dilation, row_begin, row_end_in,
+                          bound_in);
+  const Conv2dGeometry& g = checked.g;
+  const int64_t rows = checked.rows, cols = checked.cols;
+  const float bound = checked.bound;
   TORCH_CHECK(weight_levels.device().is_cpu() && weight_levels.scalar_type() == at::kChar &&
                   weight_levels.dim() == 2 && weight_levels.size(1) == cols,
               what, ": weight_levels must be an int8 (C_out, ", cols, ") CPU matrix, got ",
@@ -2680,16 +2705,11 @@ Tensor im2col_int8_grad_weight(const Tensor& x_in, at::IntArrayRef kernel,
                                std::optional<int64_t> row_end_in, const Tensor& bound_in,
                                const Tensor& column_scale, const Tensor& g_levels) {
   const char* what = "qtrain::im2col_int8_grad_weight";
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, what,
-              ": x must be a (B, C, H, W) CPU tensor");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, what,
-              ": x must be float32 or bfloat16, got ", x_in.scalar_type());
-  const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
-  const int64_t row_end = row_range_end(what, g, row_begin, row_end_in);
-  const float bound = bound_value(bound_in, what);
-  const int64_t rows = row_end - row_begin, cols = g.cols();
-  TORCH_CHECK(cols <= kTileMaxCols, what, ": rows of kh·kw·C <= ", kTileMaxCols,
-              " values only, got ", cols);
+  const ShortRows checked(what, x_in, kernel, stride, padding, dilation, row_begin, row_end_in,
+                          bound_in);
+  const Conv2dGeometry& g = checked.g;
+  const int64_t rows = checked.rows, cols = checked.cols;
+  const float bound = checked.bound;
   TORCH_CHECK(g_levels.device().is_cpu() && g_levels.scalar_type() == at::kChar &&
                   g_levels.dim() == 2 && g_levels.size(1) == rows,
               what, ": g_levels must be an int8 (C_out, ", rows, ") CPU matrix, got ",
@@ -2716,16 +2736,17 @@ Tensor im2col_int8_grad_weight(const Tensor& x_in, at::IntArrayRef kernel,
       // fields (a multiply-add into 16 int32 lanes, |lane step| ≤ 2·127²), the lanes folded
       // into the int64 sums before they could overflow (kFlush steps).
       constexpr int64_t kFlush = 60000;  // 60000·2·127² < 2^31
-      std::vector<__m512i> lanes(outputs * cols, _mm512_setzero_si512());
-      std::array<__m512i, kTileMaxCols> field_levels;
+      std::vector<int32_t> lanes(outputs * cols * 16, 0);  // 16 int32 lanes per (o, k)
+      __m512i field_levels[kTileMaxCols];
       int64_t steps = 0;
       const auto flush = [&] {
         for (int64_t i = 0; i < outputs * cols; ++i) {
-          const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(lanes[i]));
-          const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(lanes[i], 1));
+          const __m512i pair_sums = _mm512_loadu_si512(lanes.data() + i * 16);
+          const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(pair_sums));
+          const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(pair_sums, 1));
           sums[i] += _mm512_reduce_add_epi64(_mm512_add_epi64(low, high));
-          lanes[i] = _mm512_setzero_si512();
         }
+        std::fill(lanes.begin(), lanes.end(), 0);
         steps = 0;
       };
 #endif
@@ -2745,9 +2766,11 @@ Tensor im2col_int8_grad_weight(const Tensor& x_in, at::IntArrayRef kernel,
           for (int64_t o = 0; o < outputs; ++o) {
             const __m512i g_fields =
                 _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(fields, gl + o * rows + r + first));
-            __m512i* acc_o = lanes.data() + o * cols;
+            int32_t* acc_o = lanes.data() + o * cols * 16;
             for (int64_t k = 0; k < cols; ++k) {
-              acc_o[k] = _mm512_add_epi32(acc_o[k], _mm512_madd_epi16(g_fields, field_levels[k]));
+              const __m512i acc = _mm512_loadu_si512(acc_o + k * 16);
+              _mm512_storeu_si512(acc_o + k * 16, _mm512_add_epi32(
+                  acc, _mm512_madd_epi16(g_fields, field_levels[k])));
             }
           }
           if (++steps == kFlush) flush();
