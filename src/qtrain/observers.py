@@ -96,7 +96,7 @@ class Observer(nn.Module):
         x) and the spec it quantized with: what reads x̂'s integer levels back (QAT's forward
         on integer products), from one observation — a running range moves once a call.
         ``fake_quantize`` is its first value: a subclass that quantizes its own way (LSQ's
-        learned step) overrides this method only."""
+        learned step) overrides both from one body."""
         qparams = self.qparams(x, spec)
         return quantize(x, spec, qparams=qparams), qparams, spec
 
@@ -381,14 +381,25 @@ class LSQStep(Observer):
             return spec
         return dataclasses.replace(spec, format=Int(int_format.bits, signed=signed))
 
+    def fake_quantize(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        return self._fake_quantize(x, spec)[0]
+
     def fake_quantize_observed(
         self, x: torch.Tensor, spec: QuantSpec
     ) -> tuple[torch.Tensor, QParams | None, QuantSpec]:
+        x_hat, step, spec = self._fake_quantize(x, spec)
+        return x_hat, _step_qparams(step.detach()), spec
+
+    def _fake_quantize(
+        self, x: torch.Tensor, spec: QuantSpec
+    ) -> tuple[torch.Tensor, torch.Tensor, QuantSpec]:
+        """x̂, the step it used and the spec on this observer's grid (the float path asks for
+        x̂ only: no qparams built on every call)."""
         if not bool(self.initialised) and x.numel():
             self._initialise(x.detach(), spec)
         # A step pushed to or below zero by an update keeps its size (and its gradient).
-        x_hat = quantize(x, self.spec(spec), step=self.step.abs().clamp_min(_F32.tiny))
-        return x_hat, self.qparams(x, spec), self.spec(spec)
+        step, spec = self.step.abs().clamp_min(_F32.tiny), self.spec(spec)
+        return quantize(x, spec, step=step), step, spec
 
     @torch.no_grad()
     def _initialise(self, x: torch.Tensor, spec: QuantSpec) -> None:
@@ -415,12 +426,18 @@ class LSQStep(Observer):
         tensor has set it."""
         if not bool(self.initialised):
             return None
-        step = self.step.detach().abs().clamp_min(_F32.tiny).reshape(-1)
-        return QParams(step, torch.zeros_like(step))
+        return _step_qparams(self.step.detach().abs().clamp_min(_F32.tiny))
 
     def extra_repr(self) -> str:
         signed = "auto" if self.auto else not bool(self.unsigned)
         return f"channels={self.step.numel()}, signed={signed}"
+
+
+def _step_qparams(step: torch.Tensor) -> QParams:
+    """A learned step (its |step| floored at the smallest normal) as QParams: one scale per
+    step, zero point 0."""
+    step = step.reshape(-1)
+    return QParams(step, torch.zeros_like(step))
 
 
 class CalibratedRange(Observer):

@@ -2304,6 +2304,45 @@ struct FieldTile {
   std::vector<float> inverse;
 };
 
+// The arguments of the ops that quantize rows of x's im2col matrix, checked: x a float32 or
+// bfloat16 (B, C, H, W) CPU tensor, its geometry, rows [row_begin, row_end) (None: to the
+// last), a bound in [1, 127].
+struct QuantizedRows {
+  QuantizedRows(const char* what, const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t row_begin,
+                std::optional<int64_t> row_end)
+      : g(checked_geometry(what, x, kernel, stride, padding, dilation)),
+        rows(row_range_end(what, g, row_begin, row_end) - row_begin),
+        cols(g.cols()) {}
+
+  static Conv2dGeometry checked_geometry(const char* what, const Tensor& x,
+                                         at::IntArrayRef kernel, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+    TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, what,
+                ": x must be a (B, C, H, W) CPU tensor");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
+                ": x must be float32 or bfloat16, got ", x.scalar_type());
+    return conv2d_geometry(what, x.sizes(), kernel, stride, padding, dilation);
+  }
+
+  // The ops that keep a tile's levels in the tile (im2col_int8_product, _grad_weight).
+  void require_short(const char* what) const {
+    TORCH_CHECK(cols <= kTileMaxCols, what, ": rows of kh·kw·C <= ", kTileMaxCols,
+                " values only, got ", cols);
+  }
+
+  Conv2dGeometry g;
+  int64_t rows, cols;
+};
+
+// An int8 (·, cols) CPU matrix: the other operand of a short-row op's product.
+void check_int8_matrix(const Tensor& m, int64_t cols, const char* name, const char* what) {
+  TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kChar && m.dim() == 2 &&
+                  m.size(1) == cols,
+              what, ": ", name, " must be an int8 (C_out, ", cols, ") CPU matrix, got ",
+              m.scalar_type(), " ", m.sizes());
+}
+
 // Rows [row_begin, row_end) of im2col_nhwc(x) as int8 levels (row-major) and their scales:
 // without column_scale, a scale per row from its absmax (quantize_rows_int8(rows, bound, true));
 // with column_scale ((kh·kw·C,) float32), those scales per column (quantize_rows_int8 of the
@@ -2318,14 +2357,11 @@ std::tuple<Tensor, Tensor, Tensor> im2col_int8(const Tensor& x_in, at::IntArrayR
                                                const std::optional<Tensor>& column_scale_in,
                                                bool column_amax) {
   const char* what = "qtrain::im2col_int8";
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, what,
-              ": x must be a (B, C, H, W) CPU tensor");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, what,
-              ": x must be float32 or bfloat16, got ", x_in.scalar_type());
-  const Conv2dGeometry g = conv2d_geometry(what, x_in.sizes(), kernel, stride, padding, dilation);
-  const int64_t row_end = row_range_end(what, g, row_begin, row_end_in);
+  const QuantizedRows checked(what, x_in, kernel, stride, padding, dilation, row_begin,
+                              row_end_in);
+  const Conv2dGeometry& g = checked.g;
+  const int64_t rows = checked.rows, cols = checked.cols;
   const float bound = bound_value(bound_in, what);
-  const int64_t rows = row_end - row_begin, cols = g.cols();
   std::vector<float> inverse;
   Tensor scale;
   if (column_scale_in) {
@@ -2512,36 +2548,6 @@ void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& s
   });
 }
 
-// The arguments the short-row ops share, checked: x a float32 or bfloat16 (B, C, H, W) CPU
-// tensor, its geometry, rows [row_begin, row_end) of the im2col matrix, a bound in [1, 127],
-// rows of at most kTileMaxCols values.
-struct ShortRows {
-  ShortRows(const char* what, const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
-            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t row_begin,
-            std::optional<int64_t> row_end, const Tensor& bound_in)
-      : g(checked_geometry(what, x, kernel, stride, padding, dilation)),
-        rows(row_range_end(what, g, row_begin, row_end) - row_begin),
-        cols(g.cols()),
-        bound(bound_value(bound_in, what)) {
-    TORCH_CHECK(cols <= kTileMaxCols, what, ": rows of kh·kw·C <= ", kTileMaxCols,
-                " values only, got ", cols);
-  }
-
-  static Conv2dGeometry checked_geometry(const char* what, const Tensor& x,
-                                         at::IntArrayRef kernel, at::IntArrayRef stride,
-                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
-    TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, what,
-                ": x must be a (B, C, H, W) CPU tensor");
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
-                ": x must be float32 or bfloat16, got ", x.scalar_type());
-    return conv2d_geometry(what, x.sizes(), kernel, stride, padding, dilation);
-  }
-
-  Conv2dGeometry g;
-  int64_t rows, cols;
-  float bound;
-};
-
 // The forward of a convolution whose im2col rows are short (K = kh·kw·C ≤ kTileMaxCols: a
 // first layer's 9 or 27 values) without the int8 matrix: each tile of fields quantized as
 // im2col_int8 does (a scale per row), its levels times W's levels summed in int32 — exact, so
@@ -2556,15 +2562,13 @@ Tensor im2col_int8_product(const Tensor& x_in, at::IntArrayRef kernel, at::IntAr
                            const std::optional<Tensor>& bias, bool column_amax,
                            const Tensor& out) {
   const char* what = "qtrain::im2col_int8_product";
-  const ShortRows checked(what, x_in, kernel, stride, padding, dilation, row_begin, row_end_in,
-                          bound_in);
+  const QuantizedRows checked(what, x_in, kernel, stride, padding, dilation, row_begin,
+                              row_end_in);
+  checked.require_short(what);
   const Conv2dGeometry& g = checked.g;
   const int64_t rows = checked.rows, cols = checked.cols;
-  const float bound = checked.bound;
-  TORCH_CHECK(weight_levels.device().is_cpu() && weight_levels.scalar_type() == at::kChar &&
-                  weight_levels.dim() == 2 && weight_levels.size(1) == cols,
-              what, ": weight_levels must be an int8 (C_out, ", cols, ") CPU matrix, got ",
-              weight_levels.scalar_type(), " ", weight_levels.sizes());
+  const float bound = bound_value(bound_in, what);
+  check_int8_matrix(weight_levels, cols, "weight_levels", what);
   const int64_t outputs = weight_levels.size(0);
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16, what,
               ": out must be float32 or bfloat16");
@@ -2705,15 +2709,13 @@ Tensor im2col_int8_grad_weight(const Tensor& x_in, at::IntArrayRef kernel,
                                std::optional<int64_t> row_end_in, const Tensor& bound_in,
                                const Tensor& column_scale, const Tensor& g_levels) {
   const char* what = "qtrain::im2col_int8_grad_weight";
-  const ShortRows checked(what, x_in, kernel, stride, padding, dilation, row_begin, row_end_in,
-                          bound_in);
+  const QuantizedRows checked(what, x_in, kernel, stride, padding, dilation, row_begin,
+                              row_end_in);
+  checked.require_short(what);
   const Conv2dGeometry& g = checked.g;
   const int64_t rows = checked.rows, cols = checked.cols;
-  const float bound = checked.bound;
-  TORCH_CHECK(g_levels.device().is_cpu() && g_levels.scalar_type() == at::kChar &&
-                  g_levels.dim() == 2 && g_levels.size(1) == rows,
-              what, ": g_levels must be an int8 (C_out, ", rows, ") CPU matrix, got ",
-              g_levels.scalar_type(), " ", g_levels.sizes());
+  const float bound = bound_value(bound_in, what);
+  check_int8_matrix(g_levels, rows, "g_levels", what);
   const int64_t outputs = g_levels.size(0);
   std::vector<float> scale_storage;
   const float* scales = scales_of(column_scale, cols, "column_scale", what, scale_storage);
