@@ -382,6 +382,24 @@ def test_killed_rank_leaves_a_run_that_resumes(tmp_path: Path) -> None:
     assert_same_run(tmp_path / "straight", out)
 
 
+def _leave_session(rank: int, root: str) -> None:
+    """Rank 0 lingers in the session; rank 1 records whether rank 0 was done when it left."""
+    with distributed.session("ddp", "cpu"):
+        if rank == 0:
+            time.sleep(0.5)
+            Path(root, "rank0-done").touch()
+    if rank == 1:
+        Path(root, "rank1-left").write_text(str(Path(root, "rank0-done").exists()))
+
+
+def test_no_rank_leaves_a_session_before_the_others(tmp_path: Path) -> None:
+    """A rank that exits while gloo's thread still holds its last collective's work (Python
+    tensors of all_gather_object, which that thread frees under the GIL) aborts in interpreter
+    teardown; a session ends with every rank done, so none exits that early."""
+    run_ranks(_leave_session, str(tmp_path))
+    assert (tmp_path / "rank1-left").read_text() == "True"
+
+
 # ---- options ------------------------------------------------------------------------------
 
 

@@ -94,7 +94,7 @@ def session(mode: str, device: str) -> Iterator[Context | None]:
     Joins the group torchrun describes in the environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``) with gloo for a CPU run and nccl for a CUDA run (each
     rank on ``cuda:LOCAL_RANK``), unless ``torch.distributed`` is initialised already; a group
-    created here is destroyed on exit.
+    created here is destroyed on exit. Leaving the block normally waits for every rank.
     """
     if mode == "none":
         yield None
@@ -124,6 +124,13 @@ def session(mode: str, device: str) -> Iterator[Context | None]:
     compute = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
     try:
         yield Context(mode, rank, world_size, local_rank, compute, dist.get_backend())
+        # No rank leaves before every rank is done. Gloo drops a finished collective's work on
+        # its own thread, and where that frees a tensor Python created (all_gather_object's
+        # buffers) the thread takes the GIL: a process already finalizing its interpreter then
+        # aborts ("terminate called without an active exception"). The barrier's work holds no
+        # Python tensor and finishes only after the last collective's, so the process exits
+        # with the gloo threads idle (DDP keeps the group alive past destroy_process_group).
+        dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()
