@@ -245,6 +245,25 @@ def test_wide_operands_in_two_limbs_give_the_exact_product(bits_a, bits_b, real)
     assert torch.equal(out, twin)
 
 
+@pytest.mark.parametrize("real", [False, True], ids=["twin", "real"])
+def test_a_reduction_deeper_than_int32_holds_is_exact(real, monkeypatch) -> None:
+    """K·128² beyond 2^31 (levels at −128 throughout, narrow and as a wide operand's limbs):
+    the products run in depth pieces summed in float64, the exact sum, not int32's wrap; a
+    shallower piece depth gives the same bits."""
+    depth = int_products._INT_MM_DEPTH + 3
+    a = torch.full((2, depth), -128.0)
+    a[1, ::2] = 127.0
+    wide = torch.where(a < 0, -(2.0**15), a)  # −2^15: both limbs at −128
+    for a_wide, values in ((False, a), (True, wide)):
+        acc = int_products.exact_acc(values, None, a_wide, a, None, False, real)
+        assert acc.dtype == torch.float64
+        assert torch.equal(acc, values.double() @ a.double().t())
+    whole = int_products.exact_acc(a, None, False, a, None, False, real)
+    monkeypatch.setattr(int_products, "_INT_MM_DEPTH", 1000)
+    monkeypatch.setattr(int_products, "_EXACT_FLOAT32_DEPTH", 1000)
+    assert torch.equal(int_products.exact_acc(a, None, False, a, None, False, real), whole)
+
+
 def test_symmetric_levels_need_no_offset() -> None:
     values = torch.tensor([[-127.0, 127.0]])
     operand = int_products.IntegerValues(values, torch.ones(1), torch.zeros(1), formats.Int(8))

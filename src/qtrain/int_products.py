@@ -58,6 +58,9 @@ _EXACT_FLOAT32_DEPTH = 2**24 // 128**2
 # int32 is exact for two narrow operands while 4·K·255² < 2^31 (the four terms of the shifted
 # product, each at most K·255² in magnitude).
 _INT32_DEPTH = 2**31 // (4 * 255**2)
+# One torch._int_mm of limbs in [−128, 127] is exact in its int32 while K·128² < 2^31; deeper
+# products run in pieces of this depth, summed in float64.
+_INT_MM_DEPTH = (2**31 - 1) // 128**2
 
 
 def real_route(products: str, device: torch.device) -> bool | None:
@@ -249,18 +252,21 @@ def _weighted_sums(limbs: list[tuple[torch.Tensor, float]], dtype: torch.dtype) 
 
 
 def _integer_matmul(a: torch.Tensor, b: torch.Tensor, real: bool, dtype) -> torch.Tensor:
-    """a·bᵀ of int8-valued operands, exact, in ``dtype`` (int32 or float64): ``torch._int_mm``,
-    or float32 matmuls (exact while K·128² < 2^24) over slices of K summed in float64."""
-    if real:
-        return lowp_products._int_mm(a.to(torch.int8), b.to(torch.int8)).to(dtype)
+    """a·bᵀ of int8-valued operands, exact, in ``dtype`` (int32 or float64): ``torch._int_mm``
+    (int32, exact while K·128² < 2^31), or float32 matmuls (exact while K·128² < 2^24), over
+    slices of K summed in float64 where K is deeper."""
     k = a.shape[1]
-    if k <= _EXACT_FLOAT32_DEPTH:
-        return (a.to(torch.float32) @ b.to(torch.float32).t()).to(dtype)
+    depth = _INT_MM_DEPTH if real else _EXACT_FLOAT32_DEPTH
     acc = None
-    for start in range(0, k, _EXACT_FLOAT32_DEPTH):
-        part = slice(start, start + _EXACT_FLOAT32_DEPTH)
-        product = (a[:, part].to(torch.float32) @ b[:, part].to(torch.float32).t()).double()
-        acc = product if acc is None else acc.add_(product)
+    for start in range(0, k, depth) if k > depth else [0]:
+        part = slice(start, start + depth)
+        if real:
+            product = lowp_products._int_mm(a[:, part].to(torch.int8), b[:, part].to(torch.int8))
+        else:
+            product = a[:, part].to(torch.float32) @ b[:, part].to(torch.float32).t()
+        if k <= depth:
+            return product.to(dtype)
+        acc = product.double() if acc is None else acc.add_(product)
     return acc.to(dtype)
 
 

@@ -89,6 +89,7 @@ from qtrain.lowp_products import (
     _quantize,
     _real_gemm_runs,
     cpu_has_int8_dot,  # noqa: F401  (public here before the split)
+    gradient_levels,
 )
 from qtrain.ops import SPEC_FIELDS, Precision
 from qtrain.protocol import QuantizedWeight
@@ -276,12 +277,20 @@ def _matrix_backward(
     says; None where autograd needs none. ``seeds``: (2, groups) per-product seeds or None."""
     plan: _Plan = ctx.plan
     grad_x = grad_w = None
+    both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1]
+    g_levels = gradient_levels(g2, plan, bounds, both, seeds is not None)
     if ctx.needs_input_grad[0]:
         seed = None if seeds is None else seeds[0, group]
-        grad_x = _product(g2, w2.t(), plan.grad_input, plan, bounds, seed, ctx.compute_dtype)
+        levels = None if g_levels is None else g_levels[:2]
+        grad_x = _product(
+            g2, w2.t(), plan.grad_input, plan, bounds, seed, ctx.compute_dtype, levels_a=levels
+        )
     if ctx.needs_input_grad[1]:
         seed = None if seeds is None else seeds[1, group]
-        grad_w = _product(g2.t(), x2.t(), plan.grad_weight, plan, bounds, seed, ctx.compute_dtype)
+        levels = None if g_levels is None else g_levels[2:]
+        grad_w = _product(
+            g2.t(), x2.t(), plan.grad_weight, plan, bounds, seed, ctx.compute_dtype, levels_a=levels
+        )
     return grad_x, grad_w
 
 

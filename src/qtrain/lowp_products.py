@@ -321,6 +321,27 @@ def _float8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> t
     return out
 
 
+def gradient_levels(
+    g: torch.Tensor, plan: _Plan, bounds: torch.Tensor, both: bool, stochastic: bool
+) -> tuple[torch.Tensor, ...] | None:
+    """A layer gradient g (R, C)'s int8 levels for both of its products from one kernel
+    (``cpu_fused.quantize_rows_int8_both``: two passes over g instead of three): (row levels,
+    row scales) for grad-input and (g's columns as rows, their scales) for grad-weight — the
+    bits ``_quantize`` gives each. None where it does not serve: one product only (``both``
+    false), stochastic rounding, emulation, a scale per tensor, fp8, an empty g, or no fused
+    kernels (the caller quantizes each operand itself)."""
+    if not both or stochastic or plan.emulate or not plan.rowwise or g.numel() == 0:
+        return None
+    if plan.grad_input is None or plan.grad_weight is None or g.device.type != "cpu":
+        return None
+    if plan.grad_input[0].dtype != torch.int8 or plan.grad_weight[0].dtype != torch.int8:
+        return None
+    fused = getattr(kernels.implementation(g.device), "quantize_rows_int8_both", None)
+    if fused is None:
+        return None
+    return fused(g, bounds[plan.grad_input[0].bound], bounds[plan.grad_weight[0].bound])
+
+
 def _product(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -330,15 +351,20 @@ def _product(
     seed: torch.Tensor | None,
     compute_dtype: torch.dtype,
     bias: torch.Tensor | None = None,
+    levels_a: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """a · bᵀ (+ bias) for a (M, K), b (N, K): low precision as ``operands`` say, or else in
     ``compute_dtype``; the result is in ``compute_dtype``. Empty operands (no rows to scale)
-    take the full-precision path."""
+    take the full-precision path. ``levels_a``: a's (levels, scales), quantized already
+    (``gradient_levels``)."""
     if operands is None or a.numel() == 0 or b.numel() == 0:
         return F.linear(a.to(compute_dtype), b.to(compute_dtype), _cast(bias, compute_dtype))
     left, right = operands
-    keys = _hash_keys(seed) if seed is not None and left.grad else None
-    qa, scale_a = _quantize(a, left, bounds[left.bound], keys, plan, plan.emulate)
+    if levels_a is not None:
+        qa, scale_a = levels_a
+    else:
+        keys = _hash_keys(seed) if seed is not None and left.grad else None
+        qa, scale_a = _quantize(a, left, bounds[left.bound], keys, plan, plan.emulate)
     qb, scale_b = _quantize(b, right, bounds[right.bound], None, plan, plan.emulate)
     multiply = _int8_product if left.dtype == torch.int8 else _float8_product
     return multiply(qa, qb, scale_a, scale_b, bias, compute_dtype, plan)

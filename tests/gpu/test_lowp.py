@@ -389,6 +389,39 @@ def test_bits_in_force_survive_a_step_rolled_back_by_the_trainer():
     assert in_force.tolist() == [31.0, 31.0, 127.0, 127.0]
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_linear_backward_quantizes_its_gradient_once_for_both_products(autocast, monkeypatch):
+    """Row-wise int8 without stochastic rounding on the CPU: g's levels for grad-input (per
+    row) and grad-weight (per column) come from one quantize_rows_int8_both call, with the
+    bits of the twin; with stochastic rounding, or one gradient wanted, each product quantizes
+    its own copy."""
+    from qtrain import kernels
+
+    fused = kernels.implementation(torch.device("cpu"))
+    if not hasattr(fused, "quantize_rows_int8_both"):
+        pytest.skip("the cpu_fused extension does not build here: no fused kernels")
+    calls: list[tuple[int, ...]] = []
+    original = fused.quantize_rows_int8_both
+
+    def spy(g, *args):
+        calls.append(tuple(g.shape))
+        return original(g, *args)
+
+    monkeypatch.setattr(fused, "quantize_rows_int8_both", spy)
+    config = Int8TrainingConfig()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        real = _step(config, *_operands())
+        twin = _step(dataclasses.replace(config, emulate=True), *_operands())
+    assert calls == [(39, 29)]  # x (3, 13, 45) as 39 rows, 29 outputs
+    for got, want in zip(real, twin, strict=True):
+        assert torch.equal(got, want)
+    calls.clear()
+    _step(dataclasses.replace(config, stochastic_grad=True), *_operands())
+    x, weight, _ = _operands()
+    low_precision_linear(x, weight.requires_grad_(), None, config).sum().backward()
+    assert calls == []
+
+
 def test_real_gemms_run_on_this_torch_build_cpu():
     # torch 2.13 CPU: _int_mm on int8 tensors and _scaled_mm on fp8 ones (oneDNN) both run.
     for config in CONFIGS:
