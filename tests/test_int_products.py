@@ -218,11 +218,16 @@ def test_affine_offsets_by_hand() -> None:
         assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("bits_a, bits_b", [(16, 8), (8, 16), (12, 16), (16, 16), (9, 3)])
+@pytest.mark.parametrize("b_per_row", [False, True], ids=["b-per-tensor", "b-per-row"])
+@pytest.mark.parametrize("rows_a, rows_b", [(7, 5), (5, 7)])
+@pytest.mark.parametrize("bits_a, bits_b", [(16, 8), (8, 16), (12, 16), (16, 16), (9, 3), (8, 8)])
 @pytest.mark.parametrize("real", [False, True], ids=["twin", "real"])
-def test_wide_operands_in_two_limbs_give_the_exact_product(bits_a, bits_b, real) -> None:
+def test_wide_operands_in_two_limbs_give_the_exact_product(
+    bits_a, bits_b, real, rows_a, rows_b, b_per_row
+) -> None:
     """Unsigned levels of up to 16 bits with zero points anywhere in their range (one per row
-    for a), against the float64 product of q − z: within the epilogue's three roundings."""
+    for a), against the float64 product of q − z: within the epilogue's three roundings —
+    with either operand the one whose limbs are stacked (fewer rows)."""
     g = torch.Generator().manual_seed(bits_a * 100 + bits_b)
 
     def operand(rows: int, bits: int, per_row: bool) -> int_products.IntegerValues:
@@ -232,7 +237,7 @@ def test_wide_operands_in_two_limbs_give_the_exact_product(bits_a, bits_b, real)
         scale = torch.rand(rows if per_row else 1, generator=g) + 0.5
         return int_products.IntegerValues(q - z.view(-1, 1), scale, z, fmt)
 
-    a, b = operand(7, bits_a, True), operand(5, bits_b, False)
+    a, b = operand(rows_a, bits_a, True), operand(rows_b, bits_b, b_per_row)
     out = int_products.exact_product(
         *int_products._matrix(a, a.values), *int_products._matrix(b, b.values), real
     )
