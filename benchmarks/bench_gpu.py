@@ -36,7 +36,7 @@ from torch import nn
 from qtrain import PerToken
 from qtrain.api import quantize_
 from qtrain.data import load_dataset
-from qtrain.kernels import reference, triton_quant
+from qtrain.kernels import reference, triton_gemm, triton_quant
 from qtrain.lowp import Float8TrainingConfig, Int8Gemm, Int8TrainingConfig
 from qtrain.models import GPT
 
@@ -158,8 +158,8 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
 
 def bench_kernels(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """GB/s of each kernel (bytes it must move / time) and its fraction of copy bandwidth."""
-    impl = triton_quant.load()
-    if impl is None:
+    impl, gemm = triton_quant.load(), triton_gemm.load()
+    if impl is None or gemm is None:
         return {"skipped": "the Triton kernels do not run here (no CUDA, no TRITON_INTERPRET=1)"}
     if device.type == "cpu" and not triton_quant.interpreting():
         return {"skipped": "CPU tensors need TRITON_INTERPRET=1"}
@@ -205,15 +205,15 @@ def bench_kernels(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         }
     cases |= {
         "triton/quantize_rows bf16→int8 row-major (absmax fused)": (
-            lambda: impl.quantize_rows(bf16, bound, torch.int8),
+            lambda: gemm.quantize_rows(bf16, bound, torch.int8),
             3 * n,
         ),
         "triton/quantize_rows bf16→int8 column-major (absmax fused)": (
-            lambda: impl.quantize_rows(bf16_column_major, bound, torch.int8),
+            lambda: gemm.quantize_rows(bf16_column_major, bound, torch.int8),
             3 * n,
         ),
         "triton/quantize_rows bf16→e4m3 row-major (absmax fused)": (
-            lambda: impl.quantize_rows(bf16, e4m3_bound, torch.float8_e4m3fn),
+            lambda: gemm.quantize_rows(bf16, e4m3_bound, torch.float8_e4m3fn),
             3 * n,
         ),
     }
@@ -267,7 +267,7 @@ def _gemm_kinds(m: int, k: int, n: int, device: torch.device) -> dict[str, Calla
     kinds: dict[str, Callable[[], Any]] = {
         "bf16 mm": lambda: a16 @ b16.t(),
         "int8 _int_mm (int32 out)": lambda: torch._int_mm(qa, qb.t()),
-        "int8 triton (scaled bf16 out)": lambda: triton_quant.int8_mm(
+        "int8 triton (scaled bf16 out)": lambda: triton_gemm.int8_mm(
             qa, qb, scale_a, scale_b, None, torch.bfloat16
         ),
     }

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qtrain import kernels
-from qtrain.kernels import reference, triton_quant
+from qtrain.kernels import reference, triton_gemm, triton_quant
 
 if TYPE_CHECKING:
     from qtrain.lowp import _Operand, _Plan
@@ -88,7 +88,7 @@ def cpu_has_int8_dot() -> bool:
 @torch.compiler.assume_constant_result
 def _triton_runs() -> bool:
     """Whether the Triton kernels run here (decided once; a constant to torch.compile)."""
-    return triton_quant.load() is not None
+    return triton_gemm.load() is not None
 
 
 def _uses_triton(a: torch.Tensor, plan: _Plan) -> bool:
@@ -128,7 +128,7 @@ def _quantize_twin(
     keys: torch.Tensor | None,
     rowwise: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch version of ``triton_quant.quantize_rows`` (same operations, same order)."""
+    """PyTorch version of ``triton_gemm.quantize_rows`` (same operations, same order)."""
     a32 = a.to(torch.float32)
     amax = a32.abs().amax(dim=1) if rowwise else a32.abs().amax().reshape(1)
     scale = _scale_from_amax(amax, bound)
@@ -172,7 +172,7 @@ def _quantize(
         flat = a if a.is_contiguous() else a.t()  # every operand is a matrix or its transpose
         amax = triton_quant.absmax(flat.reshape(1, 1, -1))
         scale = _scale_from_amax(amax, bound)
-    return triton_quant.quantize_rows(a, bound, operand.dtype, keys, scale)
+    return triton_gemm.quantize_rows(a, bound, operand.dtype, keys, scale)
 
 
 # ---- the low-precision products ---------------------------------------------------------------
@@ -200,7 +200,7 @@ def _epilogue(
     out_dtype: torch.dtype,
     overwrite: bool = False,
 ) -> torch.Tensor:
-    """float32(acc)·scale_a[:, None]·scale_b[None, :] (+ bias): triton_quant.int8_mm's order.
+    """float32(acc)·scale_a[:, None]·scale_b[None, :] (+ bias): triton_gemm.int8_mm's order.
     ``overwrite``: a float32 acc may be scaled in place (the caller no longer needs it).
     acc·scale_a comes first, so it overflows to inf where |acc|·scale_a passes float32's max
     even if the product with scale_b would not (operands of absmax ≳ 1e34 with 127-level
@@ -232,7 +232,7 @@ def _fused_epilogue(acc: torch.Tensor):
 def _int8_product(qa, qb, scale_a, scale_b, bias, out_dtype, plan: _Plan) -> torch.Tensor:
     triton = qa.is_cuda and not plan.emulate and plan.int8_gemm is not Int8Gemm.INT_MM
     if triton and qa.shape[1] <= INT32_DEPTH and _triton_runs():
-        return triton_quant.int8_mm(qa, qb, scale_a, scale_b, bias, out_dtype)
+        return triton_gemm.int8_mm(qa, qb, scale_a, scale_b, bias, out_dtype)
     acc = levels_product(qa, qb, plan.emulate)
     return _epilogue(acc, scale_a, scale_b, bias, out_dtype, overwrite=True)
 

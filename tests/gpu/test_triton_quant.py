@@ -1,7 +1,7 @@
 """The triton backend against the reference kernels: bit-exact results for nearest and
-stochastic rounding with the same seed, edge values, the GEMM extras (``quantize_rows`` against
-``qtrain.lowp_products``' PyTorch twin, ``int8_mm`` against ``torch._int_mm`` + the same epilogue),
-registration and the loader.
+stochastic rounding with the same seed, edge values, the GEMM kernels of ``triton_gemm``
+(``quantize_rows`` against ``qtrain.lowp_products``' PyTorch twin, ``int8_mm`` against
+``torch._int_mm`` + the same epilogue), registration and the loaders.
 
 Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on small CPU
 tensors; with CUDA they are compiled and run on the GPU, against the same expectations.
@@ -14,7 +14,14 @@ import torch
 
 from qtrain import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, Rounding, formats
 from qtrain import quantize as quantize_tensor
-from qtrain.kernels import Backend, implementation, reference, triton_quant, use_backend
+from qtrain.kernels import (
+    Backend,
+    implementation,
+    reference,
+    triton_gemm,
+    triton_quant,
+    use_backend,
+)
 from qtrain.lowp_products import _epilogue, _hash_keys, _quantize_twin
 from qtrain.quantizer import MinMax, quantize_int
 
@@ -37,15 +44,27 @@ MINIFLOATS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def impl():
-    """The backend module; on a machine without CUDA, under the interpreter."""
+def _loaded(load):
+    """The module ``load()`` returns; on a machine without CUDA, under the interpreter (kept on
+    while the fixture lives)."""
     with pytest.MonkeyPatch.context() as patch:
         if DEVICE.type == "cpu":
             patch.setenv("TRITON_INTERPRET", "1")
-        module = triton_quant.load()
+        module = load()
         assert module is not None
         yield module
+
+
+@pytest.fixture(scope="module")
+def impl():
+    """The backend module (triton_quant)."""
+    yield from _loaded(triton_quant.load)
+
+
+@pytest.fixture(scope="module")
+def gemm():
+    """The GEMM kernels' module (triton_gemm)."""
+    yield from _loaded(triton_gemm.load)
 
 
 def _same(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -178,21 +197,21 @@ def _operand(layout: str) -> torch.Tensor:
         (torch.float8_e5m2, 57344.0, False),
     ],
 )
-def test_quantize_rows_matches_twin(impl, layout, dtype, bound, stochastic):
+def test_quantize_rows_matches_twin(gemm, layout, dtype, bound, stochastic):
     a = _operand(layout)
     bound_t = torch.tensor(bound, device=DEVICE)
     keys = _hash_keys(torch.tensor(2**40 + 7, device=DEVICE)) if stochastic else None
-    q, scale = impl.quantize_rows(a, bound_t, dtype, keys)
+    q, scale = gemm.quantize_rows(a, bound_t, dtype, keys)
     want_q, want_scale = _quantize_twin(a, dtype, bound_t, keys, rowwise=True)
     _same(q, want_q)
     _same(scale, want_scale)
 
 
-def test_quantize_rows_with_given_scale(impl):
+def test_quantize_rows_with_given_scale(gemm):
     a = _operand("row-major")[10:]  # no NaN: the tensor-wise scale is finite
     bound = torch.tensor(127.0, device=DEVICE)
     want_q, want_scale = _quantize_twin(a, torch.int8, bound, None, rowwise=False)
-    q, scale = impl.quantize_rows(a, bound, torch.int8, None, want_scale)
+    q, scale = gemm.quantize_rows(a, bound, torch.int8, None, want_scale)
     _same(q, want_q)
     _same(scale, want_scale)
 
@@ -200,7 +219,7 @@ def test_quantize_rows_with_given_scale(impl):
 @pytest.mark.parametrize("m, k, n", [(40, 72, 56), (5, 33, 7)])
 @pytest.mark.parametrize("row_scales", [True, False])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_int8_mm_matches_int_mm_and_epilogue(impl, m, k, n, row_scales, out_dtype):
+def test_int8_mm_matches_int_mm_and_epilogue(gemm, m, k, n, row_scales, out_dtype):
     g = torch.Generator().manual_seed(m)
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g).to(DEVICE)
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(DEVICE)
@@ -211,11 +230,11 @@ def test_int8_mm_matches_int_mm_and_epilogue(impl, m, k, n, row_scales, out_dtyp
     acc = torch._int_mm(a.cpu(), b.cpu().t()).to(DEVICE)
     for with_bias in (None, bias):
         want = _epilogue(acc, scale_a, scale_b, with_bias, out_dtype)
-        _same(impl.int8_mm(a, b, scale_a, scale_b, with_bias, out_dtype), want)
+        _same(gemm.int8_mm(a, b, scale_a, scale_b, with_bias, out_dtype), want)
     # A column-major B (e.g. a transposed weight) is read through its strides.
     column_major = b.t().contiguous().t()
     want = _epilogue(acc, scale_a, scale_b, None, out_dtype)
-    _same(impl.int8_mm(a, column_major, scale_a, scale_b, None, out_dtype), want)
+    _same(gemm.int8_mm(a, column_major, scale_a, scale_b, None, out_dtype), want)
 
 
 SPECS = [
@@ -246,7 +265,7 @@ def test_quantizer_through_the_backend_matches_reference(impl, spec):
             _same(got, expected)
 
 
-def test_operators_trace_with_fake_tensors(impl):
+def test_operators_trace_with_fake_tensors(impl, gemm):
     """The torch.library registrations (schemas, fake kernels) pass torch's own checks."""
     x3 = _values((1, 3, 8))
     torch.library.opcheck(
@@ -272,6 +291,12 @@ def test_loader_reports_unavailable_without_cuda_or_interpreter(monkeypatch):
     assert triton_quant.load() is None
     with pytest.raises(RuntimeError, match="triton"):
         implementation(torch.device("cpu"), Backend.TRITON)
+
+
+def test_gemm_loader_reports_unavailable_without_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_quant, "_cuda_available", lambda: False)
+    assert triton_gemm.load() is None
 
 
 def test_stochastic_rounding_is_unbiased_at_and_near_both_range_ends(impl) -> None:
