@@ -51,14 +51,16 @@ bench: venv data
 	$(PY) benchmarks/bench_memory.py --channels-last
 
 # Training steps on this CPU's low-precision units (issue 23; docs/BENCHMARKS.md): every int8
-# route against fp32 and amp-bf16 of the same run, the CPU's model and flags in the JSON. On a
-# machine with AMX: make bench-int8 INT8_OUT=benchmarks/results/lowp_gemm_amx.json
+# route against fp32 and amp-bf16 of the same run, the CPU's model and flags in the JSON; then
+# `qtrain train`'s epoch time per recipe (ResNet-9 w64, 5,120 images) into <INT8_OUT>_epoch.json.
+# On a machine with AMX: make bench-int8 INT8_OUT=benchmarks/results/lowp_gemm_amx.json
 INT8_OUT ?= benchmarks/results/lowp_gemm_cpu.json
 INT8_RECIPES := fp32,amp-bf16,int8-real,int8-real-bf16,int8-twin,ui8-float,ui8-int8-real,$\
 	sbm8-float,sbm8-int8-real,qat-float,qat-int8-real
-bench-int8: venv
+bench-int8: venv data
 	$(PY) benchmarks/bench_lowp_gemm.py --models mlp,gpt,resnet9-w16,resnet9-w64 --rounds 5 \
 		--recipes $(INT8_RECIPES) --out $(INT8_OUT)
+	$(PY) benchmarks/bench_epoch.py --out $(basename $(INT8_OUT))_epoch.json
 
 clean:
 	rm -rf .venv build src/*.egg-info

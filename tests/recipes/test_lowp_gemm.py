@@ -189,3 +189,22 @@ def test_benchmark_script_smoke_runs(tmp_path: Path) -> None:
     steps = {(row["model"], row["name"]): row for row in report["train_step"]}
     assert steps[("mlp", "int8-gemm emulated")]["emulated"] is True
     assert steps[("gpt", "int8-gemm real (torch._int_mm)")]["emulated"] is False
+
+
+def test_epoch_benchmark_smoke_runs(tmp_path: Path) -> None:
+    """benchmarks/bench_epoch.py: each recipe its own `qtrain train` process, options after a
+    colon passed as --set, epoch times and ratios to fp32's run of the same round."""
+    out = tmp_path / "epoch.json"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_epoch.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--recipes", "fp32,int8-gemm:amp=bf16",
+         "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["commands"]["int8-gemm:amp=bf16"].endswith("--set amp=bf16")
+    rows = {row["recipe"]: row for row in report["summary"]}
+    assert rows["fp32"]["ratio_to_fp32"] == [1.0]
+    assert rows["int8-gemm:amp=bf16"]["epoch_seconds"][0] > 0
+    assert len(report["runs"]) == 2 and report["machine"]["lscpu"]
