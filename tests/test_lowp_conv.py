@@ -68,16 +68,6 @@ def _input(cin: int, channels_last: bool, seed: int) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _fused_or_skip():
-    """The cpu_fused module, or a skip: without a C++ compiler the extension (and with it the
-    fused kernels and the CPU int8 route) does not exist — the documented fallback; where a
-    compiler exists, tests/kernels/conftest.py fails the suite if the build fails."""
-    fused = kernels.implementation(torch.device("cpu"))
-    if not hasattr(fused, "im2col_int8"):
-        pytest.skip("the cpu_fused extension does not build here: no fused kernels")
-    return fused
-
-
 INT8_CONFIGS = [
     Int8TrainingConfig(),
     Int8TrainingConfig(granularity=PerTensor(), stochastic_grad=True),
@@ -295,13 +285,12 @@ def test_training_the_twin_and_the_real_products_gives_the_same_run() -> None:
 
 
 @pytest.mark.parametrize("config", INT8_CONFIGS, ids=repr)
-def test_the_fused_kernels_equal_the_pytorch_twin_through_the_layers(config) -> None:
+def test_the_fused_kernels_equal_the_pytorch_twin_through_the_layers(config, fused) -> None:
     """Backend AUTO quantizes the operands with cpu_fused's kernel and builds the im2col
     matrix in channels-last order ((kh, kw, c) columns) where it builds; the reference backend
     with ``_quantize_twin`` and F.unfold ((c, kh, kw)). The integer products are the same
     sums, so outputs and weight gradients agree bit for bit; x's gradient is folded back by
     two different float32 sums (col2im_nhwc, F.fold): equal to rounding."""
-    _fused_or_skip()
     conv = LowPrecisionConv2d.from_conv(_conv(GEOMETRIES[1]), config)
     linear = LowPrecisionLinear(7, 5, config=config)
     x_conv, x_linear = _input(5, True, seed=7), torch.randn(6, 7)
@@ -376,10 +365,11 @@ def test_each_module_imports_first_in_a_fresh_interpreter(module) -> None:
 
 
 @pytest.mark.parametrize("config", INT8_CONFIGS[::2], ids=repr)
-def test_the_cpu_int8_route_never_builds_the_float_im2col_matrix(config, monkeypatch) -> None:
+def test_the_cpu_int8_route_never_builds_the_float_im2col_matrix(
+    config, monkeypatch, fused
+) -> None:
     """A row-wise int8 conv on a float32 CPU input takes the route on quantized im2col rows:
     im2col_nhwc (the float32 matrix) is never called, im2col_int8 is."""
-    fused = _fused_or_skip()
     calls: list[str] = []
     for name in ("im2col_nhwc", "im2col_int8"):
         original = getattr(fused, name)
@@ -396,12 +386,13 @@ def test_the_cpu_int8_route_never_builds_the_float_im2col_matrix(config, monkeyp
 
 @pytest.mark.parametrize("emulate", [False, True])
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[3]], ids=str)
-def test_pieces_and_depth_splits_do_not_change_a_bit(geometry, emulate: bool, monkeypatch) -> None:
+def test_pieces_and_depth_splits_do_not_change_a_bit(
+    geometry, emulate: bool, monkeypatch, fused
+) -> None:
     """The products run in pieces of rows (forward, grad-weight) or images (grad-input) of
     about _PIECE_BYTES (_DEPTH_PIECE_BYTES), and grad-weight's depth in pieces of at most
     INT32_DEPTH rows, summed exactly (int64 beyond it): pieces of one row or image, and depth
     pieces of 5 rows, give the same bits."""
-    _fused_or_skip()
     from qtrain import lowp_conv
 
     config = Int8TrainingConfig(stochastic_grad=True, emulate=emulate)
@@ -458,11 +449,10 @@ def test_int_mm_equals_the_int64_product_on_every_layout() -> None:
                 assert torch.equal(_int_mm(a, b).long(), a.long() @ b.long().t())
 
 
-def test_under_autocast_bf16_the_int8_route_takes_bf16_activations(monkeypatch) -> None:
+def test_under_autocast_bf16_the_int8_route_takes_bf16_activations(monkeypatch, fused) -> None:
     """int8-gemm with amp=bf16: a bfloat16 activation goes through the int8 route (no float
     im2col matrix), the output is bfloat16, x's gradient too; the real products equal the
     twin bit for bit, and the results stay within bf16 rounding of the float32 layer's."""
-    fused = _fused_or_skip()
     calls: list[str] = []
     original = fused.im2col_nhwc
     monkeypatch.setattr(

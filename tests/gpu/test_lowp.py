@@ -390,16 +390,13 @@ def test_bits_in_force_survive_a_step_rolled_back_by_the_trainer():
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
-def test_linear_backward_quantizes_its_gradient_once_for_both_products(autocast, monkeypatch):
+def test_linear_backward_quantizes_its_gradient_once_for_both_products(
+    autocast, monkeypatch, fused
+):
     """Row-wise int8 without stochastic rounding on the CPU: g's levels for grad-input (per
     row) and grad-weight (per column) come from one quantize_rows_int8_both call, with the
     bits of the twin; with stochastic rounding, or one gradient wanted, each product quantizes
     its own copy."""
-    from qtrain import kernels
-
-    fused = kernels.implementation(torch.device("cpu"))
-    if not hasattr(fused, "quantize_rows_int8_both"):
-        pytest.skip("the cpu_fused extension does not build here: no fused kernels")
     calls: list[tuple[int, ...]] = []
     original = fused.quantize_rows_int8_both
 

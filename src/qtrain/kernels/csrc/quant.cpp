@@ -2495,6 +2495,15 @@ const float* scales_of(const Tensor& scale, int64_t count, const char* name, con
   return storage.data();
 }
 
+// An epilogue's optional bias: `count` float32 values (no broadcast), or nullptr without one.
+const float* bias_of(const std::optional<Tensor>& bias, int64_t count, const char* what,
+                     std::vector<float>& storage) {
+  if (!bias) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == count, what,
+              ": bias must hold ", count, " float32 values");
+  return scales_of(*bias, count, "bias", what, storage);
+}
+
 // out[m, n] = float32(acc[m, n])·scale_a[m]·scale_b[n] (+ bias[n]), in that order: lowp's
 // epilogue (acc.to(float32), then mul_ by scale_a, by scale_b, add_ bias) in one pass.
 void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& scale_b,
@@ -2509,12 +2518,7 @@ void int8_epilogue_out(const Tensor& acc, const Tensor& scale_a, const Tensor& s
   std::vector<float> a_storage, b_storage, bias_storage;
   const float* sa = scales_of(scale_a, rows, "scale_a", what, a_storage);
   const float* sb = scales_of(scale_b, cols, "scale_b", what, b_storage);
-  const float* bias_values = nullptr;
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == cols, what,
-                ": bias must hold ", cols, " float32 values");
-    bias_values = scales_of(*bias, cols, "bias", what, bias_storage);
-  }
+  const float* bias_values = bias_of(bias, cols, what, bias_storage);
   if (acc.numel() == 0) return;
   // The float32 result, then (a bfloat16 out) rounded to nearest even as torch's .to() does.
   const auto run = [&](const auto* a, auto* y) {
@@ -2575,12 +2579,7 @@ Tensor im2col_int8_product(const Tensor& x_in, at::IntArrayRef kernel, at::IntAr
   const int64_t out_stride = row_stride(out, rows, outputs, "out", what);
   std::vector<float> w_storage, bias_storage;
   const float* sw = scales_of(weight_scale, outputs, "weight_scale", what, w_storage);
-  const float* bias_values = nullptr;
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == outputs, what,
-                ": bias must hold ", outputs, " float32 values");
-    bias_values = scales_of(*bias, outputs, "bias", what, bias_storage);
-  }
+  const float* bias_values = bias_of(bias, outputs, what, bias_storage);
   Tensor amax = at::zeros({column_amax ? cols : 0}, at::kInt);
   if (rows == 0 || outputs == 0) return amax;
   // W's levels by pairs of columns (k = 2p, 2p + 1; a zero after an odd K), each pair of an
