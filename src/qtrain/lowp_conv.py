@@ -35,6 +35,7 @@ from qtrain.lowp_products import (
     _product,
     _quantize,
     _scale_from_amax,
+    gradient_levels,
     levels_product,
 )
 
@@ -216,11 +217,8 @@ def _backward_int8_rows(ctx, grad_out, x, weight, bounds, seeds):
     g2 = grad_out.to(torch.float32)
     w2 = im2col.weight_rows(weight, fused)
     grad_x = grad_w = grad_b = None
-    g_levels = None  # g's levels for both products, from one kernel where it serves
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and seeds is None and not plan.emulate:
-        g_levels = fused.quantize_rows_int8_both(
-            g2, bounds[plan.grad_input[0].bound], bounds[plan.grad_weight[0].bound]
-        )
+    both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1]
+    g_levels = gradient_levels(g2, plan, bounds, both, seeds is not None)  # one kernel, or None
     if ctx.needs_input_grad[0]:
         left, right = plan.grad_input
         if g_levels is not None:
